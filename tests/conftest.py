@@ -1,0 +1,51 @@
+"""Shared fixtures: small hand-made cases for the data checks, and a tiny phantom cohort."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+MODS = ("t1", "t1ce", "t2", "flair")
+
+
+def write_case(root: Path, case_id: str, shape=(24, 24, 16), seed: int = 0) -> Path:
+    """A minimal valid case: a box-shaped brain with a nested spherical tumour (labels 2 > 1 > 4)."""
+    rng = np.random.default_rng(seed)
+    folder = root / case_id
+    folder.mkdir(parents=True)
+    grid = np.indices(shape).astype(np.float32)
+    centre = np.array(shape, dtype=np.float32)[:, None, None, None] / 2
+    radius = np.sqrt(((grid - centre) ** 2).sum(0))
+    brain = np.zeros(shape, bool)
+    brain[2:-2, 2:-2, 2:-2] = True
+    seg = np.zeros(shape, np.uint8)
+    seg[radius < 6] = 2
+    seg[radius < 4] = 1
+    seg[(radius >= 2.5) & (radius < 4)] = 4
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    for i, mod in enumerate(MODS):
+        img = (brain * (100 + 10 * i) + seg * 20 + rng.normal(0, 2, shape) * brain).astype(np.float32)
+        nib.save(nib.Nifti1Image(img, affine), str(folder / f"{case_id}_{mod}.nii.gz"))
+    nib.save(nib.Nifti1Image(seg, affine), str(folder / f"{case_id}_seg.nii.gz"))
+    return folder
+
+
+@pytest.fixture
+def good_cohort(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    for i in range(1, 7):
+        write_case(root, f"BraTS20_Training_{i:03d}", seed=i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 phantom cases from 3 scanner profiles on a small grid, shared by the training tests."""
+    from brats_fl.data.phantom import generate_cohort
+
+    root = tmp_path_factory.mktemp("phantom") / "data"
+    generate_cohort(root, cases=12, sites=3, seed=7, shape=(64, 64, 48))
+    return root
