@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from brats_fl.cli import main
 from brats_fl.data.checks import check_cases
 from brats_fl.data.layout import find_cases
@@ -105,7 +104,10 @@ def test_wrong_path_names_the_path(tmp_path: Path):
 
 def test_cli_reports_every_problem_and_fails(good_cohort: Path, capsys):
     _file(good_cohort, "t1ce").unlink()
-    _rewrite(good_cohort / "BraTS20_Training_005" / "BraTS20_Training_005_seg.nii.gz", lambda a: (a + (a == 2)).astype(np.uint8))
+    _rewrite(
+        good_cohort / "BraTS20_Training_005" / "BraTS20_Training_005_seg.nii.gz",
+        lambda a: (a + (a == 2)).astype(np.uint8),
+    )
     assert main(["check-data", str(good_cohort)]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 from brats_fl.data.labels import REGIONS, labels_to_regions, regions_to_labels
 
 

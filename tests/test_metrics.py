@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from brats_fl.data.labels import REGIONS
 from brats_fl.metrics import HD95_UNDEFINED, RegionMetrics
 

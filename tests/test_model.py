@@ -4,7 +4,6 @@ import inspect
 
 import pytest
 import torch
-
 from brats_fl.model import BratsUNet, build_model, parameter_groups
 
 SMALL = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}

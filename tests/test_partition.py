@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from brats_fl.data.layout import Case
 from brats_fl.data.partition import assign_sites, split_site, write_datalists
 
@@ -65,8 +64,9 @@ def test_natural_partition_gives_one_scanner_per_site(tmp_path):
 def test_dirichlet_skews_and_hybrid_keeps_every_stratum(tmp_path):
     cases = _cohort(tmp_path, 60)
     skewed = assign_sites(cases, 3, "dirichlet", seed=3, alpha=0.1, attribute="scanner")
-    shares = [max(np.unique([c.attributes["scanner"] for c in p], return_counts=True)[1]) / len(p)
-              for p in skewed.values()]
+    shares = [
+        max(np.unique([c.attributes["scanner"] for c in p], return_counts=True)[1]) / len(p) for p in skewed.values()
+    ]
     assert max(shares) > 0.6  # a small alpha concentrates a scanner at a site
     hybrid = assign_sites(cases, 3, "hybrid", seed=3, alpha=0.1, attribute="scanner")
     assert all({c.attributes["scanner"] for c in p} == set(SCANNERS) for p in hybrid.values())
@@ -85,7 +85,9 @@ def test_csv_partition(tmp_path):
     rows = [f"{1 + i // 3},{c.case_id}" for i, c in enumerate(cases)]
     path.write_text("Partition_ID,Subject_ID\n" + "\n".join(rows) + "\n")
     parts = assign_sites(cases, 3, "csv", csv_path=path)
-    assert [[c.case_id for c in p] for p in parts.values()] == [[c.case_id for c in cases[i : i + 3]] for i in (0, 3, 6)]
+    assert [[c.case_id for c in p] for p in parts.values()] == [
+        [c.case_id for c in cases[i : i + 3]] for i in (0, 3, 6)
+    ]
     path.write_text(path.read_text() + "1,BraTS20_Training_999\n")
     with pytest.raises(ValueError, match="BraTS20_Training_999"):
         assign_sites(cases, 3, "csv", csv_path=path)

@@ -106,7 +106,7 @@ def train_loader(
     dataset = CacheDataset(
         _strip(items), train_transforms(patch_size, samples_per_case), cache_rate=1.0, num_workers=0, progress=False
     )
-    dataset.set_random_state(seed)
+    dataset.transform.set_random_state(seed=seed)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=max(1, batch_size // samples_per_case), shuffle=True, generator=generator)
 
