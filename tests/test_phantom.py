@@ -9,7 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from brats_fl.data.checks import check_cases
 from brats_fl.data.layout import find_cases
 from brats_fl.data.phantom import generate_cohort
