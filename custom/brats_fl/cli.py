@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from brats_fl.data.checks import DataError, check_cases
+from brats_fl.jobs import JobParams
+from brats_fl.training import add_arguments
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:
@@ -55,31 +57,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _train_config(args: argparse.Namespace):
-    from brats_fl.training import TrainConfig
-
-    values = {
-        "recipe": args.recipe,
-        "patch_size": args.patch,
-        "batch_size": args.batch,
-        "seed": args.seed,
-        "total_epochs": args.epochs,
-        "threads": args.threads,
-    }
-    if args.channels:
-        values["model"] = {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)}
-    if args.lr is not None:
-        values["lr"] = args.lr
-    return TrainConfig.from_dict(values)
-
-
 def _cmd_train_central(args: argparse.Namespace) -> None:
     from brats_fl.data.datalist import load_datalist
     from brats_fl.data.loading import eval_loader, train_loader
     from brats_fl.report import format_table
-    from brats_fl.training import Trainer, fit
+    from brats_fl.training import Trainer, config_from_args, fit
 
-    config = _train_config(args)
+    config = config_from_args(args, total_epochs=args.epochs)
     datalist = load_datalist(args.datalist, args.data_root)
     trainer = Trainer(config)
     train = train_loader(
@@ -128,19 +112,77 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from brats_fl.demo import run_demo
 
-    run_demo(args.out, cases=args.cases, sites=args.sites, epochs=args.epochs, shape=tuple(args.shape))
+    run_demo(args.workspace, cases=args.cases, sites=args.sites, shape=tuple(args.shape), rounds=args.rounds)
 
 
-def _add_training_options(p: argparse.ArgumentParser, epochs: int) -> None:
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--recipe", choices=["adam_dice", "nnunet"], default="adam_dice")
-    p.add_argument("--lr", type=float, default=None, help="overrides the recipe's learning rate")
-    p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--channels", type=int, nargs="+", default=None, help="U-Net channels per level")
-    p.add_argument("--val-every", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from brats_fl.demo import prepare_data
+
+    prepare_data(args.out, cases=args.cases, sites=args.sites, shape=tuple(args.shape), seed=args.seed)
+
+
+def _cmd_export_jobs(args: argparse.Namespace) -> int:
+    import filecmp
+    import tempfile
+
+    from brats_fl.jobs import export_jobs
+
+    if not args.check:
+        for path in export_jobs(args.out):
+            print(f"exported {path}")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = export_jobs(Path(tmp))
+        stale = [p.name for p in fresh if _differs(filecmp.dircmp(p, args.out / p.name))]
+    for name in stale:
+        print(f"{args.out / name}: differs from what brats_fl.jobs exports; run `brats-fl export-jobs`")
+    return 1 if stale else 0
+
+
+def _differs(cmp) -> bool:
+    """True if two exported job folders differ in any file name or content (compared byte by byte)."""
+    import filecmp
+
+    _, mismatch, errors = filecmp.cmpfiles(cmp.left, cmp.right, cmp.common_files, shallow=False)
+    ignored = {"__pycache__"}
+    only = [n for n in cmp.left_only + cmp.right_only if n not in ignored]
+    return bool(only or mismatch or errors) or any(_differs(sub) for n, sub in cmp.subdirs.items() if n not in ignored)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from brats_fl.jobs import JobParams, run_simulation
+    from brats_fl.report import format_table, summarise_run
+
+    params = JobParams(
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        sites=args.sites,
+        patch_size=tuple(args.patch),
+        channels=tuple(args.channels),
+        lr=args.lr,
+        recipe=args.recipe,
+        batch_size=args.batch,
+        seed=args.seed,
+    )
+    workspace = args.workspace or Path("runs") / f"{args.job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    start = time.perf_counter()
+    run_dir = run_simulation(args.job, params, args.site_config, workspace)
+    wall_time = time.perf_counter() - start
+    summary = summarise_run(run_dir) | {"job": args.job, "params": vars(params), "wall_time": wall_time}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"\n{args.job}: {summary['model']} on each site's test split, {summary['wall_time']:.0f} s ({run_dir})")
+    rows = [(site, m) for site, m in summary["test_per_site"].items()] + [("pooled", summary["test"])]
+    print(format_table(rows, extra=("val_loss",)))
+
+
+def _cmd_table(args: argparse.Namespace) -> None:
+    from brats_fl.report import format_table, summarise_run
+
+    rows = []
+    for run in args.runs:
+        summary = summarise_run(run)
+        rows.append((str(run), summary["test"] | {"client_loss": summary["client_train_loss"]}))
+    print(format_table(rows, extra=("client_loss",)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--datalist", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    _add_training_options(p, epochs=50)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--val-every", type=int, default=5)
+    add_arguments(p)
     p.set_defaults(func=_cmd_train_central)
 
     p = sub.add_parser("evaluate", help="score a model on a datalist split")
@@ -197,11 +241,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("demo", help="phantom cohort -> training -> results table")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p = sub.add_parser("prepare", help="phantom cohort + equal and unequal partitions for the simulated sites")
+    p.add_argument("--out", type=Path, default=Path("data/phantom"))
     p.add_argument("--cases", type=int, default=30)
     p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("export-jobs", help="write every job definition into jobs/ (or --check that it is current)")
+    p.add_argument("--out", type=Path, default=Path("jobs"))
+    p.add_argument("--check", action="store_true", help="exit 1 if the folders differ from a fresh export")
+    p.set_defaults(func=_cmd_export_jobs)
+
+    defaults = JobParams()
+    p = sub.add_parser("run", help="run a job in FLARE's simulator and print its test table")
+    p.add_argument("job")
+    p.add_argument("--sites", type=int, default=defaults.sites)
+    p.add_argument("--rounds", type=int, default=defaults.rounds)
+    p.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
+    p.add_argument("--patch", type=int, nargs=3, default=list(defaults.patch_size))
+    p.add_argument("--channels", type=int, nargs="+", default=list(defaults.channels))
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--recipe", default=defaults.recipe)
+    p.add_argument("--batch", type=int, default=defaults.batch_size)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--site-config", type=Path, default=Path("site_configs/simulation.json"))
+    p.add_argument("--workspace", type=Path, default=None, help="default: runs/<job>-<time>")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("table", help="results table of finished runs")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.set_defaults(func=_cmd_table)
+
+    p = sub.add_parser("demo", help="phantom cohort -> FedAvg in FLARE's simulator -> results table")
+    p.add_argument("--workspace", type=Path, default=Path("runs/demo"))
+    p.add_argument("--cases", type=int, default=30)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=defaults.rounds)
     p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
     p.set_defaults(func=_cmd_demo)
     return parser

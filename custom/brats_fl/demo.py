@@ -1,4 +1,9 @@
-"""The README's demo: phantom cohort -> data checks -> partition -> centralized training -> results table."""
+"""The embedded default data and the README's demo.
+
+``prepare_data`` writes the phantom cohort and its partitions where ``site_configs/simulation.json``
+expects them; ``run_demo`` prepares them if needed, runs FedAvg in FLARE's simulator and prints the
+results table.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +12,51 @@ from pathlib import Path
 
 from brats_fl.cli import main as cli
 
+#: where ``site_configs/simulation*.json`` look for the phantom cohort, relative to the repository
+DEFAULT_DATA = Path("data/phantom")
+#: the partitions the results compare: one scanner per site in equal shares, and quantity skew (1/2, 1/3, 1/6)
+PARTITIONS = {
+    "equal": ["--scheme", "natural", "--attribute", "scanner"],
+    "unequal": ["--scheme", "unequal"],
+}
 
-def run_demo(out: Path, cases: int, sites: int, epochs: int, shape: tuple[int, int, int]) -> None:
-    """Run every step through the same commands a user would type, so the demo exercises them."""
-    start = time.perf_counter()
-    data, lists = out / "data", out / "datalists"
+
+def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int], seed: int = 0) -> None:
+    """Phantom cohort -> data checks -> one datalist folder per partition; skips what already exists."""
+    data = out / "cohort"
     steps = []
     if not data.exists():
         steps.append(
-            ["phantom", "--out", str(data), "--cases", str(cases), "--sites", str(sites), "--shape", *map(str, shape)]
-        )
+            ["phantom", "--out", str(data), "--cases", str(cases), "--sites", str(sites), "--seed", str(seed),
+             "--shape", *map(str, shape)]
+        )  # fmt: skip
     steps.append(["check-data", str(data)])
-    if not lists.exists():
-        steps.append(["partition", str(data), "--sites", str(sites), "--scheme", "natural", "--out", str(lists)])
-    steps.append(
+    for name, flags in PARTITIONS.items():
+        lists = out / "datalists" / name
+        if not lists.exists():
+            steps.append(["partition", str(data), "--sites", str(sites), *flags, "--out", str(lists)])
+    _run_steps(steps)
+
+
+def run_demo(workspace: Path, cases: int, sites: int, shape: tuple[int, int, int], rounds: int) -> None:
+    """Run every step through the commands a user would type, so the demo exercises them.
+
+    Run from the repository root: the simulated sites read ``site_configs/simulation.json``.
+    """
+    start = time.perf_counter()
+    prepare_data(DEFAULT_DATA, cases, sites, shape)
+    _run_steps(
         [
-            "train-central",
-            "--data-root",
-            str(data),
-            "--datalist",
-            str(lists / "site-All.json"),
-            "--out",
-            str(out / f"central-{time.strftime('%Y%m%d-%H%M%S')}"),
-            "--epochs",
-            str(epochs),
+            ["run", "brats_fedavg", "--sites", str(sites), "--rounds", str(rounds), "--workspace", str(workspace),
+             "--site-config", "site_configs/simulation.json"],
         ]
-    )
+    )  # fmt: skip
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
+
+
+def _run_steps(steps: list[list[str]]) -> None:
     for step in steps:
         print(f"\n$ brats-fl {' '.join(step)}", flush=True)
         code = cli(step)
         if code:
             raise SystemExit(code)
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")

@@ -14,6 +14,20 @@ from brats_fl.data.loading import inference_transforms
 from brats_fl.training import TrainConfig, Trainer, load_model
 
 
+def load_for_inference(
+    model_path: Path,
+    patch_size: tuple[int, int, int] = (64, 64, 64),
+    threads: int | None = None,
+    model_config: dict | None = None,
+) -> Trainer:
+    """A Trainer around a saved model, ready for ``infer`` and ``evaluate`` with sliding windows of ``patch_size``.
+
+    ``model_config`` is needed only for FLARE's weights-only files (see ``load_model``).
+    """
+    model = load_model(model_path, model_config)
+    return Trainer(TrainConfig(model=model.config(), patch_size=tuple(patch_size), threads=threads), model=model)
+
+
 def predict_case(
     model_path: Path,
     case_dir: Path,
@@ -29,8 +43,7 @@ def predict_case(
         raise FileExistsError(f"{out}: exists already, not overwritten")
     case = read_case(case_dir)
     require_valid([case], with_label=False)
-    model = load_model(model_path)
-    trainer = Trainer(TrainConfig(model=model.config(), patch_size=patch_size, threads=threads), model=model)
+    trainer = load_for_inference(model_path, patch_size, threads)
     data = inference_transforms()({"image": [str(case.files[m]) for m in MODALITIES]})
     probs = torch.sigmoid(trainer.infer(data["image"].unsqueeze(0)))[0]
     labels = regions_to_labels(probs > 0.5)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from brats_fl.data.labels import DISPLAY_ORDER
 
@@ -24,3 +26,57 @@ def format_table(rows: Sequence[tuple[str, dict]], extra: Sequence[str] = ("val_
             cells.append("" if value is None else f"{value:.2f}" if key.startswith("hd95") else f"{value:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: the model a job is judged by: the final global model, or in a local-only job each site's own model on
+#: its own test split
+LOCAL_ONLY_JOBS = ("brats_local",)
+FINAL_GLOBAL = "SRV_FL_global_model.pt"
+
+
+def find_server_run(folder: Path) -> Path:
+    """The server's run folder of a finished job inside ``folder`` (simulator workspace or downloaded result)."""
+    found = sorted(Path(folder).rglob("cross_site_val/cross_val_results.json"))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no finished FLARE job (no cross_site_val/cross_val_results.json)")
+    if len(found) > 1:
+        names = [str(f.parents[1]) for f in found]
+        raise ValueError(f"{folder}: holds {len(found)} finished jobs; name one of {names}")
+    return found[0].parents[1]
+
+
+def _pooled(per_site: dict[str, dict]) -> dict[str, float]:
+    """Case-weighted means over sites (the same as pooling the test cases) and the worst site's mean Dice."""
+    total = sum(m["cases"] for m in per_site.values())
+    keys = [k for k in next(iter(per_site.values())) if k != "cases"]
+    out = {k: sum(m[k] * m["cases"] for m in per_site.values()) / total for k in keys}
+    worst = min(per_site, key=lambda s: per_site[s]["dice_mean"])
+    return out | {"cases": float(total), "worst_site": worst, "worst_dice_mean": per_site[worst]["dice_mean"]}
+
+
+def summarise_run(folder: Path) -> dict:
+    """Test metrics of a finished job (pooled and per site), its per-round curves and client figures."""
+    run = find_server_run(folder)
+    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+    sites = sorted(cse)
+    local_only = json.loads((run / "meta.json").read_text())["name"] in LOCAL_ONLY_JOBS
+    per_site = {s: (cse[s][s] if local_only else cse[s][FINAL_GLOBAL]) for s in sites}
+    rounds = [json.loads(line) for line in (run / "metrics" / "round_metrics.jsonl").read_text().splitlines()]
+    curves = [
+        {
+            "round": r["round"],
+            **{site["name"]: {m["name"]: m["value"] for m in site["metrics"]} for site in r.get("sites", [])},
+        }
+        for r in rounds
+    ]
+    last = curves[-1] if curves else {}
+    client = [v for k, v in last.items() if k != "round"]
+    return {
+        "run": str(run),
+        "model": "each site's own model" if local_only else "final global model",
+        "test": _pooled(per_site),
+        "test_per_site": per_site,
+        "curves": curves,
+        "client_train_loss": sum(c["train_loss"] for c in client) / len(client) if client else None,
+        "bytes_sent_per_round": max((c["bytes_sent"] for c in client), default=None),
+    }

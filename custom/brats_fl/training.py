@@ -7,6 +7,7 @@ SGD with Nesterov momentum 0.9, weight decay 3e-5, polynomial LR decay).
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -93,6 +94,34 @@ class TrainConfig:
         return out
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options shared by ``brats-fl train-central`` and the FLARE client script."""
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="adam_dice")
+    parser.add_argument("--lr", type=float, default=None, help="overrides the recipe's learning rate")
+    parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="U-Net channels per level")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig:
+    """A TrainConfig from the options of :func:`add_arguments`; ``total_epochs`` sets the poly schedule."""
+    values = {
+        "recipe": args.recipe,
+        "patch_size": args.patch,
+        "batch_size": args.batch,
+        "seed": args.seed,
+        "total_epochs": total_epochs,
+        "threads": args.threads,
+    }
+    if args.channels:
+        values["model"] = {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)}
+    if args.lr is not None:
+        values["lr"] = args.lr
+    return TrainConfig.from_dict(values)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -139,7 +168,7 @@ class Trainer:
                 loss = self.loss_fn(self.model(image), label)
                 loss.backward()
                 self.optimizer.step()
-                total += float(loss)
+                total += float(loss.detach())
                 steps += 1
                 if max_steps is not None and steps >= max_steps:
                     break

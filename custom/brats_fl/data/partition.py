@@ -161,8 +161,8 @@ def split_site(
 def _entry(case: Case, root: Path) -> dict:
     return {
         "case_id": case.case_id,
-        "image": [case.files[m].relative_to(root).as_posix() for m in MODALITIES],
-        "label": case.files[SEG].relative_to(root).as_posix(),
+        "image": [case.files[m].resolve().relative_to(root).as_posix() for m in MODALITIES],
+        "label": case.files[SEG].resolve().relative_to(root).as_posix(),
     }
 
 

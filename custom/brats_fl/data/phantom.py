@@ -88,8 +88,12 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], coarse: int 
     return field / (np.abs(field).max() + 1e-6)
 
 
-def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """Deform the templates (rotation, scaling, smooth warp) and place them in the target grid."""
+def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], np.float32]:
+    """Deform the templates (rotation, scaling, smooth warp) and place them in the target grid.
+
+    Returns the tissue maps and brain mask, and the zoom from template to grid (< 1 shrinks the brain;
+    float32, so the tumour radius computed from it is float32 too).
+    """
     tpl = _templates()
     src = np.array(tpl["mask"].shape, dtype=np.float32)
     zoom = min(1.0, *(0.88 * np.array(shape) / src))  # a brain fills the grid like in BraTS
@@ -113,12 +117,14 @@ def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> dict[str,
     out["gm"] *= out["mask"]
     out["wm"] *= out["mask"]
     out["csf"] = np.clip(out["mask"] - out["gm"] - out["wm"], 0, 1)
-    out["zoom"] = np.float32(zoom)
-    return out
+    return out, np.float32(zoom)
 
 
-def _tumour(rng: np.random.Generator, anatomy: dict[str, np.ndarray], enhancing: bool) -> np.ndarray:
-    """A glioma label map: oedema (2) around a core that is an enhancing rim (4) over necrosis (1)."""
+def _tumour(rng: np.random.Generator, anatomy: dict[str, np.ndarray], zoom: np.float32, enhancing: bool) -> np.ndarray:
+    """A glioma label map: oedema (2) around a core that is an enhancing rim (4) over necrosis (1).
+
+    ``zoom`` is the anatomy's template-to-grid zoom: tumour sizes are in template millimetres.
+    """
     mask, wm = anatomy["mask"], anatomy["wm"]
     shape = mask.shape
     coords = np.argwhere(mask)
@@ -128,7 +134,7 @@ def _tumour(rng: np.random.Generator, anatomy: dict[str, np.ndarray], enhancing:
     inside = np.all((candidates >= centre_box[0]) & (candidates <= centre_box[1]), axis=1)
     candidates = candidates[inside] if inside.any() else coords
     centre = candidates[rng.integers(len(candidates))].astype(np.float32)
-    radius = max(float(rng.uniform(12.0, 36.0) * anatomy["zoom"]), 5.0)  # oedema radius, voxels
+    radius = max(float(rng.uniform(12.0, 36.0) * zoom), 5.0)  # oedema radius, voxels
     axes = radius * rng.uniform(0.75, 1.25, 3)
     reach = int(np.ceil(axes.max() * 1.6))
     box = tuple(slice(max(int(c) - reach, 0), min(int(c) + reach + 1, s)) for c, s in zip(centre, shape, strict=True))
@@ -208,13 +214,13 @@ def generate_cohort(
         profile = SCANNER_PROFILES[site % len(SCANNER_PROFILES)]
         rng = np.random.default_rng([seed, index])
         enhancing = bool(rng.random() >= 0.2)
-        anatomy = _anatomy(rng, shape)
+        anatomy, zoom = _anatomy(rng, shape)
         # everything after the anatomy works in the brain's bounding box: 2-3x fewer voxels
         box = tuple(slice(max(i.min() - 2, 0), i.max() + 3) for i in np.nonzero(anatomy["mask"]))
-        anatomy = {k: (v[box] if k != "zoom" else v) for k, v in anatomy.items()}
+        anatomy = {k: v[box] for k, v in anatomy.items()}
         seg = np.zeros(shape, np.uint8)
         images = np.zeros((len(MODALITIES), *shape), np.float32)
-        seg[box] = _tumour(rng, anatomy, enhancing)
+        seg[box] = _tumour(rng, anatomy, zoom, enhancing)
         ideal = _synthesise(rng, anatomy, seg[box], enhancing)
         images[(slice(None), *box)] = _scanner(rng, ideal, anatomy["mask"], profile)
         folder = out / case_id

@@ -1,0 +1,150 @@
+"""Every FLARE job of brats-fl, defined once as a FLARE 2.9 recipe.
+
+``export_jobs`` writes them into ``jobs/`` (committed, checked in sync by a test), where
+``nvflare simulator``, ``nvflare job submit`` and the admin console take them; ``run_simulation`` executes
+the same recipe in FLARE's ``SimEnv``. A job names no data path: each site reads its own configuration
+(:mod:`brats_fl.site_config`). The client script and the model class come from this package, and FLARE's
+export copies the modules they import into the job's ``custom/`` folder, so a site needs only nvflare,
+torch, monai and nibabel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nvflare.app_opt.pt.recipes import FedAvgRecipe
+from nvflare.client.config import ExchangeFormat
+from nvflare.recipe import SimEnv
+from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
+
+from brats_fl.model import BratsUNet
+from brats_fl.site_config import ENV_VAR
+
+#: the global model is ranked by the sites' mean validation Dice (WT, TC, ET) of the model they received
+KEY_METRIC = "dice_mean"
+#: the client script, relative to the folder holding the package: that is the path jobs/ records, and
+#: FLARE finds it inside the job's custom/ folder at every site
+CLIENT_SCRIPT = "brats_fl/client.py"
+_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+#: FLARE's defaults (10 s for a task to be picked up) suit toy models, not 3D training on a CPU
+TASK_TIMEOUT = 6 * 3600
+
+
+@dataclass
+class JobParams:
+    """What a user tunes per run; defaults finish the README demo on 2 CPU cores in about 15 minutes."""
+
+    rounds: int = 20
+    local_epochs: int = 4
+    sites: int = 3
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    lr: float = 1e-3
+    recipe: str = "adam_dice"
+    batch_size: int = 2
+    seed: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+    def client_args(self) -> list[str]:
+        """The client script's command line for these parameters (see ``brats_fl.client``)."""
+        return [
+            "--rounds", str(self.rounds),
+            "--local-epochs", str(self.local_epochs),
+            "--recipe", self.recipe,
+            "--lr", repr(self.lr),
+            "--patch", *map(str, self.patch_size),
+            "--channels", *map(str, self.channels),
+            "--batch", str(self.batch_size),
+            "--seed", str(self.seed),
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def model(self) -> BratsUNet:
+        return BratsUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1))
+
+
+def _fedavg(name: str, params: JobParams, sites: int, *client_flags: str) -> FedAvgRecipe:
+    """FLARE's FedAvg (case-weighted, in-time aggregation), best/last global model, cross-site evaluation."""
+    recipe = FedAvgRecipe(
+        name=name,
+        model=params.model(),
+        min_clients=sites,
+        num_rounds=params.rounds,
+        train_script=CLIENT_SCRIPT,
+        train_args=" ".join([*params.client_args(), *client_flags]),
+        server_expected_format=ExchangeFormat.PYTORCH,
+        key_metric=KEY_METRIC,
+        key_metric_mode="max",
+    )
+    # every site's SummaryWriter scalars arrive at the server's TensorBoard folder (tb_events/<site>)
+    add_experiment_tracking(recipe, "tensorboard")
+    add_cross_site_evaluation(recipe, submit_model_timeout=TASK_TIMEOUT, validation_timeout=TASK_TIMEOUT)
+    return recipe
+
+
+def central(params: JobParams) -> FedAvgRecipe:
+    """The centralized baseline: one site trains on the pooled datalist ``site-All``."""
+    return _fedavg("brats_central", params, 1, "--datalist", "site-All")
+
+
+def local(params: JobParams) -> FedAvgRecipe:
+    """The local-only baseline: every site trains alone; no weight leaves a site, nothing is aggregated."""
+    return _fedavg("brats_local", params, params.sites, "--personal", "all")
+
+
+def fedavg(params: JobParams) -> FedAvgRecipe:
+    """Federated averaging weighted by each site's number of training cases."""
+    return _fedavg("brats_fedavg", params, params.sites)
+
+
+JOBS: dict[str, Callable[[JobParams], FedAvgRecipe]] = {
+    "brats_central": central,
+    "brats_local": local,
+    "brats_fedavg": fedavg,
+}
+
+
+def build(name: str, params: JobParams | None = None) -> FedAvgRecipe:
+    if name not in JOBS:
+        raise ValueError(f"unknown job {name!r}; choose one of {sorted(JOBS)}")
+    return JOBS[name](params or JobParams())
+
+
+@contextlib.contextmanager
+def _in_package_parent() -> Iterator[None]:
+    """FLARE resolves a relative client script against the working directory when it builds a job."""
+    previous = Path.cwd()
+    os.chdir(_PACKAGE_PARENT)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def export_jobs(out: Path, names: list[str] | None = None, params: JobParams | None = None) -> list[Path]:
+    """Export each job into ``out/<name>`` (replacing an older export of the same job)."""
+    out = Path(out).resolve()
+    written = []
+    for name in names or list(JOBS):
+        target = out / name
+        if target.exists():
+            shutil.rmtree(target)
+        with _in_package_parent():
+            build(name, params).export(str(out))
+        written.append(target)
+    return written
+
+
+def run_simulation(name: str, params: JobParams, site_config: Path, workspace: Path) -> Path:
+    """Run a job in FLARE's simulator with every site reading ``site_config``; returns the job's workspace."""
+    sites = 1 if name == "brats_central" else params.sites
+    os.environ[ENV_VAR] = str(Path(site_config).resolve())
+    env = SimEnv(num_clients=sites, num_threads=sites, workspace_root=str(Path(workspace).resolve()))
+    with _in_package_parent():
+        build(name, params).run(env)
+    return Path(workspace).resolve() / name
