@@ -133,9 +133,10 @@ def _cmd_export_jobs(args: argparse.Namespace) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         fresh = export_jobs(Path(tmp))
-        stale = [p.name for p in fresh if _differs(filecmp.dircmp(p, args.out / p.name))]
+        pairs = [(p, args.out / p.name) for p in fresh]
+        stale = [new.name for new, old in pairs if not old.is_dir() or _differs(filecmp.dircmp(new, old))]
     for name in stale:
-        print(f"{args.out / name}: differs from what brats_fl.jobs exports; run `brats-fl export-jobs`")
+        print(f"{args.out / name}: missing or differs from what brats_fl.jobs exports; run `brats-fl export-jobs`")
     return 1 if stale else 0
 
 

@@ -143,8 +143,15 @@ def export_jobs(out: Path, names: list[str] | None = None, params: JobParams | N
 def run_simulation(name: str, params: JobParams, site_config: Path, workspace: Path) -> Path:
     """Run a job in FLARE's simulator with every site reading ``site_config``; returns the job's workspace."""
     sites = 1 if name == "brats_central" else params.sites
-    os.environ[ENV_VAR] = str(Path(site_config).resolve())
     env = SimEnv(num_clients=sites, num_threads=sites, workspace_root=str(Path(workspace).resolve()))
-    with _in_package_parent():
-        build(name, params).run(env)
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(Path(site_config).resolve())  # inherited by the simulator's site processes
+    try:
+        with _in_package_parent():
+            build(name, params).run(env)
+    finally:
+        if previous is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = previous
     return Path(workspace).resolve() / name

@@ -61,22 +61,29 @@ def summarise_run(folder: Path) -> dict:
     sites = sorted(cse)
     local_only = json.loads((run / "meta.json").read_text())["name"] in LOCAL_ONLY_JOBS
     per_site = {s: (cse[s][s] if local_only else cse[s][FINAL_GLOBAL]) for s in sites}
-    rounds = [json.loads(line) for line in (run / "metrics" / "round_metrics.jsonl").read_text().splitlines()]
-    curves = [
-        {
-            "round": r["round"],
-            **{site["name"]: {m["name"]: m["value"] for m in site["metrics"]} for site in r.get("sites", [])},
-        }
-        for r in rounds
-    ]
-    last = curves[-1] if curves else {}
-    client = [v for k, v in last.items() if k != "round"]
+    curves = read_curves(run / "tb_events")
+    last = {site: {tag: values[-1] for tag, values in tags.items()} for site, tags in curves.items()}
     return {
         "run": str(run),
         "model": "each site's own model" if local_only else "final global model",
         "test": _pooled(per_site),
         "test_per_site": per_site,
         "curves": curves,
-        "client_train_loss": sum(c["train_loss"] for c in client) / len(client) if client else None,
-        "bytes_sent_per_round": max((c["bytes_sent"] for c in client), default=None),
+        "client_train_loss": sum(c["train_loss"] for c in last.values()) / len(last) if last else None,
+        "bytes_sent_per_round": max((c["bytes_sent"] for c in last.values()), default=None),
     }
+
+
+def read_curves(tb_events: Path) -> dict[str, dict[str, list[float]]]:
+    """Every site's scalars per round, as FLARE's tracking delivered them to the server (``tb_events/<site>``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = {}
+    for folder in sorted(p for p in Path(tb_events).glob("*") if p.is_dir()):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        curves[folder.name] = {
+            tag: [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)]
+            for tag in events.Tags()["scalars"]
+        }
+    return curves

@@ -98,7 +98,8 @@ class Site:
         stats = self.trainer.train_epochs(self.train, self.local_epochs)
         params = self.shared_state(self.personal)
         sent = sum(t.numel() * t.element_size() for t in params.values())
-        row = {"round": rnd, **{f"val_{k}": v for k, v in metrics.items()}, **stats, "bytes_sent": sent}
+        validation = {k if k.startswith("val_") else f"val_{k}": v for k, v in metrics.items()}
+        row = {"round": rnd, **validation, **stats, "bytes_sent": sent}
         for key, value in row.items():
             if key != "round":
                 self.writer.add_scalar(key, value, rnd)

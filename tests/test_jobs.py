@@ -1,0 +1,157 @@
+"""The FLARE jobs, run for real in FLARE's simulator on a tiny phantom cohort (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from brats_fl.cli import main
+from brats_fl.data.layout import find_cases
+from brats_fl.data.partition import assign_sites, write_datalists
+from brats_fl.jobs import JobParams, export_jobs, run_simulation
+from brats_fl.report import summarise_run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = JobParams(rounds=3, local_epochs=3, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def sim_data(tiny_phantom: Path, tmp_path_factory) -> Path:
+    """Three sites, one scanner each, and a site configuration pointing at them."""
+    root = tmp_path_factory.mktemp("sim")
+    parts = assign_sites(find_cases(tiny_phantom), 3, "natural", attribute="scanner")
+    write_datalists(tiny_phantom, parts, root / "lists")
+    config = root / "site_configs" / "simulation.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"data_root": str(tiny_phantom), "datalist_dir": str(root / "lists"), "threads": 1}))
+    return config
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: torch.as_tensor(v) for k, v in blob.get("model", blob).items()}
+
+
+def test_committed_jobs_match_their_definitions():
+    assert main(["export-jobs", "--out", str(REPO / "jobs"), "--check"]) == 0
+
+
+def test_export_check_notices_a_hand_edit(tmp_path: Path, capsys):
+    export_jobs(tmp_path)
+    assert main(["export-jobs", "--out", str(tmp_path), "--check"]) == 0
+    config = tmp_path / "brats_fedavg" / "app" / "config" / "config_fed_client.json"
+    config.write_text(config.read_text().replace("--local-epochs", "--local-epochs 9 --x"))
+    assert main(["export-jobs", "--out", str(tmp_path), "--check"]) == 1
+    assert "brats_fedavg: missing or differs" in capsys.readouterr().out
+
+
+def test_jobs_name_no_machine_path():
+    for path in (REPO / "jobs").rglob("*.json"):
+        text = path.read_text()
+        assert str(REPO) not in text and "/home/" not in text and "/tmp/" not in text, path
+
+
+@pytest.mark.parametrize("job", ["brats_central", "brats_local", "brats_fedavg"])
+def test_exported_job_carries_its_code(job: str):
+    """A site without our package installed can import the client script and model from the job alone."""
+    custom = REPO / "jobs" / job / "app" / "custom"
+    code = (
+        "import sys; "
+        f"sys.path = [{str(custom)!r}] + [p for p in sys.path if not p.startswith({str(REPO)!r})]; "
+        "import brats_fl.client, brats_fl.model; print(brats_fl.client.__file__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(custom))
+
+
+@pytest.mark.slow
+def test_fedavg_in_simulator(sim_data: Path, tmp_path: Path):
+    params = JobParams(**{**vars(TINY), "extra_args": ["--audit-sent"]})
+    run = run_simulation("brats_fedavg", params, sim_data, tmp_path)
+    server = run / "server" / "simulate_job"
+    assert (server / "app_server" / "FL_global_model.pt").is_file()
+    assert (server / "app_server" / "best_FL_global_model.pt").is_file()
+
+    # the last global model is the case-weighted mean of what the sites sent in the last round
+    weights, sent = {}, {}
+    for site in ("site-1", "site-2", "site-3"):
+        record = run / site / "simulate_job" / "brats_fl"
+        doc = json.loads((record / "site.json").read_text())
+        weights[site] = len(json.loads(Path(doc["data"]["datalist"]).read_text())["training"])
+        sent[site] = torch.load(record / f"sent_round_{TINY.rounds - 1}.pt")
+        rows = [json.loads(line) for line in (record / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == list(range(TINY.rounds))
+    total = sum(weights.values())
+    global_model = _state(server / "app_server" / "FL_global_model.pt")
+    assert set(global_model) == set(sent["site-1"])
+    for key, value in global_model.items():
+        expected = sum(sent[s][key].double() * w for s, w in weights.items()) / total
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6, msg=key)
+
+    summary = summarise_run(tmp_path)
+    curves = summary["curves"]
+    for site in ("site-1", "site-2", "site-3"):
+        dice = curves[site]["val_dice_WT"]
+        assert len(dice) == TINY.rounds and dice[-1] > dice[0] + 0.05, (site, dice)
+    assert set(summary["test_per_site"]) == {"site-1", "site-2", "site-3"}
+    assert 0 < summary["bytes_sent_per_round"] == sum(t.numel() * t.element_size() for t in sent["site-1"].values())
+
+
+@pytest.mark.slow
+def test_local_only_sends_no_weights(sim_data: Path, tmp_path: Path):
+    params = JobParams(**{**vars(TINY), "rounds": 2, "local_epochs": 2, "extra_args": ["--audit-sent"]})
+    run = run_simulation("brats_local", params, sim_data, tmp_path)
+    models = {}
+    for site in ("site-1", "site-2", "site-3"):
+        record = run / site / "simulate_job" / "brats_fl"
+        assert torch.load(record / "sent_round_1.pt") == {}
+        models[site] = torch.load(record / "local_model.pt", weights_only=False)["state_dict"]
+    key = next(iter(models["site-1"]))
+    assert not torch.equal(models["site-1"][key], models["site-2"][key])
+    summary = summarise_run(tmp_path)
+    assert summary["model"] == "each site's own model" and summary["bytes_sent_per_round"] == 0
+
+
+@pytest.mark.slow
+def test_central_trains_on_the_pooled_datalist(sim_data: Path, tmp_path: Path):
+    params = JobParams(**{**vars(TINY), "rounds": 1, "local_epochs": 1})
+    run = run_simulation("brats_central", params, sim_data, tmp_path)
+    doc = json.loads((run / "site-1" / "simulate_job" / "brats_fl" / "site.json").read_text())
+    assert doc["data"]["datalist"].endswith("site-All.json")
+    test_cases = json.loads(Path(doc["data"]["datalist"]).read_text())["test"]
+    assert summarise_run(tmp_path)["test"]["cases"] == len(test_cases)
+
+
+@pytest.mark.slow
+def test_site_with_bad_data_stops_the_job_and_is_named(sim_data: Path, tmp_path: Path):
+    lists = Path(json.loads(sim_data.read_text())["datalist_dir"])
+    doc = json.loads((lists / "site-2.json").read_text())
+    doc["training"][0]["image"][1] = "nowhere/BraTS20_Training_999_t1ce.nii.gz"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    config = json.loads(sim_data.read_text()) | {"sites": {"site-2": {"datalist": str(tmp_path / "bad.json")}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    params = JobParams(**{**vars(TINY), "rounds": 1, "local_epochs": 1})
+    with pytest.raises(RuntimeError, match="Simulation failed"):
+        run_simulation("brats_fedavg", params, tmp_path / "config.json", tmp_path / "ws")
+    run = tmp_path / "ws" / "brats_fedavg"
+    assert "nowhere/BraTS20_Training_999_t1ce.nii.gz: missing t1ce file" in (run / "site-2" / "log.txt").read_text()
+    server_log = (run / "server" / "log.txt").read_text()
+    assert "Result from site-2 is bad" in server_log
+    assert not (run / "server" / "simulate_job" / "app_server" / "FL_global_model.pt").exists()
+
+
+@pytest.mark.slow
+def test_nvflare_simulator_runs_the_committed_job(sim_data: Path, tmp_path: Path):
+    """`nvflare simulator jobs/brats_fedavg -w WS -n 3 -t 3`, typed in a folder holding site_configs/."""
+    env = {k: v for k, v in os.environ.items() if k != "BRATS_FL_SITE_CONFIG"} | {"PWD": str(sim_data.parents[1])}
+    command = ["nvflare", "simulator", str(REPO / "jobs" / "brats_fedavg"), "-w", str(tmp_path / "ws"), "-n", "3"]
+    out = subprocess.run([*command, "-t", "3"], cwd=sim_data.parents[1], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = summarise_run(tmp_path / "ws")
+    assert summary["test"]["dice_WT"] > 0.3, summary["test"]
