@@ -23,7 +23,7 @@ from nvflare.recipe import SimEnv
 from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
 
 from brats_fl.model import BratsUNet
-from brats_fl.site_config import ENV_VAR
+from brats_fl.site_config import ENV_VAR, THREADS_VAR
 
 #: the global model is ranked by the sites' mean validation Dice (WT, TC, ET) of the model they received
 KEY_METRIC = "dice_mean"
@@ -144,14 +144,17 @@ def run_simulation(name: str, params: JobParams, site_config: Path, workspace: P
     """Run a job in FLARE's simulator with every site reading ``site_config``; returns the job's workspace."""
     sites = 1 if name == "brats_central" else params.sites
     env = SimEnv(num_clients=sites, num_threads=sites, workspace_root=str(Path(workspace).resolve()))
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = str(Path(site_config).resolve())  # inherited by the simulator's site processes
+    # inherited by the simulator's site processes, which share this machine's cores
+    settings = {ENV_VAR: str(Path(site_config).resolve()), THREADS_VAR: str(max(1, (os.cpu_count() or 1) // sites))}
+    previous = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     try:
         with _in_package_parent():
             build(name, params).run(env)
     finally:
-        if previous is None:
-            del os.environ[ENV_VAR]
-        else:
-            os.environ[ENV_VAR] = previous
+        for key, value in previous.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
     return Path(workspace).resolve() / name

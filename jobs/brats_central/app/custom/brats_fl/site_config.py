@@ -17,6 +17,9 @@ file itself::
 
 The site's datalist is ``<datalist_dir>/<name>.json`` where the name is the site's own name, unless the job
 asks for another one (the centralized job trains on the pooled ``site-All``).
+
+``threads`` caps torch's CPU threads at the site. Simulated sites share one machine, so ``brats-fl run``
+sets ``BRATS_FL_THREADS`` to the machine's cores divided by the number of sites, which takes precedence.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV_VAR = "BRATS_FL_SITE_CONFIG"
+THREADS_VAR = "BRATS_FL_THREADS"
 LOCAL_FILE = Path("local") / "brats_fl_site.json"
 SIMULATION_FILE = Path("site_configs") / "simulation.json"
 _KEYS = {"data_root", "datalist_dir", "datalist", "threads", "sites"}
@@ -90,6 +94,5 @@ def resolve(site: str, datalist_name: str | None = None, workspace: Path | None 
         datalist = rel(values["datalist_dir"]) / f"{datalist_name or site}.json"
     else:
         raise ValueError(f"{path}: neither datalist nor datalist_dir for {site}")
-    return SiteData(
-        site=site, data_root=rel(values["data_root"]), datalist=datalist, threads=values.get("threads"), source=path
-    )
+    threads = int(os.environ.get(THREADS_VAR) or 0) or values.get("threads")
+    return SiteData(site=site, data_root=rel(values["data_root"]), datalist=datalist, threads=threads, source=path)
