@@ -1,7 +1,8 @@
-"""Shared fixtures: small hand-made cases for the data checks, and a tiny phantom cohort."""
+"""Shared fixtures: small hand-made cases for the data checks, a tiny phantom cohort, simulated sites."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -49,3 +50,19 @@ def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("phantom") / "data"
     generate_cohort(root, cases=12, sites=3, seed=7, shape=(64, 64, 48))
     return root
+
+
+@pytest.fixture(scope="session")
+def sim_data(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three sites of the tiny phantom, one scanner each, and a site configuration pointing at them."""
+    from brats_fl.data.layout import find_cases
+    from brats_fl.data.partition import assign_sites, write_datalists
+
+    root = tmp_path_factory.mktemp("sim")
+    parts = assign_sites(find_cases(tiny_phantom), 3, "natural", attribute="scanner")
+    write_datalists(tiny_phantom, parts, root / "lists")
+    config = root / "site_configs" / "simulation.json"
+    config.parent.mkdir()
+    doc = {"data_root": str(tiny_phantom), "datalist_dir": str(root / "lists"), "threads": 1}
+    config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state")}))
+    return config

@@ -164,6 +164,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
         recipe=args.recipe,
         batch_size=args.batch,
         seed=args.seed,
+        personal=args.personal,
+        finetune_epochs=args.finetune_epochs,
+        resume_from=str(args.resume_from.resolve()) if args.resume_from else None,
+        transfer=args.transfer,
     )
     workspace = args.workspace or Path("runs") / f"{args.job}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
@@ -171,8 +175,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
     wall_time = time.perf_counter() - start
     summary = summarise_run(run_dir) | {"job": args.job, "params": vars(params), "wall_time": wall_time}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(f"\n{args.job}: {summary['model']} on each site's test split, {summary['wall_time']:.0f} s ({run_dir})")
-    rows = [(site, m) for site, m in summary["test_per_site"].items()] + [("pooled", summary["test"])]
+    print(f"\n{args.job}: each site's final model on its own test split, {wall_time:.0f} s ({run_dir})")
+    rows = [*summary["test_per_site"].items(), ("pooled", summary["test"])]
+    if summary["global_test"]:
+        rows.append(("global model, pooled", summary["global_test"]))
     print(format_table(rows, extra=("val_loss",)))
 
 
@@ -267,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=defaults.recipe)
     p.add_argument("--batch", type=int, default=defaults.batch_size)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--personal", default=None, help="keys kept at each site: none, all, head:N, norm, head:N+norm")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="local epochs after federated training")
+    p.add_argument("--transfer", choices=["full", "diff"], default=defaults.transfer)
+    p.add_argument("--resume-from", type=Path, default=None, help="a previous run's FL_global_model.pt")
     p.add_argument("--site-config", type=Path, default=Path("site_configs/simulation.json"))
     p.add_argument("--workspace", type=Path, default=None, help="default: runs/<job>-<time>")
     p.set_defaults(func=_cmd_run)

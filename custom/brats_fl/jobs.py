@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
-from nvflare.client.config import ExchangeFormat
+from nvflare.client.config import ExchangeFormat, TransferType
 from nvflare.recipe import SimEnv
 from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
 
+from brats_fl.algorithms.personal import PersonalisedEvaluation
 from brats_fl.model import BratsUNet
 from brats_fl.site_config import ENV_VAR, THREADS_VAR
 
@@ -33,11 +34,19 @@ CLIENT_SCRIPT = "brats_fl/client.py"
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 #: FLARE's defaults (10 s for a task to be picked up) suit toy models, not 3D training on a CPU
 TASK_TIMEOUT = 6 * 3600
+#: local epochs of the _ft jobs after federated training
+FINETUNE_EPOCHS = 2
 
 
 @dataclass
 class JobParams:
-    """What a user tunes per run; defaults finish the README demo on 2 CPU cores in about 15 minutes."""
+    """What a user tunes per run; defaults finish the README demo on 2 CPU cores in about 15 minutes.
+
+    ``personal`` and ``finetune_epochs`` left as None take the job's own choice (FedPer keeps ``head:2``
+    at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``resume_from`` names a
+    previous run's global model on the server: the job starts from it, and every site from the personal
+    layers it kept. ``transfer`` is FLARE's: ``full`` weights or the ``diff`` to the received ones.
+    """
 
     rounds: int = 20
     local_epochs: int = 4
@@ -48,6 +57,10 @@ class JobParams:
     recipe: str = "adam_dice"
     batch_size: int = 2
     seed: int = 0
+    personal: str | None = None
+    finetune_epochs: int | None = None
+    resume_from: str | None = None
+    transfer: str = "full"
     extra_args: list[str] = field(default_factory=list)
 
     def client_args(self) -> list[str]:
@@ -61,51 +74,95 @@ class JobParams:
             "--channels", *map(str, self.channels),
             "--batch", str(self.batch_size),
             "--seed", str(self.seed),
+            *(["--resume"] if self.resume_from else []),
             *self.extra_args,
         ]  # fmt: skip
 
     def model(self) -> BratsUNet:
-        return BratsUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1))
+        return BratsUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1), init_seed=self.seed)
 
 
-def _fedavg(name: str, params: JobParams, sites: int, *client_flags: str) -> FedAvgRecipe:
-    """FLARE's FedAvg (case-weighted, in-time aggregation), best/last global model, cross-site evaluation."""
+def _fedavg(
+    name: str,
+    params: JobParams,
+    sites: int,
+    personal: str = "none",
+    finetune: tuple[int, str] = (0, "all"),
+    datalist: str | None = None,
+) -> FedAvgRecipe:
+    """FLARE's FedAvg (case-weighted, in-time aggregation) over the keys the sites share, the best and last
+    global model, then personalisation and own-site testing, then FLARE's cross-site evaluation."""
+    flags = ["--job", name, "--personal", personal, "--finetune-epochs", str(finetune[0])]
+    flags += ["--finetune-scope", finetune[1], *(["--datalist", datalist] if datalist else [])]
     recipe = FedAvgRecipe(
         name=name,
         model=params.model(),
+        initial_ckpt=params.resume_from,
         min_clients=sites,
         num_rounds=params.rounds,
         train_script=CLIENT_SCRIPT,
-        train_args=" ".join([*params.client_args(), *client_flags]),
+        train_args=" ".join([*params.client_args(), *flags]),
         server_expected_format=ExchangeFormat.PYTORCH,
+        params_transfer_type=TransferType(params.transfer.upper()),
         key_metric=KEY_METRIC,
         key_metric_mode="max",
     )
     # every site's SummaryWriter scalars arrive at the server's TensorBoard folder (tb_events/<site>)
     add_experiment_tracking(recipe, "tensorboard")
+    recipe._job.to_server(PersonalisedEvaluation(timeout=TASK_TIMEOUT), id="personalised_evaluation")
     add_cross_site_evaluation(recipe, submit_model_timeout=TASK_TIMEOUT, validation_timeout=TASK_TIMEOUT)
     return recipe
 
 
 def central(params: JobParams) -> FedAvgRecipe:
     """The centralized baseline: one site trains on the pooled datalist ``site-All``."""
-    return _fedavg("brats_central", params, 1, "--datalist", "site-All")
+    return _fedavg("brats_central", params, 1, datalist="site-All")
 
 
 def local(params: JobParams) -> FedAvgRecipe:
     """The local-only baseline: every site trains alone; no weight leaves a site, nothing is aggregated."""
-    return _fedavg("brats_local", params, params.sites, "--personal", "all")
+    return _fedavg("brats_local", params, params.sites, personal="all")
 
 
 def fedavg(params: JobParams) -> FedAvgRecipe:
     """Federated averaging weighted by each site's number of training cases."""
-    return _fedavg("brats_fedavg", params, params.sites)
+    return _fedavg("brats_fedavg", params, params.sites, personal=params.personal or "none")
+
+
+def fedper(params: JobParams) -> FedAvgRecipe:
+    """FedPer: the last layers (the head) stay at each site; the rest is averaged."""
+    return _fedavg("brats_fedper", params, params.sites, personal=params.personal or "head:2")
+
+
+def fedbn(params: JobParams) -> FedAvgRecipe:
+    """FedBN: every normalisation layer stays at its site, so each scanner keeps its own statistics."""
+    return _fedavg("brats_fedbn", params, params.sites, personal=params.personal or "norm")
+
+
+def _finetune_epochs(params: JobParams) -> int:
+    return FINETUNE_EPOCHS if params.finetune_epochs is None else params.finetune_epochs
+
+
+def fedavg_ft(params: JobParams) -> FedAvgRecipe:
+    """FedAvg, then each site fine-tunes the whole final global model on its own data."""
+    finetune = (_finetune_epochs(params), "all")
+    return _fedavg("brats_fedavg_ft", params, params.sites, personal=params.personal or "none", finetune=finetune)
+
+
+def fedbn_ft(params: JobParams) -> FedAvgRecipe:
+    """FedBN, then each site fine-tunes its personal (normalisation) layers with the shared ones frozen."""
+    finetune = (_finetune_epochs(params), "personal")
+    return _fedavg("brats_fedbn_ft", params, params.sites, personal=params.personal or "norm", finetune=finetune)
 
 
 JOBS: dict[str, Callable[[JobParams], FedAvgRecipe]] = {
     "brats_central": central,
     "brats_local": local,
     "brats_fedavg": fedavg,
+    "brats_fedper": fedper,
+    "brats_fedbn": fedbn,
+    "brats_fedavg_ft": fedavg_ft,
+    "brats_fedbn_ft": fedbn_ft,
 }
 
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from brats_fl.algorithms.personal import RESULTS_FILE
 from brats_fl.data.labels import DISPLAY_ORDER
 
 _COLUMNS = [
@@ -28,9 +29,7 @@ def format_table(rows: Sequence[tuple[str, dict]], extra: Sequence[str] = ("val_
     return "\n".join(lines)
 
 
-#: the model a job is judged by: the final global model, or in a local-only job each site's own model on
-#: its own test split
-LOCAL_ONLY_JOBS = ("brats_local",)
+#: cross-site evaluation's name for the last aggregated model
 FINAL_GLOBAL = "SRV_FL_global_model.pt"
 
 
@@ -55,19 +54,27 @@ def _pooled(per_site: dict[str, dict]) -> dict[str, float]:
 
 
 def summarise_run(folder: Path) -> dict:
-    """Test metrics of a finished job (pooled and per site), its per-round curves and client figures."""
+    """Test metrics of a finished job, pooled and per site, and its per-round curves and client figures.
+
+    ``test`` scores the model each site ends with (the final global model combined with the site's
+    personal layers and fine-tuning, if any) on that site's own test split; ``global_test`` scores the
+    final global model alone on every site's test split (cross-site evaluation; absent for local-only
+    training, where no global model is trained).
+    """
     run = find_server_run(folder)
+    personalised = json.loads((run / RESULTS_FILE).read_text())
     cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
-    sites = sorted(cse)
-    local_only = json.loads((run / "meta.json").read_text())["name"] in LOCAL_ONLY_JOBS
-    per_site = {s: (cse[s][s] if local_only else cse[s][FINAL_GLOBAL]) for s in sites}
+    global_per_site = {s: cse[s][FINAL_GLOBAL] for s in sorted(cse) if FINAL_GLOBAL in cse[s]}
     curves = read_curves(run / "tb_events")
     last = {site: {tag: values[-1] for tag, values in tags.items()} for site, tags in curves.items()}
+    shared = any(c["bytes_sent"] for c in last.values())
     return {
         "run": str(run),
-        "model": "each site's own model" if local_only else "final global model",
-        "test": _pooled(per_site),
-        "test_per_site": per_site,
+        "job": json.loads((run / "meta.json").read_text())["name"],
+        "test": _pooled(personalised),
+        "test_per_site": dict(sorted(personalised.items())),
+        "global_test": _pooled(global_per_site) if shared and global_per_site else None,
+        "global_test_per_site": global_per_site if shared else None,
         "curves": curves,
         "client_train_loss": sum(c["train_loss"] for c in last.values()) / len(last) if last else None,
         "bytes_sent_per_round": max((c["bytes_sent"] for c in last.values()), default=None),

@@ -34,6 +34,7 @@ class BratsUNet(nn.Module):
         dropout: float = 0.0,
         in_channels: int = len(MODALITIES),
         out_channels: int = len(REGIONS),
+        init_seed: int | None = None,
     ):
         super().__init__()
         if norm not in NORMS:
@@ -47,16 +48,21 @@ class BratsUNet(nn.Module):
         self.dropout = dropout
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.net = UNet(
-            spatial_dims=3,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            channels=self.channels,
-            strides=self.strides,
-            num_res_units=num_res_units,
-            norm=NORMS[norm],
-            dropout=dropout,
-        )
+        self.init_seed = init_seed
+        # a seeded initialisation makes the server's initial global model the same in every run
+        with torch.random.fork_rng(enabled=init_seed is not None):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            self.net = UNet(
+                spatial_dims=3,
+                in_channels=in_channels,
+                out_channels=out_channels,
+                channels=self.channels,
+                strides=self.strides,
+                num_res_units=num_res_units,
+                norm=NORMS[norm],
+                dropout=dropout,
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -71,6 +77,7 @@ class BratsUNet(nn.Module):
             "dropout": self.dropout,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
+            "init_seed": self.init_seed,
         }
 
 

@@ -18,6 +18,8 @@ file itself::
 The site's datalist is ``<datalist_dir>/<name>.json`` where the name is the site's own name, unless the job
 asks for another one (the centralized job trains on the pooled ``site-All``).
 
+``state_dir`` is where a site keeps what outlives a job (default: ``brats_fl_state`` in its workspace; the
+simulator wipes its workspaces, so simulated sites keep theirs under ``<state_dir>/<site>``).
 ``threads`` caps torch's CPU threads at the site. Simulated sites share one machine, so ``brats-fl run``
 sets ``BRATS_FL_THREADS`` to the machine's cores divided by the number of sites, which takes precedence.
 """
@@ -33,7 +35,7 @@ ENV_VAR = "BRATS_FL_SITE_CONFIG"
 THREADS_VAR = "BRATS_FL_THREADS"
 LOCAL_FILE = Path("local") / "brats_fl_site.json"
 SIMULATION_FILE = Path("site_configs") / "simulation.json"
-_KEYS = {"data_root", "datalist_dir", "datalist", "threads", "sites"}
+_KEYS = {"data_root", "datalist_dir", "datalist", "threads", "state_dir", "sites"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class SiteData:
     data_root: Path
     datalist: Path
     threads: int | None
+    #: where the site keeps what outlives a job (its personal layers, for a restarted job)
+    state_dir: Path
     source: Path
 
 
@@ -95,4 +99,7 @@ def resolve(site: str, datalist_name: str | None = None, workspace: Path | None 
     else:
         raise ValueError(f"{path}: neither datalist nor datalist_dir for {site}")
     threads = int(os.environ.get(THREADS_VAR) or 0) or values.get("threads")
-    return SiteData(site=site, data_root=rel(values["data_root"]), datalist=datalist, threads=threads, source=path)
+    workspace = Path(workspace or Path.cwd())
+    state_dir = rel(values["state_dir"]) / site if "state_dir" in values else workspace / "brats_fl_state"
+    data_root = rel(values["data_root"])
+    return SiteData(site, data_root, datalist, threads=threads, state_dir=state_dir, source=path)

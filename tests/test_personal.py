@@ -1,0 +1,107 @@
+"""FedPer, FedBN and fine-tuning: personal layers never leave a site, and the server never changes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from brats_fl.algorithms.personal import personal_keys
+from brats_fl.jobs import JobParams, run_simulation
+from brats_fl.model import BratsUNet, parameter_groups
+from brats_fl.report import summarise_run
+
+SITES = ("site-1", "site-2", "site-3")
+TINY = JobParams(
+    rounds=2, local_epochs=2, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3, extra_args=["--audit-sent"]
+)
+
+
+def test_selections_follow_the_model_groups():
+    model = BratsUNet(channels=(8, 16, 32), strides=(2, 2), norm="batch")
+    state = set(model.state_dict())
+    assert personal_keys(model, "none") == [] and set(personal_keys(model, "all")) == state
+    norm = set(personal_keys(model, "norm"))
+    assert norm == set(parameter_groups(model)["norm"]) and any(k.endswith("running_mean") for k in norm)
+    head = set(personal_keys(model, "head:2"))
+    assert head == set(parameter_groups(model, head_layers=2)["head"]) and head < state
+    assert set(personal_keys(model, "head:1+norm")) == norm | set(parameter_groups(model, 1)["head"])
+    for bad in ("bn", "head", "head:0", "head:x", "norm:2"):
+        with pytest.raises(ValueError, match="unknown personal-key selection"):
+            personal_keys(model, bad)
+
+
+def _site(run: Path, site: str) -> Path:
+    return run / site / "simulate_job" / "brats_fl"
+
+
+def _weights(run: Path) -> dict[str, int]:
+    out = {}
+    for site in SITES:
+        doc = json.loads((_site(run, site) / "site.json").read_text())
+        out[site] = len(json.loads(Path(doc["data"]["datalist"]).read_text())["training"])
+    return out
+
+
+def _check_aggregation(run: Path, params: JobParams, personal: set[str]) -> dict[str, torch.Tensor]:
+    """No personal key was sent; shared keys are the case-weighted mean; personal keys are the initial ones."""
+    weights, total = _weights(run), sum(_weights(run).values())
+    sent = {s: torch.load(_site(run, s) / f"sent_round_{params.rounds - 1}.pt") for s in SITES}
+    for site in SITES:
+        for rnd in range(params.rounds):
+            assert not personal & set(torch.load(_site(run, site) / f"sent_round_{rnd}.pt")), (site, rnd)
+    blob = torch.load(run / "server/simulate_job/app_server/FL_global_model.pt", weights_only=False)
+    global_model = {k: torch.as_tensor(v) for k, v in blob["model"].items()}
+    initial = params.model().state_dict()
+    for key, value in global_model.items():
+        if key in personal:
+            torch.testing.assert_close(value, initial[key], rtol=0, atol=0, msg=key)
+        else:
+            expected = sum(sent[s][key].double() * w for s, w in weights.items()) / total
+            torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6, msg=key)
+    return global_model
+
+
+def _personal_checksums(run: Path, personal: set[str]) -> dict[str, float]:
+    out = {}
+    for site in SITES:
+        state = torch.load(_site(run, site) / "local_model.pt", weights_only=False)["state_dict"]
+        out[site] = float(sum(state[k].double().sum() for k in personal))
+    return out
+
+
+@pytest.mark.slow
+def test_fedper_keeps_the_head_at_each_site_and_resumes_it(sim_data: Path, tmp_path: Path):
+    run = run_simulation("brats_fedper", TINY, sim_data, tmp_path / "first")
+    personal = set(personal_keys(TINY.model(), "head:2"))
+    _check_aggregation(run, TINY, personal)
+    checksums = _personal_checksums(run, personal)
+    assert len(set(checksums.values())) == len(SITES), "personal layers should differ between sites"
+    summary = summarise_run(run)
+    assert set(summary["test_per_site"]) == set(SITES)
+
+    # a restarted job starts from the last global model and every site from the head it kept
+    last_global = run / "server/simulate_job/app_server/FL_global_model.pt"
+    resumed = JobParams(**{**vars(TINY), "rounds": 1, "resume_from": str(last_global)})
+    run2 = run_simulation("brats_fedper", resumed, sim_data, tmp_path / "second")
+    for site in SITES:
+        record = json.loads((_site(run2, site) / "site.json").read_text())["resumed_from"]
+        assert record["checksum"] == pytest.approx(checksums[site], rel=1e-9), site
+
+
+@pytest.mark.slow
+def test_fedbn_with_diff_transfer_and_personal_finetuning(sim_data: Path, tmp_path: Path):
+    params = JobParams(**{**vars(TINY), "transfer": "diff", "finetune_epochs": 1})
+    run = run_simulation("brats_fedbn_ft", params, sim_data, tmp_path)
+    personal = set(personal_keys(params.model(), "norm"))
+    global_model = _check_aggregation(run, params, personal)
+    for site in SITES:
+        final = torch.load(_site(run, site) / "personalised_model.pt", weights_only=False)["state_dict"]
+        trained = torch.load(_site(run, site) / "local_model.pt", weights_only=False)["state_dict"]
+        for key in final:
+            if key in personal:  # fine-tuned at the site, starting from its own federated-trained layers
+                assert not torch.equal(final[key], trained[key]), (site, key)
+            else:  # frozen during fine-tuning: exactly the final global model
+                torch.testing.assert_close(final[key], global_model[key].to(final[key].dtype), rtol=0, atol=0)
+    assert set(json.loads((run / "server/simulate_job/personalised/results.json").read_text())) == set(SITES)
