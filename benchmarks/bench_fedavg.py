@@ -76,7 +76,9 @@ def bench_plain(params: JobParams, config: Path) -> dict:
         datalist = load_datalist(DATA / doc["datalist_dir"] / f"{name}.json", DATA / doc["data_root"])
         trainer = Trainer(train_config)
         c = train_config
-        train = train_loader(datalist.items("training"), c.patch_size, c.batch_size, c.samples_per_case, c.seed)
+        train = train_loader(
+            datalist.items("training"), c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio
+        )
         val = eval_loader(datalist.items("validation"))
         sites.append((trainer, train, val, len(datalist.items("training"))))
     for trainer, train, val, _ in sites:  # fill the caches, as FLARE's round 0 does

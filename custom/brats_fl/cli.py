@@ -66,8 +66,9 @@ def _cmd_train_central(args: argparse.Namespace) -> None:
     config = config_from_args(args, total_epochs=args.epochs)
     datalist = load_datalist(args.datalist, args.data_root)
     trainer = Trainer(config)
+    c = config
     train = train_loader(
-        datalist.items("training"), config.patch_size, config.batch_size, config.samples_per_case, config.seed
+        datalist.items("training"), c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio
     )
     val = eval_loader(datalist.items("validation"))
     (args.out).mkdir(parents=True, exist_ok=True)
@@ -87,14 +88,11 @@ def _cmd_train_central(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from brats_fl.data.datalist import load_datalist
     from brats_fl.data.loading import eval_loader
+    from brats_fl.inference import load_for_inference
     from brats_fl.report import format_table
-    from brats_fl.training import TrainConfig, Trainer, load_model
 
-    model = load_model(args.model)
     datalist = load_datalist(args.datalist, args.data_root)
-    trainer = Trainer(
-        TrainConfig(model=model.config(), patch_size=tuple(args.patch), threads=args.threads), model=model
-    )
+    trainer = load_for_inference(args.model, tuple(args.patch), args.threads)
     metrics = trainer.evaluate(eval_loader(datalist.items(args.split)), per_case=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         lr=args.lr,
         recipe=args.recipe,
         batch_size=args.batch,
+        fg_ratio=args.fg_ratio,
         seed=args.seed,
         personal=args.personal,
         finetune_epochs=args.finetune_epochs,
@@ -188,8 +187,16 @@ def _cmd_table(args: argparse.Namespace) -> None:
     rows = []
     for run in args.runs:
         summary = summarise_run(run)
-        rows.append((str(run), summary["test"] | {"client_loss": summary["client_train_loss"]}))
-    print(format_table(rows, extra=("client_loss",)))
+        recorded = sorted(Path(run).rglob("summary.json"))
+        wall = json.loads(recorded[0].read_text())["wall_time"] if recorded else None
+        extra = {
+            "client_loss": summary["client_train_loss"],
+            "worst_site_dice": summary["test"]["worst_dice_mean"],
+            "MB_sent_per_round": summary["bytes_sent_per_round"] / 2**20,
+            "minutes": wall / 60 if wall else None,
+        }
+        rows.append((f"{summary['job']} ({Path(run).name})", summary["test"] | extra))
+    print(format_table(rows, extra=("client_loss", "worst_site_dice", "MB_sent_per_round", "minutes")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--recipe", default=defaults.recipe)
     p.add_argument("--batch", type=int, default=defaults.batch_size)
+    p.add_argument("--fg-ratio", type=float, default=defaults.fg_ratio, help="share of patches centred on tumour")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--personal", default=None, help="keys kept at each site: none, all, head:N, norm, head:N+norm")
     p.add_argument("--finetune-epochs", type=int, default=None, help="local epochs after federated training")

@@ -116,6 +116,18 @@ def install_site_config(kit: Path, data_root: Path, datalist_dir: Path, threads:
     return target
 
 
+def set_heartbeat_timeout(server_kit: Path, seconds: float) -> Path:
+    """Declare a site dead after ``seconds`` without a heartbeat (FLARE's default is 600 s).
+
+    Written as the server's site-local ``local/resources.json``, which overrides the provisioned default.
+    """
+    local = Path(server_kit) / "local"
+    doc = json.loads((local / "resources.json.default").read_text())
+    doc["servers"][0]["heart_beat_timeout"] = seconds
+    (local / "resources.json").write_text(json.dumps(doc, indent=2))
+    return local / "resources.json"
+
+
 def poc_prepare(workspace: Path, sites: int, port: int, env: dict[str, str] | None = None) -> Path:
     """``nvflare poc prepare -i <project> --force`` in ``workspace`` with the server on ``localhost:port``.
 
@@ -290,6 +302,8 @@ def _sites(kits: Path) -> list[str]:
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
     kits = poc_prepare(args.workspace, args.sites, args.port)
+    if args.heartbeat_timeout:
+        set_heartbeat_timeout(kits / "server", args.heartbeat_timeout)
     for site in _sites(kits):
         path = install_site_config(kits / site, args.data_root, args.datalist_dir, args.threads)
         print(f"{site}: data configuration {path}")
@@ -363,6 +377,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--datalist-dir", type=Path, required=True, help="holds <site>.json for every site")
     p.add_argument("--threads", type=int, default=None, help="torch threads per site")
+    p.add_argument("--heartbeat-timeout", type=float, default=None, help="seconds until a silent site is dead")
     p = add("start", "start server and sites as background processes; wait until all are connected", _cmd_start)
     p.add_argument("--timeout", type=float, default=300)
     p = add("submit", "submit a job folder with the admin kit, wait for it, download its result", _cmd_submit)

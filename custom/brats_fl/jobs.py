@@ -56,6 +56,7 @@ class JobParams:
     lr: float = 1e-3
     recipe: str = "adam_dice"
     batch_size: int = 2
+    fg_ratio: float = 0.5
     seed: int = 0
     personal: str | None = None
     finetune_epochs: int | None = None
@@ -73,6 +74,7 @@ class JobParams:
             "--patch", *map(str, self.patch_size),
             "--channels", *map(str, self.channels),
             "--batch", str(self.batch_size),
+            "--fg-ratio", repr(self.fg_ratio),
             "--seed", str(self.seed),
             *(["--resume"] if self.resume_from else []),
             *self.extra_args,
