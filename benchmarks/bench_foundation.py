@@ -57,7 +57,8 @@ def bench_step(threads: int, steps: int) -> dict:
     root, datalist_path = _cohort()
     config = TrainConfig(threads=threads)
     items = load_datalist(datalist_path, root).items("training")
-    loader = train_loader(items, config.patch_size, config.batch_size, config.samples_per_case, seed=0)
+    c = config
+    loader = train_loader(items, c.patch_size, c.batch_size, c.samples_per_case, seed=0, fg_ratio=c.fg_ratio)
     ours = Trainer(config)
     bare = Trainer(config)  # same network, optimiser and loss; data already in memory
     x = torch.randn(config.batch_size, 4, *config.patch_size)
@@ -123,7 +124,8 @@ def _train_only(threads: int) -> None:
     root, datalist_path = _cohort()
     config = TrainConfig(threads=threads)
     items = load_datalist(datalist_path, root).items("training")
-    loader = train_loader(items, config.patch_size, config.batch_size, config.samples_per_case, seed=0)
+    c = config
+    loader = train_loader(items, c.patch_size, c.batch_size, c.samples_per_case, seed=0, fg_ratio=c.fg_ratio)
     Trainer(config).train_epochs(loader, 10, max_steps=10)
 
 

@@ -37,7 +37,7 @@ def test_validation_dice_rises(tiny_phantom: Path, pooled: Path):
     config = TrainConfig.from_dict(TINY)
     datalist = load_datalist(pooled, tiny_phantom)
     trainer = Trainer(config)
-    train = train_loader(datalist.items("training"), config.patch_size, 2, 2, seed=0)
+    train = train_loader(datalist.items("training"), config.patch_size, 2, 2, seed=0, fg_ratio=config.fg_ratio)
     val = eval_loader(datalist.items("validation"))
     before = trainer.evaluate(val)
     stats = trainer.train_epochs(train, epochs=12)

@@ -25,6 +25,7 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 from brats_fl.algorithms.personal import PersonalisedEvaluation
 from brats_fl.model import BratsUNet
 from brats_fl.site_config import ENV_VAR, THREADS_VAR
+from brats_fl.training import TrainConfig
 
 #: the global model is ranked by the sites' mean validation Dice (WT, TC, ET) of the model they received
 KEY_METRIC = "dice_mean"
@@ -53,10 +54,10 @@ class JobParams:
     sites: int = 3
     patch_size: tuple[int, int, int] = (64, 64, 64)
     channels: tuple[int, ...] = (16, 32, 64, 128)
-    lr: float = 1e-3
+    lr: float = TrainConfig.lr
     recipe: str = "adam_dice"
     batch_size: int = 2
-    fg_ratio: float = 0.5
+    fg_ratio: float = TrainConfig.fg_ratio
     seed: int = 0
     personal: str | None = None
     finetune_epochs: int | None = None

@@ -45,7 +45,7 @@ def _load_and_normalise(pad_to: Sequence[int] | None) -> list:
     return steps
 
 
-def train_transforms(patch_size: Sequence[int], samples_per_case: int, fg_ratio: float = 0.5) -> Compose:
+def train_transforms(patch_size: Sequence[int], samples_per_case: int, fg_ratio: float) -> Compose:
     """Cached: load, brain crop, pad, sampling indices (raw intensities, so background is 0), z-score.
 
     Random: crops centred on tumour (a ``fg_ratio`` share of them) or on other brain, flips and intensity
@@ -105,7 +105,7 @@ def train_loader(
     batch_size: int,
     samples_per_case: int,
     seed: int,
-    fg_ratio: float = 0.5,
+    fg_ratio: float,
 ) -> DataLoader:
     """A shuffled loader over cached cases; each case yields ``samples_per_case`` patches per epoch.
 

@@ -79,7 +79,7 @@ class Site:
             record["resumed_from"] = self._resume()
         c = self.config
         self.train = train_loader(
-            self.datalist.items("training"), c.patch_size, c.batch_size, c.samples_per_case, c.seed
+            self.datalist.items("training"), c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio
         )
         self.val = eval_loader(self.datalist.items("validation"))
         self._test = None

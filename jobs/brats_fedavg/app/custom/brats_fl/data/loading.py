@@ -45,11 +45,11 @@ def _load_and_normalise(pad_to: Sequence[int] | None) -> list:
     return steps
 
 
-def train_transforms(patch_size: Sequence[int], samples_per_case: int) -> Compose:
+def train_transforms(patch_size: Sequence[int], samples_per_case: int, fg_ratio: float) -> Compose:
     """Cached: load, brain crop, pad, sampling indices (raw intensities, so background is 0), z-score.
 
-    Random: foreground-weighted crops (half the patches centred on tumour, half on other brain),
-    flips and intensity jitter.
+    Random: crops centred on tumour (a ``fg_ratio`` share of them) or on other brain, flips and intensity
+    jitter. Negatives matter: whole-brain inference meets far more healthy tissue than training patches do.
     """
     return Compose(
         [
@@ -60,8 +60,8 @@ def train_transforms(patch_size: Sequence[int], samples_per_case: int) -> Compos
                 keys=["image", "label"],
                 label_key="label",
                 spatial_size=patch_size,
-                pos=1.0,
-                neg=1.0,
+                pos=fg_ratio,
+                neg=1.0 - fg_ratio,
                 num_samples=samples_per_case,
                 fg_indices_key=_FG,
                 bg_indices_key=_BG,
@@ -100,7 +100,12 @@ def inference_transforms() -> Compose:
 
 
 def train_loader(
-    items: list[dict], patch_size: Sequence[int], batch_size: int, samples_per_case: int, seed: int
+    items: list[dict],
+    patch_size: Sequence[int],
+    batch_size: int,
+    samples_per_case: int,
+    seed: int,
+    fg_ratio: float,
 ) -> DataLoader:
     """A shuffled loader over cached cases; each case yields ``samples_per_case`` patches per epoch.
 
@@ -112,7 +117,7 @@ def train_loader(
     """
     dataset = CacheDataset(
         _strip(items),
-        train_transforms(patch_size, samples_per_case),
+        train_transforms(patch_size, samples_per_case, fg_ratio),
         cache_rate=1.0,
         num_workers=0,
         progress=False,
