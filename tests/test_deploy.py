@@ -152,6 +152,7 @@ def test_poc_site_dies_mid_job_and_the_server_takes_the_next_job(tiny_phantom, l
         assert meta["status"] != "FINISHED:COMPLETED", meta
         log = (kits / "server" / "console.log").read_text()
         assert "received dead job report for client site-2" in log
+        assert "Alive clients 1 < required min 2" in log
         system.start("site-2")
         system.wait_for_sites(SITES, timeout=240)
         result = system.run_job(short_job, tmp_path / "results", timeout=600)

@@ -177,13 +177,14 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"\n{args.job}: each site's final model on its own test split, {wall_time:.0f} s ({run_dir})")
     rows = [*summary["test_per_site"].items(), ("pooled", summary["test"])]
     if summary["global_test"]:
-        rows.append(("global model, pooled", summary["global_test"]))
+        rows.append(("pooled, before fine-tuning", summary["global_test"]))
     print(format_table(rows, extra=("val_loss",)))
 
 
 def _cmd_table(args: argparse.Namespace) -> None:
     from brats_fl.report import format_table, summarise_run
 
+    columns = ("client_loss", "worst_site_dice", "MB_sent_per_round", "minutes")
     rows = []
     for run in args.runs:
         summary = summarise_run(run)
@@ -195,8 +196,13 @@ def _cmd_table(args: argparse.Namespace) -> None:
             "MB_sent_per_round": summary["bytes_sent_per_round"] / 2**20,
             "minutes": wall / 60 if wall else None,
         }
-        rows.append((f"{summary['job']} ({Path(run).name})", summary["test"] | extra))
-    print(format_table(rows, extra=("client_loss", "worst_site_dice", "MB_sent_per_round", "minutes")))
+        name = f"{summary['job']} ({Path(run).name})"
+        if args.per_site:
+            rows += [(f"{name} {site}", metrics) for site, metrics in summary["test_per_site"].items()]
+            if summary["global_test_per_site"]:
+                rows += [(f"{name} {s}, before fine-tuning", m) for s, m in summary["global_test_per_site"].items()]
+        rows.append((f"{name}, worst site {summary['test']['worst_site']}", summary["test"] | extra))
+    print(format_table(rows, extra=columns))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=Path, default=None, help="default: runs/<job>-<time>")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("table", help="results table of finished runs")
+    p = sub.add_parser("table", help="results table of finished runs: each site's final model on its own test split")
     p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--per-site", action="store_true", help="a row per site, and the global model's where there is one")
     p.set_defaults(func=_cmd_table)
 
     p = sub.add_parser("demo", help="phantom cohort -> FedAvg in FLARE's simulator -> results table")

@@ -58,8 +58,8 @@ def summarise_run(folder: Path) -> dict:
 
     ``test`` scores the model each site ends with (the final global model combined with the site's
     personal layers and fine-tuning, if any) on that site's own test split; ``global_test`` scores the
-    final global model alone on every site's test split (cross-site evaluation; absent for local-only
-    training, where no global model is trained).
+    final global model with each site's personal layers but without fine-tuning (cross-site evaluation),
+    given only where it differs, i.e. where sites fine-tuned.
     """
     run = find_server_run(folder)
     personalised = json.loads((run / RESULTS_FILE).read_text())
@@ -67,14 +67,17 @@ def summarise_run(folder: Path) -> dict:
     global_per_site = {s: cse[s][FINAL_GLOBAL] for s in sorted(cse) if FINAL_GLOBAL in cse[s]}
     curves = read_curves(run / "tb_events")
     last = {site: {tag: values[-1] for tag, values in tags.items()} for site, tags in curves.items()}
-    shared = any(c["bytes_sent"] for c in last.values())
+    # cross-site evaluation combines the global model with each site's personal layers too, so it differs
+    # from the personalised scores only where sites fine-tuned, and means nothing where no weight was shared
+    if not any(c["bytes_sent"] for c in last.values()) or global_per_site == personalised:
+        global_per_site = {}
     return {
         "run": str(run),
         "job": json.loads((run / "meta.json").read_text())["name"],
         "test": _pooled(personalised),
         "test_per_site": dict(sorted(personalised.items())),
-        "global_test": _pooled(global_per_site) if shared and global_per_site else None,
-        "global_test_per_site": global_per_site if shared else None,
+        "global_test": _pooled(global_per_site) if global_per_site else None,
+        "global_test_per_site": global_per_site or None,
         "curves": curves,
         "client_train_loss": sum(c["train_loss"] for c in last.values()) / len(last) if last else None,
         "bytes_sent_per_round": max((c["bytes_sent"] for c in last.values()), default=None),
