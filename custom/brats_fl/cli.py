@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from brats_fl.data.checks import DataError, check_cases
+from brats_fl.deploy import add_commands
 from brats_fl.jobs import JobParams
 from brats_fl.training import add_arguments
 
@@ -208,6 +209,7 @@ def _cmd_table(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brats-fl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
 
     p = sub.add_parser("phantom", help="write a synthetic BraTS-layout cohort")
     p.add_argument("--out", type=Path, required=True)
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (DataError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, TimeoutError) as err:
         print(f"brats-fl {args.command}: {err}", file=sys.stderr)
         return 2
 
