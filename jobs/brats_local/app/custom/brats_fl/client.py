@@ -20,6 +20,7 @@ layers a restarted job resumes from in its state folder (see ``brats_fl.site_con
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import nvflare.client as flare
 import torch
 from nvflare.app_common.abstract.fl_model import FLMetaKey
 from nvflare.client.tracking import SummaryWriter
+from torch.utils.data import DataLoader
 
 from brats_fl.algorithms.personal import PERSONALISE_TASK, personal_keys
 from brats_fl.data.datalist import load_datalist
@@ -82,7 +84,6 @@ class Site:
             self.datalist.items("training"), c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio
         )
         self.val = eval_loader(self.datalist.items("validation"))
-        self._test = None
         self.writer = SummaryWriter()
         (self.run_dir / "site.json").write_text(json.dumps(record, indent=1))
 
@@ -95,11 +96,10 @@ class Site:
         self.trainer.model.load_state_dict(state, strict=False)
         return {"file": str(self.state_file), "checksum": float(sum(t.double().sum() for t in state.values()))}
 
-    @property
-    def test(self):
-        if self._test is None:
-            self._test = eval_loader(self.datalist.items("test"))
-        return self._test
+    @functools.cached_property
+    def test(self) -> DataLoader:
+        """The test split, cached on first use: only evaluation tasks need it."""
+        return eval_loader(self.datalist.items("test"))
 
     def load_global(self, params: dict, personal: set[str]) -> None:
         """Load every shared key; a personal key from the server is ignored, a missing shared key is an error."""
