@@ -147,8 +147,13 @@ class Site:
         )
 
     def personalise(self, model: flare.FLModel) -> flare.FLModel:
-        """Final global + own personal layers (+ fine-tuning), scored on this site's test split and kept."""
+        """Final global + own personal layers (+ fine-tuning), scored on this site's test split and kept.
+
+        The site's federated state is restored afterwards, so cross-site evaluation scores the model before
+        fine-tuning.
+        """
         self.load_global(model.params, self.personal)
+        federated = self._snapshot()
         epochs = self.args.finetune_epochs
         if epochs:
             only_personal = self.args.finetune_scope == "personal"
@@ -160,11 +165,15 @@ class Site:
         metrics = self.trainer.evaluate(self.test, per_case=True)
         (self.run_dir / "personalised_test.json").write_text(json.dumps(metrics, indent=1))
         self.trainer.save(self.run_dir / "personalised_model.pt", site=self.name, finetune_epochs=epochs)
+        self.trainer.model.load_state_dict(federated)
         return flare.FLModel(metrics=_scalars(metrics))
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
 
     def evaluate(self, model: flare.FLModel) -> flare.FLModel:
         """Score a received model on this site's test split (cross-site evaluation), then restore our own."""
-        saved = {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
+        saved = self._snapshot()
         self.load_global(model.params, self.eval_personal)
         metrics = self.trainer.evaluate(self.test)
         self.trainer.model.load_state_dict(saved)
