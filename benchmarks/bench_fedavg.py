@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.layout import find_cases
-from brats_fl.data.loading import eval_loader, train_loader
+from brats_fl.data.loading import eval_loader
 from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.data.phantom import generate_cohort
 from brats_fl.jobs import JobParams, run_simulation
-from brats_fl.training import TrainConfig, Trainer
+from brats_fl.training import TrainConfig, Trainer, make_train_loader
 
 DATA = Path("data/bench/fedavg")
 SITES = ("site-1", "site-2")
@@ -75,10 +75,7 @@ def bench_plain(params: JobParams, config: Path) -> dict:
     for name in SITES:
         datalist = load_datalist(DATA / doc["datalist_dir"] / f"{name}.json", DATA / doc["data_root"])
         trainer = Trainer(train_config)
-        c = train_config
-        train = train_loader(
-            datalist.items("training"), c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio
-        )
+        train = make_train_loader(datalist.items("training"), train_config)
         val = eval_loader(datalist.items("validation"))
         sites.append((trainer, train, val, len(datalist.items("training"))))
     for trainer, train, val, _ in sites:  # fill the caches, as FLARE's round 0 does

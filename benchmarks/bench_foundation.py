@@ -26,10 +26,10 @@ from pathlib import Path
 import monai
 import torch
 from brats_fl.data.layout import find_cases
-from brats_fl.data.loading import inference_transforms, train_loader
+from brats_fl.data.loading import inference_transforms
 from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.data.phantom import generate_cohort
-from brats_fl.training import TrainConfig, Trainer
+from brats_fl.training import TrainConfig, Trainer, make_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 # absolute: write_datalists resolves its root, and case paths must lie below it (a relative root fails)
@@ -57,8 +57,7 @@ def bench_step(threads: int, steps: int) -> dict:
     root, datalist_path = _cohort()
     config = TrainConfig(threads=threads)
     items = load_datalist(datalist_path, root).items("training")
-    c = config
-    loader = train_loader(items, c.patch_size, c.batch_size, c.samples_per_case, seed=0, fg_ratio=c.fg_ratio)
+    loader = make_train_loader(items, config)
     ours = Trainer(config)
     bare = Trainer(config)  # same network, optimiser and loss; data already in memory
     x = torch.randn(config.batch_size, 4, *config.patch_size)
@@ -124,8 +123,7 @@ def _train_only(threads: int) -> None:
     root, datalist_path = _cohort()
     config = TrainConfig(threads=threads)
     items = load_datalist(datalist_path, root).items("training")
-    c = config
-    loader = train_loader(items, c.patch_size, c.batch_size, c.samples_per_case, seed=0, fg_ratio=c.fg_ratio)
+    loader = make_train_loader(items, config)
     Trainer(config).train_epochs(loader, 10, max_steps=10)
 
 

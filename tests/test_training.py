@@ -11,9 +11,9 @@ import pytest
 from brats_fl.cli import main
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.layout import find_cases
-from brats_fl.data.loading import eval_loader, train_loader
+from brats_fl.data.loading import eval_loader
 from brats_fl.data.partition import assign_sites, write_datalists
-from brats_fl.training import TrainConfig, Trainer
+from brats_fl.training import TrainConfig, Trainer, make_train_loader
 
 TINY = {
     "model": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
@@ -37,7 +37,7 @@ def test_validation_dice_rises(tiny_phantom: Path, pooled: Path):
     config = TrainConfig.from_dict(TINY)
     datalist = load_datalist(pooled, tiny_phantom)
     trainer = Trainer(config)
-    train = train_loader(datalist.items("training"), config.patch_size, 2, 2, seed=0, fg_ratio=config.fg_ratio)
+    train = make_train_loader(datalist.items("training"), config)
     val = eval_loader(datalist.items("validation"))
     before = trainer.evaluate(val)
     stats = trainer.train_epochs(train, epochs=12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import sys
 import time
@@ -60,17 +61,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_train_central(args: argparse.Namespace) -> None:
     from brats_fl.data.datalist import load_datalist
-    from brats_fl.data.loading import eval_loader, train_loader
+    from brats_fl.data.loading import eval_loader
     from brats_fl.report import format_table
-    from brats_fl.training import Trainer, config_from_args, fit
+    from brats_fl.training import Trainer, config_from_args, fit, make_train_loader
 
     config = config_from_args(args, total_epochs=args.epochs)
     datalist = load_datalist(args.datalist, args.data_root)
     trainer = Trainer(config)
-    c = config
-    train = train_loader(
-        datalist.items("training"), c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio
-    )
+    train = make_train_loader(datalist.items("training"), config)
     val = eval_loader(datalist.items("validation"))
     (args.out).mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(
@@ -121,7 +119,6 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_export_jobs(args: argparse.Namespace) -> int:
-    import filecmp
     import tempfile
 
     from brats_fl.jobs import export_jobs
@@ -141,8 +138,6 @@ def _cmd_export_jobs(args: argparse.Namespace) -> int:
 
 def _differs(cmp) -> bool:
     """True if two exported job folders differ in any file name or content (compared byte by byte)."""
-    import filecmp
-
     _, mismatch, errors = filecmp.cmpfiles(cmp.left, cmp.right, cmp.common_files, shallow=False)
     ignored = {"__pycache__"}
     only = [n for n in cmp.left_only + cmp.right_only if n not in ignored]

@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader
 
 from brats_fl.algorithms.personal import PERSONALISE_TASK, personal_keys
 from brats_fl.data.datalist import load_datalist
-from brats_fl.data.loading import eval_loader, train_loader
+from brats_fl.data.loading import eval_loader
 from brats_fl.site_config import resolve
-from brats_fl.training import Trainer, add_arguments, config_from_args
+from brats_fl.training import Trainer, add_arguments, config_from_args, make_train_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,10 +79,7 @@ class Site:
         record["personal_keys"] = sorted(self.personal)
         if args.resume:
             record["resumed_from"] = self._resume()
-        c = self.config
-        self.train = train_loader(
-            self.datalist.items("training"), c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio
-        )
+        self.train = make_train_loader(self.datalist.items("training"), self.config)
         self.val = eval_loader(self.datalist.items("validation"))
         self.writer = SummaryWriter()
         (self.run_dir / "site.json").write_text(json.dumps(record, indent=1))

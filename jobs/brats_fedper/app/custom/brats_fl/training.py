@@ -19,6 +19,7 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
+from brats_fl.data.loading import train_loader
 from brats_fl.metrics import RegionMetrics
 from brats_fl.model import BratsUNet, build_model
 
@@ -127,6 +128,12 @@ def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig
     if args.lr is not None:
         values["lr"] = args.lr
     return TrainConfig.from_dict(values)
+
+
+def make_train_loader(items: list[dict], config: TrainConfig) -> DataLoader:
+    """The cached, augmenting patch loader that ``config`` describes (patch, batch, sampling, seed)."""
+    c = config
+    return train_loader(items, c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio)
 
 
 def default_device() -> torch.device:
