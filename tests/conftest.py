@@ -60,9 +60,23 @@ def sim_data(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
     root = tmp_path_factory.mktemp("sim")
     parts = assign_sites(find_cases(tiny_phantom), 3, "natural", attribute="scanner")
-    write_datalists(tiny_phantom, parts, root / "lists")
+    write_datalists(tiny_phantom, parts, root / "lists", description={"scheme": "natural", "attribute": "scanner"})
     config = root / "site_configs" / "simulation.json"
     config.parent.mkdir()
     doc = {"data_root": str(tiny_phantom), "datalist_dir": str(root / "lists"), "threads": 1}
     config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state")}))
     return config
+
+
+@pytest.fixture(scope="session")
+def fedavg_run(sim_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One tiny FedAvg job in FLARE's simulator (3 sites, 3 rounds, every update kept), shared by the tests that
+    check the job and those that report on it; returns the simulator workspace and the job's parameters."""
+    from brats_fl.jobs import JobParams, run_simulation
+
+    params = JobParams(
+        rounds=3, local_epochs=3, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3, extra_args=["--audit"]
+    )
+    workspace = tmp_path_factory.mktemp("fedavg")
+    run_simulation("brats_fedavg", params, sim_data, workspace)
+    return workspace, params

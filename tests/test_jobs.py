@@ -57,9 +57,9 @@ def test_exported_job_carries_its_code(job: str):
 
 
 @pytest.mark.slow
-def test_fedavg_in_simulator(sim_data: Path, tmp_path: Path):
-    params = JobParams(**{**vars(TINY), "extra_args": ["--audit-sent"]})
-    run = run_simulation("brats_fedavg", params, sim_data, tmp_path)
+def test_fedavg_in_simulator(fedavg_run: tuple[Path, JobParams]):
+    workspace, params = fedavg_run
+    run = workspace / "brats_fedavg"
     server = run / "server" / "simulate_job"
     assert (server / "app_server" / "FL_global_model.pt").is_file()
     assert (server / "app_server" / "best_FL_global_model.pt").is_file()
@@ -70,9 +70,9 @@ def test_fedavg_in_simulator(sim_data: Path, tmp_path: Path):
         record = run / site / "simulate_job" / "brats_fl"
         doc = json.loads((record / "site.json").read_text())
         weights[site] = len(json.loads(Path(doc["data"]["datalist"]).read_text())["training"])
-        sent[site] = torch.load(record / f"sent_round_{TINY.rounds - 1}.pt")
+        sent[site] = torch.load(record / f"sent_round_{params.rounds - 1}.pt")
         rows = [json.loads(line) for line in (record / "rounds.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == list(range(TINY.rounds))
+        assert [r["round"] for r in rows] == list(range(params.rounds))
     total = sum(weights.values())
     global_model = _state(server / "app_server" / "FL_global_model.pt")
     assert set(global_model) == set(sent["site-1"])
@@ -80,11 +80,11 @@ def test_fedavg_in_simulator(sim_data: Path, tmp_path: Path):
         expected = sum(sent[s][key].double() * w for s, w in weights.items()) / total
         torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6, msg=key)
 
-    summary = summarise_run(tmp_path)
+    summary = summarise_run(workspace)
     curves = summary["curves"]
     for site in ("site-1", "site-2", "site-3"):
         dice = curves[site]["val_dice_WT"]
-        assert len(dice) == TINY.rounds and dice[-1] > dice[0] + 0.05, (site, dice)
+        assert len(dice) == params.rounds and dice[-1] > dice[0] + 0.05, (site, dice)
     assert set(summary["test_per_site"]) == {"site-1", "site-2", "site-3"}
     assert 0 < summary["bytes_sent_per_round"] == sum(t.numel() * t.element_size() for t in sent["site-1"].values())
 

@@ -1,4 +1,4 @@
-"""The ``brats-fl`` command: data preparation, checks, baselines, evaluation, prediction and the demo."""
+"""The ``brats-fl`` command: data preparation, checks, baselines, evaluation, prediction, reports and the demo."""
 
 from __future__ import annotations
 
@@ -184,8 +184,7 @@ def _cmd_table(args: argparse.Namespace) -> None:
     rows = []
     for run in args.runs:
         summary = summarise_run(run)
-        recorded = sorted(Path(run).rglob("summary.json"))
-        wall = json.loads(recorded[0].read_text())["wall_time"] if recorded else None
+        wall = summary["wall_time"]
         extra = {
             "client_loss": summary["client_train_loss"],
             "worst_site_dice": summary["test"]["worst_dice_mean"],
@@ -199,6 +198,13 @@ def _cmd_table(args: argparse.Namespace) -> None:
                 rows += [(f"{name} {s}, before fine-tuning", m) for s, m in summary["global_test_per_site"].items()]
         rows.append((f"{name}, worst site {summary['test']['worst_site']}", summary["test"] | extra))
     print(format_table(rows, extra=columns))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from brats_fl.report import write_report
+
+    index = write_report(args.runs, args.out, args.cases, args.data_root, args.datalist, args.threads)
+    print(f"report of {len(args.runs)} run(s) written to {index.parent}; open {index}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,7 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-site", action="store_true", help="a row per site, and the global model's where there is one")
     p.set_defaults(func=_cmd_table)
 
-    p = sub.add_parser("demo", help="phantom cohort -> FedAvg in FLARE's simulator -> results table")
+    p = sub.add_parser("report", help="results table, learning curves, per-site bars, overlays and index.html")
+    p.add_argument("runs", type=Path, nargs="+", help="finished runs: simulator workspaces or downloaded results")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cases", nargs="+", default=None, help="test case ids to draw (default: one all runs test)")
+    p.add_argument("--data-root", type=Path, default=None, help="downloaded results: where the cases are")
+    p.add_argument("--datalist", type=Path, default=None, help="downloaded results: a datalist or a folder of them")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the overlays' inference")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("demo", help="phantom cohort -> FedAvg in FLARE's simulator -> results table and report")
     p.add_argument("--workspace", type=Path, default=Path("runs/demo"))
     p.add_argument("--cases", type=int, default=30)
     p.add_argument("--sites", type=int, default=3)

@@ -1,8 +1,8 @@
 """The embedded default data and the README's demo.
 
 ``prepare_data`` writes the phantom cohort and its partitions where ``site_configs/simulation.json``
-expects them; ``run_demo`` prepares them if needed, runs FedAvg in FLARE's simulator and prints the
-results table.
+expects them; ``run_demo`` prepares them if needed, runs FedAvg in FLARE's simulator, prints the
+results table and writes the report (table, learning curves, per-site bars, overlays, index.html).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int],
 
 
 def run_demo(workspace: Path, cases: int, sites: int, shape: tuple[int, int, int], rounds: int) -> None:
-    """Run every step through the commands a user would type, so the demo exercises them.
+    """Run every step through the commands a user would type, so the demo exercises them; ends with the
+    report in ``<workspace>/report``.
 
     Run from the repository root: the simulated sites read ``site_configs/simulation.json``.
     """
@@ -49,9 +50,11 @@ def run_demo(workspace: Path, cases: int, sites: int, shape: tuple[int, int, int
         [
             ["run", "brats_fedavg", "--sites", str(sites), "--rounds", str(rounds), "--workspace", str(workspace),
              "--site-config", "site_configs/simulation.json"],
+            ["report", str(workspace), "--out", str(workspace / "report")],
         ]
     )  # fmt: skip
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
+    index = workspace / "report" / "index.html"
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; the report: {index}")
 
 
 def _run_steps(steps: list[list[str]]) -> None:
