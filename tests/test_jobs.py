@@ -91,7 +91,7 @@ def test_fedavg_in_simulator(fedavg_run: tuple[Path, JobParams]):
 
 @pytest.mark.slow
 def test_local_only_sends_no_weights(sim_data: Path, tmp_path: Path):
-    params = JobParams(**{**vars(TINY), "rounds": 2, "local_epochs": 2, "extra_args": ["--audit-sent"]})
+    params = JobParams(**{**vars(TINY), "rounds": 2, "local_epochs": 2, "extra_args": ["--audit"]})
     run = run_simulation("brats_local", params, sim_data, tmp_path)
     models = {}
     for site in ("site-1", "site-2", "site-3"):

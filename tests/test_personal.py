@@ -14,7 +14,7 @@ from brats_fl.report import summarise_run
 
 SITES = ("site-1", "site-2", "site-3")
 TINY = JobParams(
-    rounds=2, local_epochs=2, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3, extra_args=["--audit-sent"]
+    rounds=2, local_epochs=2, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3, extra_args=["--audit"]
 )
 
 

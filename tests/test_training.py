@@ -8,11 +8,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from brats_fl.cli import main
 from brats_fl.data.datalist import load_datalist
+from brats_fl.data.labels import regions_to_labels
 from brats_fl.data.layout import find_cases
-from brats_fl.data.loading import eval_loader
+from brats_fl.data.loading import eval_loader, eval_transforms
 from brats_fl.data.partition import assign_sites, write_datalists
+from brats_fl.inference import load_for_inference
 from brats_fl.training import TrainConfig, Trainer, make_train_loader
 
 TINY = {
@@ -129,6 +132,20 @@ def test_train_central_evaluate_predict_commands(tiny_phantom: Path, pooled: Pat
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
     assert main(["predict", "--model", str(out / "last_model.pt"), "--case", str(case), "--out", str(target)]) == 2
     assert "not overwritten" in capsys.readouterr().err
+
+    # predict labels a case voxel for voxel as evaluation sees it: cropped to the brain, pasted back
+    case = tiny_phantom / metrics["per_case"][0]["case_id"]
+    target = tmp_path / "pred" / "test_case.nii.gz"
+    model, patch = out / "last_model.pt", ["--patch", "32", "32", "32"]
+    assert main(["predict", "--model", str(model), "--case", str(case), "--out", str(target), *patch]) == 0
+    files = {m: str(next(case.glob(f"*_{m}.nii.gz"))) for m in ("t1", "t1ce", "t2", "flair", "seg")}
+    item = eval_transforms()({"image": [files[m] for m in ("t1", "t1ce", "t2", "flair")], "label": files["seg"]})
+    trainer = load_for_inference(model, (32, 32, 32))
+    expected = regions_to_labels(torch.sigmoid(trainer.infer(item["image"].unsqueeze(0)))[0] > 0.5)
+    pred = np.asarray(nib.load(str(target)).dataobj)
+    assert (pred > 0).any()
+    counts = [np.bincount(labels.ravel(), minlength=5)[1:].tolist() for labels in (pred, expected)]
+    assert counts[0] == counts[1]
 
 
 def test_training_refuses_bad_data_before_starting(tiny_phantom: Path, pooled: Path, tmp_path: Path, capsys):

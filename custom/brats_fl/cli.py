@@ -145,7 +145,7 @@ def _differs(cmp) -> bool:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from brats_fl.jobs import JobParams, run_simulation
+    from brats_fl.jobs import HyperNetParams, JobParams, run_simulation
     from brats_fl.report import format_table, summarise_run
 
     params = JobParams(
@@ -163,6 +163,19 @@ def _cmd_run(args: argparse.Namespace) -> None:
         finetune_epochs=args.finetune_epochs,
         resume_from=str(args.resume_from.resolve()) if args.resume_from else None,
         transfer=args.transfer,
+        passes=args.passes,
+        visit_epochs=args.visit_epochs,
+        order=args.order,
+        assignment_timeout=args.assignment_timeout,
+        visit_timeout=args.visit_timeout,
+        hypernetwork=HyperNetParams(
+            depth=args.hn_depth,
+            width=args.hn_width,
+            embedding_dim=args.embedding_dim,
+            optimizer=args.hn_optimizer,
+            lr=args.hn_lr,
+            warmup_rounds=args.warmup_rounds,
+        ),
     )
     workspace = args.workspace or Path("runs") / f"{args.job}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
@@ -294,6 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=None, help="local epochs after federated training")
     p.add_argument("--transfer", choices=["full", "diff"], default=defaults.transfer)
     p.add_argument("--resume-from", type=Path, default=None, help="a previous run's FL_global_model.pt")
+    p.add_argument("--passes", type=int, default=None, help="sequential jobs: trips around the sites")
+    p.add_argument("--visit-epochs", type=int, default=None, help="sequential jobs: local epochs per visit")
+    p.add_argument("--order", choices=["fixed", "shuffle"], default=defaults.order, help="sequential jobs: visit order")
+    p.add_argument("--assignment-timeout", type=int, default=defaults.assignment_timeout, help="seconds")
+    p.add_argument("--visit-timeout", type=int, default=defaults.visit_timeout, help="seconds")
+    hn = defaults.hypernetwork
+    p.add_argument("--hn-depth", type=int, default=hn.depth, help="hyperseg jobs: linear layers of the hypernetwork")
+    p.add_argument("--hn-width", type=int, default=hn.width, help="hyperseg jobs: units per hidden layer")
+    p.add_argument("--embedding-dim", type=int, default=hn.embedding_dim, help="hyperseg _emb job: site embedding")
+    p.add_argument("--hn-optimizer", choices=["adam", "sgd"], default=hn.optimizer)
+    p.add_argument("--hn-lr", type=float, default=hn.lr, help="hyperseg jobs: the hypernetwork's learning rate")
+    p.add_argument("--warmup-rounds", type=int, default=hn.warmup_rounds, help="hyperseg jobs: FedAvg rounds first")
     p.add_argument("--site-config", type=Path, default=Path("site_configs/simulation.json"))
     p.add_argument("--workspace", type=Path, default=None, help="default: runs/<job>-<time>")
     p.set_defaults(func=_cmd_run)

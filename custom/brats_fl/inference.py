@@ -6,9 +6,10 @@ from pathlib import Path
 
 import nibabel as nib
 import torch
+from monai.transforms import CropForeground, NormalizeIntensity
 
 from brats_fl.data.checks import require_valid
-from brats_fl.data.labels import regions_to_labels
+from brats_fl.data.labels import REGIONS, regions_to_labels
 from brats_fl.data.layout import MODALITIES, read_case
 from brats_fl.data.loading import inference_transforms
 from brats_fl.training import TrainConfig, Trainer, load_model
@@ -44,9 +45,16 @@ def predict_case(
     case = read_case(case_dir)
     require_valid([case], with_label=False)
     trainer = load_for_inference(model_path, patch_size, threads)
-    data = inference_transforms()({"image": [str(case.files[m]) for m in MODALITIES]})
-    probs = torch.sigmoid(trainer.infer(data["image"].unsqueeze(0)))[0]
-    labels = regions_to_labels(probs > 0.5)
+    image = inference_transforms()({"image": [str(case.files[m]) for m in MODALITIES]})["image"]
+    # segment the brain's bounding box (found on raw intensities, where background is 0), normalised as in
+    # evaluation and training, and paste it back into the full grid: windows over the air around the head
+    # would meet inputs the network never saw
+    start, end = CropForeground(allow_smaller=True).compute_bounding_box(image)
+    box = (slice(None), *(slice(int(a), int(b)) for a, b in zip(start, end, strict=True)))
+    brain = NormalizeIntensity(nonzero=True, channel_wise=True)(image[box])
+    regions = torch.zeros((len(REGIONS), *image.shape[1:]), dtype=torch.bool)
+    regions[box] = torch.sigmoid(trainer.infer(brain.unsqueeze(0)))[0] > 0.5
+    labels = regions_to_labels(regions)
     reference = nib.load(str(case.files[MODALITIES[0]]))
     out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(labels, reference.affine), str(out))

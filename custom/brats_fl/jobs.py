@@ -17,13 +17,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.app_opt.pt.job_config.model import PTModel
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
 from nvflare.client.config import ExchangeFormat, TransferType
+from nvflare.fuel.utils.constants import FrameworkType
+from nvflare.job_config.base_fed_job import BaseFedJob
+from nvflare.job_config.script_runner import ScriptRunner
 from nvflare.recipe import SimEnv
+from nvflare.recipe.spec import Recipe
 from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
 
-from brats_fl.algorithms.personal import PersonalisedEvaluation
+from brats_fl.algorithms.cyclic import SequentialTransfer
+from brats_fl.algorithms.hyperseg import VARIANTS, HyperSegController
+from brats_fl.algorithms.personal import PersonalisedEvaluation, personal_keys
 from brats_fl.model import BratsUNet
+from brats_fl.run_record import RunRecord
 from brats_fl.site_config import ENV_VAR, THREADS_VAR
 from brats_fl.training import TrainConfig
 
@@ -40,6 +49,19 @@ FINETUNE_EPOCHS = 2
 
 
 @dataclass
+class HyperNetParams:
+    """The HyperSeg jobs' hypernetwork; defaults are the paper's (20 layers of 100 units, embedding of 10, Adam
+    at 0.03). ``warmup_rounds`` of plain FedAvg on all weights come first; the hypernetwork starts from them."""
+
+    depth: int = 20
+    width: int = 100
+    embedding_dim: int = 10
+    optimizer: str = "adam"
+    lr: float = 0.03
+    warmup_rounds: int = 0
+
+
+@dataclass
 class JobParams:
     """What a user tunes per run; defaults finish the README demo on 2 CPU cores in about 15 minutes.
 
@@ -47,6 +69,12 @@ class JobParams:
     at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``resume_from`` names a
     previous run's global model on the server: the job starts from it, and every site from the personal
     layers it kept. ``transfer`` is FLARE's: ``full`` weights or the ``diff`` to the received ones.
+
+    Sequential jobs (cyclic, single weight transfer) make ``passes`` trips around the sites (None: the job's
+    own, 2 or 1), visiting them in a ``fixed`` or ``shuffle``d order; each visit trains ``visit_epochs``
+    epochs, by default ``rounds * local_epochs / passes``, so that every site trains as many epochs as in
+    FedAvg with the same parameters. A visit is skipped when the site has not picked it up after
+    ``assignment_timeout`` seconds or not finished it after ``visit_timeout``.
     """
 
     rounds: int = 20
@@ -63,6 +91,12 @@ class JobParams:
     finetune_epochs: int | None = None
     resume_from: str | None = None
     transfer: str = "full"
+    passes: int | None = None
+    visit_epochs: int | None = None
+    order: str = "fixed"
+    assignment_timeout: int = 1800
+    visit_timeout: int = TASK_TIMEOUT
+    hypernetwork: HyperNetParams = field(default_factory=lambda: HyperNetParams())
     extra_args: list[str] = field(default_factory=list)
 
     def client_args(self) -> list[str]:
@@ -110,11 +144,111 @@ def _fedavg(
         key_metric=KEY_METRIC,
         key_metric_mode="max",
     )
+    return _with_evaluation(recipe)
+
+
+def _with_evaluation(recipe: Recipe, personalise: bool = True) -> Recipe:
+    """What every job adds after training: tracking, each site's own-test scores, cross-site evaluation, and
+    the run record. ``personalise=False`` for a controller that sends each site its own final model itself."""
     # every site's SummaryWriter scalars arrive at the server's TensorBoard folder (tb_events/<site>)
     add_experiment_tracking(recipe, "tensorboard")
-    recipe._job.to_server(PersonalisedEvaluation(timeout=TASK_TIMEOUT), id="personalised_evaluation")
+    if personalise:
+        recipe._job.to_server(PersonalisedEvaluation(timeout=TASK_TIMEOUT), id="personalised_evaluation")
     add_cross_site_evaluation(recipe, submit_model_timeout=TASK_TIMEOUT, validation_timeout=TASK_TIMEOUT)
+    # what the run was (configuration, seeds, versions, code, wall time), next to its results on the server
+    recipe._job.to_server(RunRecord(), id="run_record")
     return recipe
+
+
+class ControllerRecipe(Recipe):
+    """A FLARE job whose server runs one of our controllers (``brats_fl.algorithms``), with FLARE's PyTorch
+    persistor and our client script. FLARE's recipes each come with their own controller, so the sequential
+    and hypernetwork jobs are assembled here from the same FLARE parts."""
+
+    framework = FrameworkType.PYTORCH
+
+    def __init__(self, name: str, params: JobParams, controller: ModelController, client: list[str]):
+        if params.transfer != "full":
+            raise ValueError(f"{name}: sites return whole models; transfer must be 'full', not {params.transfer!r}")
+        # no model selector: what a site reports is not always the score of the model the server keeps
+        job = BaseFedJob(name=name, min_clients=params.sites, key_metric="")
+        model = PTModel(model=params.model(), initial_ckpt=params.resume_from, allow_numpy_conversion=False)
+        job.comp_ids.update(job.to_server(model, id="persistor"))
+        job.to_server(controller, id="controller_" + name.removeprefix("brats_"))
+        runner = ScriptRunner(
+            script=CLIENT_SCRIPT,
+            script_args=" ".join([*client, "--job", name]),
+            server_expected_format=ExchangeFormat.PYTORCH,
+        )
+        job.to_clients(runner)
+        super().__init__(job)
+
+
+def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
+    """The model visits one site after the other, ``passes`` times (see ``brats_fl.algorithms.cyclic``)."""
+    if params.resume_from:
+        raise ValueError(f"{name}: a sequential job cannot resume yet; start it without resume_from")
+    epochs = params.visit_epochs or max(1, params.rounds * params.local_epochs // passes)
+    controller = SequentialTransfer(
+        num_clients=params.sites,
+        num_rounds=passes,
+        order=params.order,
+        seed=params.seed,
+        assignment_timeout=params.assignment_timeout,
+        visit_timeout=params.visit_timeout,
+    )
+    client = JobParams(**{**vars(params), "rounds": passes, "local_epochs": epochs}).client_args()
+    return _with_evaluation(ControllerRecipe(name, params, controller, client))
+
+
+def cyclic(params: JobParams) -> Recipe:
+    """Cyclic weight transfer: the model meets every site twice (``passes``), trained at one site at a time."""
+    return _sequential("brats_cyclic", params, params.passes or 2)
+
+
+def swt(params: JobParams) -> Recipe:
+    """Single weight transfer: the model meets every site once."""
+    return _sequential("brats_swt", params, params.passes or 1)
+
+
+def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Recipe:
+    """Shared weights averaged, each site's personal tensors generated by a server-side hypernetwork."""
+    hn = params.hypernetwork
+    model = params.model()
+    learnable = dict(model.named_parameters())  # a hypernetwork generates weights, not running statistics
+    controller = HyperSegController(
+        personal_keys=[k for k in personal_keys(model, VARIANTS[variant]) if k in learnable],
+        num_rounds=params.rounds,
+        descriptor=descriptor,
+        embedding_dim=hn.embedding_dim,
+        hn_depth=hn.depth,
+        hn_width=hn.width,
+        hn_optimizer=hn.optimizer,
+        hn_lr=hn.lr,
+        warmup_rounds=hn.warmup_rounds,
+        seed=params.seed,
+        timeout=TASK_TIMEOUT,
+        resume_from=params.resume_from,
+    )
+    # the sites keep no personal layers of their own to resume from: the hypernetwork makes them
+    client = JobParams(**{**vars(params), "resume_from": None}).client_args()
+    recipe = ControllerRecipe(name, params, controller, client)
+    return _with_evaluation(recipe, personalise=False)
+
+
+def hyperseg_conv(params: JobParams) -> Recipe:
+    """HyperSeg Conv: the hypernetwork generates each site's last convolution from a one-hot site vector."""
+    return _hyperseg("brats_hyperseg_conv", params, "conv", "onehot")
+
+
+def hyperseg_conv_bn(params: JobParams) -> Recipe:
+    """HyperSeg Conv + BN: the last convolution and every normalisation layer."""
+    return _hyperseg("brats_hyperseg_conv_bn", params, "conv_bn", "onehot")
+
+
+def hyperseg_conv_bn_emb(params: JobParams) -> Recipe:
+    """HyperSeg Conv + BN + embedding: as Conv + BN, from a site embedding learned with the hypernetwork."""
+    return _hyperseg("brats_hyperseg_conv_bn_emb", params, "conv_bn", "embedding")
 
 
 def central(params: JobParams) -> FedAvgRecipe:
@@ -158,7 +292,7 @@ def fedbn_ft(params: JobParams) -> FedAvgRecipe:
     return _fedavg("brats_fedbn_ft", params, params.sites, personal=params.personal or "norm", finetune=finetune)
 
 
-JOBS: dict[str, Callable[[JobParams], FedAvgRecipe]] = {
+JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_central": central,
     "brats_local": local,
     "brats_fedavg": fedavg,
@@ -166,10 +300,17 @@ JOBS: dict[str, Callable[[JobParams], FedAvgRecipe]] = {
     "brats_fedbn": fedbn,
     "brats_fedavg_ft": fedavg_ft,
     "brats_fedbn_ft": fedbn_ft,
+    "brats_cyclic": cyclic,
+    "brats_swt": swt,
+    "brats_hyperseg_conv": hyperseg_conv,
+    "brats_hyperseg_conv_bn": hyperseg_conv_bn,
+    "brats_hyperseg_conv_bn_emb": hyperseg_conv_bn_emb,
 }
+#: jobs that train at one site at a time, which may then use every core of a shared machine
+SEQUENTIAL = ("brats_cyclic", "brats_swt")
 
 
-def build(name: str, params: JobParams | None = None) -> FedAvgRecipe:
+def build(name: str, params: JobParams | None = None) -> Recipe:
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; choose one of {sorted(JOBS)}")
     return JOBS[name](params or JobParams())
@@ -205,7 +346,9 @@ def run_simulation(name: str, params: JobParams, site_config: Path, workspace: P
     sites = 1 if name == "brats_central" else params.sites
     env = SimEnv(num_clients=sites, num_threads=sites, workspace_root=str(Path(workspace).resolve()))
     # inherited by the simulator's site processes, which share this machine's cores
-    settings = {ENV_VAR: str(Path(site_config).resolve()), THREADS_VAR: str(max(1, (os.cpu_count() or 1) // sites))}
+    training_at_once = 1 if name in SEQUENTIAL else sites
+    threads = max(1, (os.cpu_count() or 1) // training_at_once)
+    settings = {ENV_VAR: str(Path(site_config).resolve()), THREADS_VAR: str(threads)}
     previous = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:

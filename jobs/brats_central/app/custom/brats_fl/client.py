@@ -7,6 +7,7 @@ For each task from the server:
 - ``personalise`` (after training): combine the final global model with the site's personal layers,
   optionally fine-tune, score on the site's own test split and keep that model;
 - ``validate`` (cross-site evaluation): score the received model on the site's test split;
+- ``validate_pass`` (sequential jobs, after each pass): score the received model on the validation split;
 - ``submit_model`` (cross-site evaluation): send the site's shared weights.
 
 Personal keys (``--personal``, see ``brats_fl.algorithms.personal``) are never loaded from the server and
@@ -31,9 +32,11 @@ from nvflare.app_common.abstract.fl_model import FLMetaKey
 from nvflare.client.tracking import SummaryWriter
 from torch.utils.data import DataLoader
 
+from brats_fl.algorithms.cyclic import PASS_VALIDATION_TASK
 from brats_fl.algorithms.personal import PERSONALISE_TASK, personal_keys
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.loading import eval_loader
+from brats_fl.model import fingerprint, state_bytes
 from brats_fl.site_config import resolve
 from brats_fl.training import Trainer, add_arguments, config_from_args, make_train_loader
 
@@ -49,12 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=0, help="local epochs after federated training")
     p.add_argument("--finetune-scope", choices=["personal", "all"], default="all", help="what fine-tuning trains")
     p.add_argument("--resume", action="store_true", help="start from the personal layers this site kept")
-    p.add_argument("--audit-sent", action="store_true", help="keep a copy of every update this site sends")
+    p.add_argument("--audit", action="store_true", help="keep a copy of every model this site receives and sends")
     return p.parse_args(argv)
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def _as_validation(metrics: dict) -> dict[str, float]:
+    """Tracking names for scores on the validation split: ``dice_mean`` becomes ``val_dice_mean``."""
+    return {k if k.startswith("val_") else f"val_{k}": v for k, v in _scalars(metrics).items()}
 
 
 class Site:
@@ -120,19 +128,21 @@ class Site:
         metrics = self.trainer.evaluate(self.val)
         stats = self.trainer.train_epochs(self.train, self.args.local_epochs)
         params = self.shared_state(self.personal)
-        sent = sum(t.numel() * t.element_size() for t in params.values())
-        validation = {k if k.startswith("val_") else f"val_{k}": v for k, v in metrics.items()}
-        row = {"round": rnd, **validation, **stats, "bytes_sent": sent, "finished_at": time.time()}
+        sent = state_bytes(params)
+        row = {"round": rnd, **_as_validation(metrics), **stats, "bytes_sent": sent}
         for key, value in row.items():
-            if key not in ("round", "finished_at"):
+            if key != "round":
                 self.writer.add_scalar(key, value, rnd)
+        # fingerprints of what came in and what goes out: a sequential job's hand-over can be checked exactly
+        row |= {"received": fingerprint(model.params or {}), "sent": fingerprint(params), "finished_at": time.time()}
         with (self.run_dir / "rounds.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.trainer.save(self.run_dir / "local_model.pt", round=rnd, site=self.name)
         if self.personal:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.personal_state(), self.state_file)
-        if self.args.audit_sent:
+        if self.args.audit:
+            torch.save(dict(model.params or {}), self.run_dir / f"received_round_{rnd}.pt")
             torch.save(params, self.run_dir / f"sent_round_{rnd}.pt")
         # the received model's validation scores, plus this round's training figures for the server's curves
         reported = _scalars(metrics) | {"train_loss": stats["train_loss"], "bytes_sent": float(sent)}
@@ -168,13 +178,20 @@ class Site:
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
 
-    def evaluate(self, model: flare.FLModel) -> flare.FLModel:
-        """Score a received model on this site's test split (cross-site evaluation), then restore our own."""
+    def evaluate(self, model: flare.FLModel, loader: DataLoader) -> dict:
+        """Score a received model on one of this site's splits, then restore the site's own."""
         saved = self._snapshot()
         self.load_global(model.params, self.eval_personal)
-        metrics = self.trainer.evaluate(self.test)
+        metrics = self.trainer.evaluate(loader)
         self.trainer.model.load_state_dict(saved)
-        return flare.FLModel(metrics=_scalars(metrics))
+        return _scalars(metrics)
+
+    def validate_pass(self, model: flare.FLModel) -> flare.FLModel:
+        """A sequential job's model after a pass, on the validation split; tracked as ``pass_val_*``."""
+        metrics = self.evaluate(model, self.val)
+        for key, value in _as_validation(metrics).items():
+            self.writer.add_scalar(f"pass_{key}", value, model.current_round)
+        return flare.FLModel(metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,8 +207,10 @@ def main(argv: list[str] | None = None) -> None:
             flare.send(site.train_round(model))
         elif flare.get_task_name() == PERSONALISE_TASK:
             flare.send(site.personalise(model))
+        elif flare.get_task_name() == PASS_VALIDATION_TASK:
+            flare.send(site.validate_pass(model))
         elif flare.is_evaluate():
-            flare.send(site.evaluate(model))
+            flare.send(flare.FLModel(metrics=site.evaluate(model, site.test)))
         elif flare.is_submit_model():
             flare.send(flare.FLModel(params=site.shared_state(site.eval_personal)))
     (site.run_dir / "done.json").write_text(json.dumps({"wall_time": time.perf_counter() - start}))

@@ -89,14 +89,9 @@ def eval_transforms() -> Compose:
 
 
 def inference_transforms() -> Compose:
-    """Full volume without cropping, so a prediction has the input's shape and affine."""
-    return Compose(
-        [
-            LoadImaged(keys="image", image_only=True),
-            EnsureChannelFirstd(keys="image"),
-            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        ]
-    )
+    """Full volume, raw intensities: ``predict_case`` crops to the brain and normalises itself, so that it can put
+    the prediction back in the input's shape and affine."""
+    return Compose([LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image")])
 
 
 def train_loader(

@@ -53,11 +53,14 @@ def personal_keys(model: BratsUNet, spec: str) -> list[str]:
 class PersonalisedEvaluation(ModelController):
     """Send the final global model to every site for personalisation and own-site testing; record the scores.
 
-    Writes ``personalised/results.json`` in the server's run folder: ``{site: metrics}``.
+    Writes ``personalised/results.json`` in the server's run folder: ``{site: metrics}``. A site that fails is
+    named in the log and missing from the file; the other sites' scores are kept.
     """
 
-    def __init__(self, model_file: str = "FL_global_model.pt", timeout: int = 0, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(
+        self, model_file: str = "FL_global_model.pt", timeout: int = 0, ignore_result_error: bool = True, **kwargs
+    ):
+        super().__init__(ignore_result_error=ignore_result_error, **kwargs)
         self.model_file = model_file
         self.timeout = timeout
 
@@ -69,6 +72,9 @@ class PersonalisedEvaluation(ModelController):
             task_name=PERSONALISE_TASK, data=FLModel(params=blob["model"]), timeout=self.timeout
         )
         scores = {r.meta.get("client_name", f"site-{i}"): r.metrics for i, r in enumerate(results, start=1)}
+        missing = sorted(set(self.sample_clients()) - set(scores))
+        if missing:
+            self.warning(f"no personalised test scores from {missing}")
         path = Path(self.get_run_dir()) / RESULTS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(scores, indent=1))
