@@ -190,18 +190,23 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(format_table(rows, extra=("val_loss",)))
 
 
+_WAYS = ("sent", "received")
+
+
 def _cmd_table(args: argparse.Namespace) -> None:
     from brats_fl.report import format_table, summarise_run
 
-    columns = ("client_loss", "worst_site_dice", "MB_sent_per_round", "minutes")
+    columns = ("client_loss", "worst_site_dice", "MB_sent_per_round", "MB_sent", "MB_received", "minutes")
     rows = []
     for run in args.runs:
         summary = summarise_run(run)
-        wall = summary["wall_time"]
+        wall, traffic = summary["wall_time"], summary["traffic"]
         extra = {
             "client_loss": summary["client_train_loss"],
             "worst_site_dice": summary["test"]["worst_dice_mean"],
             "MB_sent_per_round": summary["bytes_sent_per_round"] / 2**20,
+            # per site over the whole training, mean over sites
+            **{f"MB_{way}": sum(t[way] for t in traffic.values()) / len(traffic) / 2**20 for way in _WAYS},
             "minutes": wall / 60 if wall else None,
         }
         name = f"{summary['job']} ({Path(run).name})"

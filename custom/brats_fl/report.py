@@ -19,8 +19,12 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from brats_fl.algorithms.cyclic import VISITS_FILE
 from brats_fl.algorithms.personal import RESULTS_FILE
 from brats_fl.data.labels import DISPLAY_ORDER
+from brats_fl.model import state_bytes
 from brats_fl.run_record import RUN_RECORD
 
 _COLUMNS = [
@@ -122,6 +126,7 @@ def summarise_run(folder: Path) -> dict:
         "curves": curves,
         "client_train_loss": sum(c["train_loss"] for c in last.values()) / len(last) if last else None,
         "bytes_sent_per_round": max((c["bytes_sent"] for c in last.values()), default=None),
+        "traffic": training_traffic(run, curves),
         "algorithm": _algorithm(job, args),
         "partition": _partition(args, site_records),
         "sites": len(sites),
@@ -130,6 +135,21 @@ def summarise_run(folder: Path) -> dict:
         "record": record,
         "client_args": vars(args) if args else None,
         "site_records": site_records,
+    }
+
+
+def training_traffic(run: Path, curves: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, int]]:
+    """Bytes of weights each site sent and received during training (the final evaluation, alike for every job,
+    left out). Sequential jobs count them visit by visit; the others send their update and receive the whole
+    global model once per round."""
+    visits = _read_json(run / VISITS_FILE)
+    if visits:
+        return visits["bytes"]
+    state = torch.load(run / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)["model"]
+    size = state_bytes(state)
+    return {
+        site: {"sent": int(sum(tags.get("bytes_sent", []))), "received": size * len(tags.get("train_loss", []))}
+        for site, tags in sorted(curves.items())
     }
 
 
