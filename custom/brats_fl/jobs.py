@@ -28,13 +28,13 @@ from nvflare.recipe import SimEnv
 from nvflare.recipe.spec import Recipe
 from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
 
-from brats_fl.algorithms.cyclic import SequentialTransfer
-from brats_fl.algorithms.hyperseg import VARIANTS, HyperSegController
+from brats_fl.algorithms.cyclic import ORDERS, SequentialTransfer
+from brats_fl.algorithms.hyperseg import OPTIMISERS, VARIANTS, HyperSegController
 from brats_fl.algorithms.personal import PersonalisedEvaluation, personal_keys
 from brats_fl.model import BratsUNet
 from brats_fl.run_record import RunRecord
 from brats_fl.site_config import ENV_VAR, THREADS_VAR
-from brats_fl.training import TrainConfig
+from brats_fl.training import RECIPES, TrainConfig
 
 #: the global model is ranked by the sites' mean validation Dice (WT, TC, ET) of the model they received
 KEY_METRIC = "dice_mean"
@@ -59,6 +59,19 @@ class HyperNetParams:
     optimizer: str = "adam"
     lr: float = 0.03
     warmup_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        sizes = (self.depth, self.width, self.embedding_dim)
+        _require(min(sizes) >= 1, f"hypernetwork depth, width, embedding_dim >= 1, got {sizes}")
+        _require(self.optimizer in OPTIMISERS, f"optimizer one of {sorted(OPTIMISERS)}, got {self.optimizer!r}")
+        _require(self.lr > 0, f"hypernetwork lr > 0, got {self.lr}")
+        _require(self.warmup_rounds >= 0, f"warmup_rounds >= 0, got {self.warmup_rounds}")
+
+
+def _require(ok: bool, what: str) -> None:
+    """Refuse a job parameter out of range before anything is built or sent to a site."""
+    if not ok:
+        raise ValueError(f"job parameter out of range: need {what}")
 
 
 @dataclass
@@ -98,6 +111,25 @@ class JobParams:
     visit_timeout: int = TASK_TIMEOUT
     hypernetwork: HyperNetParams = field(default_factory=lambda: HyperNetParams())
     extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "local_epochs", "sites", "batch_size", "passes", "visit_epochs"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{name} >= 1, got {value}")
+        channels, patch = self.channels, self.patch_size
+        _require(len(channels) >= 2 and min(channels) >= 1, f"2 or more positive channel counts, got {channels}")
+        levels = 2 ** (len(channels) - 1)
+        _require(all(p % levels == 0 for p in patch), f"patch sizes multiples of {levels}, got {patch}")
+        _require(0 < self.lr < 1, f"0 < lr < 1, got {self.lr}")
+        _require(0 <= self.fg_ratio <= 1, f"0 <= fg_ratio <= 1, got {self.fg_ratio}")
+        _require(self.recipe in RECIPES, f"recipe one of {sorted(RECIPES)}, got {self.recipe!r}")
+        _require(self.transfer in ("full", "diff"), f"transfer full or diff, got {self.transfer!r}")
+        _require(self.order in ORDERS, f"order one of {ORDERS}, got {self.order!r}")
+        timeouts = (self.assignment_timeout, self.visit_timeout)
+        _require(min(timeouts) > 0, f"positive assignment and visit timeouts, got {timeouts}")
+        _require(self.hypernetwork.warmup_rounds < self.rounds, f"warmup_rounds < rounds ({self.rounds})")
+        _require(self.seed >= 0, f"seed >= 0, got {self.seed}")
+        _require((self.finetune_epochs or 0) >= 0, f"finetune_epochs >= 0, got {self.finetune_epochs}")
 
     def client_args(self) -> list[str]:
         """The client script's command line for these parameters (see ``brats_fl.client``)."""

@@ -96,6 +96,10 @@ def resolve(site: str, datalist_name: str | None = None, workspace: Path | None 
         datalist = rel(values["datalist"])
     elif "datalist_dir" in values:
         datalist = rel(values["datalist_dir"]) / f"{datalist_name or site}.json"
+        if not datalist.is_file():
+            known = sorted(f.stem for f in datalist.parent.glob("*.json"))
+            name = datalist_name or site
+            raise FileNotFoundError(f"{path}: no datalist for {name} in {datalist.parent}; it holds {known}")
     else:
         raise ValueError(f"{path}: neither datalist nor datalist_dir for {site}")
     threads = int(os.environ.get(THREADS_VAR) or 0) or values.get("threads")
