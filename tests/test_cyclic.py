@@ -62,8 +62,12 @@ def test_cyclic_hands_the_model_on_unchanged(sim_data: Path, tmp_path: Path):
     # each visit moves one model each way; each validation one model to the site
     size = state_bytes(final)
     assert record["bytes"] == {s: {"received": 4 * size, "sent": 2 * size} for s in SITES}
-    # the final model is scored on every site's test split
-    assert set(summarise_run(tmp_path)["test_per_site"]) == set(SITES)
+    # the final model is scored on every site's test split; the curves hold one point per pass and site
+    summary = summarise_run(tmp_path)
+    assert set(summary["test_per_site"]) == set(SITES)
+    for site in SITES:
+        expected = [p["validation"][site]["dice_mean"] for p in record["passes"]]
+        assert summary["curves"][site]["pass_val_dice_mean"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -74,20 +74,24 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 def plot_curves(curves: dict[str, dict[str, list[float]]], title: str, path: Path, shared: bool = True) -> Path:
     """Server side (the global model each site received at the start of the round, on its validation split)
     over client side (each site's local training loss), per round: does the federation converge, and does
-    any site lag? Without ``shared`` weights (local-only training) each site scores its own model."""
+    any site lag? Without ``shared`` weights (local-only training) each site scores its own model. Sequential
+    jobs score the model after each pass instead (``pass_val_*``): a visit's own score is the previous site's
+    model."""
+    sequential = all("pass_val_dice_mean" in tags for tags in curves.values())
+    scored_tag = "pass_val_dice_mean" if sequential else "val_dice_mean"
     with plt.rc_context(_RC):
         fig, (top, bottom) = plt.subplots(2, 1, figsize=CURVES_SIZE, sharex=True, layout="constrained")
         for (site, tags), style in zip(sorted(curves.items()), _styles(), strict=False):
-            for ax, tag in ((top, "val_dice_mean"), (bottom, "train_loss")):
+            for ax, tag in ((top, scored_tag), (bottom, "train_loss")):
                 values = tags.get(tag, [])
                 every = max(1, len(values) // 8)
                 ax.plot(range(len(values)), values, label=site, markevery=every, **style)
         top.set_ylabel("Validation Dice\n(mean of WT, TC, ET)")
         top.set_ylim(0, 1)
-        scored = "global model" if shared else "each site's own model"
-        top.set_title(f"{title}\n(a) server side: {scored} on each site's validation split", loc="left")
+        scored = "model after each pass" if sequential else "global model" if shared else "each site's own model"
+        top.set_title(f"{title}\n(a) server side: {scored} on validation splits", loc="left")
         bottom.set_ylabel("Training loss (Dice loss)")
-        bottom.set_xlabel("Round")
+        bottom.set_xlabel("Pass (one visit to every site)" if sequential else "Round")
         bottom.set_title("(b) client side: local training at each site", loc="left")
         bottom.xaxis.get_major_locator().set_params(integer=True)
         for ax in (top, bottom):

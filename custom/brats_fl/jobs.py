@@ -50,14 +50,15 @@ FINETUNE_EPOCHS = 2
 
 @dataclass
 class HyperNetParams:
-    """The HyperSeg jobs' hypernetwork; defaults are the paper's (20 layers of 100 units, embedding of 10, Adam
-    at 0.03). ``warmup_rounds`` of plain FedAvg on all weights come first; the hypernetwork starts from them."""
+    """The HyperSeg jobs' hypernetwork: the paper's 20 layers of 100 units, embedding of 10 and Adam, but at lr 1e-3,
+    not the paper's 0.03, under which our sites stopped learning (docs/results.md, HyperSeg). ``warmup_rounds``
+    of plain FedAvg on all weights come first; the hypernetwork starts from them."""
 
     depth: int = 20
     width: int = 100
     embedding_dim: int = 10
     optimizer: str = "adam"
-    lr: float = 0.03
+    lr: float = 1e-3
     warmup_rounds: int = 0
 
     def __post_init__(self) -> None:

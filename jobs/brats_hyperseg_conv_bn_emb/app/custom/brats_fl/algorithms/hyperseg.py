@@ -109,7 +109,7 @@ class HyperSegController(ModelController):
         hn_depth: int = 20,
         hn_width: int = 100,
         hn_optimizer: str = "adam",
-        hn_lr: float = 0.03,
+        hn_lr: float = 1e-3,
         warmup_rounds: int = 0,
         seed: int = 0,
         timeout: int = 0,
