@@ -185,20 +185,25 @@ class HyperSegController(ModelController):
     def _payload(self, model: FLModel, personal: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in model.params.items() if k not in personal} | personal
 
-    def _train_round(self, model: FLModel, personal: dict, rnd: int) -> dict[str, FLModel]:
-        """Send every site its own payload at once, and wait for all of them."""
-        returned: dict[str, FLModel] = {}
+    def _send_each(self, task_name: str, payloads: dict[str, FLModel]) -> dict[str, FLModel]:
+        """Send every site its own payload at once, and wait for all of them; returns the answers by site."""
+        answers: dict[str, FLModel] = {}
 
         def keep(result: FLModel) -> None:
-            returned[result.meta["client_name"]] = result
+            answers[result.meta["client_name"]] = result
 
-        for site in self.sites:
-            payload = FLModel(
-                params=self._payload(model, personal[site]), current_round=rnd, total_rounds=self.num_rounds
-            )
-            self.send_model(task_name="train", data=payload, targets=[site], timeout=self.timeout, callback=keep)
+        for site, payload in payloads.items():
+            self.send_model(task_name=task_name, data=payload, targets=[site], timeout=self.timeout, callback=keep)
         while self.get_num_standing_tasks() and not self.abort_signal.triggered:
             time.sleep(self._task_check_period)
+        return answers
+
+    def _train_round(self, model: FLModel, personal: dict, rnd: int) -> dict[str, FLModel]:
+        payloads = {
+            site: FLModel(params=self._payload(model, personal[site]), current_round=rnd, total_rounds=self.num_rounds)
+            for site in self.sites
+        }
+        returned = self._send_each("train", payloads)
         absent = sorted(set(self.sites) - set(returned))
         if absent:
             self.warning(f"round {rnd}: no model from {absent}; they are left out of this round's updates")
@@ -247,18 +252,8 @@ class HyperSegController(ModelController):
 
     def _personalise(self, model: FLModel) -> None:
         """Each site's final model, its own personal tensors included, scored on its test split and kept there."""
-        scores: dict[str, dict] = {}
-
-        def keep(result: FLModel) -> None:
-            scores[result.meta["client_name"]] = result.metrics
-
-        for index, site in enumerate(self.sites):
-            payload = FLModel(params=self._payload(model, self._generate(index)))
-            self.send_model(
-                task_name=PERSONALISE_TASK, data=payload, targets=[site], timeout=self.timeout, callback=keep
-            )
-        while self.get_num_standing_tasks() and not self.abort_signal.triggered:
-            time.sleep(self._task_check_period)
+        payloads = {site: FLModel(params=self._payload(model, self._generate(i))) for i, site in enumerate(self.sites)}
+        scores = {site: answer.metrics for site, answer in self._send_each(PERSONALISE_TASK, payloads).items()}
         path = Path(self.get_run_dir()) / RESULTS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(sorted(scores.items())), indent=1))
