@@ -70,12 +70,19 @@ def sim_data(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="session")
 def fedavg_run(sim_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One tiny FedAvg job in FLARE's simulator (3 sites, 3 rounds, every update kept), shared by the tests that
-    check the job and those that report on it; returns the simulator workspace and the job's parameters."""
+    """One tiny FedAvg job in FLARE's simulator (3 sites, 3 rounds, every update kept, every message recorded),
+    shared by the tests that check the job, what leaves its sites, and its report; returns the simulator
+    workspace and the job's parameters."""
     from brats_fl.jobs import JobParams, run_simulation
 
     params = JobParams(
-        rounds=3, local_epochs=3, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3, extra_args=["--audit"]
+        rounds=3,
+        local_epochs=3,
+        patch_size=(32, 32, 32),
+        channels=(8, 16, 32),
+        lr=3e-3,
+        audit_transfer=True,
+        extra_args=["--audit"],
     )
     workspace = tmp_path_factory.mktemp("fedavg")
     run_simulation("brats_fedavg", params, sim_data, workspace)

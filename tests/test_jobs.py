@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,21 @@ def test_fedavg_in_simulator(fedavg_run: tuple[Path, JobParams]):
 
 
 @pytest.mark.slow
+def test_same_seed_same_global_model(fedavg_run: tuple[Path, JobParams], sim_data: Path, tmp_path: Path):
+    """Data loading, augmentation, initialisation and training take their seeds from the job's: a repeat of the
+    shared run gives the same global model (FLARE sums the updates in arrival order, hence not bit for bit)."""
+    workspace, params = fedavg_run
+    again = run_simulation("brats_fedavg", params, sim_data, tmp_path)
+    final = Path("server") / "simulate_job" / "app_server" / "FL_global_model.pt"
+    first, second = _state(workspace / "brats_fedavg" / final), _state(again / final)
+    assert set(first) == set(second)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=1e-6, msg=key)
+    initial = params.model().state_dict()
+    assert any(not torch.allclose(first[k], initial[k]) for k in first), "training moved the model"
+
+
+@pytest.mark.slow
 def test_local_only_sends_no_weights(sim_data: Path, tmp_path: Path):
     params = JobParams(**{**vars(TINY), "rounds": 2, "local_epochs": 2, "extra_args": ["--audit"]})
     run = run_simulation("brats_local", params, sim_data, tmp_path)
@@ -135,10 +151,22 @@ def test_site_with_bad_data_stops_the_job_and_is_named(sim_data: Path, tmp_path:
 
 @pytest.mark.slow
 def test_nvflare_simulator_runs_the_committed_job(sim_data: Path, tmp_path: Path):
-    """`nvflare simulator jobs/brats_fedavg -w WS -n 3 -t 3`, typed in a folder holding site_configs/."""
+    """`nvflare simulator jobs/brats_fedavg -w WS -n 3 -t 3`, typed in a folder holding site_configs/.
+
+    The committed folder as it is, but for the number of rounds (3 of 20, to keep the suite short)."""
+    job = tmp_path / "brats_fedavg"
+    shutil.copytree(REPO / "jobs" / "brats_fedavg", job)
+    server = job / "app" / "config" / "config_fed_server.json"
+    config = json.loads(server.read_text())
+    (controller,) = [w for w in config["workflows"] if w["args"].get("num_rounds") == JobParams().rounds]
+    controller["args"]["num_rounds"] = 3
+    server.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if k != "BRATS_FL_SITE_CONFIG"} | {"PWD": str(sim_data.parents[1])}
-    command = ["nvflare", "simulator", str(REPO / "jobs" / "brats_fedavg"), "-w", str(tmp_path / "ws"), "-n", "3"]
-    out = subprocess.run([*command, "-t", "3"], cwd=sim_data.parents[1], env=env, capture_output=True, text=True)
+    command = ["nvflare", "simulator", str(job), "-w", str(tmp_path / "ws"), "-n", "3", "-t", "3"]
+    out = subprocess.run(command, cwd=sim_data.parents[1], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = summarise_run(tmp_path / "ws")
-    assert summary["test"]["dice_WT"] > 0.3, summary["test"]
+    assert set(summary["test_per_site"]) == {"site-1", "site-2", "site-3"}
+    for site, curves in summary["curves"].items():
+        dice = curves["val_dice_WT"]
+        assert len(dice) == 3 and dice[-1] > dice[0] + 0.1, (site, dice)

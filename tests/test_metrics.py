@@ -50,3 +50,20 @@ def test_means_over_cases_and_per_case_rows():
 def test_no_case_is_an_error():
     with pytest.raises(ValueError, match="no case"):
         RegionMetrics().aggregate()
+
+
+def test_unannotated_regions_are_not_scored():
+    m = RegionMetrics()
+    pred, truth = _masks()
+    wt_only = torch.tensor([[1.0 if r == "WT" else 0.0 for r in REGIONS]])
+    m.update(pred, truth, wt_only)  # only WT annotated: TC's miss and ET's empty match do not count
+    m.update(pred, truth)  # the same case, fully annotated
+    out = m.aggregate()
+    assert out["dice_WT"] == pytest.approx(0.5)
+    assert out["dice_TC"] == 0.0 and out["dice_ET"] == 1.0  # from the second case only
+    assert out["dice_mean"] == pytest.approx((0.5 + 0.5 + 0.0 + 1.0) / 4)
+    first, second = m.per_case()
+    assert set(first) == {"dice_WT", "iou_WT", "hd95_WT"} and len(second) == 9
+    only = RegionMetrics()
+    only.update(pred, truth, wt_only)
+    assert "dice_TC" not in only.aggregate() and only.aggregate()["dice_mean"] == pytest.approx(0.5)

@@ -51,3 +51,26 @@ def test_bad_config_is_refused():
         build_model({"norm": "group"})
     with pytest.raises(ValueError, match="strides"):
         build_model({"channels": [8, 16, 32], "strides": [2]})
+
+
+def test_multi_head_model_has_a_representation_and_one_head_per_region():
+    model = build_model({**SMALL, "multi_head": True})
+    assert model(torch.zeros(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+    groups = parameter_groups(model)
+    keys = set(model.state_dict())
+    representation = groups["encoder"] + groups["bottleneck"] + groups["decoder"]
+    assert set(representation) | set(groups["head"]) == keys and not set(representation) & set(groups["head"])
+    heads = [groups[f"head_{r}"] for r in ("TC", "WT", "ET")]
+    assert sorted(k for h in heads for k in h) == sorted(groups["head"])
+    for head in heads:  # two layers each: a normalised 3x3x3 convolution, then the 1x1x1 classifier
+        convs = [k for k in head if k.endswith("conv.weight")]
+        assert len(convs) == 2 and any(k in groups["norm"] for k in head)
+    # each output channel comes from its own head only
+    x = torch.randn(1, 4, 32, 32, 32)
+    before = model(x)
+    with torch.no_grad():
+        model.heads["ET"][1].conv.bias += 1.0
+    after = model(x)
+    assert torch.equal(before[:, :2], after[:, :2]) and not torch.equal(before[:, 2], after[:, 2])
+    with pytest.raises(ValueError, match="one head per region"):
+        build_model({**SMALL, "multi_head": True, "out_channels": 2})

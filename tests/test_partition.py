@@ -126,3 +126,23 @@ def test_datalists_relative_pooled_and_not_overwritten(tmp_path):
     assert sorted(pooled) == sorted(site_ids)
     with pytest.raises(FileExistsError, match="not overwritten"):
         write_datalists(tmp_path / "data", parts, tmp_path / "lists")
+
+
+def _entries(doc: dict) -> list[dict]:
+    return [e for split in ("training", "validation", "test") for e in doc[split]]
+
+
+def test_partial_annotations_are_recorded_per_entry_and_checked(tmp_path):
+    cases = _cohort(tmp_path / "data", 12)
+    parts = assign_sites(cases, 3, "equal", seed=0)
+    annotated = {"site-1": ["WT"], "site-3": ["ET", "TC"]}
+    written = write_datalists(tmp_path / "data", parts, tmp_path / "lists", annotated=annotated)
+    docs = {name: json.loads(path.read_text()) for name, path in written.items()}
+    assert all(e["annotated"] == ["WT"] for e in _entries(docs["site-1"]))
+    assert all("annotated" not in e for e in _entries(docs["site-2"]))  # annotates every region
+    assert all(e["annotated"] == ["TC", "ET"] for e in _entries(docs["site-3"]))  # REGIONS order
+    assert sum("annotated" in e for e in _entries(docs["site-All"])) == 8
+    with pytest.raises(ValueError, match="unknown site"):
+        write_datalists(tmp_path / "data", parts, tmp_path / "other", annotated={"site-9": ["WT"]})
+    with pytest.raises(ValueError, match="subset"):
+        write_datalists(tmp_path / "data", parts, tmp_path / "third", annotated={"site-1": ["edema"]})

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from brats_fl.algorithms.transfer import PRIVACY, QUANTIZATION
 from brats_fl.data.checks import DataError, check_cases
 from brats_fl.deploy import add_commands
 from brats_fl.jobs import JobParams
@@ -19,7 +20,9 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
     from brats_fl.data.phantom import generate_cohort
 
     start = time.perf_counter()
-    cases = generate_cohort(args.out, cases=args.cases, sites=args.sites, seed=args.seed, shape=tuple(args.shape))
+    cases = generate_cohort(
+        args.out, args.cases, args.sites, args.seed, shape=tuple(args.shape), profiles=args.profiles
+    )
     print(f"wrote {len(cases)} phantom cases to {args.out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -39,13 +42,28 @@ def _cmd_partition(args: argparse.Namespace) -> None:
         csv_path=args.csv,
     )
     description = {"scheme": args.scheme, "seed": args.seed, "alpha": args.alpha, "attribute": args.attribute}
-    written = write_datalists(
-        args.data, assignment, args.out, split=args.split, seed=args.seed, description=description
-    )
+    annotated = dict(_site_regions(text) for text in args.annotate)
+    written = write_datalists(args.data, assignment, args.out, args.split, args.seed, description, annotated=annotated)
     for name, path in written.items():
         doc = json.loads(path.read_text())
         sizes = "/".join(str(len(doc[s])) for s in ("training", "validation", "test"))
         print(f"{name}: train/val/test {sizes} -> {path}")
+
+
+def _site_regions(text: str) -> tuple[str, list[str]]:
+    """``site-1=WT,TC`` -> ("site-1", ["WT", "TC"])."""
+    site, sep, regions = text.partition("=")
+    if not sep or not regions:
+        raise ValueError(f"--annotate takes SITE=REGION[,REGION...], e.g. site-1=WT, got {text!r}")
+    return site, regions.split(",")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from brats_fl.compare import compare_runs
+
+    path = compare_runs(args.runs, args.external, args.out, threads=args.threads)
+    print(path.read_text())
+    print(f"written to {path} and {path.with_suffix('.json')}")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -168,6 +186,13 @@ def _cmd_run(args: argparse.Namespace) -> None:
         order=args.order,
         assignment_timeout=args.assignment_timeout,
         visit_timeout=args.visit_timeout,
+        clients_per_round=args.clients_per_round,
+        norm_ratio=args.norm_ratio,
+        min_good=args.min_good,
+        privacy=args.privacy,
+        privacy_args=dict(_privacy_arg(text) for text in args.privacy_arg),
+        quantize=args.quantize,
+        audit_transfer=args.audit_transfer,
         hypernetwork=HyperNetParams(
             depth=args.hn_depth,
             width=args.hn_width,
@@ -188,6 +213,17 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if summary["global_test"]:
         rows.append(("pooled, before fine-tuning", summary["global_test"]))
     print(format_table(rows, extra=("val_loss",)))
+
+
+def _privacy_arg(text: str) -> tuple[str, object]:
+    """``epsilon=0.1`` -> ("epsilon", 0.1); a value that is not JSON stays a string (``exclude_vars=^net``)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--privacy-arg takes KEY=VALUE, e.g. fraction=0.1, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 _WAYS = ("sent", "received")
@@ -236,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=3, help="number of scanner profiles")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    p.add_argument("--profiles", nargs="+", default=None, help="scanner profiles site k uses in turn (default all)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("partition", help="write one datalist per site (and site-All.json)")
@@ -249,7 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path, default=None, help="csv: FeTS-style Partition_ID,Subject_ID file")
     p.add_argument("--split", type=float, nargs=3, default=[0.6, 0.2, 0.2], help="train/val/test fractions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--annotate",
+        nargs="+",
+        default=[],
+        metavar="SITE=REGIONS",
+        help="partial labels: e.g. site-1=WT site-2=TC site-3=ET,TC; unnamed sites annotate every region",
+    )
     p.set_defaults(func=_cmd_partition)
+
+    p = sub.add_parser("compare", help="SegViz tables: Dice (SD) per region, paired t-tests, external site")
+    p.add_argument("runs", type=Path, nargs="+", help="finished brats_segviz_* runs")
+    p.add_argument("--external", type=Path, required=True, help="a fully labelled BraTS-layout folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("check-data", help="check every case; one line per problem, exit 1 if any")
     p.add_argument("data", type=Path)
@@ -324,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hn-optimizer", choices=["adam", "sgd"], default=hn.optimizer)
     p.add_argument("--hn-lr", type=float, default=hn.lr, help="hyperseg jobs: the hypernetwork's learning rate")
     p.add_argument("--warmup-rounds", type=int, default=hn.warmup_rounds, help="hyperseg jobs: FedAvg rounds first")
+    p.add_argument("--clients-per-round", type=int, default=None, help="segviz jobs: sites sampled per round")
+    p.add_argument("--norm-ratio", type=float, default=defaults.norm_ratio, help="refuse updates this far above median")
+    p.add_argument("--min-good", type=int, default=defaults.min_good, help="stop if fewer good updates in a round")
+    p.add_argument("--privacy", choices=["none", *PRIVACY], default=defaults.privacy, help="see docs/privacy.md")
+    p.add_argument("--privacy-arg", nargs="+", default=[], metavar="KEY=VALUE", help="e.g. fraction=0.1 epsilon=0.1")
+    p.add_argument("--quantize", choices=["none", *QUANTIZATION], default=defaults.quantize, help="models on the wire")
+    p.add_argument("--audit-transfer", action="store_true", help="each site records what it sends and receives")
     p.add_argument("--site-config", type=Path, default=Path("site_configs/simulation.json"))
     p.add_argument("--workspace", type=Path, default=None, help="default: runs/<job>-<time>")
     p.set_defaults(func=_cmd_run)

@@ -11,12 +11,17 @@ torch, monai and nibabel.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from nvflare.apis.filter import Filter
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.app_opt.pt.job_config.model import PTModel
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
@@ -28,9 +33,12 @@ from nvflare.recipe import SimEnv
 from nvflare.recipe.spec import Recipe
 from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
 
-from brats_fl.algorithms.cyclic import ORDERS, SequentialTransfer
+from brats_fl.algorithms.cyclic import ORDERS, PASS_VALIDATION_TASK, SequentialTransfer
 from brats_fl.algorithms.hyperseg import OPTIMISERS, VARIANTS, HyperSegController
-from brats_fl.algorithms.personal import PersonalisedEvaluation, personal_keys
+from brats_fl.algorithms.personal import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
+from brats_fl.algorithms.screening import FAULTS, FaultInjection, ScreenedAggregator, expected_shapes
+from brats_fl.algorithms.segviz import SegVizFedAvg, TaskHeadAggregator, head_keys
+from brats_fl.algorithms.transfer import ON_DIFFERENCES, PRIVACY, QUANTIZATION, TransferManifest
 from brats_fl.model import BratsUNet
 from brats_fl.run_record import RunRecord
 from brats_fl.site_config import ENV_VAR, THREADS_VAR
@@ -46,6 +54,13 @@ _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 TASK_TIMEOUT = 6 * 3600
 #: local epochs of the _ft jobs after federated training
 FINETUNE_EPOCHS = 2
+#: every task a site answers. FLARE looks a filter up by exact task name (a filter's default task "*" matches
+#: no task), so the transfer filters name them all
+TRAIN_TASK = AppConstants.TASK_TRAIN
+OTHER_TASKS = [PERSONALISE_TASK, PASS_VALIDATION_TASK, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL]
+#: privacy filter arguments that must be positive numbers, and their upper bounds where they have one
+_POSITIVE_ARGS = {"percentile": 100, "gamma": None, "fraction": 1, "epsilon": None, "noise_var": None}
+_POSITIVE_ARGS |= {"epsilon_threshold": None, "epsilon_query": None, "epsilon_release": None}
 
 
 @dataclass
@@ -89,6 +104,16 @@ class JobParams:
     epochs, by default ``rounds * local_epochs / passes``, so that every site trains as many epochs as in
     FedAvg with the same parameters. A visit is skipped when the site has not picked it up after
     ``assignment_timeout`` seconds or not finished it after ``visit_timeout``.
+
+    What crosses the wire (docs/privacy.md): the FedAvg jobs' server refuses an update with NaN or infinite
+    values, foreign keys or shapes, or a norm over ``norm_ratio`` times the median of the round's other updates,
+    and stops the job rather than average a round with fewer than ``min_good`` good updates
+    (``brats_fl.algorithms.screening``). ``privacy`` puts one of FLARE's privacy filters (``exclude``,
+    ``percentile``, ``svt``) with ``privacy_args`` on every site's training updates; ``quantize`` makes
+    FLARE's quantisation filters shrink every model on its way in both directions; ``audit_transfer`` has
+    every site record a manifest of each message it sends and receives (``brats_fl.algorithms.transfer``).
+    ``faults`` is a drill, ``{"site-2": ["nan", "none", "scale"]}``: that site sends the given broken update
+    in rounds 0, 1, 2 (kinds in ``brats_fl.algorithms.screening.FAULTS``).
     """
 
     rounds: int = 20
@@ -111,10 +136,18 @@ class JobParams:
     assignment_timeout: int = 1800
     visit_timeout: int = TASK_TIMEOUT
     hypernetwork: HyperNetParams = field(default_factory=lambda: HyperNetParams())
+    clients_per_round: int | None = None
+    norm_ratio: float = 10.0
+    min_good: int = 1
+    privacy: str = "none"
+    privacy_args: dict[str, Any] = field(default_factory=dict)
+    quantize: str = "none"
+    audit_transfer: bool = False
+    faults: dict[str, list[str]] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "local_epochs", "sites", "batch_size", "passes", "visit_epochs"):
+        for name in ("rounds", "local_epochs", "sites", "batch_size", "passes", "visit_epochs", "clients_per_round"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"{name} >= 1, got {value}")
         channels, patch = self.channels, self.patch_size
@@ -130,7 +163,34 @@ class JobParams:
         _require(min(timeouts) > 0, f"positive assignment and visit timeouts, got {timeouts}")
         _require(self.hypernetwork.warmup_rounds < self.rounds, f"warmup_rounds < rounds ({self.rounds})")
         _require(self.seed >= 0, f"seed >= 0, got {self.seed}")
+        per_round = self.clients_per_round or self.sites
+        _require(per_round <= self.sites, f"clients_per_round <= sites ({self.sites}), got {per_round}")
         _require((self.finetune_epochs or 0) >= 0, f"finetune_epochs >= 0, got {self.finetune_epochs}")
+        _require(self.norm_ratio > 1, f"norm_ratio > 1, got {self.norm_ratio}")
+        _require(1 <= self.min_good <= self.sites, f"1 <= min_good <= sites ({self.sites}), got {self.min_good}")
+        _require(self.quantize in ("none", *QUANTIZATION), f"quantize none or one of {QUANTIZATION}")
+        self._check_privacy()
+        kinds = {f for plan in self.faults.values() for f in plan}
+        _require(kinds <= set(FAULTS), f"faults among {FAULTS}, got {sorted(kinds)}")
+
+    def _check_privacy(self) -> None:
+        name, args = self.privacy, self.privacy_args
+        _require(name in ("none", *PRIVACY), f"privacy none or one of {sorted(PRIVACY)}, got {name!r}")
+        if name == "none":
+            _require(not args, f"no privacy_args without a privacy filter, got {args}")
+            return
+        # FLARE's filters check few of their arguments, some only when the first update arrives, and
+        # PercentilePrivacy quietly does nothing with a percentile out of range
+        allowed = set(inspect.signature(PRIVACY[name]).parameters) - {"data_kinds"}
+        _require(set(args) <= allowed, f"privacy_args of {name} among {sorted(allowed)}, got {sorted(args)}")
+        for key, high in _POSITIVE_ARGS.items():
+            value = args.get(key, 1)
+            ok = isinstance(value, int | float) and value > 0 and (high is None or value <= high)
+            _require(ok, f"{key} > 0{f' and <= {high}' if high else ''}, got {value!r}")
+        if name == "exclude":
+            _require(isinstance(args.get("exclude_vars"), str), "privacy_args exclude_vars, a regular expression")
+        reads_diff = f"transfer 'diff' with privacy {name!r}: FLARE's filter takes what a site sends for a difference"
+        _require(name not in ON_DIFFERENCES or self.transfer == "diff", reads_diff)
 
     def client_args(self) -> list[str]:
         """The client script's command line for these parameters (see ``brats_fl.client``)."""
@@ -148,8 +208,9 @@ class JobParams:
             *self.extra_args,
         ]  # fmt: skip
 
-    def model(self) -> BratsUNet:
-        return BratsUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1), init_seed=self.seed)
+    def model(self, multi_head: bool = False) -> BratsUNet:
+        strides = [2] * (len(self.channels) - 1)
+        return BratsUNet(channels=self.channels, strides=strides, init_seed=self.seed, multi_head=multi_head)
 
 
 def _fedavg(
@@ -159,14 +220,23 @@ def _fedavg(
     personal: str = "none",
     finetune: tuple[int, str] = (0, "all"),
     datalist: str | None = None,
+    multi_head: bool = False,
+    partial_labels: str | None = None,
 ) -> FedAvgRecipe:
     """FLARE's FedAvg (case-weighted, in-time aggregation) over the keys the sites share, the best and last
     global model, then personalisation and own-site testing, then FLARE's cross-site evaluation."""
     flags = ["--job", name, "--personal", personal, "--finetune-epochs", str(finetune[0])]
     flags += ["--finetune-scope", finetune[1], *(["--datalist", datalist] if datalist else [])]
+    flags += [
+        *(["--multi-head"] if multi_head else []),
+        *(["--partial-labels", partial_labels] if partial_labels else []),
+    ]
+    model = params.model(multi_head=multi_head)
+    # the central baselines have a single site, whatever min_good says
+    screen = ScreenedAggregator(expected_shapes(model.state_dict()), params.norm_ratio, min(params.min_good, sites))
     recipe = FedAvgRecipe(
         name=name,
-        model=params.model(),
+        model=model,
         initial_ckpt=params.resume_from,
         min_clients=sites,
         num_rounds=params.rounds,
@@ -176,8 +246,56 @@ def _fedavg(
         params_transfer_type=TransferType(params.transfer.upper()),
         key_metric=KEY_METRIC,
         key_metric_mode="max",
+        aggregator=screen,
     )
+    _with_transfer_filters(recipe, params, model)
     return _with_evaluation(recipe)
+
+
+def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) -> None:
+    """FLARE's filters on what crosses the wire, in the order they act (``JobParams``, docs/privacy.md).
+
+    A site's training update meets the drill's fault, then the privacy filter, then quantisation, then the
+    manifest, which so records what actually leaves; an incoming task is recorded before it is dequantised.
+    Privacy acts on training updates only, as in FLARE's examples: a site's model submitted for cross-site
+    evaluation must stay whole to be scored elsewhere.
+    """
+    quantize = params.quantize != "none"
+    if quantize:
+        # bitsandbytes, which FLARE's quantisation filters import, is needed only by a job that quantises
+        from nvflare.app_opt.pt.quantization.dequantizer import ModelDequantizer
+        from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
+
+        # as FLARE's quantisation examples: quantise what leaves either side, restore it where it arrives
+        recipe.add_server_output_filter(ModelQuantizer(params.quantize), tasks=[TRAIN_TASK, *OTHER_TASKS])
+        recipe.add_server_input_filter(ModelDequantizer(), tasks=[TRAIN_TASK, *OTHER_TASKS])
+    for tasks in ([TRAIN_TASK], OTHER_TASKS):
+        training = tasks == [TRAIN_TASK]
+        incoming: list[Filter] = [TransferManifest("incoming")] if params.audit_transfer else []
+        outgoing: list[Filter] = [FaultInjection(params.faults)] if params.faults and training else []
+        if params.privacy != "none" and training:
+            outgoing.append(_privacy_filter(params, model))
+        if quantize:
+            incoming.append(ModelDequantizer())
+            outgoing.append(ModelQuantizer(params.quantize))
+        if params.audit_transfer:
+            outgoing.append(TransferManifest("outgoing"))
+        for f in incoming:
+            recipe.add_client_input_filter(f, tasks=tasks)
+        for f in outgoing:
+            recipe.add_client_output_filter(f, tasks=tasks)
+
+
+def _privacy_filter(params: JobParams, model: BratsUNet) -> Filter:
+    """The FLARE privacy filter of ``params``. ExcludeVars gets the list of keys its regular expression matches:
+    FLARE's filter compiles an expression in its constructor, and FLARE's job export cannot write that back."""
+    args = dict(params.privacy_args)
+    if params.privacy == "exclude":
+        pattern = re.compile(args["exclude_vars"])
+        args["exclude_vars"] = [k for k in model.state_dict() if pattern.search(k)]
+        if not args["exclude_vars"]:
+            raise ValueError(f"exclude_vars {pattern.pattern!r} matches no key of the model")
+    return PRIVACY[params.privacy](**args)
 
 
 def _with_evaluation(recipe: Recipe, personalise: bool = True) -> Recipe:
@@ -200,13 +318,22 @@ class ControllerRecipe(Recipe):
 
     framework = FrameworkType.PYTORCH
 
-    def __init__(self, name: str, params: JobParams, controller: ModelController, client: list[str]):
+    def __init__(
+        self,
+        name: str,
+        params: JobParams,
+        controller: ModelController,
+        client: list[str],
+        model: BratsUNet | None = None,
+    ):
         if params.transfer != "full":
             raise ValueError(f"{name}: sites return whole models; transfer must be 'full', not {params.transfer!r}")
         # no model selector: what a site reports is not always the score of the model the server keeps
         job = BaseFedJob(name=name, min_clients=params.sites, key_metric="")
-        model = PTModel(model=params.model(), initial_ckpt=params.resume_from, allow_numpy_conversion=False)
-        job.comp_ids.update(job.to_server(model, id="persistor"))
+        persistor = PTModel(
+            model=model or params.model(), initial_ckpt=params.resume_from, allow_numpy_conversion=False
+        )
+        job.comp_ids.update(job.to_server(persistor, id="persistor"))
         job.to_server(controller, id="controller_" + name.removeprefix("brats_"))
         runner = ScriptRunner(
             script=CLIENT_SCRIPT,
@@ -215,6 +342,7 @@ class ControllerRecipe(Recipe):
         )
         job.to_clients(runner)
         super().__init__(job)
+        _with_transfer_filters(self, params, model or params.model())
 
 
 def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
@@ -284,6 +412,45 @@ def hyperseg_conv_bn_emb(params: JobParams) -> Recipe:
     return _hyperseg("brats_hyperseg_conv_bn_emb", params, "conv_bn", "embedding")
 
 
+def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
+    """SegViz: representation averaged over all sites, each head over the sites annotating its region, then
+    fine-tuning of the task block with the representation frozen (``finetune_epochs``, 0 to skip)."""
+    model = params.model(multi_head=True)
+    aggregator = TaskHeadAggregator(
+        expected_shapes(model.state_dict()), head_keys(model), params.norm_ratio, min(params.min_good, params.sites)
+    )
+    controller = SegVizFedAvg(
+        seed=params.seed,
+        num_clients=params.clients_per_round or params.sites,
+        num_rounds=params.rounds,
+        aggregator=aggregator,
+    )
+    flags = ["--multi-head", "--personal", personal, "--finetune-scope", "heads"]
+    client = [*params.client_args(), *flags, "--finetune-epochs", str(_finetune_epochs(params))]
+    return _with_evaluation(ControllerRecipe(name, params, controller, client, model=model))
+
+
+def segviz_fedavg(params: JobParams) -> Recipe:
+    """SegViz with FedAvg on the representation block (partial labels, one head per region)."""
+    return _segviz("brats_segviz_fedavg", params, personal=params.personal or "none")
+
+
+def segviz_fedbn(params: JobParams) -> Recipe:
+    """SegViz with FedBN: every normalisation layer stays at its site."""
+    return _segviz("brats_segviz_fedbn", params, personal=params.personal or "norm")
+
+
+def segviz_local(params: JobParams) -> FedAvgRecipe:
+    """SegViz's single-task baseline: every site trains the multi-head model alone on the regions it annotates,
+    so each region's model is trained only where that region is labelled; nothing leaves a site."""
+    return _fedavg("brats_segviz_local", params, params.sites, personal="all", multi_head=True)
+
+
+def segviz_central(params: JobParams) -> FedAvgRecipe:
+    """SegViz's lower bound: the partially labelled sites pooled, an unannotated region taken as background."""
+    return _fedavg("brats_segviz_central", params, 1, datalist="site-All", multi_head=True, partial_labels="background")
+
+
 def central(params: JobParams) -> FedAvgRecipe:
     """The centralized baseline: one site trains on the pooled datalist ``site-All``."""
     return _fedavg("brats_central", params, 1, datalist="site-All")
@@ -338,6 +505,10 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_hyperseg_conv": hyperseg_conv,
     "brats_hyperseg_conv_bn": hyperseg_conv_bn,
     "brats_hyperseg_conv_bn_emb": hyperseg_conv_bn_emb,
+    "brats_segviz_fedavg": segviz_fedavg,
+    "brats_segviz_fedbn": segviz_fedbn,
+    "brats_segviz_local": segviz_local,
+    "brats_segviz_central": segviz_central,
 }
 #: jobs that train at one site at a time, which may then use every core of a shared machine
 SEQUENTIAL = ("brats_cyclic", "brats_swt")
@@ -376,7 +547,7 @@ def export_jobs(out: Path, names: list[str] | None = None, params: JobParams | N
 
 def run_simulation(name: str, params: JobParams, site_config: Path, workspace: Path) -> Path:
     """Run a job in FLARE's simulator with every site reading ``site_config``; returns the job's workspace."""
-    sites = 1 if name == "brats_central" else params.sites
+    sites = 1 if name in ("brats_central", "brats_segviz_central") else params.sites
     env = SimEnv(num_clients=sites, num_threads=sites, workspace_root=str(Path(workspace).resolve()))
     # inherited by the simulator's site processes, which share this machine's cores
     training_at_once = 1 if name in SEQUENTIAL else sites

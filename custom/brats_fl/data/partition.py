@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from brats_fl.data.labels import REGIONS, annotation_mask
 from brats_fl.data.layout import MODALITIES, SEG, Case
 
 SCHEMES = ("equal", "unequal", "dirichlet", "hybrid", "natural", "csv")
@@ -144,9 +145,7 @@ def _from_csv(cases: Sequence[Case], csv_path: Path | None) -> dict[str, list[Ca
     return {f"site-{i}": partitions[p] for i, p in enumerate(ordered, start=1)}
 
 
-def split_site(
-    cases: Sequence[Case], split: Sequence[float], rng: np.random.Generator
-) -> dict[str, list[Case]]:
+def split_site(cases: Sequence[Case], split: Sequence[float], rng: np.random.Generator) -> dict[str, list[Case]]:
     """Split one site's cases into training / validation / test; each gets a case when there are three."""
     order = [cases[i] for i in rng.permutation(len(cases))]
     n = len(order)
@@ -173,14 +172,23 @@ def write_datalists(
     split: Sequence[float] = (0.6, 0.2, 0.2),
     seed: int = 0,
     description: dict | None = None,
+    annotated: dict[str, list[str]] | None = None,
 ) -> dict[str, Path]:
     """Write ``site-N.json`` per site and the pooled ``site-All.json``; paths are relative to ``root``.
 
-    Refuses to overwrite existing datalists: a partition is part of an experiment's record.
+    ``annotated`` hides labels to make partially annotated sites (SegViz): ``{"site-1": ["WT"]}`` records in
+    every entry of site-1 (and in the pooled list) that only WT is annotated there; the data pipeline then
+    never shows that site its other regions. A site not named annotates every region. Refuses to overwrite
+    existing datalists: a partition is part of an experiment's record.
     """
     root = Path(root).resolve()
     out = Path(out)
     targets = [out / f"{name}.json" for name in [*assignment, POOLED_SITE]]
+    unknown_sites = sorted(set(annotated or {}) - set(assignment))
+    if unknown_sites:
+        raise ValueError(f"annotations given for unknown site(s) {unknown_sites}; sites are {list(assignment)}")
+    for regions in (annotated or {}).values():
+        annotation_mask(regions)
     existing = [str(p) for p in targets if p.exists()]
     if existing:
         raise FileExistsError(f"datalist(s) exist already, not overwritten: {', '.join(existing)}")
@@ -191,8 +199,9 @@ def write_datalists(
     for name, cases in assignment.items():
         splits = split_site(cases, split, rng)
         doc = {"site": name, **(description or {})}
+        labelled = {"annotated": [r for r in REGIONS if r in annotated[name]]} if name in (annotated or {}) else {}
         for key, members in splits.items():
-            doc[key] = [_entry(c, root) for c in members]
+            doc[key] = [_entry(c, root) | labelled for c in members]
             pooled[key].extend(doc[key])
         written[name] = _dump(out / f"{name}.json", doc)
     written[POOLED_SITE] = _dump(out / f"{POOLED_SITE}.json", {"site": POOLED_SITE, **(description or {}), **pooled})

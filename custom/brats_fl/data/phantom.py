@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -153,7 +154,9 @@ def _tumour(rng: np.random.Generator, anatomy: dict[str, np.ndarray], zoom: np.f
     return seg
 
 
-def _synthesise(rng: np.random.Generator, anatomy: dict[str, np.ndarray], seg: np.ndarray, enhancing: bool) -> np.ndarray:
+def _synthesise(
+    rng: np.random.Generator, anatomy: dict[str, np.ndarray], seg: np.ndarray, enhancing: bool
+) -> np.ndarray:
     """Ideal (scanner-free) intensities of the four modalities, (4, X, Y, Z)."""
     shape = seg.shape
     images = np.zeros((len(MODALITIES), *shape), np.float32)
@@ -193,13 +196,21 @@ def generate_cohort(
     seed: int,
     shape: tuple[int, int, int] = (240, 240, 155),
     prefix: str = "BraTS20_Training",
+    profiles: Sequence[str] | None = None,
 ) -> list[dict]:
     """Write ``cases`` phantom cases spread round-robin over ``sites`` scanner profiles; returns their metadata.
 
-    Deterministic in (seed, case number, sites, shape). Refuses to overwrite an existing case folder.
+    Site k uses ``profiles[k mod len]`` (names of ``SCANNER_PROFILES``; default all of them in order), so a
+    held-out site can be given a scanner no training site has. Deterministic in (seed, case number, sites,
+    shape, profiles). Refuses to overwrite an existing case folder.
     """
     if cases < 1 or sites < 1:
         raise ValueError(f"need at least one case and one site, got cases={cases}, sites={sites}")
+    by_name = {p.name: p for p in SCANNER_PROFILES}
+    unknown = sorted(set(profiles or []) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown scanner profile(s) {unknown}; known: {sorted(by_name)}")
+    chosen = [by_name[n] for n in profiles] if profiles else list(SCANNER_PROFILES)
     if min(shape) < 24:
         raise ValueError(f"grid {shape} is too small for a brain with a tumour (at least 24 voxels per axis)")
     out = Path(out)
@@ -211,7 +222,7 @@ def generate_cohort(
     records = []
     for index, case_id in enumerate(ids):
         site = index % sites
-        profile = SCANNER_PROFILES[site % len(SCANNER_PROFILES)]
+        profile = chosen[site % len(chosen)]
         rng = np.random.default_rng([seed, index])
         enhancing = bool(rng.random() >= 0.2)
         anatomy, zoom = _anatomy(rng, shape)
@@ -239,15 +250,16 @@ def generate_cohort(
                 "tumour_voxels": int(np.count_nonzero(seg)),
             }
         )
-    _write_metadata(out, records, seed, shape, sites)
+    _write_metadata(out, records, seed, shape, [chosen[k % len(chosen)] for k in range(sites)])
     return records
 
 
-def _write_metadata(out: Path, records: list[dict], seed: int, shape: tuple[int, int, int], sites: int) -> None:
+def _write_metadata(
+    out: Path, records: list[dict], seed: int, shape: tuple[int, int, int], site_profiles: list[ScannerProfile]
+) -> None:
     with (out / "name_mapping.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["Grade", "BraTS_2020_subject_ID", "scanner", "site"])
         writer.writerows([r["grade"], r["case_id"], r["scanner"], r["site"]] for r in records)
-    profiles = [asdict(SCANNER_PROFILES[k % len(SCANNER_PROFILES)]) for k in range(sites)]
-    meta = {"seed": seed, "shape": list(shape), "profiles": profiles, "cases": records}
+    meta = {"seed": seed, "shape": list(shape), "profiles": [asdict(p) for p in site_profiles], "cases": records}
     (out / "phantom.json").write_text(json.dumps(meta, indent=1) + "\n")

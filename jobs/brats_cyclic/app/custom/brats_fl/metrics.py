@@ -3,6 +3,8 @@
 MONAI computes the metrics; this module fixes the conventions once:
 - Dice and IoU: both masks empty -> 1, one empty -> 0 (MONAI's ``ignore_empty=False``).
 - HD95 (mm): both empty -> 0; one empty -> 373.13, the BraTS challenge's value (the image diagonal).
+- A region the case's site did not annotate (partial labels) is not scored: it has no entry in the case's
+  row, and region means count only the cases that annotate the region; a region no case annotates has none.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ class RegionMetrics:
         self._hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
         self.rows: list[dict[str, np.ndarray]] = []
 
-    def update(self, pred: torch.Tensor, truth: torch.Tensor) -> None:
-        """Add a batch of binary masks shaped (B, 3, X, Y, Z) in REGIONS order."""
+    def update(self, pred: torch.Tensor, truth: torch.Tensor, annotated: torch.Tensor | None = None) -> None:
+        """Add a batch of binary masks shaped (B, 3, X, Y, Z) in REGIONS order; ``annotated`` (B, 3) marks the
+        regions each case's labels cover (default: all)."""
         pred, truth = pred.float(), truth.float()
         dice = self._dice(pred, truth).cpu().numpy()
         iou = self._iou(pred, truth).cpu().numpy()
@@ -40,24 +43,31 @@ class RegionMetrics:
         pred_empty = (pred.flatten(2).sum(-1) == 0).cpu().numpy()
         truth_empty = (truth.flatten(2).sum(-1) == 0).cpu().numpy()
         hd = np.where(pred_empty & truth_empty, 0.0, np.where(pred_empty | truth_empty, HD95_UNDEFINED, hd))
+        scored = np.ones(dice.shape, bool) if annotated is None else annotated.bool().cpu().numpy()
         for b in range(pred.shape[0]):
-            self.rows.append({"dice": dice[b], "iou": iou[b], "hd95": hd[b]})
+            self.rows.append(
+                {m: np.where(scored[b], v[b], np.nan) for m, v in zip(METRICS, (dice, iou, hd), strict=True)}
+            )
 
     def per_case(self) -> list[dict[str, float]]:
-        """One flat dict per case: ``dice_WT``, ``iou_TC``, ``hd95_ET`` ..."""
-        return [
-            {f"{m}_{r}": float(row[m][REGIONS.index(r)]) for m in METRICS for r in DISPLAY_ORDER} for row in self.rows
-        ]
+        """One flat dict per case: ``dice_WT``, ``iou_TC``, ``hd95_ET`` ... (annotated regions only)."""
+        out = []
+        for row in self.rows:
+            values = {f"{m}_{r}": float(row[m][REGIONS.index(r)]) for m in METRICS for r in DISPLAY_ORDER}
+            out.append({k: v for k, v in values.items() if not np.isnan(v)})
+        return out
 
     def aggregate(self) -> dict[str, float]:
-        """Means over cases per region, and each metric's mean over the three regions."""
+        """Means over cases per region, and each metric's mean over the regions (over the scored values)."""
         if not self.rows:
             raise ValueError("no case was evaluated")
         out: dict[str, float] = {}
         for m in METRICS:
             table = np.stack([row[m] for row in self.rows])
             for r in DISPLAY_ORDER:
-                out[f"{m}_{r}"] = float(table[:, REGIONS.index(r)].mean())
-            out[f"{m}_mean"] = float(table.mean())
+                column = table[:, REGIONS.index(r)]
+                if not np.isnan(column).all():
+                    out[f"{m}_{r}"] = float(np.nanmean(column))
+            out[f"{m}_mean"] = float(np.nanmean(table))
         out["cases"] = float(len(self.rows))
         return out

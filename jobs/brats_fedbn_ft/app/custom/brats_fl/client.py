@@ -11,7 +11,9 @@ For each task from the server:
 - ``submit_model`` (cross-site evaluation): send the site's shared weights.
 
 Personal keys (``--personal``, see ``brats_fl.algorithms.personal``) are never loaded from the server and
-never sent. ``all`` makes the local-only baseline, where every site trains alone; there, and only there,
+never sent. With partial labels and a multi-head model (SegViz, ``brats_fl.algorithms.segviz``) the heads of
+regions the site does not annotate are loaded but never sent, and every result declares the regions the site
+annotates. ``all`` makes the local-only baseline, where every site trains alone; there, and only there,
 cross-site evaluation receives each site's whole model, since that is what the baseline compares. The
 site's data comes from its own configuration (``brats_fl.site_config``), never from the job. What the
 site records stays at the site: ``<job id>/brats_fl/`` in its workspace for this run, and the personal
@@ -34,9 +36,10 @@ from torch.utils.data import DataLoader
 
 from brats_fl.algorithms.cyclic import PASS_VALIDATION_TASK
 from brats_fl.algorithms.personal import PERSONALISE_TASK, personal_keys
+from brats_fl.algorithms.segviz import ANNOTATED_META, head_keys
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.loading import eval_loader
-from brats_fl.model import fingerprint, state_bytes
+from brats_fl.model import fingerprint, parameter_groups, state_bytes
 from brats_fl.site_config import resolve
 from brats_fl.training import Trainer, add_arguments, config_from_args, make_train_loader
 
@@ -50,7 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datalist", default=None, help="datalist name instead of the site's own (e.g. site-All)")
     p.add_argument("--personal", default="none", help="keys that never leave the site: none, all, head:N, norm")
     p.add_argument("--finetune-epochs", type=int, default=0, help="local epochs after federated training")
-    p.add_argument("--finetune-scope", choices=["personal", "all"], default="all", help="what fine-tuning trains")
+    p.add_argument(
+        "--finetune-scope",
+        choices=["personal", "heads", "all"],
+        default="all",
+        help="what fine-tuning trains: personal layers, the task block (representation frozen), or everything",
+    )
     p.add_argument("--resume", action="store_true", help="start from the personal layers this site kept")
     p.add_argument("--audit", action="store_true", help="keep a copy of every model this site receives and sends")
     return p.parse_args(argv)
@@ -79,12 +87,17 @@ class Site:
         self.trainer = Trainer(self.config)
         self.personal = set(personal_keys(self.trainer.model, args.personal))
         self.eval_personal = set() if args.personal == "all" else self.personal
+        self.annotated = self.datalist.annotated()
+        heads = head_keys(self.trainer.model) if self.trainer.model.multi_head else {}
+        #: heads of regions this site does not annotate: it uses the federation's, and never sends its own
+        self.unsent = self.personal | {k for r, keys in heads.items() if r not in self.annotated for k in keys}
         self.name = name
         self.run_dir = workspace / job_id / "brats_fl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = data.state_dir / args.job / "personal.pt"
         record = {"site": name, "data": {k: str(v) for k, v in vars(data).items()}, "train": self.config.to_dict()}
         record["personal_keys"] = sorted(self.personal)
+        record["annotated"] = self.annotated
         if args.resume:
             record["resumed_from"] = self._resume()
         self.train = make_train_loader(self.datalist.items("training"), self.config)
@@ -127,7 +140,7 @@ class Site:
             self.load_global(model.params, self.personal)
         metrics = self.trainer.evaluate(self.val)
         stats = self.trainer.train_epochs(self.train, self.args.local_epochs)
-        params = self.shared_state(self.personal)
+        params = self.shared_state(self.unsent)
         sent = state_bytes(params)
         row = {"round": rnd, **_as_validation(metrics), **stats, "bytes_sent": sent}
         for key, value in row.items():
@@ -150,30 +163,50 @@ class Site:
         return flare.FLModel(
             params=params,
             metrics=reported,
-            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: n_cases, "steps": stats["steps"], "site": self.name},
+            meta={
+                FLMetaKey.NUM_STEPS_CURRENT_ROUND: n_cases,
+                "steps": stats["steps"],
+                "site": self.name,
+                ANNOTATED_META: self.annotated,
+            },
         )
 
     def personalise(self, model: flare.FLModel) -> flare.FLModel:
         """Final global + own personal layers (+ fine-tuning), scored on this site's test split and kept.
 
-        The site's federated state is restored afterwards, so cross-site evaluation scores the model before
-        fine-tuning.
+        With fine-tuning, the model before it is scored and kept too (``before_finetune_*``). The site's
+        federated state is restored afterwards, so cross-site evaluation scores the model before fine-tuning.
         """
         self.load_global(model.params, self.personal)
         federated = self._snapshot()
         epochs = self.args.finetune_epochs
         if epochs:
-            only_personal = self.args.finetune_scope == "personal"
+            self._score_and_keep("before_finetune", epochs=0)
+            trained = self._finetuned_keys()
             for key, param in self.trainer.model.named_parameters():
-                param.requires_grad_(key in self.personal or not only_personal)
+                param.requires_grad_(key in trained)
             self.trainer.train_epochs(self.train, epochs)
             for param in self.trainer.model.parameters():
                 param.requires_grad_(True)
-        metrics = self.trainer.evaluate(self.test, per_case=True)
-        (self.run_dir / "personalised_test.json").write_text(json.dumps(metrics, indent=1))
-        self.trainer.save(self.run_dir / "personalised_model.pt", site=self.name, finetune_epochs=epochs)
+        metrics = self._score_and_keep("personalised", epochs=epochs)
         self.trainer.model.load_state_dict(federated)
         return flare.FLModel(metrics=_scalars(metrics))
+
+    def _finetuned_keys(self) -> set[str]:
+        scope = self.args.finetune_scope
+        if scope == "all":
+            return set(self.trainer.model.state_dict())
+        if scope == "heads":
+            return set(parameter_groups(self.trainer.model)["head"])
+        return self.personal
+
+    def _score_and_keep(self, name: str, epochs: int) -> dict:
+        """Score the site's current model on its test split; keep scores and model as ``<name>_test.json`` and
+        ``<name>_model.pt``."""
+        metrics = self.trainer.evaluate(self.test, per_case=True)
+        (self.run_dir / f"{name}_test.json").write_text(json.dumps(metrics, indent=1))
+        self.trainer.save(self.run_dir / f"{name}_model.pt", site=self.name, finetune_epochs=epochs)
+        return metrics
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.trainer.model.state_dict().items()}

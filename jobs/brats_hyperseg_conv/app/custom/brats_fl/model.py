@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
+from monai.networks.blocks import Convolution
 from monai.networks.nets import UNet
 from torch import nn
 
@@ -24,6 +25,11 @@ class BratsUNet(nn.Module):
     named like its constructor arguments, and UNet stores ``spatial_dims`` as ``dimensions``. This wrapper
     keeps every argument under its own name. Instance norm is affine here (MONAI's default is not), so
     FedBN has normalisation parameters to keep at the site.
+
+    ``multi_head`` makes the SegViz model: the U-Net becomes a representation block ending in
+    ``channels[0]`` features, and a task block holds one head per region (``heads.TC``, ``heads.WT``,
+    ``heads.ET``), each a 3x3x3 convolution with normalisation and activation, then a 1x1x1 classifier. A head
+    is trained, and aggregated, only where its region is annotated (``brats_fl.algorithms.segviz``).
     """
 
     def __init__(
@@ -36,12 +42,17 @@ class BratsUNet(nn.Module):
         in_channels: int = len(MODALITIES),
         out_channels: int = len(REGIONS),
         init_seed: int | None = None,
+        multi_head: bool = False,
     ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
         if len(strides) != len(channels) - 1:
             raise ValueError(f"need len(strides) == len(channels) - 1, got {list(strides)} and {list(channels)}")
+        if multi_head and out_channels != len(REGIONS):
+            raise ValueError(
+                f"a multi-head model has one head per region: out_channels {len(REGIONS)}, not {out_channels}"
+            )
         self.channels = list(channels)
         self.strides = list(strides)
         self.num_res_units = num_res_units
@@ -50,6 +61,8 @@ class BratsUNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.init_seed = init_seed
+        self.multi_head = multi_head
+        features = self.channels[0] if multi_head else out_channels
         # a seeded initialisation makes the server's initial global model the same in every run
         with torch.random.fork_rng(enabled=init_seed is not None):
             if init_seed is not None:
@@ -57,16 +70,25 @@ class BratsUNet(nn.Module):
             self.net = UNet(
                 spatial_dims=3,
                 in_channels=in_channels,
-                out_channels=out_channels,
+                out_channels=features,
                 channels=self.channels,
                 strides=self.strides,
                 num_res_units=num_res_units,
                 norm=NORMS[norm],
                 dropout=dropout,
             )
+            if multi_head:
+                self.heads = nn.ModuleDict({r: self._head(features) for r in REGIONS})
+
+    def _head(self, features: int) -> nn.Sequential:
+        hidden = Convolution(3, features, features, kernel_size=3, norm=NORMS[self.norm], act="PRELU")
+        return nn.Sequential(hidden, Convolution(3, features, 1, kernel_size=1, conv_only=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if not self.multi_head:
+            return self.net(x)
+        features = self.net(x)
+        return torch.cat([self.heads[r](features) for r in REGIONS], dim=1)
 
     def config(self) -> dict:
         """The constructor arguments, to rebuild the same network elsewhere."""
@@ -79,6 +101,7 @@ class BratsUNet(nn.Module):
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "init_seed": self.init_seed,
+            "multi_head": self.multi_head,
         }
 
 
@@ -106,6 +129,8 @@ def parameter_groups(model: BratsUNet, head_layers: int = 1) -> dict[str, list[s
     ``norm`` holds every normalisation parameter and running statistic (selected by module type, since
     MONAI's key names carry no "bn"). ``head`` holds the last ``head_layers`` convolutions counted from
     the output, with the normalisation and activation parameters between them (FedPer's personal layers).
+    A multi-head model's ``head`` is its whole task block (``head_layers`` is then ignored), and
+    ``head_TC``, ``head_WT``, ``head_ET`` hold each region's head.
     """
     names = {id(m): n for n, m in model.named_modules()}
     groups = {
@@ -113,6 +138,11 @@ def parameter_groups(model: BratsUNet, head_layers: int = 1) -> dict[str, list[s
         for role, modules in _unet_paths(model).items()
     }
     groups["norm"] = [k for n, m in model.named_modules() if isinstance(m, _NORM_TYPES) for k in _module_keys(m, n)]
+    if model.multi_head:
+        for region, head in model.heads.items():
+            groups[f"head_{region}"] = _module_keys(head, f"heads.{region}")
+        groups["head"] = [k for r in REGIONS for k in groups[f"head_{r}"]]
+        return groups
     ordered = [(n, m) for n, m in model.named_modules() if not list(m.children()) and m.state_dict()]
     conv_positions = [i for i, (_, m) in enumerate(ordered) if isinstance(m, _CONV_TYPES)]
     if not 0 <= head_layers <= len(conv_positions):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceLoss
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
-from brats_fl.data.loading import train_loader
+from brats_fl.data.loading import ANNOTATED, train_loader
 from brats_fl.metrics import RegionMetrics
 from brats_fl.model import BratsUNet, build_model
 
@@ -52,6 +52,9 @@ class TrainConfig:
     sw_overlap: float = 0.25
     threads: int | None = None
     seed: int = 0
+    #: a region a case's site did not annotate: ``ignore`` it in the loss (SegViz), or take it as
+    #: ``background`` (naive pooling of partial labels, the SegViz paper's lower bound)
+    partial_labels: str = "ignore"
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -89,6 +92,10 @@ class TrainConfig:
             (self.batch_size % self.samples_per_case == 0, "batch_size must be a multiple of samples_per_case"),
             (0 <= self.sw_overlap < 1, f"sw_overlap must be in [0, 1), got {self.sw_overlap}"),
             (0 < self.fg_ratio <= 1, f"fg_ratio must be in (0, 1], got {self.fg_ratio}"),
+            (
+                self.partial_labels in ("ignore", "background"),
+                f"partial_labels must be ignore or background, got {self.partial_labels!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,6 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fg-ratio", type=float, default=TrainConfig.fg_ratio, help="share of tumour patches")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--multi-head", action="store_true", help="one head per region on a shared U-Net (SegViz)")
+    parser.add_argument(
+        "--partial-labels", choices=["ignore", "background"], default=None, help="unannotated regions in the loss"
+    )
 
 
 def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig:
@@ -125,6 +136,10 @@ def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig
     }
     if args.channels:
         values["model"] = {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)}
+    if args.multi_head:
+        values["model"] = {**values.get("model", {}), "multi_head": True}
+    if args.partial_labels:
+        values["partial_labels"] = args.partial_labels
     if args.lr is not None:
         values["lr"] = args.lr
     return TrainConfig.from_dict(values)
@@ -134,6 +149,30 @@ def make_train_loader(items: list[dict], config: TrainConfig) -> DataLoader:
     """The cached, augmenting patch loader that ``config`` describes (patch, batch, sampling, seed)."""
     c = config
     return train_loader(items, c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio)
+
+
+class RegionLoss(torch.nn.Module):
+    """Dice (+ binary cross-entropy) per case and region, averaged over the annotated (case, region) pairs.
+
+    With every region annotated this equals MONAI's ``DiceLoss`` / ``DiceCELoss`` with sigmoid outputs. Written
+    around MONAI's per-channel Dice because MONAI's losses mask voxels, not whole channels per sample, and a
+    region a site did not annotate must give no gradient at all, not a push towards background.
+    """
+
+    def __init__(self, with_ce: bool):
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, reduction="none")
+        self.with_ce = with_ce
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+        per_region = self.dice(logits, label).flatten(1)  # (B, C)
+        if self.with_ce:
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="none")
+            per_region = per_region + bce.flatten(2).mean(-1)
+        if annotated is None:
+            return per_region.mean()
+        weights = annotated.to(per_region)
+        return (per_region * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def default_device() -> torch.device:
@@ -159,7 +198,7 @@ class Trainer:
                 self.model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
             )
         # sigmoid per region: WT, TC and ET overlap, so they are three binary problems, not one softmax
-        self.loss_fn = (DiceLoss if config.loss == "dice" else DiceCELoss)(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
+        self.loss_fn = RegionLoss(with_ce=config.loss == "dice_ce")
         self.epochs_done = 0
 
     def _set_lr(self, epoch: int) -> None:
@@ -178,8 +217,10 @@ class Trainer:
             for batch in loader:
                 image = batch["image"].to(self.device)
                 label = batch["label"].to(self.device).float()
+                # the pipeline has zeroed unannotated regions; "background" trains on those zeros
+                annotated = None if self.config.partial_labels == "background" else batch[ANNOTATED]
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(self.model(image), label)
+                loss = self.loss_fn(self.model(image), label, annotated)
                 loss.backward()
                 self.optimizer.step()
                 total += float(loss.detach())
@@ -213,8 +254,9 @@ class Trainer:
         for batch in loader:
             label = batch["label"].to(self.device).float()
             logits = self.infer(batch["image"])
-            losses.append(float(self.loss_fn(logits, label)))
-            metrics.update((torch.sigmoid(logits) > 0.5).float(), label)
+            # a region the case's site did not annotate is never scored, whatever the training mode
+            losses.append(float(self.loss_fn(logits, label, batch[ANNOTATED])))
+            metrics.update((torch.sigmoid(logits) > 0.5).float(), label, batch[ANNOTATED])
             case_ids.extend(batch["case_id"])
         out: dict = {**metrics.aggregate(), "val_loss": sum(losses) / len(losses)}
         if per_case:

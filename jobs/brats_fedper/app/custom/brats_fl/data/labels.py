@@ -6,6 +6,8 @@ BraTS 2020 labels: 0 background, 1 necrotic / non-enhancing core (NCR/NET), 2 pe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
@@ -21,6 +23,17 @@ DISPLAY_ORDER: tuple[str, ...] = ("WT", "TC", "ET")
 BRATS_LABELS: frozenset[int] = frozenset({0, 1, 2, 4})
 
 _to_channels = ConvertToMultiChannelBasedOnBratsClasses(et_label=4)
+
+
+def annotation_mask(annotated: Sequence[str]) -> list[float]:
+    """1.0 for each region (REGIONS order) a case's annotator labelled, 0.0 for one left unlabelled.
+
+    Partial labels (SegViz): a site may annotate only some regions; the others are unknown, not background.
+    """
+    unknown = sorted(set(annotated) - set(REGIONS))
+    if unknown or not annotated:
+        raise ValueError(f"annotated regions must be a non-empty subset of {REGIONS}, got {list(annotated)}")
+    return [float(r in annotated) for r in REGIONS]
 
 
 def labels_to_regions(seg: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

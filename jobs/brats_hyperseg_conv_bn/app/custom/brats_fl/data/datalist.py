@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brats_fl.data.checks import DataError, Problem, require_valid
+from brats_fl.data.labels import REGIONS, annotation_mask
 from brats_fl.data.layout import MODALITIES, SEG, Case
 
 SPLITS = ("training", "validation", "test")
@@ -25,8 +26,14 @@ class Datalist:
     meta: dict
 
     def items(self, split: str) -> list[dict]:
-        """MONAI-style items ``{"image": [4 paths], "label": path, "case_id": id}`` with absolute paths."""
+        """MONAI-style items ``{"image": [4 paths], "label": path, "case_id": id, "annotated": [regions]}`` with
+        absolute paths."""
         return self.splits[split]
+
+    def annotated(self) -> list[str]:
+        """The regions this site annotates (in any of its training cases), REGIONS order."""
+        found = {r for item in self.splits["training"] for r in item["annotated"]}
+        return [r for r in REGIONS if r in found]
 
     def cases(self) -> list[Case]:
         """Every case of every split, for the data checks."""
@@ -52,6 +59,16 @@ def _inside(root: Path, rel: str, datalist: Path) -> Path:
     return path
 
 
+def _annotated(entry: dict, datalist: Path) -> list[str]:
+    """The regions an entry's label file annotates; all of them unless the datalist says otherwise."""
+    regions = entry.get("annotated", list(REGIONS))
+    try:
+        annotation_mask(regions)
+    except ValueError as err:
+        raise DataError([Problem(datalist, f"case {entry.get('case_id')!r}: {err}")]) from err
+    return [r for r in REGIONS if r in regions]
+
+
 def load_datalist(path: Path, root: Path, check: bool = True) -> Datalist:
     """Load ``path`` with entries relative to ``root``; with ``check`` run the data checks and raise on problems."""
     path, root = Path(path), Path(root).resolve()
@@ -72,6 +89,7 @@ def load_datalist(path: Path, root: Path, check: bool = True) -> Datalist:
                 "case_id": e["case_id"],
                 "image": [_inside(root, rel, path) for rel in e["image"]],
                 "label": _inside(root, e["label"], path),
+                "annotated": _annotated(e, path),
             }
             for e in doc[s]
         ]

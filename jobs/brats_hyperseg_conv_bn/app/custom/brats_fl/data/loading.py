@@ -21,6 +21,7 @@ from monai.transforms import (
     EnsureTyped,
     FgBgToIndicesd,
     LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     RandCropByPosNegLabeld,
     RandFlipd,
@@ -29,7 +30,33 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from brats_fl.data.labels import REGIONS, annotation_mask
+
 _FG, _BG = "label_fg_indices", "label_bg_indices"
+#: the item key of the per-region annotation mask (REGIONS order), see ``brats_fl.data.labels.annotation_mask``
+ANNOTATED = "annotated"
+
+
+class HideUnannotatedd(MapTransform):
+    """Zero the label channels of regions the case's site did not annotate, right after decoding.
+
+    Written by hand because MONAI has no per-sample channel mask transform. Hiding here, before sampling
+    indices are computed, means a site that annotates only ET never sees (nor centres patches on) the whole
+    tumour it did not label; the loss then ignores those channels (``brats_fl.training.RegionLoss``).
+    """
+
+    def __init__(self, label_key: str = "label", mask_key: str = ANNOTATED):
+        super().__init__(keys=[label_key])
+        self.label_key, self.mask_key = label_key, mask_key
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        if self.mask_key not in d:  # an item with no record of partial labels is fully annotated
+            return d
+        mask = torch.as_tensor(d[self.mask_key]).bool()
+        if not mask.all():
+            d[self.label_key] = d[self.label_key] * mask.view(-1, *[1] * (d[self.label_key].ndim - 1))
+        return d
 
 
 def _load_and_normalise(pad_to: Sequence[int] | None) -> list:
@@ -37,6 +64,7 @@ def _load_and_normalise(pad_to: Sequence[int] | None) -> list:
         LoadImaged(keys=["image", "label"], image_only=True),
         EnsureChannelFirstd(keys="image"),
         ConvertToMultiChannelBasedOnBratsClassesd(keys="label"),
+        HideUnannotatedd(),
         # the brain's bounding box: BraTS volumes are skull-stripped, so non-zero voxels are brain
         CropForegroundd(keys=["image", "label"], source_key="image", allow_smaller=True),
     ]
@@ -130,5 +158,13 @@ def eval_loader(items: list[dict]) -> DataLoader:
 
 
 def _strip(items: list[dict]) -> list[dict]:
-    """MONAI readers want string paths; keep the case id for reports."""
-    return [{"image": [str(p) for p in it["image"]], "label": str(it["label"]), "case_id": it["case_id"]} for it in items]
+    """MONAI readers want string paths; keep the case id for reports and the annotation mask for the loss."""
+    return [
+        {
+            "image": [str(p) for p in it["image"]],
+            "label": str(it["label"]),
+            "case_id": it["case_id"],
+            ANNOTATED: torch.tensor(annotation_mask(it.get(ANNOTATED, REGIONS))),
+        }
+        for it in items
+    ]

@@ -1,0 +1,73 @@
+"""Dice, IoU and HD95 per tumour region, with the BraTS challenge's conventions for empty masks.
+
+MONAI computes the metrics; this module fixes the conventions once:
+- Dice and IoU: both masks empty -> 1, one empty -> 0 (MONAI's ``ignore_empty=False``).
+- HD95 (mm): both empty -> 0; one empty -> 373.13, the BraTS challenge's value (the image diagonal).
+- A region the case's site did not annotate (partial labels) is not scored: it has no entry in the case's
+  row, and region means count only the cases that annotate the region; a region no case annotates has none.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+
+from brats_fl.data.labels import DISPLAY_ORDER, REGIONS
+
+HD95_UNDEFINED = 373.13
+METRICS = ("dice", "iou", "hd95")
+
+
+class RegionMetrics:
+    """Accumulates per-case, per-region metrics over an evaluation pass."""
+
+    def __init__(self, spacing: float | tuple[float, float, float] = 1.0):
+        self.spacing = spacing
+        self._dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+        self._iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
+        self._hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+        self.rows: list[dict[str, np.ndarray]] = []
+
+    def update(self, pred: torch.Tensor, truth: torch.Tensor, annotated: torch.Tensor | None = None) -> None:
+        """Add a batch of binary masks shaped (B, 3, X, Y, Z) in REGIONS order; ``annotated`` (B, 3) marks the
+        regions each case's labels cover (default: all)."""
+        pred, truth = pred.float(), truth.float()
+        dice = self._dice(pred, truth).cpu().numpy()
+        iou = self._iou(pred, truth).cpu().numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI warns on every empty mask; handled below
+            hd = self._hd(pred, truth, spacing=self.spacing).cpu().numpy().astype(np.float64)
+        pred_empty = (pred.flatten(2).sum(-1) == 0).cpu().numpy()
+        truth_empty = (truth.flatten(2).sum(-1) == 0).cpu().numpy()
+        hd = np.where(pred_empty & truth_empty, 0.0, np.where(pred_empty | truth_empty, HD95_UNDEFINED, hd))
+        scored = np.ones(dice.shape, bool) if annotated is None else annotated.bool().cpu().numpy()
+        for b in range(pred.shape[0]):
+            self.rows.append(
+                {m: np.where(scored[b], v[b], np.nan) for m, v in zip(METRICS, (dice, iou, hd), strict=True)}
+            )
+
+    def per_case(self) -> list[dict[str, float]]:
+        """One flat dict per case: ``dice_WT``, ``iou_TC``, ``hd95_ET`` ... (annotated regions only)."""
+        out = []
+        for row in self.rows:
+            values = {f"{m}_{r}": float(row[m][REGIONS.index(r)]) for m in METRICS for r in DISPLAY_ORDER}
+            out.append({k: v for k, v in values.items() if not np.isnan(v)})
+        return out
+
+    def aggregate(self) -> dict[str, float]:
+        """Means over cases per region, and each metric's mean over the regions (over the scored values)."""
+        if not self.rows:
+            raise ValueError("no case was evaluated")
+        out: dict[str, float] = {}
+        for m in METRICS:
+            table = np.stack([row[m] for row in self.rows])
+            for r in DISPLAY_ORDER:
+                column = table[:, REGIONS.index(r)]
+                if not np.isnan(column).all():
+                    out[f"{m}_{r}"] = float(np.nanmean(column))
+            out[f"{m}_mean"] = float(np.nanmean(table))
+        out["cases"] = float(len(self.rows))
+        return out
