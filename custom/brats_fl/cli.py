@@ -189,6 +189,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
         clients_per_round=args.clients_per_round,
         norm_ratio=args.norm_ratio,
         min_good=args.min_good,
+        min_responses=args.min_responses,
+        round_wait=args.round_wait,
         privacy=args.privacy,
         privacy_args=dict(_privacy_arg(text) for text in args.privacy_arg),
         quantize=args.quantize,
@@ -378,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients-per-round", type=int, default=None, help="segviz jobs: sites sampled per round")
     p.add_argument("--norm-ratio", type=float, default=defaults.norm_ratio, help="refuse updates this far above median")
     p.add_argument("--min-good", type=int, default=defaults.min_good, help="stop if fewer good updates in a round")
+    p.add_argument("--min-responses", type=int, default=None, help="FedAvg jobs: sites that must answer a round (all)")
+    p.add_argument(
+        "--round-wait",
+        type=int,
+        default=defaults.round_wait,
+        help="with --min-responses: seconds to wait for the other sites once that many have answered",
+    )
     p.add_argument("--privacy", choices=["none", *PRIVACY], default=defaults.privacy, help="see docs/privacy.md")
     p.add_argument("--privacy-arg", nargs="+", default=[], metavar="KEY=VALUE", help="e.g. fraction=0.1 epsilon=0.1")
     p.add_argument("--quantize", choices=["none", *QUANTIZATION], default=defaults.quantize, help="models on the wire")

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from nvflare.apis.filter import Filter
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.app_opt.pt.job_config.model import PTModel
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
@@ -36,6 +38,7 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 from brats_fl.algorithms.cyclic import ORDERS, PASS_VALIDATION_TASK, SequentialTransfer
 from brats_fl.algorithms.hyperseg import OPTIMISERS, VARIANTS, HyperSegController
 from brats_fl.algorithms.personal import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
+from brats_fl.algorithms.rounds import DeadlineFedAvg, SlowSite
 from brats_fl.algorithms.screening import FAULTS, FaultInjection, ScreenedAggregator, expected_shapes
 from brats_fl.algorithms.segviz import SegVizFedAvg, TaskHeadAggregator, head_keys
 from brats_fl.algorithms.transfer import ON_DIFFERENCES, PRIVACY, QUANTIZATION, TransferManifest
@@ -114,6 +117,11 @@ class JobParams:
     every site record a manifest of each message it sends and receives (``brats_fl.algorithms.transfer``).
     ``faults`` is a drill, ``{"site-2": ["nan", "none", "scale"]}``: that site sends the given broken update
     in rounds 0, 1, 2 (kinds in ``brats_fl.algorithms.screening.FAULTS``).
+
+    Stragglers (docs/deployment.md, ``brats_fl.algorithms.rounds``): a FedAvg job's round waits for every site
+    unless ``min_responses`` is set; then it closes ``round_wait`` seconds after that many sites have answered,
+    with the updates that came, and the job stops if a round ends with fewer answers. ``delays`` is a drill,
+    ``{"site-3": 20}``: that site holds each training update 20 s before sending it.
     """
 
     rounds: int = 20
@@ -144,6 +152,9 @@ class JobParams:
     quantize: str = "none"
     audit_transfer: bool = False
     faults: dict[str, list[str]] = field(default_factory=dict)
+    min_responses: int | None = None
+    round_wait: int = 0
+    delays: dict[str, float] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -172,6 +183,10 @@ class JobParams:
         self._check_privacy()
         kinds = {f for plan in self.faults.values() for f in plan}
         _require(kinds <= set(FAULTS), f"faults among {FAULTS}, got {sorted(kinds)}")
+        ok = self.min_responses is None or 1 <= self.min_responses <= self.sites
+        _require(ok, f"1 <= min_responses <= sites ({self.sites}), got {self.min_responses}")
+        _require(self.round_wait >= 0, f"round_wait >= 0 seconds, got {self.round_wait}")
+        _require(min(self.delays.values(), default=0) >= 0, f"delays >= 0 seconds, got {self.delays}")
 
     def _check_privacy(self) -> None:
         name, args = self.privacy, self.privacy_args
@@ -232,9 +247,11 @@ def _fedavg(
         *(["--partial-labels", partial_labels] if partial_labels else []),
     ]
     model = params.model(multi_head=multi_head)
-    # the central baselines have a single site, whatever min_good says
+    # the central baselines have a single site, whatever min_good and min_responses say
     screen = ScreenedAggregator(expected_shapes(model.state_dict()), params.norm_ratio, min(params.min_good, sites))
-    recipe = FedAvgRecipe(
+    recipe = DeadlineFedAvgRecipe(
+        min_responses=min(params.min_responses, sites) if params.min_responses else None,
+        round_wait=params.round_wait,
         name=name,
         model=model,
         initial_ckpt=params.resume_from,
@@ -252,10 +269,45 @@ def _fedavg(
     return _with_evaluation(recipe)
 
 
+class DeadlineFedAvgRecipe(FedAvgRecipe):
+    """FLARE's PyTorch FedAvg recipe with ``DeadlineFedAvg`` for its controller, which FedAvgRecipe builds in its
+    constructor through ``_create_controller`` and offers no way to give a minimum of answers or a wait."""
+
+    def __init__(self, *, min_responses: int | None, round_wait: int, **kwargs: Any):
+        # set before FedAvgRecipe's constructor, which calls _create_controller
+        self.min_responses = min_responses
+        self.round_wait = round_wait
+        super().__init__(**kwargs)
+
+    def _create_controller(
+        self, persistor_id: str, model_params: dict | None, model_aggregator: ModelAggregator | None
+    ) -> FedAvg:
+        # FLARE 2.9's FedAvgRecipe._create_controller, with our class and its two arguments; a difference in
+        # FedAvg's arguments would show in the exported jobs (tests/test_jobs.py)
+        return DeadlineFedAvg(
+            num_clients=self.min_clients,
+            num_rounds=self.num_rounds,
+            persistor_id=persistor_id,
+            model=model_params,
+            save_filename=self.save_filename,
+            aggregator=model_aggregator,
+            stop_cond=self.stop_cond,
+            patience=self.patience,
+            task_name=TRAIN_TASK,
+            exclude_vars=self.exclude_vars,
+            aggregation_weights=self.aggregation_weights,
+            memory_gc_rounds=self.server_memory_gc_rounds,
+            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
+            min_responses=self.min_responses,
+            round_wait=self.round_wait,
+            **self._get_controller_kwargs(),
+        )
+
+
 def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) -> None:
     """FLARE's filters on what crosses the wire, in the order they act (``JobParams``, docs/privacy.md).
 
-    A site's training update meets the drill's fault, then the privacy filter, then quantisation, then the
+    A site's training update meets the drills' delay and fault, then the privacy filter, then quantisation, then the
     manifest, which so records what actually leaves; an incoming task is recorded before it is dequantised.
     Privacy acts on training updates only, as in FLARE's examples: a site's model submitted for cross-site
     evaluation must stay whole to be scored elsewhere.
@@ -272,7 +324,9 @@ def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) 
     for tasks in ([TRAIN_TASK], OTHER_TASKS):
         training = tasks == [TRAIN_TASK]
         incoming: list[Filter] = [TransferManifest("incoming")] if params.audit_transfer else []
-        outgoing: list[Filter] = [FaultInjection(params.faults)] if params.faults and training else []
+        outgoing: list[Filter] = [SlowSite(params.delays)] if params.delays and training else []
+        if params.faults and training:
+            outgoing.append(FaultInjection(params.faults))
         if params.privacy != "none" and training:
             outgoing.append(_privacy_filter(params, model))
         if quantize:
@@ -328,6 +382,8 @@ class ControllerRecipe(Recipe):
     ):
         if params.transfer != "full":
             raise ValueError(f"{name}: sites return whole models; transfer must be 'full', not {params.transfer!r}")
+        if params.min_responses is not None and not isinstance(controller, DeadlineFedAvg):
+            raise ValueError(f"{name} runs its own controller; min_responses is for the FedAvg-based jobs")
         # no model selector: what a site reports is not always the score of the model the server keeps
         job = BaseFedJob(name=name, min_clients=params.sites, key_metric="")
         persistor = PTModel(
@@ -424,6 +480,8 @@ def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
         num_clients=params.clients_per_round or params.sites,
         num_rounds=params.rounds,
         aggregator=aggregator,
+        min_responses=params.min_responses,
+        round_wait=params.round_wait,
     )
     flags = ["--multi-head", "--personal", personal, "--finetune-scope", "heads"]
     client = [*params.client_args(), *flags, "--finetune-epochs", str(_finetune_epochs(params))]

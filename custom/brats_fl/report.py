@@ -79,10 +79,16 @@ def find_server_run(folder: Path) -> Path:
 
 
 def _pooled(per_site: dict[str, dict]) -> dict[str, float]:
-    """Case-weighted means over sites (the same as pooling the test cases) and the worst site's mean Dice."""
+    """Case-weighted means over sites (the same as pooling the test cases) and the worst site's mean Dice.
+
+    With partial labels a site reports only the regions it annotates; each metric is pooled over the sites that
+    report it."""
     total = sum(m["cases"] for m in per_site.values())
-    keys = [k for k in next(iter(per_site.values())) if k != "cases"]
-    out = {k: sum(m[k] * m["cases"] for m in per_site.values()) / total for k in keys}
+    keys = dict.fromkeys(k for m in per_site.values() for k in m if k != "cases")
+    out = {}
+    for key in keys:
+        scored = [m for m in per_site.values() if key in m]
+        out[key] = sum(m[key] * m["cases"] for m in scored) / sum(m["cases"] for m in scored)
     worst = min(per_site, key=lambda s: per_site[s]["dice_mean"])
     return out | {"cases": float(total), "worst_site": worst, "worst_dice_mean": per_site[worst]["dice_mean"]}
 

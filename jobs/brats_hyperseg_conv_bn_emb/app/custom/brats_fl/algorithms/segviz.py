@@ -22,8 +22,8 @@ from pathlib import Path
 
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.base_fedavg import _get_client_name
-from nvflare.app_common.workflows.fedavg import FedAvg
 
+from brats_fl.algorithms.rounds import DeadlineFedAvg
 from brats_fl.algorithms.screening import ScreenedAggregator
 from brats_fl.data.labels import REGIONS
 from brats_fl.model import BratsUNet, parameter_groups
@@ -91,11 +91,12 @@ class TaskHeadAggregator(ScreenedAggregator):
         return result
 
 
-class SegVizFedAvg(FedAvg):
-    """FLARE's FedAvg (given a ``TaskHeadAggregator``) with the sites of each round drawn from the job's seed."""
+class SegVizFedAvg(DeadlineFedAvg):
+    """The FedAvg jobs' controller (FLARE's FedAvg with a round deadline), given a ``TaskHeadAggregator``, with the
+    sites of each round drawn from the job's seed."""
 
     def __init__(self, *args, seed: int = 0, **kwargs):
-        # *args and **kwargs let FLARE's job export find FedAvg's arguments (num_rounds, aggregator ...) too
+        # *args and **kwargs let FLARE's job export find the parents' arguments (num_rounds, aggregator ...) too
         super().__init__(*args, **kwargs)
         self.seed = seed
 
