@@ -154,7 +154,7 @@ def comparison_table(scores: dict, split: str) -> tuple[list[str], list[list[str
             for other in (BASELINE, CENTRAL):
                 theirs = scores.get(other, {}).get(split, {}).get(region, {})
                 p = paired_p(mine, theirs) if other != scheme else None
-                parts.append("-" if p is None else f"{p:.3f}")
+                parts.append("-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}")
             tests.append(" / ".join(parts))
         rows.append([scheme, *cells, *tests])
     return header, rows
