@@ -167,7 +167,9 @@ class ScreenedAggregator(ModelAggregator):
     def _average(self) -> FLModel:
         params, metrics = WeightedAggregationHelper(), WeightedAggregationHelper()
         all_metrics = True
-        for model in self._good:
+        # in site order, not arrival order: float sums depend on their order, and one ulp of difference in the
+        # global model grows through the next round's training, so a run could not be repeated
+        for model in sorted(self._good, key=_get_client_name):
             site, weight = _get_client_name(model), _get_num_steps_weight(model)
             params.add(data=model.params, weight=weight, contributor_name=site, contribution_round=self._round)
             # as FedAvg: metrics are averaged only when every site reported some
