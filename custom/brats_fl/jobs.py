@@ -570,6 +570,8 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
 }
 #: jobs that train at one site at a time, which may then use every core of a shared machine
 SEQUENTIAL = ("brats_cyclic", "brats_swt")
+#: jobs that train one model at one site on the pooled datalist
+POOLED = ("brats_central", "brats_segviz_central")
 
 
 def build(name: str, params: JobParams | None = None) -> Recipe:
@@ -605,7 +607,7 @@ def export_jobs(out: Path, names: list[str] | None = None, params: JobParams | N
 
 def run_simulation(name: str, params: JobParams, site_config: Path, workspace: Path) -> Path:
     """Run a job in FLARE's simulator with every site reading ``site_config``; returns the job's workspace."""
-    sites = 1 if name in ("brats_central", "brats_segviz_central") else params.sites
+    sites = 1 if name in POOLED else params.sites
     env = SimEnv(num_clients=sites, num_threads=sites, workspace_root=str(Path(workspace).resolve()))
     # inherited by the simulator's site processes, which share this machine's cores
     training_at_once = 1 if name in SEQUENTIAL else sites
