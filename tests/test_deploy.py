@@ -19,7 +19,9 @@ from brats_fl import deploy
 from brats_fl.data.layout import find_cases
 from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.jobs import JobParams, export_jobs
+from brats_fl.model import fingerprint
 from brats_fl.report import summarise_run
+from brats_fl.resume import checkpoint_round, resume_job
 from nvflare.fuel.flare_api.api_spec import AuthorizationError
 
 SITES = ["site-1", "site-2"]
@@ -129,11 +131,41 @@ def test_altered_kits_and_roles_without_custom_code_rights_are_refused(tmp_path,
             sess.submit_job(str(job))
 
 
+def _wait_for_checkpoint(system: deploy.System, job_id: str, rnd: int, timeout: float = 300) -> Path:
+    """The server's global model of job ``job_id`` once it has closed round ``rnd``."""
+    path = system.kit(system.server) / job_id / "app_server" / "FL_global_model.pt"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and checkpoint_round(path) == rnd:
+            return path
+        time.sleep(1)
+    raise TimeoutError(f"{path}: round {rnd} not closed after {timeout:.0f} s\n{system.logs()}")
+
+
+def _rows(kits: Path, site: str, job_id: str) -> list[dict]:
+    lines = (kits / site / job_id / "brats_fl" / "rounds.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _check_resumed(kits: Path, job_id: str, checkpoint: Path, before: str, rnd: int) -> None:
+    """Job ``job_id`` began at round ``rnd`` from ``checkpoint``'s weights, and every site from the personal layers
+    it had after round ``rnd - 1`` of job ``before``."""
+    weights = fingerprint(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    for site in SITES:
+        kept = {row["round"]: row["kept"] for row in _rows(kits, site, before)}
+        resumed = json.loads((kits / site / job_id / "brats_fl" / "site.json").read_text())["resumed_from"]
+        assert (resumed["round"], resumed["personal"]) == (rnd - 1, kept[rnd - 1]), (site, resumed)
+        first = _rows(kits, site, job_id)[0]
+        assert (first["round"], first["received"]) == (rnd, weights), site
+
+
 @pytest.mark.slow
-def test_poc_site_dies_mid_job_and_the_server_takes_the_next_job(tiny_phantom, lists, tmp_path, env):
-    params = JobParams(**{**vars(TINY), "rounds": 3, "local_epochs": 2})
-    long_job = export_jobs(tmp_path / "long", ["brats_fedavg"], params=params)[0]
-    short_job = export_jobs(tmp_path / "short", ["brats_fedavg"], params=JobParams(**{**vars(TINY), "rounds": 1}))[0]
+def test_poc_site_then_server_die_mid_job_and_resumed_jobs_continue(tiny_phantom, lists, tmp_path, env):
+    """Site death: the server stops the job. Server death: FLARE 2.9 cannot resume, brats-fl's resume-job can. Each
+    resumed job starts from the last global model its predecessor's server kept, every site from its own FedPer
+    head of that round, whatever it had trained since; the second resumed job finishes the job."""
+    params = JobParams(**{**vars(TINY), "rounds": 3})
+    job = export_jobs(tmp_path / "jobs", ["brats_fedper"], params=params)[0]
     kits = deploy.poc_prepare(tmp_path / "poc", 2, deploy.free_port(), env=env)
     for site in SITES:
         deploy.install_site_config(kits / site, tiny_phantom, lists, threads=1)
@@ -141,19 +173,40 @@ def test_poc_site_dies_mid_job_and_the_server_takes_the_next_job(tiny_phantom, l
     with deploy.System(kits, "server", deploy.POC_ADMIN, env=env) as system:
         system.start_all(SITES, timeout=240)
         with system.session() as sess:
-            job_id = sess.submit_job(str(long_job))
-            rounds = kits / "site-2" / job_id / "brats_fl" / "rounds.jsonl"
-            deadline = time.monotonic() + 300
-            while not rounds.exists() and time.monotonic() < deadline:
-                time.sleep(1)
-            assert rounds.exists(), system.logs()
-            system.kill("site-2")
-            meta = sess.wait_for_job(job_id, timeout=600, poll_interval=3)
+            first = sess.submit_job(str(job))
+            _wait_for_checkpoint(system, first, 0)
+            system.kill("site-2")  # while it trains round 1
+            meta = sess.wait_for_job(first, timeout=600, poll_interval=3)
+            # the job has ended: its server folder is gone, its last global model is in its result
+            downloaded = Path(sess.download_job_result(first, str(tmp_path / "first")))
         assert meta["status"] != "FINISHED:COMPLETED", meta
+        checkpoint = downloaded / "workspace" / "app_server" / "FL_global_model.pt"
         log = (kits / "server" / "console.log").read_text()
         assert "received dead job report for client site-2" in log
         assert "Alive clients 1 < required min 2" in log
         system.start("site-2")
         system.wait_for_sites(SITES, timeout=240)
-        result = system.run_job(short_job, tmp_path / "results", timeout=600)
+
+        second_job, _ = resume_job(job, checkpoint, tmp_path / "resume_1")
+        with system.session() as sess:
+            second = sess.submit_job(str(second_job))
+            on_server = _wait_for_checkpoint(system, second, 1)
+        system.kill("server")  # while the sites train round 2
+        # the job's folder stays on the server's disk when its process dies: take its last global model from there
+        second_checkpoint = Path(shutil.copy(on_server, tmp_path / "second_FL_global_model.pt"))
+        system.start("server")
+        system.wait_for_sites(SITES, timeout=240)
+
+        third_job, done = resume_job(second_job, second_checkpoint, tmp_path / "resume_2")
+        assert done == 1
+        result = system.run_job(third_job, tmp_path / "results", timeout=600)
     assert result.completed, result
+    # site-1 trained round 1 of the first job before it stopped: its newest state was a round past the checkpoint
+    assert [row["round"] for row in _rows(kits, "site-1", first)] == [0, 1]
+    _check_resumed(kits, second, checkpoint, first, 1)
+    _check_resumed(kits, result.job_id, second_checkpoint, second, 2)
+    for site in SITES:
+        assert [row["round"] for row in _rows(kits, site, result.job_id)] == [2]
+        assert (kits / site / result.job_id / "brats_fl" / "personalised_test.json").is_file()
+    final = result.folder / "workspace" / "app_server" / "FL_global_model.pt"
+    assert checkpoint_round(final) == 2

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from brats_fl.algorithms.rounds import rounds_left
 from brats_fl.cli import main
 from brats_fl.jobs import JobParams, export_jobs, run_simulation
 from brats_fl.report import summarise_run
+from brats_fl.resume import RESUME_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = JobParams(rounds=3, local_epochs=3, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3)
@@ -41,6 +43,65 @@ def test_jobs_name_no_machine_path():
     for path in (REPO / "jobs").rglob("*.json"):
         text = path.read_text()
         assert str(REPO) not in text and "/home/" not in text and "/tmp/" not in text, path
+
+
+def _configs(job: Path, checkpoint: str = "") -> list[dict]:
+    """A job's configurations; a server-side ``checkpoint`` path read as the checkpoint bundled into the job."""
+    texts = [p.read_text() for p in sorted(job.glob("app/config/*.json"))]
+    return [json.loads(t.replace(checkpoint, RESUME_FILE) if checkpoint else t) for t in texts]
+
+
+def _checkpoint(folder: Path, rnd: int) -> Path:
+    """A server's global model as FLARE's persistor saves it, with the hypernetwork state HyperSeg keeps beside it."""
+    folder.mkdir(parents=True)
+    torch.save({"model": {"w": torch.ones(2)}, "meta_props": {"current_round": rnd}}, folder / "FL_global_model.pt")
+    torch.save({"round": rnd}, folder / "hypernetwork.pt")
+    return folder / "FL_global_model.pt"
+
+
+@pytest.mark.parametrize("job", ["brats_fedper", "brats_segviz_fedbn", "brats_hyperseg_conv_bn"])
+def test_resume_job_is_the_export_with_resume_from(job: str, tmp_path: Path, capsys):
+    """`brats-fl resume-job` turns a submitted job folder into the one the definitions export with resume_from,
+    with the checkpoint bundled into the job."""
+    checkpoint = _checkpoint(tmp_path / "server" / "1234", 1)
+    submitted = export_jobs(tmp_path / "submitted", [job])[0]
+    expected = export_jobs(tmp_path / "expected", [job], params=JobParams(resume_from=str(checkpoint)))[0]
+    assert _configs(submitted) != _configs(expected, str(checkpoint))
+    resumed = tmp_path / "resumed"
+    assert main(["resume-job", str(submitted), "--checkpoint", str(checkpoint), "--out", str(resumed)]) == 0
+    assert "after round 1" in capsys.readouterr().out
+    assert _configs(resumed) == _configs(expected, str(checkpoint))
+    assert (resumed / "app" / "custom" / RESUME_FILE).read_bytes() == checkpoint.read_bytes()
+    assert main(["resume-job", str(submitted), "--checkpoint", str(checkpoint), "--out", str(resumed)]) == 2
+    assert "resumed: already exists" in capsys.readouterr().err
+    # a resumed job that is interrupted in its turn continues from its own, newer checkpoint
+    newer = _checkpoint(tmp_path / "server" / "5678", 3)
+    assert main(["resume-job", str(resumed), "--checkpoint", str(newer), "--out", str(tmp_path / "again")]) == 0
+    assert _configs(tmp_path / "again") == _configs(expected, str(checkpoint))
+    assert (tmp_path / "again" / "app" / "custom" / RESUME_FILE).read_bytes() == newer.read_bytes()
+
+
+def test_resume_job_refuses_what_cannot_resume(tmp_path: Path, capsys):
+    checkpoint = _checkpoint(tmp_path / "server", 1)
+    cyclic = export_jobs(tmp_path, ["brats_cyclic"])[0]
+    assert main(["resume-job", str(cyclic), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")])
+    assert "cannot resume (the sequential jobs cannot)" in capsys.readouterr().err
+    fedavg = export_jobs(tmp_path, ["brats_fedavg"])[0]
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(checkpoint.read_bytes()[:100])
+    torch.save({"model": {}}, tmp_path / "no_round.pt")
+    for bad, why in [(broken, "not a readable checkpoint"), (tmp_path / "no_round.pt", "records no completed round")]:
+        assert main(["resume-job", str(fedavg), "--checkpoint", str(bad), "--out", str(tmp_path / "y")])
+        assert f"{bad}: {why}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_rounds_left_after_a_checkpoint():
+    assert rounds_left({"current_round": 1}, total=5) == (2, 3)
+    with pytest.raises(ValueError, match="nothing to resume: the checkpoint closed round 4, the last of the job's 5"):
+        rounds_left({"current_round": 4}, total=5)
+    with pytest.raises(ValueError, match="records no completed round"):
+        rounds_left({}, total=5)
 
 
 @pytest.mark.parametrize("job", ["brats_central", "brats_local", "brats_fedavg"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from brats_fl.algorithms.personal import personal_keys
 from brats_fl.jobs import JobParams, run_simulation
-from brats_fl.model import BratsUNet, parameter_groups
+from brats_fl.model import BratsUNet, fingerprint, parameter_groups
 from brats_fl.report import summarise_run
 
 SITES = ("site-1", "site-2", "site-3")
@@ -63,31 +63,31 @@ def _check_aggregation(run: Path, params: JobParams, personal: set[str]) -> dict
     return global_model
 
 
-def _personal_checksums(run: Path, personal: set[str]) -> dict[str, float]:
-    out = {}
-    for site in SITES:
-        state = torch.load(_site(run, site) / "local_model.pt", weights_only=False)["state_dict"]
-        out[site] = float(sum(state[k].double().sum() for k in personal))
-    return out
+def _rows(run: Path, site: str) -> list[dict]:
+    return [json.loads(line) for line in (_site(run, site) / "rounds.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_fedper_keeps_the_head_at_each_site_and_resumes_it(sim_data: Path, tmp_path: Path):
+def test_fedper_keeps_the_head_at_each_site_and_a_resumed_job_continues(sim_data: Path, tmp_path: Path):
     run = run_simulation("brats_fedper", TINY, sim_data, tmp_path / "first")
     personal = set(personal_keys(TINY.model(), "head:2"))
     _check_aggregation(run, TINY, personal)
-    checksums = _personal_checksums(run, personal)
-    assert len(set(checksums.values())) == len(SITES), "personal layers should differ between sites"
+    kept = {site: _rows(run, site)[-1]["kept"] for site in SITES}
+    assert len(set(kept.values())) == len(SITES), "personal layers should differ between sites"
     summary = summarise_run(run)
     assert set(summary["test_per_site"]) == set(SITES)
 
-    # a restarted job starts from the last global model and every site from the head it kept
+    # the same job with one round more, resumed from the first run's last global model (round 1): it runs round 2
+    # only, from that global model, every site from the head and optimiser it kept after round 1
     last_global = run / "server/simulate_job/app_server/FL_global_model.pt"
-    resumed = JobParams(**{**vars(TINY), "rounds": 1, "resume_from": str(last_global)})
+    sent = torch.load(last_global, weights_only=False)["model"]
+    resumed = JobParams(**{**vars(TINY), "rounds": 3, "resume_from": str(last_global)})
     run2 = run_simulation("brats_fedper", resumed, sim_data, tmp_path / "second")
     for site in SITES:
         record = json.loads((_site(run2, site) / "site.json").read_text())["resumed_from"]
-        assert record["checksum"] == pytest.approx(checksums[site], rel=1e-9), site
+        assert (record["round"], record["personal"]) == (1, kept[site]), site
+        rows = _rows(run2, site)
+        assert [r["round"] for r in rows] == [2] and rows[0]["received"] == fingerprint(sent), site
 
 
 @pytest.mark.slow

@@ -154,6 +154,13 @@ def _cmd_export_jobs(args: argparse.Namespace) -> int:
     return 1 if stale else 0
 
 
+def _cmd_resume_job(args: argparse.Namespace) -> None:
+    from brats_fl.resume import resume_job
+
+    out, done = resume_job(args.job, args.checkpoint, args.out)
+    print(f"wrote {out}: submit it to continue {args.job.name} after round {done}, every site from the state it kept")
+
+
 def _differs(cmp) -> bool:
     """True if two exported job folders differ in any file name or content (compared byte by byte)."""
     _, mismatch, errors = filecmp.cmpfiles(cmp.left, cmp.right, cmp.common_files, shallow=False)
@@ -348,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 if the folders differ from a fresh export")
     p.set_defaults(func=_cmd_export_jobs)
 
+    p = sub.add_parser("resume-job", help="the job that continues an interrupted run (see brats_fl.resume)")
+    p.add_argument("job", type=Path, help="the job folder that was submitted")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the run's last FL_global_model.pt from its server")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the resumed job")
+    p.set_defaults(func=_cmd_resume_job)
+
     defaults = JobParams()
     p = sub.add_parser("run", help="run a job in FLARE's simulator and print its test table")
     p.add_argument("job")
@@ -364,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--personal", default=None, help="keys kept at each site: none, all, head:N, norm, head:N+norm")
     p.add_argument("--finetune-epochs", type=int, default=None, help="local epochs after federated training")
     p.add_argument("--transfer", choices=["full", "diff"], default=defaults.transfer)
-    p.add_argument("--resume-from", type=Path, default=None, help="a previous run's FL_global_model.pt")
+    p.add_argument("--resume-from", type=Path, default=None, help="continue from a run's FL_global_model.pt")
     p.add_argument("--passes", type=int, default=None, help="sequential jobs: trips around the sites")
     p.add_argument("--visit-epochs", type=int, default=None, help="sequential jobs: local epochs per visit")
     p.add_argument("--order", choices=["fixed", "shuffle"], default=defaults.order, help="sequential jobs: visit order")

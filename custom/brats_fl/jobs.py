@@ -98,9 +98,10 @@ class JobParams:
     """What a user tunes per run; defaults finish the README demo on 2 CPU cores in about 15 minutes.
 
     ``personal`` and ``finetune_epochs`` left as None take the job's own choice (FedPer keeps ``head:2``
-    at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``resume_from`` names a
-    previous run's global model on the server: the job starts from it, and every site from the personal
-    layers it kept. ``transfer`` is FLARE's: ``full`` weights or the ``diff`` to the received ones.
+    at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``resume_from`` names an
+    interrupted run's last global model on the server: the job continues after the round it closed, up to
+    ``rounds`` in all, and every site from the state it kept after that round (``brats_fl.resume``).
+    ``transfer`` is FLARE's: ``full`` weights or the ``diff`` to the received ones.
 
     Sequential jobs (cyclic, single weight transfer) make ``passes`` trips around the sites (None: the job's
     own, 2 or 1), visiting them in a ``fixed`` or ``shuffle``d order; each visit trains ``visit_epochs``
@@ -252,6 +253,7 @@ def _fedavg(
     recipe = DeadlineFedAvgRecipe(
         min_responses=min(params.min_responses, sites) if params.min_responses else None,
         round_wait=params.round_wait,
+        resume=bool(params.resume_from),
         name=name,
         model=model,
         initial_ckpt=params.resume_from,
@@ -271,12 +273,14 @@ def _fedavg(
 
 class DeadlineFedAvgRecipe(FedAvgRecipe):
     """FLARE's PyTorch FedAvg recipe with ``DeadlineFedAvg`` for its controller, which FedAvgRecipe builds in its
-    constructor through ``_create_controller`` and offers no way to give a minimum of answers or a wait."""
+    constructor through ``_create_controller`` and offers no way to give a minimum of answers, a wait, or a
+    resumption."""
 
-    def __init__(self, *, min_responses: int | None, round_wait: int, **kwargs: Any):
+    def __init__(self, *, min_responses: int | None, round_wait: int, resume: bool, **kwargs: Any):
         # set before FedAvgRecipe's constructor, which calls _create_controller
         self.min_responses = min_responses
         self.round_wait = round_wait
+        self.resume = resume
         super().__init__(**kwargs)
 
     def _create_controller(
@@ -300,6 +304,7 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
             enable_tensor_disk_offload=self.enable_tensor_disk_offload,
             min_responses=self.min_responses,
             round_wait=self.round_wait,
+            resume=self.resume,
             **self._get_controller_kwargs(),
         )
 
@@ -482,6 +487,7 @@ def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
         aggregator=aggregator,
         min_responses=params.min_responses,
         round_wait=params.round_wait,
+        resume=bool(params.resume_from),
     )
     flags = ["--multi-head", "--personal", personal, "--finetune-scope", "heads"]
     client = [*params.client_args(), *flags, "--finetune-epochs", str(_finetune_epochs(params))]

@@ -263,6 +263,15 @@ class Trainer:
             out["per_case"] = [{"case_id": c, **m} for c, m in zip(case_ids, metrics.per_case(), strict=True)]
         return out
 
+    def state_dict(self) -> dict:
+        """What training needs besides the weights to go on where it stopped: optimiser moments and the epoch the
+        learning-rate schedule has reached."""
+        return {"optimizer": self.optimizer.state_dict(), "epochs_done": self.epochs_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epochs_done = int(state["epochs_done"])
+
     def save(self, path: Path, **meta) -> None:
         """Save weights with the model config, so ``load_model`` needs nothing else."""
         path.parent.mkdir(parents=True, exist_ok=True)

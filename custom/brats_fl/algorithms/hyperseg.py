@@ -10,7 +10,8 @@ A learned descriptor (``embedding``) is trained the same way. FLARE has no hyper
 controller is ours; the personal tensors never leave the server except towards their own site.
 
 The hypernetwork and its optimiser are saved beside the global model (``hypernetwork.pt`` in the server's app
-folder) after every round, so a job started again with ``resume_from`` (that run's global model) continues after
+folder) after every round, so a job started again with ``resume_from`` (that run's global model, or the copy
+``brats-fl resume-job`` bundles with the hypernetwork into the job) continues after
 the last round with the same global model, hypernetwork and optimiser. The global model the persistor keeps holds
 the shared weights and the personal tensors generated for the average descriptor: the model a new site would
 start from. After the last round each site receives its own final personal tensors (task ``personalise``),
@@ -146,7 +147,7 @@ class HyperSegController(ModelController):
             initial, len(self.sites), self.descriptor, self.embedding_dim, self.hn_depth, self.hn_width, self.seed
         )
         self.optimiser = OPTIMISERS[self.hn_optimizer](self.net.parameters(), lr=self.hn_lr)
-        start = self._restore(Path(self.resume_from).parent / STATE_FILE) if self.resume_from else 0
+        start = self._restore(self._resume_folder() / STATE_FILE) if self.resume_from else 0
         for rnd in range(start, self.num_rounds):
             use_net = rnd >= self.warmup_rounds
             personal = {s: self._generate(i) if use_net else initial for i, s in enumerate(self.sites)}
@@ -237,6 +238,12 @@ class HyperSegController(ModelController):
             "optimiser": self.optimiser.state_dict(),
         }
         torch.save(state, Path(self.get_app_dir()) / STATE_FILE)
+
+    def _resume_folder(self) -> Path:
+        """Where the checkpoint to resume from lies: a relative ``resume_from`` was bundled into the job's custom
+        folder (``brats_fl.resume``), as FLARE's persistor reads a relative checkpoint."""
+        path = Path(self.resume_from)
+        return (path if path.is_absolute() else Path(self.get_app_dir()) / "custom" / path).parent
 
     def _restore(self, path: Path) -> int:
         """Continue after the last saved round, with the hypernetwork and optimiser as they were."""

@@ -16,8 +16,9 @@ regions the site does not annotate are loaded but never sent, and every result d
 annotates. ``all`` makes the local-only baseline, where every site trains alone; there, and only there,
 cross-site evaluation receives each site's whole model, since that is what the baseline compares. The
 site's data comes from its own configuration (``brats_fl.site_config``), never from the job. What the
-site records stays at the site: ``<job id>/brats_fl/`` in its workspace for this run, and the personal
-layers a restarted job resumes from in its state folder (see ``brats_fl.site_config``).
+site records stays at the site: ``<job id>/brats_fl/`` in its workspace for this run, and in its state folder
+(see ``brats_fl.site_config``) what a resumed job needs: after every round, the personal layers and the optimiser
+state, kept for the last ``KEEP_ROUNDS`` rounds (``brats_fl.resume`` says why two).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from brats_fl.model import fingerprint, parameter_groups, state_bytes
 from brats_fl.site_config import resolve
 from brats_fl.training import Trainer, add_arguments, config_from_args, make_train_loader
 
+#: rounds of site state kept: the server's last saved global model may be a round behind a site's last training
+KEEP_ROUNDS = 2
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
@@ -59,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="all",
         help="what fine-tuning trains: personal layers, the task block (representation frozen), or everything",
     )
-    p.add_argument("--resume", action="store_true", help="start from the personal layers this site kept")
+    p.add_argument("--resume", action="store_true", help="continue from the state this site kept for the job")
     p.add_argument("--audit", action="store_true", help="keep a copy of every model this site receives and sends")
     return p.parse_args(argv)
 
@@ -94,25 +98,50 @@ class Site:
         self.name = name
         self.run_dir = workspace / job_id / "brats_fl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.state_file = data.state_dir / args.job / "personal.pt"
-        record = {"site": name, "data": {k: str(v) for k, v in vars(data).items()}, "train": self.config.to_dict()}
-        record["personal_keys"] = sorted(self.personal)
-        record["annotated"] = self.annotated
-        if args.resume:
-            record["resumed_from"] = self._resume()
+        self.state_dir = data.state_dir / args.job
+        self.record = {"site": name, "data": {k: str(v) for k, v in vars(data).items()}, "train": self.config.to_dict()}
+        self.record["personal_keys"] = sorted(self.personal)
+        self.record["annotated"] = self.annotated
+        #: the state to continue from is known at the first training task, which names the round
+        self.to_resume = args.resume
         self.train = make_train_loader(self.datalist.items("training"), self.config)
         self.val = eval_loader(self.datalist.items("validation"))
         self.writer = SummaryWriter()
-        (self.run_dir / "site.json").write_text(json.dumps(record, indent=1))
+        self._write_record()
 
-    def _resume(self) -> dict:
-        if not self.state_file.is_file():
-            raise FileNotFoundError(f"{self.state_file}: {self.name} was asked to resume, but kept no personal layers")
-        state = torch.load(self.state_file, map_location="cpu")
-        if set(state) != self.personal:
-            raise ValueError(f"{self.state_file}: holds other personal keys than this job's ({self.args.personal})")
-        self.trainer.model.load_state_dict(state, strict=False)
-        return {"file": str(self.state_file), "checksum": float(sum(t.double().sum() for t in state.values()))}
+    def _write_record(self) -> None:
+        (self.run_dir / "site.json").write_text(json.dumps(self.record, indent=1))
+
+    def _state_file(self, rnd: int) -> Path:
+        return self.state_dir / f"round_{rnd}.pt"
+
+    def _keep_state(self, rnd: int) -> None:
+        """Keep what this site needs to go on after round ``rnd``: its personal layers and its optimiser state.
+        Written whole or not at all (a site may die while writing); older rounds beyond ``KEEP_ROUNDS`` go."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = {"round": rnd, "personal": self.personal_state(), "trainer": self.trainer.state_dict()}
+        partial = self.state_dir / f".round_{rnd}.pt.partial"
+        torch.save(state, partial)
+        partial.replace(self._state_file(rnd))
+        for old in self.state_dir.glob("round_*.pt"):
+            if int(old.stem.removeprefix("round_")) <= rnd - KEEP_ROUNDS:
+                old.unlink()
+
+    def _resume(self, rnd: int) -> dict:
+        """Continue at round ``rnd`` with the personal layers and optimiser state this site had after ``rnd - 1``."""
+        path = self._state_file(rnd - 1)
+        if rnd < 1 or not path.is_file():
+            kept = sorted(p.name for p in self.state_dir.glob("round_*.pt")) if self.state_dir.is_dir() else []
+            raise FileNotFoundError(
+                f"{path}: {self.name} was asked to resume job {self.args.job} at round {rnd}, but kept no state of "
+                f"round {rnd - 1} (it has {kept or 'none'})"
+            )
+        state = torch.load(path, map_location="cpu")
+        if set(state["personal"]) != self.personal:
+            raise ValueError(f"{path}: holds other personal keys than this job's ({self.args.personal})")
+        self.trainer.model.load_state_dict(state["personal"], strict=False)
+        self.trainer.load_state_dict(state["trainer"])
+        return {"file": str(path), "round": rnd - 1, "personal": fingerprint(state["personal"])}
 
     @functools.cached_property
     def test(self) -> DataLoader:
@@ -136,6 +165,10 @@ class Site:
 
     def train_round(self, model: flare.FLModel) -> flare.FLModel:
         rnd = model.current_round or 0
+        if self.to_resume:
+            self.record["resumed_from"] = self._resume(rnd)
+            self.to_resume = False
+            self._write_record()
         if model.params:
             self.load_global(model.params, self.personal)
         metrics = self.trainer.evaluate(self.val)
@@ -146,14 +179,14 @@ class Site:
         for key, value in row.items():
             if key != "round":
                 self.writer.add_scalar(key, value, rnd)
-        # fingerprints of what came in and what goes out: a sequential job's hand-over can be checked exactly
-        row |= {"received": fingerprint(model.params or {}), "sent": fingerprint(params), "finished_at": time.time()}
+        # fingerprints of what came in, what goes out and what stays: a sequential job's hand-over and a resumed
+        # job's start can be checked exactly
+        row |= {"received": fingerprint(model.params or {}), "sent": fingerprint(params)}
+        row |= {"kept": fingerprint(self.personal_state()), "finished_at": time.time()}
         with (self.run_dir / "rounds.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.trainer.save(self.run_dir / "local_model.pt", round=rnd, site=self.name)
-        if self.personal:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.personal_state(), self.state_file)
+        self._keep_state(rnd)
         if self.args.audit:
             torch.save(dict(model.params or {}), self.run_dir / f"received_round_{rnd}.pt")
             torch.save(params, self.run_dir / f"sent_round_{rnd}.pt")

@@ -49,15 +49,18 @@ def shortfall(targets: list[str], answered: set[str], needed: int) -> str | None
 
 
 class DeadlineFedAvg(FedAvg):
-    """FLARE's FedAvg whose round closes ``round_wait`` seconds after ``min_responses`` sites have answered.
+    """FLARE's FedAvg whose round closes ``round_wait`` seconds after ``min_responses`` sites have answered, and
+    which can continue an interrupted run (``brats_fl.resume``).
 
     Args:
         min_responses: sites that must answer a round; None: every sampled site (FLARE's FedAvg).
         round_wait: seconds to keep waiting for the other sites once ``min_responses`` have answered; a site
             that answers later is left out of the round, and its update is dropped.
+        resume: the persistor's initial checkpoint is an interrupted run's last global model: start after the
+            round it records, and run only the rounds left of ``num_rounds``.
     """
 
-    def __init__(self, *args, min_responses: int | None = None, round_wait: int = 0, **kwargs):
+    def __init__(self, *args, min_responses: int | None = None, round_wait: int = 0, resume: bool = False, **kwargs):
         # *args and **kwargs let FLARE's job export find FedAvg's arguments too; it reads each argument back from
         # the attribute of the same name
         super().__init__(*args, **kwargs)
@@ -65,9 +68,19 @@ class DeadlineFedAvg(FedAvg):
             raise ValueError(f"need min_responses >= 1 and round_wait >= 0, got {min_responses} and {round_wait}")
         self.min_responses = min_responses
         self.round_wait = round_wait
+        self.resume = resume
         self._targets: list[str] = []
         self._answered: set[str] = set()
         self._needed = 0
+
+    def load_model(self) -> FLModel:
+        """The initial model; when resuming, also where to start: FedAvg.run reads ``start_round`` and
+        ``num_rounds`` right after this call."""
+        model = super().load_model()
+        if self.resume and model is not None:  # None: FLARE has already stopped the job, naming the checkpoint
+            self.start_round, self.num_rounds = rounds_left(model.meta, self.num_rounds)
+            self.info(f"resuming: rounds {self.start_round} to {self.start_round + self.num_rounds - 1} are left")
+        return model
 
     def send_model(
         self,
@@ -115,6 +128,17 @@ class DeadlineFedAvg(FedAvg):
                 f"usable answer {self.round_wait} s after {self._needed} sites had answered"
             )
         return super()._get_aggregated_result()
+
+
+def rounds_left(checkpoint_meta: dict | None, total: int) -> tuple[int, int]:
+    """(first round, number of rounds) left of a ``total``-round job whose last global model carries
+    ``checkpoint_meta`` (FLARE's persistor keeps the round that model closed as ``current_round``)."""
+    done = (checkpoint_meta or {}).get(AppConstants.CURRENT_ROUND)
+    if not isinstance(done, int):
+        raise ValueError("asked to resume, but the initial checkpoint records no completed round (current_round)")
+    if done + 1 >= total:
+        raise ValueError(f"nothing to resume: the checkpoint closed round {done}, the last of the job's {total}")
+    return done + 1, total - done - 1
 
 
 class SlowSite(Filter):
