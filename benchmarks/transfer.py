@@ -9,10 +9,9 @@ sends and receives (``audit_transfer``), and reports what the records say. Bytes
 tensor and array of a message, quantisation state included; FLARE's own framing (headers, serialisation)
 is not counted. A site's "received" is what arrived before FLARE's dequantiser restored it.
 
-8 bits: FLARE's ``blockwise8`` filter moves tensors to CUDA. On a machine without a GPU the benchmark measures
-instead what that filter would send for the model: bitsandbytes' ``quantize_blockwise``, the call the filter
-makes, runs on the CPU too (``"source": "bitsandbytes"`` in the output; it is the same every site and round,
-both ways). What quantisation costs in Dice takes full runs: see docs/privacy.md. Prints JSON.
+8 bits run through the jobs' quantisers, FLARE's own with a CPU path for ``blockwise8``
+(``brats_fl.algorithms.quantization``); FLARE's 4-bit types need CUDA. What quantisation costs in Dice takes full
+runs: see docs/benchmarks.md. Prints JSON.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # absolute: write_datalists resolves its root, and case paths must lie below it
 DATA = REPO / "data" / "bench" / "transfer"
 #: FLARE's quantisation types that its filters run on CUDA only
-ON_CUDA = ("blockwise8", "float4", "normfloat4")
+ON_CUDA = ("float4", "normfloat4")
 
 
 def _site_config() -> Path:
@@ -76,18 +75,6 @@ def summary(per_site: dict[str, dict[int, dict[str, int]]]) -> dict:
     }
 
 
-def blockwise8_bytes(params: JobParams) -> int:
-    """The payload of FLARE's blockwise8 filter for the job's model: per tensor the 8-bit codes, a float32 scale
-    per block and the 256-entry code book, as bitsandbytes makes them (FLARE's filter runs the same call)."""
-    from bitsandbytes.functional import quantize_blockwise
-
-    total = 0
-    for tensor in params.model().state_dict().values():
-        codes, state = quantize_blockwise(tensor.float())
-        total += codes.nbytes + state.absmax.nbytes + state.code.nbytes
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=None, help="report this finished run instead of running jobs")
@@ -108,14 +95,11 @@ def main() -> None:
     results["model_bytes"] = sum(t.numel() * t.element_size() for t in params.model().state_dict().values())
     modes = {}
     for mode in args.modes:
-        if mode == "blockwise8" and not torch.cuda.is_available():
-            size = blockwise8_bytes(params)
-            modes[mode] = {"source": "bitsandbytes", "sent_per_site_round": size, "received_per_site_round": size}
-        elif mode in ON_CUDA and not torch.cuda.is_available():
+        if mode in ON_CUDA and not torch.cuda.is_available():
             raise SystemExit(f"{mode}: FLARE's filter runs on CUDA only, and this machine has no GPU")
         else:
             run = run_simulation("brats_fedavg", JobParams(**{**vars(params), "quantize": mode}), config, DATA / mode)
-            modes[mode] = {"source": "simulator"} | summary(traffic(run))
+            modes[mode] = summary(traffic(run))
     full = modes.get("none", {}).get("sent_per_site_round")
     for mode in modes.values():
         mode["sent_vs_float32"] = mode["sent_per_site_round"] / full if full else None

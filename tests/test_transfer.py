@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from brats_fl.algorithms.quantization import Dequantizer, Quantizer
 from brats_fl.jobs import JobParams, export_jobs, run_simulation
-from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 
@@ -220,3 +221,21 @@ def test_float16_transfer_halves_the_bytes_and_keeps_excluded_layers_home(sim_da
         else:
             expected = sum(sent[s][key].double() * w for s, w in weights.items()) / total
             torch.testing.assert_close(value.double(), expected, rtol=2e-3, atol=1e-5, msg=key)
+
+
+def test_blockwise8_runs_on_the_cpu_through_flare_filters():
+    """The jobs' quantisers send 8-bit codes with FLARE's wire format on a machine without CUDA, where FLARE's own
+    filters fail, and restore every tensor to within a step of its 8-bit code book."""
+    state = JobParams(**TINY).model().state_dict()
+    message = DXO(DataKind.WEIGHTS, data={k: v.clone() for k, v in state.items()}).to_shareable()
+    sent = Quantizer("blockwise8").process(message, FLContext())
+    wire = from_shareable(sent)
+    assert {v.dtype for v in wire.data.values()} == {torch.uint8}
+    assert wire.get_meta_prop(MetaKey.PROCESSED_ALGORITHM) == "blockwise8"
+    assert set(wire.meta["quant_state"]) == set(state)
+    restored = from_shareable(Dequantizer().process(sent, FLContext())).data
+    for key, value in state.items():
+        assert restored[key].dtype == torch.float32
+        step = float(value.abs().max()) / 100  # the code book's widest step is about 1/127 of a block's maximum
+        torch.testing.assert_close(restored[key], value, rtol=0, atol=step, msg=key)
+    assert any(not torch.equal(restored[k], v) for k, v in state.items()), "nothing was quantised"

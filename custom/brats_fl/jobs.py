@@ -320,8 +320,8 @@ def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) 
     quantize = params.quantize != "none"
     if quantize:
         # bitsandbytes, which FLARE's quantisation filters import, is needed only by a job that quantises
-        from nvflare.app_opt.pt.quantization.dequantizer import ModelDequantizer
-        from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
+        from brats_fl.algorithms.quantization import Dequantizer as ModelDequantizer
+        from brats_fl.algorithms.quantization import Quantizer as ModelQuantizer
 
         # as FLARE's quantisation examples: quantise what leaves either side, restore it where it arrives
         recipe.add_server_output_filter(ModelQuantizer(params.quantize), tasks=[TRAIN_TASK, *OTHER_TASKS])

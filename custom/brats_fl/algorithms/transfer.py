@@ -9,7 +9,8 @@ included). It changes nothing; placed last among the outgoing filters and first 
 records exactly what travels. Numbers are never recorded, only their types.
 
 ``PRIVACY`` names FLARE's privacy filters that a job can put on its sites' training updates (see
-docs/privacy.md), and ``QUANTIZATION`` FLARE's quantisation types; the filters themselves are FLARE's.
+docs/privacy.md), and ``QUANTIZATION`` FLARE's quantisation types; the filters themselves are FLARE's (the
+quantisers with a CPU path for 8 bits, ``brats_fl.algorithms.quantization``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from nvflare.app_opt.pt.quantization.constant import QUANTIZATION_TYPE
 PRIVACY = {"exclude": ExcludeVars, "percentile": PercentilePrivacy, "svt": SVTPrivacy}
 #: filters that read an update as a difference to the received model, so need ``transfer=diff``
 ON_DIFFERENCES = ("percentile", "svt")
-#: FLARE's quantisation types that a job may use. blockwise8, float4 and normfloat4 run on CUDA only (FLARE's
-#: filters move tensors there). adaquant is left out: FLARE 2.9 restores a tensor whose values span less than
-#: about 2e-4 (a normalisation bias after a round, say) as NaN, dividing by its zero quantisation levels
+#: FLARE's quantisation types that a job may use. float4 and normfloat4 run on CUDA only (FLARE's filters move
+#: tensors there; ``brats_fl.algorithms.quantization`` runs blockwise8 on the CPU too). adaquant is left out:
+#: FLARE 2.9 restores a tensor whose values span less than about 2e-4 (a normalisation bias after a round, say)
+#: as NaN, dividing by its zero quantisation levels
 QUANTIZATION = tuple(q.lower() for q in QUANTIZATION_TYPE if q != "ADAQUANT")
 DIRECTIONS = ("outgoing", "incoming")
 
