@@ -10,6 +10,7 @@ import torch
 from brats_fl.algorithms.hyperseg import STATE_FILE, HyperNetwork
 from brats_fl.jobs import HyperNetParams, JobParams, run_simulation
 from brats_fl.report import summarise_run
+from brats_fl.resume import checkpoint_round
 
 SITES = ["site-1", "site-2", "site-3"]
 
@@ -94,6 +95,7 @@ def test_hyperseg_round_follows_the_pfedhn_rule(sim_data: Path, tmp_path: Path):
 
     # started again from that global model, the job runs only the third round, with the hypernetwork it left
     global_model = str(server / "app_server" / "FL_global_model.pt")
+    assert checkpoint_round(Path(global_model)) == 1  # what brats-fl resume-job reads
     again = JobParams(**{**vars(params), "rounds": 3, "resume_from": global_model})
     rerun = run_simulation("brats_hyperseg_conv", again, sim_data, tmp_path / "again")
     for site in SITES:

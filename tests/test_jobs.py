@@ -86,14 +86,23 @@ def test_resume_job_refuses_what_cannot_resume(tmp_path: Path, capsys):
     cyclic = export_jobs(tmp_path, ["brats_cyclic"])[0]
     assert main(["resume-job", str(cyclic), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")])
     assert "cannot resume (the sequential jobs cannot)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     fedavg = export_jobs(tmp_path, ["brats_fedavg"])[0]
     broken = tmp_path / "broken.pt"
     broken.write_bytes(checkpoint.read_bytes()[:100])
     torch.save({"model": {}}, tmp_path / "no_round.pt")
-    for bad, why in [(broken, "not a readable checkpoint"), (tmp_path / "no_round.pt", "records no completed round")]:
+    last = _checkpoint(tmp_path / "finished", JobParams().rounds - 1)
+    hyperseg = export_jobs(tmp_path, ["brats_hyperseg_conv"])[0]
+    assert main(["resume-job", str(hyperseg), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")]) == 0
+    torch.save({"round": 0}, checkpoint.parent / "hypernetwork.pt")  # a server that died between the two saves
+    assert main(["resume-job", str(hyperseg), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "z")])
+    assert "the hypernetwork is of round 0, the global model of 1" in capsys.readouterr().err
+    cases = [(broken, "not a readable checkpoint"), (tmp_path / "no_round.pt", "records no completed round")]
+    cases.append((last, "nothing to resume: the checkpoint closed round 19, the last of the job's 20"))
+    for bad, why in cases:
         assert main(["resume-job", str(fedavg), "--checkpoint", str(bad), "--out", str(tmp_path / "y")])
         assert f"{bad}: {why}" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_rounds_left_after_a_checkpoint():

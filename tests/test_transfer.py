@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from brats_fl.algorithms.quantization import Dequantizer, Quantizer
+from brats_fl.algorithms.transfer import PRIVACY
 from brats_fl.jobs import JobParams, export_jobs, run_simulation
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_context import FLContext
@@ -226,16 +227,31 @@ def test_float16_transfer_halves_the_bytes_and_keeps_excluded_layers_home(sim_da
 def test_blockwise8_runs_on_the_cpu_through_flare_filters():
     """The jobs' quantisers send 8-bit codes with FLARE's wire format on a machine without CUDA, where FLARE's own
     filters fail, and restore every tensor to within a step of its 8-bit code book."""
-    state = JobParams(**TINY).model().state_dict()
+    state = JobParams(**TINY).model().state_dict() | {"count": torch.tensor(3), "mask": torch.tensor([True, False])}
     message = DXO(DataKind.WEIGHTS, data={k: v.clone() for k, v in state.items()}).to_shareable()
     sent = Quantizer("blockwise8").process(message, FLContext())
     wire = from_shareable(sent)
-    assert {v.dtype for v in wire.data.values()} == {torch.uint8}
+    assert {v.dtype for k, v in wire.data.items() if k not in ("count", "mask")} == {torch.uint8}
     assert wire.get_meta_prop(MetaKey.PROCESSED_ALGORITHM) == "blockwise8"
     assert set(wire.meta["quant_state"]) == set(state)
     restored = from_shareable(Dequantizer().process(sent, FLContext())).data
+    for key in ("count", "mask"):  # not floating point: sent as they are
+        assert torch.equal(wire.data[key], state.pop(key)) and torch.equal(restored[key], wire.data[key])
     for key, value in state.items():
         assert restored[key].dtype == torch.float32
         step = float(value.abs().max()) / 100  # the code book's widest step is about 1/127 of a block's maximum
         torch.testing.assert_close(restored[key], value, rtol=0, atol=step, msg=key)
     assert any(not torch.equal(restored[k], v) for k, v in state.items()), "nothing was quantised"
+
+
+def test_svt_noise_does_not_follow_the_job_seed():
+    """Every site seeds NumPy's global generator from the job (MONAI's set_determinism); FLARE's SVT filter draws
+    its noise from it. Ours draws fresh noise each time under the same seed, and leaves the generator as it was."""
+    update = {"w": torch.linspace(-1e-3, 1e-3, 1000)}
+    sent = []
+    for _ in range(2):
+        np.random.seed(0)
+        message = DXO(DataKind.WEIGHT_DIFF, data=dict(update)).to_shareable()
+        sent.append(from_shareable(PRIVACY["svt"](fraction=0.5, gamma=1e-3).process(message, FLContext())).data["w"])
+        assert np.random.random() == np.random.RandomState(0).random(), "the global generator was left changed"
+    assert np.count_nonzero(sent[0]) and not np.array_equal(sent[0], sent[1])

@@ -154,11 +154,12 @@ def _cmd_export_jobs(args: argparse.Namespace) -> int:
     return 1 if stale else 0
 
 
-def _cmd_resume_job(args: argparse.Namespace) -> None:
+def _cmd_resume_job(args: argparse.Namespace) -> int:
     from brats_fl.resume import resume_job
 
     out, done = resume_job(args.job, args.checkpoint, args.out)
     print(f"wrote {out}: submit it to continue {args.job.name} after round {done}, every site from the state it kept")
+    return 0
 
 
 def _differs(cmp) -> bool:

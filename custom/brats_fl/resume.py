@@ -25,14 +25,18 @@ cannot resume.
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
 from brats_fl.algorithms.hyperseg import STATE_FILE as HYPERNETWORK_FILE
+from brats_fl.algorithms.hyperseg import HyperSegController
+from brats_fl.algorithms.rounds import rounds_left
 
 #: the server's last global model, as the resumed job carries it in its custom folder
 RESUME_FILE = "resume_global_model.pt"
@@ -71,19 +75,30 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
     if not set(controllers) & {*RESUMING, HYPERSEG}:
         raise ValueError(f"{job}: its controllers {controllers} cannot resume (the sequential jobs cannot)")
     controller = _one(server["workflows"], (*RESUMING, HYPERSEG), server_path)
+    # FLARE's export leaves out an argument at its default: the controller's own default is the job's
+    base = HyperSegController if controller["path"] == HYPERSEG else BaseFedAvg
+    total = controller["args"].get("num_rounds", inspect.signature(base).parameters["num_rounds"].default)
+    try:  # refused here, before anything is submitted
+        rounds_left({"current_round": done}, total)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint}: {err}") from err
     bundle = {RESUME_FILE: checkpoint}
     _one(server["components"], (PERSISTOR,), server_path)["args"]["source_ckpt_file_full_name"] = RESUME_FILE
     if controller["path"] == HYPERSEG:
         # the hypernetwork makes the sites' personal layers: they keep none of their own to go back to
         controller["args"]["resume_from"] = RESUME_FILE
-        bundle[HYPERNETWORK_FILE] = checkpoint.parent / HYPERNETWORK_FILE
-        if not bundle[HYPERNETWORK_FILE].is_file():
-            raise FileNotFoundError(f"{bundle[HYPERNETWORK_FILE]}: a HyperSeg job resumes with its hypernetwork")
+        bundle[HYPERNETWORK_FILE] = hypernetwork = checkpoint.parent / HYPERNETWORK_FILE
+        if not hypernetwork.is_file():
+            raise FileNotFoundError(f"{hypernetwork}: a HyperSeg job resumes with its hypernetwork")
+        if (saved := torch.load(hypernetwork, map_location="cpu")["round"]) != done:
+            raise ValueError(f"{hypernetwork}: the hypernetwork is of round {saved}, the global model of {done}")
     else:
         controller["args"]["resume"] = True
         executor = _executor(client, client_path)
         words = executor["args"]["task_script_args"].split()
         if "--resume" not in words:  # a resumed job interrupted in its turn only needs the newer checkpoint
+            if "--seed" not in words:
+                raise ValueError(f"{client_path}: the client's arguments have no --seed; was it exported by brats-fl?")
             at = words.index("--seed") + 2  # where JobParams.client_args puts it
             executor["args"]["task_script_args"] = " ".join([*words[:at], "--resume", *words[at:]])
     shutil.copytree(job, out)
@@ -102,7 +117,7 @@ def _executor(client: dict, where: Path) -> dict:
 def checkpoint_round(checkpoint: Path) -> int:
     """The round a server's saved global model closed; a clear error for anything else."""
     try:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"{checkpoint}: not a readable checkpoint ({err})") from err
     done = (saved.get("meta_props") or {}).get("current_round") if isinstance(saved, dict) else None

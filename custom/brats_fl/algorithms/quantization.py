@@ -36,8 +36,9 @@ class Quantizer(ModelQuantizer):
         for name, values in params.items():
             tensor = torch.as_tensor(values)
             source_datatype[name] = str(tensor.dtype).removeprefix("torch.")
-            if not tensor.is_floating_point():
-                raise ValueError(f"{name}: cannot quantise {tensor.dtype} values to 8 bits")
+            quant_state[name] = {}
+            if not tensor.is_floating_point():  # sent as it is, with an empty state, as FLARE sends a bool tensor
+                continue
             codes, state = quantize_blockwise(tensor.float().contiguous())
             as_numpy = isinstance(values, np.ndarray)
             quant_state[name] = {"absmax": state.absmax, "code": state.code}
@@ -57,7 +58,9 @@ class Dequantizer(ModelDequantizer):
         if not _on_cpu(quantization_type):
             return super().dequantization(params, quant_state, quantization_type, source_datatype, fl_ctx)
         for name, values in params.items():
-            state = quant_state[name]
+            state = quant_state.get(name)
+            if not state:  # sent unquantised
+                continue
             restored = dequantize_blockwise(
                 torch.as_tensor(values),
                 absmax=torch.as_tensor(state["absmax"]),

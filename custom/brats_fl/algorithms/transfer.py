@@ -16,11 +16,12 @@ quantisers with a CPU path for 8 bits, ``brats_fl.algorithms.quantization``).
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 
 import numpy as np
 import torch
-from nvflare.apis.dxo import from_shareable
+from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
@@ -31,8 +32,24 @@ from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 from nvflare.app_opt.pt.quantization.constant import QUANTIZATION_TYPE
 
+
+class FreshNoiseSVTPrivacy(SVTPrivacy):
+    """FLARE's ``SVTPrivacy``, its noise drawn from fresh entropy. FLARE's filter draws from NumPy's global
+    generator, which MONAI's ``set_determinism`` seeds from the job's seed at every site (the client script runs in
+    the FLARE client's process): the noise would follow a number written in the job. The generator's state is put
+    back afterwards, so that training stays as reproducible as without the filter."""
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        saved = np.random.get_state()
+        np.random.seed(np.frombuffer(secrets.token_bytes(16), dtype=np.uint32))
+        try:
+            return super().process_dxo(dxo, shareable, fl_ctx)
+        finally:
+            np.random.set_state(saved)
+
+
 #: FLARE's privacy filters by the name a job option gives them (FLARE has no Gaussian-noise filter for weights)
-PRIVACY = {"exclude": ExcludeVars, "percentile": PercentilePrivacy, "svt": SVTPrivacy}
+PRIVACY = {"exclude": ExcludeVars, "percentile": PercentilePrivacy, "svt": FreshNoiseSVTPrivacy}
 #: filters that read an update as a difference to the received model, so need ``transfer=diff``
 ON_DIFFERENCES = ("percentile", "svt")
 #: FLARE's quantisation types that a job may use. float4 and normfloat4 run on CUDA only (FLARE's filters move

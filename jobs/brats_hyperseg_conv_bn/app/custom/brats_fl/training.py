@@ -269,6 +269,7 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict(), "epochs_done": self.epochs_done}
 
     def load_state_dict(self, state: dict) -> None:
+        """Go on from ``state_dict()``'s result (the weights are loaded separately)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.epochs_done = int(state["epochs_done"])
 

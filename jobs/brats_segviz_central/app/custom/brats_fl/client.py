@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,6 +105,9 @@ class Site:
         self.record["annotated"] = self.annotated
         #: the state to continue from is known at the first training task, which names the round
         self.to_resume = args.resume
+        if not args.resume:
+            # a new run of the job: what an earlier run kept must never be taken for this run's
+            self.record["cleared_state"] = self._clear_state()
         self.train = make_train_loader(self.datalist.items("training"), self.config)
         self.val = eval_loader(self.datalist.items("validation"))
         self.writer = SummaryWriter()
@@ -115,33 +119,54 @@ class Site:
     def _state_file(self, rnd: int) -> Path:
         return self.state_dir / f"round_{rnd}.pt"
 
+    def _kept_rounds(self) -> list[int]:
+        found = self.state_dir.glob("round_*.pt") if self.state_dir.is_dir() else []
+        return sorted(int(p.stem.removeprefix("round_")) for p in found)
+
+    def _clear_state(self) -> list[str]:
+        cleared = [self._state_file(r) for r in self._kept_rounds()]
+        for path in cleared:
+            path.unlink()
+        return [str(p) for p in cleared]
+
     def _keep_state(self, rnd: int) -> None:
         """Keep what this site needs to go on after round ``rnd``: its personal layers and its optimiser state.
         Written whole or not at all (a site may die while writing); older rounds beyond ``KEEP_ROUNDS`` go."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {"round": rnd, "personal": self.personal_state(), "trainer": self.trainer.state_dict()}
-        partial = self.state_dir / f".round_{rnd}.pt.partial"
-        torch.save(state, partial)
-        partial.replace(self._state_file(rnd))
-        for old in self.state_dir.glob("round_*.pt"):
-            if int(old.stem.removeprefix("round_")) <= rnd - KEEP_ROUNDS:
-                old.unlink()
+        with tempfile.NamedTemporaryFile(dir=self.state_dir, suffix=".partial", delete=False) as partial:
+            torch.save(state, partial)
+        Path(partial.name).replace(self._state_file(rnd))
+        for old in self._kept_rounds():
+            if old <= rnd - KEEP_ROUNDS:
+                self._state_file(old).unlink()
 
-    def _resume(self, rnd: int) -> dict:
-        """Continue at round ``rnd`` with the personal layers and optimiser state this site had after ``rnd - 1``."""
-        path = self._state_file(rnd - 1)
-        if rnd < 1 or not path.is_file():
-            kept = sorted(p.name for p in self.state_dir.glob("round_*.pt")) if self.state_dir.is_dir() else []
+    def _resume_once(self, rnd: int | None) -> None:
+        """At a resumed job's first task for this site: go on from what the site kept (``_resume``)."""
+        if self.to_resume:
+            self.record["resumed_from"] = self._resume(rnd)
+            self.to_resume = False
+            self._write_record()
+
+    def _resume(self, rnd: int | None) -> dict:
+        """Continue at round ``rnd`` with the personal layers and optimiser state this site had after the last round
+        before it that it trained (``rnd - 1``, unless a job that samples its sites left this site out); ``None``:
+        after training, for a site that no round of the resumed job sampled."""
+        kept = self._kept_rounds()
+        before = [r for r in kept if rnd is None or r < rnd]
+        if not before:
             raise FileNotFoundError(
-                f"{path}: {self.name} was asked to resume job {self.args.job} at round {rnd}, but kept no state of "
-                f"round {rnd - 1} (it has {kept or 'none'})"
+                f"{self.state_dir}: {self.name} was asked to resume job {self.args.job}"
+                f"{'' if rnd is None else f' at round {rnd}'}, but kept no state of an earlier round (it has rounds "
+                f"{kept or 'none'})"
             )
+        path = self._state_file(before[-1])
         state = torch.load(path, map_location="cpu")
         if set(state["personal"]) != self.personal:
             raise ValueError(f"{path}: holds other personal keys than this job's ({self.args.personal})")
         self.trainer.model.load_state_dict(state["personal"], strict=False)
         self.trainer.load_state_dict(state["trainer"])
-        return {"file": str(path), "round": rnd - 1, "personal": fingerprint(state["personal"])}
+        return {"file": str(path), "round": before[-1], "personal": fingerprint(state["personal"])}
 
     @functools.cached_property
     def test(self) -> DataLoader:
@@ -165,10 +190,7 @@ class Site:
 
     def train_round(self, model: flare.FLModel) -> flare.FLModel:
         rnd = model.current_round or 0
-        if self.to_resume:
-            self.record["resumed_from"] = self._resume(rnd)
-            self.to_resume = False
-            self._write_record()
+        self._resume_once(rnd)
         if model.params:
             self.load_global(model.params, self.personal)
         metrics = self.trainer.evaluate(self.val)
@@ -210,6 +232,7 @@ class Site:
         With fine-tuning, the model before it is scored and kept too (``before_finetune_*``). The site's
         federated state is restored afterwards, so cross-site evaluation scores the model before fine-tuning.
         """
+        self._resume_once(None)
         self.load_global(model.params, self.personal)
         federated = self._snapshot()
         epochs = self.args.finetune_epochs

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
 from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.model_controller import ModelController
 from torch import nn
 
@@ -147,7 +148,8 @@ class HyperSegController(ModelController):
             initial, len(self.sites), self.descriptor, self.embedding_dim, self.hn_depth, self.hn_width, self.seed
         )
         self.optimiser = OPTIMISERS[self.hn_optimizer](self.net.parameters(), lr=self.hn_lr)
-        start = self._restore(self._resume_folder() / STATE_FILE) if self.resume_from else 0
+        done = (model.meta or {}).get(AppConstants.CURRENT_ROUND)
+        start = self._restore(self._resume_folder() / STATE_FILE, done) if self.resume_from else 0
         for rnd in range(start, self.num_rounds):
             use_net = rnd >= self.warmup_rounds
             personal = {s: self._generate(i) if use_net else initial for i, s in enumerate(self.sites)}
@@ -166,8 +168,11 @@ class HyperSegController(ModelController):
                 if rnd + 1 == self.warmup_rounds:  # warm-up over: the hypernetwork starts from its result
                     self._reset_biases(initial)
             model.current_round = rnd
-            self.save_model(model)
+            # the hypernetwork first: a server that dies between the two leaves it a round ahead, which a
+            # resumption refuses, rather than a global model a round ahead, which it could not notice
             self._save(rnd)
+            model.meta = (model.meta or {}) | {AppConstants.CURRENT_ROUND: rnd}
+            self.save_model(model)
         self._personalise(model)
 
     def _generate(self, index: int) -> dict[str, torch.Tensor]:
@@ -237,7 +242,10 @@ class HyperSegController(ModelController):
             "net": self.net.state_dict(),
             "optimiser": self.optimiser.state_dict(),
         }
-        torch.save(state, Path(self.get_app_dir()) / STATE_FILE)
+        path = Path(self.get_app_dir()) / STATE_FILE
+        partial = path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(path)
 
     def _resume_folder(self) -> Path:
         """Where the checkpoint to resume from lies: a relative ``resume_from`` was bundled into the job's custom
@@ -245,13 +253,15 @@ class HyperSegController(ModelController):
         path = Path(self.resume_from)
         return (path if path.is_absolute() else Path(self.get_app_dir()) / "custom" / path).parent
 
-    def _restore(self, path: Path) -> int:
-        """Continue after the last saved round, with the hypernetwork and optimiser as they were."""
+    def _restore(self, path: Path, done: int | None) -> int:
+        """Continue after round ``done``, the global model's, with the hypernetwork and optimiser as they were."""
         if not path.is_file():
             raise FileNotFoundError(f"{path}: asked to resume, but no hypernetwork was saved there")
         state = torch.load(path, map_location="cpu")
         if state["sites"] != self.sites:
             raise ValueError(f"{path}: saved for sites {state['sites']}, but this job has {self.sites}")
+        if state["round"] != done:
+            raise ValueError(f"{path}: the hypernetwork is of round {state['round']}, the global model of {done}")
         self.net.load_state_dict(state["net"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.info(f"resuming after round {state['round']} from {path}")
