@@ -82,15 +82,15 @@ def test_filters_act_in_order_on_every_task(tmp_path: Path):
     others = ("personalise", "submit_model", "validate", "validate_pass")
     results = _client_chains(job, "task_result_filters")
     assert results == {
-        ("train",): ["FaultInjection", "SVTPrivacy", "ModelQuantizer", "TransferManifest"],
-        others: ["ModelQuantizer", "TransferManifest"],
+        ("train",): ["FaultInjection", "FreshNoiseSVTPrivacy", "Quantizer", "TransferManifest"],
+        others: ["Quantizer", "TransferManifest"],
     }
     assert _client_chains(job, "task_data_filters") == {
-        ("train",): ["TransferManifest", "ModelDequantizer"],
-        others: ["TransferManifest", "ModelDequantizer"],
+        ("train",): ["TransferManifest", "Dequantizer"],
+        others: ["TransferManifest", "Dequantizer"],
     }
     server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
-    for kind, name in (("task_data_filters", "ModelQuantizer"), ("task_result_filters", "ModelDequantizer")):
+    for kind, name in (("task_data_filters", "Quantizer"), ("task_result_filters", "Dequantizer")):
         assert [f["path"].rsplit(".", 1)[1] for c in server[kind] for f in c["filters"]] == [name]
 
 
