@@ -97,9 +97,8 @@ def main() -> None:
     for mode in args.modes:
         if mode in ON_CUDA and not torch.cuda.is_available():
             raise SystemExit(f"{mode}: FLARE's filter runs on CUDA only, and this machine has no GPU")
-        else:
-            run = run_simulation("brats_fedavg", JobParams(**{**vars(params), "quantize": mode}), config, DATA / mode)
-            modes[mode] = summary(traffic(run))
+        run = run_simulation("brats_fedavg", JobParams(**{**vars(params), "quantize": mode}), config, DATA / mode)
+        modes[mode] = summary(traffic(run))
     full = modes.get("none", {}).get("sent_per_site_round")
     for mode in modes.values():
         mode["sent_vs_float32"] = mode["sent_per_site_round"] / full if full else None

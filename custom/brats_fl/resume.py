@@ -71,10 +71,11 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
         raise FileExistsError(f"{out}: already exists; choose a new folder for the resumed job")
     server_path, server = _config(job, "server")
     client_path, client = _config(job, "client")
-    controllers = [w["path"] for w in server["workflows"]]
-    if not set(controllers) & {*RESUMING, HYPERSEG}:
+    found = [w for w in server["workflows"] if w["path"] in (*RESUMING, HYPERSEG)]
+    if len(found) != 1:
+        controllers = [w["path"] for w in server["workflows"]]
         raise ValueError(f"{job}: its controllers {controllers} cannot resume (the sequential jobs cannot)")
-    controller = _one(server["workflows"], (*RESUMING, HYPERSEG), server_path)
+    controller = found[0]
     # FLARE's export leaves out an argument at its default: the controller's own default is the job's
     base = HyperSegController if controller["path"] == HYPERSEG else BaseFedAvg
     total = controller["args"].get("num_rounds", inspect.signature(base).parameters["num_rounds"].default)

@@ -33,6 +33,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from torch import nn
 
 from brats_fl.algorithms.personal import PERSONALISE_TASK, RESULTS_FILE
+from brats_fl.model import save_whole
 
 DESCRIPTORS = ("onehot", "embedding")
 OPTIMISERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -242,10 +243,7 @@ class HyperSegController(ModelController):
             "net": self.net.state_dict(),
             "optimiser": self.optimiser.state_dict(),
         }
-        path = Path(self.get_app_dir()) / STATE_FILE
-        partial = path.with_suffix(".partial")
-        torch.save(state, partial)
-        partial.replace(path)
+        save_whole(state, Path(self.get_app_dir()) / STATE_FILE)
 
     def _resume_folder(self) -> Path:
         """Where the checkpoint to resume from lies: a relative ``resume_from`` was bundled into the job's custom

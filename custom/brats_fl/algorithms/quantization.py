@@ -40,11 +40,11 @@ class Quantizer(ModelQuantizer):
             if not tensor.is_floating_point():  # sent as it is, with an empty state, as FLARE sends a bool tensor
                 continue
             codes, state = quantize_blockwise(tensor.float().contiguous())
-            as_numpy = isinstance(values, np.ndarray)
-            quant_state[name] = {"absmax": state.absmax, "code": state.code}
-            if as_numpy:
-                quant_state[name] = {k: v.numpy() for k, v in quant_state[name].items()}
-            params[name] = codes.numpy() if as_numpy else codes
+            sent = {"values": codes, "absmax": state.absmax, "code": state.code}
+            if isinstance(values, np.ndarray):  # what came as numpy leaves as numpy, as in FLARE's filter
+                sent = {k: v.numpy() for k, v in sent.items()}
+            params[name] = sent.pop("values")
+            quant_state[name] = sent
         self.log_info(fl_ctx, f"Quantized {len(params)} params to {BLOCKWISE8} on the CPU")
         return params, quant_state, source_datatype
 

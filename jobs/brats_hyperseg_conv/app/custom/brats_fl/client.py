@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from brats_fl.algorithms.personal import PERSONALISE_TASK, personal_keys
 from brats_fl.algorithms.segviz import ANNOTATED_META, head_keys
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.loading import eval_loader
-from brats_fl.model import fingerprint, parameter_groups, state_bytes
+from brats_fl.model import fingerprint, parameter_groups, save_whole, state_bytes
 from brats_fl.site_config import resolve
 from brats_fl.training import Trainer, add_arguments, config_from_args, make_train_loader
 
@@ -134,9 +133,7 @@ class Site:
         Written whole or not at all (a site may die while writing); older rounds beyond ``KEEP_ROUNDS`` go."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {"round": rnd, "personal": self.personal_state(), "trainer": self.trainer.state_dict()}
-        with tempfile.NamedTemporaryFile(dir=self.state_dir, suffix=".partial", delete=False) as partial:
-            torch.save(state, partial)
-        Path(partial.name).replace(self._state_file(rnd))
+        save_whole(state, self._state_file(rnd))
         for old in self._kept_rounds():
             if old <= rnd - KEEP_ROUNDS:
                 self._state_file(old).unlink()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from monai.networks.blocks import Convolution
@@ -164,6 +166,14 @@ def fingerprint(state: Mapping[str, object]) -> str:
         digest.update(key.encode())
         digest.update(torch.as_tensor(state[key]).detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def save_whole(obj: object, path: Path) -> None:
+    """``torch.save`` that leaves ``path`` whole or untouched: a process may die while writing what a resumed job
+    needs (a temporary file in the same folder, then an atomic rename, as FLARE's persistor saves its model)."""
+    with tempfile.NamedTemporaryFile(dir=Path(path).parent, suffix=".partial", delete=False) as partial:
+        torch.save(obj, partial)
+    Path(partial.name).replace(path)
 
 
 def state_bytes(state: Mapping[str, object]) -> int:
