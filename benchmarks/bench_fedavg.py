@@ -27,8 +27,9 @@ from brats_fl.data.layout import find_cases
 from brats_fl.data.loading import eval_loader
 from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.data.phantom import generate_cohort
-from brats_fl.jobs import JobParams, run_simulation
-from brats_fl.training import TrainConfig, Trainer, make_train_loader
+from brats_fl.jobs.catalogue import JobParams
+from brats_fl.jobs.simulate import run_simulation
+from brats_fl.seg.trainer import TrainConfig, Trainer, make_train_loader
 
 DATA = Path("data/bench/fedavg")
 SITES = ("site-1", "site-2")
@@ -109,7 +110,7 @@ def main() -> None:
     results = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "params": {k: v for k, v in vars(params).items() if k != "extra_args"},
+        "params": {k: v for k, v in vars(params).items() if k != "audit"},
         "model_bytes": model_bytes,
         "flare": flare,
         "plain": plain,

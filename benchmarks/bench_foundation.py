@@ -29,7 +29,7 @@ from brats_fl.data.layout import find_cases
 from brats_fl.data.loading import inference_transforms
 from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.data.phantom import generate_cohort
-from brats_fl.training import TrainConfig, Trainer, make_train_loader
+from brats_fl.seg.trainer import TrainConfig, Trainer, make_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
 # absolute: write_datalists resolves its root, and case paths must lie below it (a relative root fails)

@@ -3,7 +3,7 @@
     python benchmarks/quantization_dice.py runs/results/wire_none [--modes float16 blockwise8]
 
 For a finished FedAvg run, every site's final model (the final global model) is sent once through the jobs'
-quantiser and dequantiser (FLARE's filters, ``brats_fl.algorithms.quantization``) and scored on that site's test
+quantiser and dequantiser (FLARE's filters, ``brats_fl.transfer.quantization``) and scored on that site's test
 split next to the model as it was. This isolates the rounding: a whole run with quantised transfer also changes
 every later round's training, and the Dice of two runs that differ only by rounding noise (float32 summation
 order) already differ by a few hundredths on the phantom's 6 test cases (docs/benchmarks.md). Prints JSON.
@@ -18,10 +18,10 @@ import platform
 from pathlib import Path
 
 import torch
-from brats_fl.algorithms.quantization import Dequantizer, Quantizer
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.loading import eval_loader
-from brats_fl.training import TrainConfig, Trainer, load_model
+from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
+from brats_fl.transfer.quantization import Dequantizer, Quantizer
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_context import FLContext
 

@@ -10,7 +10,7 @@ tensor and array of a message, quantisation state included; FLARE's own framing 
 is not counted. A site's "received" is what arrived before FLARE's dequantiser restored it.
 
 8 bits run through the jobs' quantisers, FLARE's own with a CPU path for ``blockwise8``
-(``brats_fl.algorithms.quantization``); FLARE's 4-bit types need CUDA. What quantisation costs in Dice takes full
+(``brats_fl.transfer.quantization``); FLARE's 4-bit types need CUDA. What quantisation costs in Dice takes full
 runs: see docs/benchmarks.md. Prints JSON.
 """
 
@@ -27,7 +27,8 @@ import torch
 from brats_fl.data.layout import find_cases
 from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.data.phantom import generate_cohort
-from brats_fl.jobs import JobParams, run_simulation
+from brats_fl.jobs.catalogue import JobParams
+from brats_fl.jobs.simulate import run_simulation
 
 REPO = Path(__file__).resolve().parents[1]
 # absolute: write_datalists resolves its root, and case paths must lie below it

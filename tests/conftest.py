@@ -73,7 +73,8 @@ def fedavg_run(sim_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """One tiny FedAvg job in FLARE's simulator (3 sites, 3 rounds, every update kept, every message recorded),
     shared by the tests that check the job, what leaves its sites, and its report; returns the simulator
     workspace and the job's parameters."""
-    from brats_fl.jobs import JobParams, run_simulation
+    from brats_fl.jobs.catalogue import JobParams
+    from brats_fl.jobs.simulate import run_simulation
 
     params = JobParams(
         rounds=3,
@@ -82,7 +83,7 @@ def fedavg_run(sim_data: Path, tmp_path_factory: pytest.TempPathFactory):
         channels=(8, 16, 32),
         lr=3e-3,
         audit_transfer=True,
-        extra_args=["--audit"],
+        audit=True,
     )
     workspace = tmp_path_factory.mktemp("fedavg")
     run_simulation("brats_fedavg", params, sim_data, workspace)

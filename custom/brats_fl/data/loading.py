@@ -42,7 +42,7 @@ class HideUnannotatedd(MapTransform):
 
     Written by hand because MONAI has no per-sample channel mask transform. Hiding here, before sampling
     indices are computed, means a site that annotates only ET never sees (nor centres patches on) the whole
-    tumour it did not label; the loss then ignores those channels (``brats_fl.training.RegionLoss``).
+    tumour it did not label; the loss then ignores those channels (``brats_fl.seg.trainer.RegionLoss``).
     """
 
     def __init__(self, label_key: str = "label", mask_key: str = ANNOTATED):

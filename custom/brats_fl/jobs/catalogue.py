@@ -1,0 +1,590 @@
+"""Every FLARE job of brats-fl, defined once as a FLARE 2.9 recipe.
+
+``export_jobs`` writes them into ``jobs/`` (committed, checked in sync by a test), where
+``nvflare simulator``, ``nvflare job submit`` and the admin console take them; ``run_simulation`` executes
+the same recipe in FLARE's ``SimEnv``. A job names no data path: each site reads its own configuration
+(:mod:`brats_fl.site.config`). The client script and the model class come from this package, and FLARE's
+export copies the modules they import into the job's ``custom/`` folder, so a site needs only nvflare,
+torch, monai and nibabel.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nvflare.apis.filter import Filter
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.app_opt.pt.job_config.model import PTModel
+from nvflare.app_opt.pt.recipes import FedAvgRecipe
+from nvflare.client.config import ExchangeFormat, TransferType
+from nvflare.fuel.utils.constants import FrameworkType
+from nvflare.job_config.base_fed_job import BaseFedJob
+from nvflare.recipe.spec import Recipe
+from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
+
+from brats_fl.drills.faults import FAULTS, FaultInjection
+from brats_fl.drills.slow import SlowSite
+from brats_fl.seg.model import BratsUNet
+from brats_fl.seg.trainer import RECIPES, TrainConfig
+from brats_fl.server.fedavg import DeadlineFedAvg
+from brats_fl.server.hyperseg import OPTIMISERS, VARIANTS, HyperSegController
+from brats_fl.server.personalise import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
+from brats_fl.server.run_record import RunRecord
+from brats_fl.server.screening import ScreenedAggregator, expected_shapes
+from brats_fl.server.segviz import SegVizFedAvg, TaskHeadAggregator, head_keys
+from brats_fl.server.sequential import ORDERS, PASS_VALIDATION_TASK, SequentialTransfer
+from brats_fl.site.executor import SiteExecutor
+from brats_fl.transfer.filters import ON_DIFFERENCES, PRIVACY, QUANTIZATION, TransferManifest
+from brats_fl.version import running
+
+#: the global model is ranked by the sites' mean validation Dice (WT, TC, ET) of the model they received
+KEY_METRIC = "dice_mean"
+#: the package every site and the server have installed; jobs name its components and carry no code of it
+PACKAGE = "brats_fl"
+#: FLARE's defaults (10 s for a task to be picked up) suit toy models, not 3D training on a CPU
+TASK_TIMEOUT = 6 * 3600
+#: local epochs of the _ft jobs after federated training
+FINETUNE_EPOCHS = 2
+#: every task a site answers. FLARE looks a filter up by exact task name (a filter's default task "*" matches
+#: no task), so the transfer filters name them all
+TRAIN_TASK = AppConstants.TASK_TRAIN
+OTHER_TASKS = [PERSONALISE_TASK, PASS_VALIDATION_TASK, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL]
+#: privacy filter arguments that must be positive numbers, and their upper bounds where they have one
+_POSITIVE_ARGS = {"percentile": 100, "gamma": None, "fraction": 1, "epsilon": None, "noise_var": None}
+_POSITIVE_ARGS |= {"epsilon_threshold": None, "epsilon_query": None, "epsilon_release": None}
+
+
+@dataclass
+class HyperNetParams:
+    """The HyperSeg jobs' hypernetwork: the paper's 20 layers of 100 units, embedding of 10 and Adam, but at lr 1e-3,
+    not the paper's 0.03, under which our sites stopped learning (docs/results.md, HyperSeg). ``warmup_rounds``
+    of plain FedAvg on all weights come first; the hypernetwork starts from them."""
+
+    depth: int = 20
+    width: int = 100
+    embedding_dim: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    warmup_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        sizes = (self.depth, self.width, self.embedding_dim)
+        _require(min(sizes) >= 1, f"hypernetwork depth, width, embedding_dim >= 1, got {sizes}")
+        _require(self.optimizer in OPTIMISERS, f"optimizer one of {sorted(OPTIMISERS)}, got {self.optimizer!r}")
+        _require(self.lr > 0, f"hypernetwork lr > 0, got {self.lr}")
+        _require(self.warmup_rounds >= 0, f"warmup_rounds >= 0, got {self.warmup_rounds}")
+
+
+def _require(ok: bool, what: str) -> None:
+    """Refuse a job parameter out of range before anything is built or sent to a site."""
+    if not ok:
+        raise ValueError(f"job parameter out of range: need {what}")
+
+
+@dataclass
+class JobParams:
+    """What a user tunes per run; defaults finish the README demo on 2 CPU cores in about 15 minutes.
+
+    ``personal`` and ``finetune_epochs`` left as None take the job's own choice (FedPer keeps ``head:2``
+    at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``resume_from`` names an
+    interrupted run's last global model on the server: the job continues after the round it closed, up to
+    ``rounds`` in all, and every site from the state it kept after that round (``brats_fl.jobs.resume``).
+    ``transfer`` is FLARE's: ``full`` weights or the ``diff`` to the received ones.
+
+    Sequential jobs (cyclic, single weight transfer) make ``passes`` trips around the sites (None: the job's
+    own, 2 or 1), visiting them in a ``fixed`` or ``shuffle``d order; each visit trains ``visit_epochs``
+    epochs, by default ``rounds * local_epochs / passes``, so that every site trains as many epochs as in
+    FedAvg with the same parameters. A visit is skipped when the site has not picked it up after
+    ``assignment_timeout`` seconds or not finished it after ``visit_timeout``.
+
+    What crosses the wire (docs/privacy.md): the FedAvg jobs' server refuses an update with NaN or infinite
+    values, foreign keys or shapes, or a norm over ``norm_ratio`` times the median of the round's other updates,
+    and stops the job rather than average a round with fewer than ``min_good`` good updates
+    (``brats_fl.server.screening``). ``privacy`` puts one of FLARE's privacy filters (``exclude``,
+    ``percentile``, ``svt``) with ``privacy_args`` on every site's training updates; ``quantize`` makes
+    FLARE's quantisation filters shrink every model on its way in both directions; ``audit_transfer`` has
+    every site record a manifest of each message it sends and receives (``brats_fl.transfer.filters``).
+    ``faults`` is a drill, ``{"site-2": ["nan", "none", "scale"]}``: that site sends the given broken update
+    in rounds 0, 1, 2 (kinds in ``brats_fl.drills.faults.FAULTS``).
+
+    Stragglers (docs/deployment.md, ``brats_fl.server.fedavg``): a FedAvg job's round waits for every site
+    unless ``min_responses`` is set; then it closes ``round_wait`` seconds after that many sites have answered,
+    with the updates that came, and the job stops if a round ends with fewer answers. ``delays`` is a drill,
+    ``{"site-3": 20}``: that site holds each training update 20 s before sending it.
+    """
+
+    rounds: int = 20
+    local_epochs: int = 4
+    sites: int = 3
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    lr: float = TrainConfig.lr
+    recipe: str = "adam_dice"
+    batch_size: int = 2
+    fg_ratio: float = TrainConfig.fg_ratio
+    seed: int = 0
+    personal: str | None = None
+    finetune_epochs: int | None = None
+    resume_from: str | None = None
+    transfer: str = "full"
+    passes: int | None = None
+    visit_epochs: int | None = None
+    order: str = "fixed"
+    assignment_timeout: int = 1800
+    visit_timeout: int = TASK_TIMEOUT
+    hypernetwork: HyperNetParams = field(default_factory=lambda: HyperNetParams())
+    clients_per_round: int | None = None
+    norm_ratio: float = 10.0
+    min_good: int = 1
+    privacy: str = "none"
+    privacy_args: dict[str, Any] = field(default_factory=dict)
+    quantize: str = "none"
+    audit_transfer: bool = False
+    faults: dict[str, list[str]] = field(default_factory=dict)
+    min_responses: int | None = None
+    round_wait: int = 0
+    delays: dict[str, float] = field(default_factory=dict)
+    audit: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "local_epochs", "sites", "batch_size", "passes", "visit_epochs", "clients_per_round"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{name} >= 1, got {value}")
+        channels, patch = self.channels, self.patch_size
+        _require(len(channels) >= 2 and min(channels) >= 1, f"2 or more positive channel counts, got {channels}")
+        levels = 2 ** (len(channels) - 1)
+        _require(all(p % levels == 0 for p in patch), f"patch sizes multiples of {levels}, got {patch}")
+        _require(0 < self.lr < 1, f"0 < lr < 1, got {self.lr}")
+        _require(0 <= self.fg_ratio <= 1, f"0 <= fg_ratio <= 1, got {self.fg_ratio}")
+        _require(self.recipe in RECIPES, f"recipe one of {sorted(RECIPES)}, got {self.recipe!r}")
+        _require(self.transfer in ("full", "diff"), f"transfer full or diff, got {self.transfer!r}")
+        _require(self.order in ORDERS, f"order one of {ORDERS}, got {self.order!r}")
+        timeouts = (self.assignment_timeout, self.visit_timeout)
+        _require(min(timeouts) > 0, f"positive assignment and visit timeouts, got {timeouts}")
+        _require(self.hypernetwork.warmup_rounds < self.rounds, f"warmup_rounds < rounds ({self.rounds})")
+        _require(self.seed >= 0, f"seed >= 0, got {self.seed}")
+        per_round = self.clients_per_round or self.sites
+        _require(per_round <= self.sites, f"clients_per_round <= sites ({self.sites}), got {per_round}")
+        _require((self.finetune_epochs or 0) >= 0, f"finetune_epochs >= 0, got {self.finetune_epochs}")
+        _require(self.norm_ratio > 1, f"norm_ratio > 1, got {self.norm_ratio}")
+        _require(1 <= self.min_good <= self.sites, f"1 <= min_good <= sites ({self.sites}), got {self.min_good}")
+        _require(self.quantize in ("none", *QUANTIZATION), f"quantize none or one of {QUANTIZATION}")
+        self._check_privacy()
+        kinds = {f for plan in self.faults.values() for f in plan}
+        _require(kinds <= set(FAULTS), f"faults among {FAULTS}, got {sorted(kinds)}")
+        ok = self.min_responses is None or 1 <= self.min_responses <= self.sites
+        _require(ok, f"1 <= min_responses <= sites ({self.sites}), got {self.min_responses}")
+        _require(self.round_wait >= 0, f"round_wait >= 0 seconds, got {self.round_wait}")
+        _require(min(self.delays.values(), default=0) >= 0, f"delays >= 0 seconds, got {self.delays}")
+
+    def _check_privacy(self) -> None:
+        name, args = self.privacy, self.privacy_args
+        _require(name in ("none", *PRIVACY), f"privacy none or one of {sorted(PRIVACY)}, got {name!r}")
+        if name == "none":
+            _require(not args, f"no privacy_args without a privacy filter, got {args}")
+            return
+        # FLARE's filters check few of their arguments, some only when the first update arrives, and
+        # PercentilePrivacy quietly does nothing with a percentile out of range
+        allowed = set(inspect.signature(PRIVACY[name]).parameters) - {"data_kinds"}
+        _require(set(args) <= allowed, f"privacy_args of {name} among {sorted(allowed)}, got {sorted(args)}")
+        for key, high in _POSITIVE_ARGS.items():
+            value = args.get(key, 1)
+            ok = isinstance(value, int | float) and value > 0 and (high is None or value <= high)
+            _require(ok, f"{key} > 0{f' and <= {high}' if high else ''}, got {value!r}")
+        if name == "exclude":
+            _require(isinstance(args.get("exclude_vars"), str), "privacy_args exclude_vars, a regular expression")
+        reads_diff = f"transfer 'diff' with privacy {name!r}: FLARE's filter takes what a site sends for a difference"
+        _require(name not in ON_DIFFERENCES or self.transfer == "diff", reads_diff)
+
+    def client_config(self) -> dict[str, Any]:
+        """What every site of the job is told: its training parameters, as structured configuration
+        (``brats_fl.site.client``)."""
+        return {
+            "rounds": self.rounds,
+            "local_epochs": self.local_epochs,
+            "recipe": self.recipe,
+            "lr": self.lr,
+            "patch": list(self.patch_size),
+            "channels": list(self.channels),
+            "batch": self.batch_size,
+            "fg_ratio": self.fg_ratio,
+            "seed": self.seed,
+            "resume": bool(self.resume_from),
+            "audit": self.audit,
+        }
+
+    def model(self, multi_head: bool = False) -> BratsUNet:
+        strides = [2] * (len(self.channels) - 1)
+        return BratsUNet(channels=self.channels, strides=strides, init_seed=self.seed, multi_head=multi_head)
+
+
+def _fedavg(
+    name: str,
+    params: JobParams,
+    sites: int,
+    personal: str = "none",
+    finetune: tuple[int, str] = (0, "all"),
+    datalist: str | None = None,
+    multi_head: bool = False,
+    partial_labels: str | None = None,
+) -> FedAvgRecipe:
+    """FLARE's FedAvg (case-weighted, in-time aggregation) over the keys the sites share, the best and last
+    global model, then personalisation and own-site testing, then FLARE's cross-site evaluation."""
+    client = params.client_config() | {
+        "job": name,
+        "personal": personal,
+        "finetune_epochs": finetune[0],
+        "finetune_scope": finetune[1],
+        "datalist": datalist,
+        "multi_head": multi_head,
+        "partial_labels": partial_labels,
+    }
+    model = params.model(multi_head=multi_head)
+    # the central baselines have a single site, whatever min_good and min_responses say
+    screen = ScreenedAggregator(expected_shapes(model.state_dict()), params.norm_ratio, min(params.min_good, sites))
+    recipe = DeadlineFedAvgRecipe(
+        min_responses=min(params.min_responses, sites) if params.min_responses else None,
+        round_wait=params.round_wait,
+        resume=bool(params.resume_from),
+        name=name,
+        model=model,
+        initial_ckpt=params.resume_from,
+        min_clients=sites,
+        num_rounds=params.rounds,
+        client=client,
+        train_script=SiteExecutor.__module__,
+        server_expected_format=ExchangeFormat.PYTORCH,
+        params_transfer_type=TransferType(params.transfer.upper()),
+        key_metric=KEY_METRIC,
+        key_metric_mode="max",
+        aggregator=screen,
+    )
+    _with_transfer_filters(recipe, params, model)
+    return _with_evaluation(recipe)
+
+
+class DeadlineFedAvgRecipe(FedAvgRecipe):
+    """FLARE's PyTorch FedAvg recipe with ``DeadlineFedAvg`` for its controller, which FedAvgRecipe builds in its
+    constructor through ``_create_controller`` and offers no way to give a minimum of answers, a wait, or a
+    resumption."""
+
+    def __init__(
+        self, *, min_responses: int | None, round_wait: int, resume: bool, client: dict[str, Any], **kwargs: Any
+    ):
+        # set before FedAvgRecipe's constructor, which calls _create_controller
+        self.min_responses = min_responses
+        self.round_wait = round_wait
+        self.resume = resume
+        self.client = client
+        super().__init__(**kwargs)
+        self._job.set_app_packages([PACKAGE])
+
+    def _create_client_runner(self, site_config: dict) -> SiteExecutor:
+        # the installed package's executor in place of FLARE's ScriptRunner, which would copy a script into the
+        # job's custom/ folder (brats_fl.site.executor says why); ``train_script`` above only names its module
+        return SiteExecutor(self.client, expects=running(), transfer=self.params_transfer_type.value.lower())
+
+    def _create_controller(
+        self, persistor_id: str, model_params: dict | None, model_aggregator: ModelAggregator | None
+    ) -> FedAvg:
+        # FLARE 2.9's FedAvgRecipe._create_controller, with our class and its two arguments; a difference in
+        # FedAvg's arguments would show in the exported jobs (tests/test_jobs.py)
+        return DeadlineFedAvg(
+            num_clients=self.min_clients,
+            num_rounds=self.num_rounds,
+            persistor_id=persistor_id,
+            model=model_params,
+            save_filename=self.save_filename,
+            aggregator=model_aggregator,
+            stop_cond=self.stop_cond,
+            patience=self.patience,
+            task_name=TRAIN_TASK,
+            exclude_vars=self.exclude_vars,
+            aggregation_weights=self.aggregation_weights,
+            memory_gc_rounds=self.server_memory_gc_rounds,
+            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
+            min_responses=self.min_responses,
+            round_wait=self.round_wait,
+            resume=self.resume,
+            **self._get_controller_kwargs(),
+        )
+
+
+def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) -> None:
+    """FLARE's filters on what crosses the wire, in the order they act (``JobParams``, docs/privacy.md).
+
+    A site's training update meets the drills' delay and fault, then the privacy filter, then quantisation, then the
+    manifest, which so records what actually leaves; an incoming task is recorded before it is dequantised.
+    Privacy acts on training updates only, as in FLARE's examples: a site's model submitted for cross-site
+    evaluation must stay whole to be scored elsewhere.
+    """
+    quantize = params.quantize != "none"
+    if quantize:
+        # bitsandbytes, which FLARE's quantisation filters import, is needed only by a job that quantises
+        from brats_fl.transfer.quantization import Dequantizer as ModelDequantizer
+        from brats_fl.transfer.quantization import Quantizer as ModelQuantizer
+
+        # as FLARE's quantisation examples: quantise what leaves either side, restore it where it arrives
+        recipe.add_server_output_filter(ModelQuantizer(params.quantize), tasks=[TRAIN_TASK, *OTHER_TASKS])
+        recipe.add_server_input_filter(ModelDequantizer(), tasks=[TRAIN_TASK, *OTHER_TASKS])
+    for tasks in ([TRAIN_TASK], OTHER_TASKS):
+        training = tasks == [TRAIN_TASK]
+        incoming: list[Filter] = [TransferManifest("incoming")] if params.audit_transfer else []
+        outgoing: list[Filter] = [SlowSite(params.delays)] if params.delays and training else []
+        if params.faults and training:
+            outgoing.append(FaultInjection(params.faults))
+        if params.privacy != "none" and training:
+            outgoing.append(_privacy_filter(params, model))
+        if quantize:
+            incoming.append(ModelDequantizer())
+            outgoing.append(ModelQuantizer(params.quantize))
+        if params.audit_transfer:
+            outgoing.append(TransferManifest("outgoing"))
+        for f in incoming:
+            recipe.add_client_input_filter(f, tasks=tasks)
+        for f in outgoing:
+            recipe.add_client_output_filter(f, tasks=tasks)
+
+
+def _privacy_filter(params: JobParams, model: BratsUNet) -> Filter:
+    """The FLARE privacy filter of ``params``. ExcludeVars gets the list of keys its regular expression matches:
+    FLARE's filter compiles an expression in its constructor, and FLARE's job export cannot write that back."""
+    args = dict(params.privacy_args)
+    if params.privacy == "exclude":
+        pattern = re.compile(args["exclude_vars"])
+        args["exclude_vars"] = [k for k in model.state_dict() if pattern.search(k)]
+        if not args["exclude_vars"]:
+            raise ValueError(f"exclude_vars {pattern.pattern!r} matches no key of the model")
+    return PRIVACY[params.privacy](**args)
+
+
+def _with_evaluation(recipe: Recipe, personalise: bool = True) -> Recipe:
+    """What every job adds after training: tracking, each site's own-test scores, cross-site evaluation, and
+    the run record. ``personalise=False`` for a controller that sends each site its own final model itself."""
+    # every site's SummaryWriter scalars arrive at the server's TensorBoard folder (tb_events/<site>)
+    add_experiment_tracking(recipe, "tensorboard")
+    if personalise:
+        recipe._job.to_server(PersonalisedEvaluation(timeout=TASK_TIMEOUT), id="personalised_evaluation")
+    add_cross_site_evaluation(recipe, submit_model_timeout=TASK_TIMEOUT, validation_timeout=TASK_TIMEOUT)
+    # what the run was (configuration, seeds, versions, code, wall time), next to its results on the server
+    recipe._job.to_server(RunRecord(expects=running()), id="run_record")
+    return recipe
+
+
+class ControllerRecipe(Recipe):
+    """A FLARE job whose server runs one of our controllers (``brats_fl.algorithms``), with FLARE's PyTorch
+    persistor and our client script. FLARE's recipes each come with their own controller, so the sequential
+    and hypernetwork jobs are assembled here from the same FLARE parts."""
+
+    framework = FrameworkType.PYTORCH
+
+    def __init__(
+        self,
+        name: str,
+        params: JobParams,
+        controller: ModelController,
+        client: dict[str, Any],
+        model: BratsUNet | None = None,
+    ):
+        if params.transfer != "full":
+            raise ValueError(f"{name}: sites return whole models; transfer must be 'full', not {params.transfer!r}")
+        if params.min_responses is not None and not isinstance(controller, DeadlineFedAvg):
+            raise ValueError(f"{name} runs its own controller; min_responses is for the FedAvg-based jobs")
+        # no model selector: what a site reports is not always the score of the model the server keeps
+        job = BaseFedJob(name=name, min_clients=params.sites, key_metric="")
+        persistor = PTModel(
+            model=model or params.model(), initial_ckpt=params.resume_from, allow_numpy_conversion=False
+        )
+        job.comp_ids.update(job.to_server(persistor, id="persistor"))
+        job.to_server(controller, id="controller_" + name.removeprefix("brats_"))
+        job.set_app_packages([PACKAGE])
+        job.to_clients(SiteExecutor(client | {"job": name}, expects=running()))
+        super().__init__(job)
+        _with_transfer_filters(self, params, model or params.model())
+
+
+def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
+    """The model visits one site after the other, ``passes`` times (see ``brats_fl.server.sequential``)."""
+    if params.resume_from:
+        raise ValueError(f"{name}: a sequential job cannot resume yet; start it without resume_from")
+    epochs = params.visit_epochs or max(1, params.rounds * params.local_epochs // passes)
+    controller = SequentialTransfer(
+        num_clients=params.sites,
+        num_rounds=passes,
+        order=params.order,
+        seed=params.seed,
+        assignment_timeout=params.assignment_timeout,
+        visit_timeout=params.visit_timeout,
+    )
+    client = params.client_config() | {"rounds": passes, "local_epochs": epochs}
+    return _with_evaluation(ControllerRecipe(name, params, controller, client))
+
+
+def cyclic(params: JobParams) -> Recipe:
+    """Cyclic weight transfer: the model meets every site twice (``passes``), trained at one site at a time."""
+    return _sequential("brats_cyclic", params, params.passes or 2)
+
+
+def swt(params: JobParams) -> Recipe:
+    """Single weight transfer: the model meets every site once."""
+    return _sequential("brats_swt", params, params.passes or 1)
+
+
+def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Recipe:
+    """Shared weights averaged, each site's personal tensors generated by a server-side hypernetwork."""
+    hn = params.hypernetwork
+    model = params.model()
+    learnable = dict(model.named_parameters())  # a hypernetwork generates weights, not running statistics
+    controller = HyperSegController(
+        personal_keys=[k for k in personal_keys(model, VARIANTS[variant]) if k in learnable],
+        num_rounds=params.rounds,
+        descriptor=descriptor,
+        embedding_dim=hn.embedding_dim,
+        hn_depth=hn.depth,
+        hn_width=hn.width,
+        hn_optimizer=hn.optimizer,
+        hn_lr=hn.lr,
+        warmup_rounds=hn.warmup_rounds,
+        seed=params.seed,
+        timeout=TASK_TIMEOUT,
+        resume_from=params.resume_from,
+    )
+    # the sites keep no personal layers of their own to resume from: the hypernetwork makes them
+    client = params.client_config() | {"resume": False}
+    recipe = ControllerRecipe(name, params, controller, client)
+    return _with_evaluation(recipe, personalise=False)
+
+
+def hyperseg_conv(params: JobParams) -> Recipe:
+    """HyperSeg Conv: the hypernetwork generates each site's last convolution from a one-hot site vector."""
+    return _hyperseg("brats_hyperseg_conv", params, "conv", "onehot")
+
+
+def hyperseg_conv_bn(params: JobParams) -> Recipe:
+    """HyperSeg Conv + BN: the last convolution and every normalisation layer."""
+    return _hyperseg("brats_hyperseg_conv_bn", params, "conv_bn", "onehot")
+
+
+def hyperseg_conv_bn_emb(params: JobParams) -> Recipe:
+    """HyperSeg Conv + BN + embedding: as Conv + BN, from a site embedding learned with the hypernetwork."""
+    return _hyperseg("brats_hyperseg_conv_bn_emb", params, "conv_bn", "embedding")
+
+
+def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
+    """SegViz: representation averaged over all sites, each head over the sites annotating its region, then
+    fine-tuning of the task block with the representation frozen (``finetune_epochs``, 0 to skip)."""
+    model = params.model(multi_head=True)
+    aggregator = TaskHeadAggregator(
+        expected_shapes(model.state_dict()), head_keys(model), params.norm_ratio, min(params.min_good, params.sites)
+    )
+    controller = SegVizFedAvg(
+        seed=params.seed,
+        num_clients=params.clients_per_round or params.sites,
+        num_rounds=params.rounds,
+        aggregator=aggregator,
+        min_responses=params.min_responses,
+        round_wait=params.round_wait,
+        resume=bool(params.resume_from),
+    )
+    client = params.client_config() | {"multi_head": True, "personal": personal, "finetune_scope": "heads"}
+    client["finetune_epochs"] = _finetune_epochs(params)
+    return _with_evaluation(ControllerRecipe(name, params, controller, client, model=model))
+
+
+def segviz_fedavg(params: JobParams) -> Recipe:
+    """SegViz with FedAvg on the representation block (partial labels, one head per region)."""
+    return _segviz("brats_segviz_fedavg", params, personal=params.personal or "none")
+
+
+def segviz_fedbn(params: JobParams) -> Recipe:
+    """SegViz with FedBN: every normalisation layer stays at its site."""
+    return _segviz("brats_segviz_fedbn", params, personal=params.personal or "norm")
+
+
+def segviz_local(params: JobParams) -> FedAvgRecipe:
+    """SegViz's single-task baseline: every site trains the multi-head model alone on the regions it annotates,
+    so each region's model is trained only where that region is labelled; nothing leaves a site."""
+    return _fedavg("brats_segviz_local", params, params.sites, personal="all", multi_head=True)
+
+
+def segviz_central(params: JobParams) -> FedAvgRecipe:
+    """SegViz's lower bound: the partially labelled sites pooled, an unannotated region taken as background."""
+    return _fedavg("brats_segviz_central", params, 1, datalist="site-All", multi_head=True, partial_labels="background")
+
+
+def central(params: JobParams) -> FedAvgRecipe:
+    """The centralized baseline: one site trains on the pooled datalist ``site-All``."""
+    return _fedavg("brats_central", params, 1, datalist="site-All")
+
+
+def local(params: JobParams) -> FedAvgRecipe:
+    """The local-only baseline: every site trains alone; no weight leaves a site, nothing is aggregated."""
+    return _fedavg("brats_local", params, params.sites, personal="all")
+
+
+def fedavg(params: JobParams) -> FedAvgRecipe:
+    """Federated averaging weighted by each site's number of training cases."""
+    return _fedavg("brats_fedavg", params, params.sites, personal=params.personal or "none")
+
+
+def fedper(params: JobParams) -> FedAvgRecipe:
+    """FedPer: the last layers (the head) stay at each site; the rest is averaged."""
+    return _fedavg("brats_fedper", params, params.sites, personal=params.personal or "head:2")
+
+
+def fedbn(params: JobParams) -> FedAvgRecipe:
+    """FedBN: every normalisation layer stays at its site, so each scanner keeps its own statistics."""
+    return _fedavg("brats_fedbn", params, params.sites, personal=params.personal or "norm")
+
+
+def _finetune_epochs(params: JobParams) -> int:
+    return FINETUNE_EPOCHS if params.finetune_epochs is None else params.finetune_epochs
+
+
+def fedavg_ft(params: JobParams) -> FedAvgRecipe:
+    """FedAvg, then each site fine-tunes the whole final global model on its own data."""
+    finetune = (_finetune_epochs(params), "all")
+    return _fedavg("brats_fedavg_ft", params, params.sites, personal=params.personal or "none", finetune=finetune)
+
+
+def fedbn_ft(params: JobParams) -> FedAvgRecipe:
+    """FedBN, then each site fine-tunes its personal (normalisation) layers with the shared ones frozen."""
+    finetune = (_finetune_epochs(params), "personal")
+    return _fedavg("brats_fedbn_ft", params, params.sites, personal=params.personal or "norm", finetune=finetune)
+
+
+JOBS: dict[str, Callable[[JobParams], Recipe]] = {
+    "brats_central": central,
+    "brats_local": local,
+    "brats_fedavg": fedavg,
+    "brats_fedper": fedper,
+    "brats_fedbn": fedbn,
+    "brats_fedavg_ft": fedavg_ft,
+    "brats_fedbn_ft": fedbn_ft,
+    "brats_cyclic": cyclic,
+    "brats_swt": swt,
+    "brats_hyperseg_conv": hyperseg_conv,
+    "brats_hyperseg_conv_bn": hyperseg_conv_bn,
+    "brats_hyperseg_conv_bn_emb": hyperseg_conv_bn_emb,
+    "brats_segviz_fedavg": segviz_fedavg,
+    "brats_segviz_fedbn": segviz_fedbn,
+    "brats_segviz_local": segviz_local,
+    "brats_segviz_central": segviz_central,
+}
+#: jobs that train at one site at a time, which may then use every core of a shared machine
+SEQUENTIAL = ("brats_cyclic", "brats_swt")
+#: jobs that train one model at one site on the pooled datalist
+POOLED = ("brats_central", "brats_segviz_central")
+
+
+def build(name: str, params: JobParams | None = None) -> Recipe:
+    if name not in JOBS:
+        raise ValueError(f"unknown job {name!r}; choose one of {sorted(JOBS)}")
+    return JOBS[name](params or JobParams())

@@ -1,0 +1,127 @@
+"""Continue a job whose server stopped mid-run. FLARE 2.9 cannot, so brats-fl does.
+
+FLARE 2.9 dropped its snapshot and restore: ``ServerEngine.persist_components`` does nothing ("Component snapshot
+persistence has been removed") and nothing calls ``JobRunner.restore_running_job``. A server started again tells
+the sites to abort the job it was running, and that job stays ``RUNNING`` in its job store. What a run leaves on
+disk is enough to go on, though:
+
+- the server: FLARE's persistor saves the global model after every round, with the round it closed
+  (``meta_props["current_round"]``), as ``<server workspace>/<job id>/app_server/FL_global_model.pt``;
+- every site: its personal layers and optimiser state after each round (``brats_fl.site.client``), in its state folder
+  under the job's name. A site keeps two rounds: the server can die after a site has trained round r + 1 but
+  before it has averaged that round, and the global model it kept is then of round r.
+
+``resume_job`` turns the job folder that was submitted into the job that continues it: the same folder, with that
+checkpoint bundled into the job (``custom/resume_global_model.pt``, read by FLARE's persistor as a relative
+checkpoint, so the job works in the simulator, a POC and a provisioned deployment alike), the FedAvg controller told
+to start after the checkpoint's round (``DeadlineFedAvg(resume=True)``, which stops with a clear error if no round
+is left), and every site told to continue from the state it kept (``--resume``). The checkpoint comes from the
+server's disk (the job's folder stays there when the server process dies) or, for a job that ended, from its
+downloaded result (``workspace/app_server/FL_global_model.pt``). Apart from the bundled file, the result is the
+folder ``export_jobs`` writes for the same parameters with ``resume_from`` set (``tests/test_jobs.py`` checks that).
+The HyperSeg jobs bundle the hypernetwork's state too (``brats_fl.server.hyperseg``); the sequential jobs
+cannot resume.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
+
+from brats_fl.server.fedavg import rounds_left
+from brats_fl.server.hyperseg import STATE_FILE as HYPERNETWORK_FILE
+from brats_fl.server.hyperseg import HyperSegController
+
+#: the server's last global model, as the resumed job carries it in its custom folder
+RESUME_FILE = "resume_global_model.pt"
+#: the controllers that continue after the checkpoint's round when given ``resume``
+RESUMING = ("brats_fl.server.fedavg.DeadlineFedAvg", "brats_fl.server.segviz.SegVizFedAvg")
+HYPERSEG = "brats_fl.server.hyperseg.HyperSegController"
+PERSISTOR = "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"
+EXECUTOR = "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor"
+
+
+def _config(job: Path, side: str) -> tuple[Path, dict]:
+    paths = list(job.glob(f"*/config/config_fed_{side}.json"))
+    if len(paths) != 1:
+        raise FileNotFoundError(f"{job}: not a job folder exported by brats-fl (no single config_fed_{side}.json)")
+    return paths[0], json.loads(paths[0].read_text())
+
+
+def _one(items: list[dict], paths: tuple[str, ...], where: Path) -> dict:
+    found = [item for item in items if item.get("path") in paths]
+    if len(found) != 1:
+        raise ValueError(f"{where}: expected one of {paths}, found {len(found)}")
+    return found[0]
+
+
+def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
+    """Write into ``out`` the job that continues ``job`` after the round its server's last global model,
+    ``checkpoint`` (a file on this machine), closed; returns the folder and that round. ``job`` may itself be a
+    resumed job. ``out`` must not exist: nothing is overwritten."""
+    job, checkpoint, out = Path(job), Path(checkpoint), Path(out)
+    done = checkpoint_round(checkpoint)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; choose a new folder for the resumed job")
+    server_path, server = _config(job, "server")
+    client_path, client = _config(job, "client")
+    found = [w for w in server["workflows"] if w["path"] in (*RESUMING, HYPERSEG)]
+    if len(found) != 1:
+        controllers = [w["path"] for w in server["workflows"]]
+        raise ValueError(f"{job}: its controllers {controllers} cannot resume (the sequential jobs cannot)")
+    controller = found[0]
+    # FLARE's export leaves out an argument at its default: the controller's own default is the job's
+    base = HyperSegController if controller["path"] == HYPERSEG else BaseFedAvg
+    total = controller["args"].get("num_rounds", inspect.signature(base).parameters["num_rounds"].default)
+    try:  # refused here, before anything is submitted
+        rounds_left({"current_round": done}, total)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint}: {err}") from err
+    bundle = {RESUME_FILE: checkpoint}
+    _one(server["components"], (PERSISTOR,), server_path)["args"]["source_ckpt_file_full_name"] = RESUME_FILE
+    if controller["path"] == HYPERSEG:
+        # the hypernetwork makes the sites' personal layers: they keep none of their own to go back to
+        controller["args"]["resume_from"] = RESUME_FILE
+        bundle[HYPERNETWORK_FILE] = hypernetwork = checkpoint.parent / HYPERNETWORK_FILE
+        if not hypernetwork.is_file():
+            raise FileNotFoundError(f"{hypernetwork}: a HyperSeg job resumes with its hypernetwork")
+        if (saved := torch.load(hypernetwork, map_location="cpu")["round"]) != done:
+            raise ValueError(f"{hypernetwork}: the hypernetwork is of round {saved}, the global model of {done}")
+    else:
+        controller["args"]["resume"] = True
+        executor = _executor(client, client_path)
+        words = executor["args"]["task_script_args"].split()
+        if "--resume" not in words:  # a resumed job interrupted in its turn only needs the newer checkpoint
+            if "--seed" not in words:
+                raise ValueError(f"{client_path}: the client's arguments have no --seed; was it exported by brats-fl?")
+            at = words.index("--seed") + 2  # where JobParams.client_args puts it
+            executor["args"]["task_script_args"] = " ".join([*words[:at], "--resume", *words[at:]])
+    shutil.copytree(job, out)
+    for path, doc in ((server_path, server), (client_path, client)):
+        (out / path.relative_to(job)).write_text(json.dumps(doc, indent=4))
+    custom = out / server_path.relative_to(job).parent.parent / "custom"
+    for name, source in bundle.items():
+        shutil.copyfile(source, custom / name)
+    return out, done
+
+
+def _executor(client: dict, where: Path) -> dict:
+    return _one([e["executor"] for e in client["executors"]], (EXECUTOR,), where)
+
+
+def checkpoint_round(checkpoint: Path) -> int:
+    """The round a server's saved global model closed; a clear error for anything else."""
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{checkpoint}: not a readable checkpoint ({err})") from err
+    done = (saved.get("meta_props") or {}).get("current_round") if isinstance(saved, dict) else None
+    if not isinstance(done, int):
+        raise ValueError(f"{checkpoint}: records no completed round; is it a FLARE server's FL_global_model.pt?")
+    return done

@@ -1,0 +1,81 @@
+"""Personal layers: what stays at a site (FedPer, FedBN, local-only) and how personal models are judged.
+
+One selection drives both sides of a job. A site never loads a personal key from the server and never
+sends one, so the server's FedAvg only ever sees shared keys and averages exactly those; the global
+model keeps its initial values for the personal keys, which no site ever loads. This holds for full and
+for diff transfer alike: a key that is not sent has no diff either. (FLARE's ``exclude_vars`` alone is
+not enough: it filters on the server only, after the personal weights have already left the site.)
+
+Selections: ``none`` (FedAvg), ``all`` (local-only baseline), ``head:N`` (FedPer: the last N
+convolutions from the output, with their normalisation), ``norm`` (FedBN: every normalisation
+parameter and statistic), or ``head:N+norm``.
+
+``PersonalisedEvaluation`` runs after federated training: it sends the final global model to every site,
+which combines it with its personal layers, optionally fine-tunes, and scores the result on its own
+test split. FLARE's cross-site evaluation cannot do this: it scores one model on every site, whereas a
+personalised model exists only at its own site.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from brats_fl.seg.model import BratsUNet, parameter_groups
+
+#: the task a site answers with its personalised model's test scores
+PERSONALISE_TASK = "personalise"
+RESULTS_FILE = Path("personalised") / "results.json"
+
+
+def personal_keys(model: BratsUNet, spec: str) -> list[str]:
+    """The personal state-dict keys of ``model`` under ``spec``; refuses an unknown spec."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(model.state_dict())
+    keys: set[str] = set()
+    for part in spec.split("+"):
+        name, _, count = part.partition(":")
+        if name == "norm" and not count:
+            keys |= set(parameter_groups(model)["norm"])
+        elif name == "head" and count.isdigit() and int(count) > 0:
+            keys |= set(parameter_groups(model, head_layers=int(count))["head"])
+        else:
+            raise ValueError(f"unknown personal-key selection {spec!r}; use none, all, head:N, norm or head:N+norm")
+    return [k for k in model.state_dict() if k in keys]
+
+
+class PersonalisedEvaluation(ModelController):
+    """Send the final global model to every site for personalisation and own-site testing; record the scores.
+
+    Writes ``personalised/results.json`` in the server's run folder: ``{site: metrics}``. A site that fails is
+    named in the log and missing from the file; the other sites' scores are kept.
+    """
+
+    def __init__(
+        self, model_file: str = "FL_global_model.pt", timeout: int = 0, ignore_result_error: bool = True, **kwargs
+    ):
+        super().__init__(ignore_result_error=ignore_result_error, **kwargs)
+        self.model_file = model_file
+        self.timeout = timeout
+
+    def run(self) -> None:
+        # the persistor's file holds the last aggregated model; the persistor's own load_model would rebuild
+        # the initial one
+        blob = torch.load(Path(self.get_app_dir()) / self.model_file, map_location="cpu", weights_only=False)
+        results = self.send_model_and_wait(
+            task_name=PERSONALISE_TASK, data=FLModel(params=blob["model"]), timeout=self.timeout
+        )
+        scores = {r.meta.get("client_name", f"site-{i}"): r.metrics for i, r in enumerate(results, start=1)}
+        missing = sorted(set(self.sample_clients()) - set(scores))
+        if missing:
+            self.warning(f"no personalised test scores from {missing}")
+        path = Path(self.get_run_dir()) / RESULTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(scores, indent=1))
+        self.info(f"personalised test scores of {sorted(scores)} written to {path}")

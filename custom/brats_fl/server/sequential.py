@@ -1,0 +1,155 @@
+"""Sequential federated learning: one model travels from site to site, nothing is averaged.
+
+Cyclic weight transfer (CWT) lets the model meet every site twice, single weight transfer (SWT) once; both are
+``SequentialTransfer`` with a number of passes. Each visit sends the current model to one site, which trains it
+for its local epochs and returns it; the returned weights are the model the next site receives, bit for bit.
+
+FLARE ships two cyclic workflows and neither fits as is: ``CyclicController`` ends the whole job when one site
+answers with an error, and the ``Cyclic`` model controller waits for ever on a site that never answers. Neither
+scores the model between passes nor records who trained it when. This is FLARE's ``Cyclic`` with those added:
+a visit the site does not pick up within ``assignment_timeout`` or does not finish within ``visit_timeout``, or
+that fails at the site, is skipped with a warning naming the site, and the model goes on unchanged to the next.
+After every pass each site that trained in it scores the model on its validation split. The visits (order,
+fingerprints of the weights sent and returned, bytes, time, skips) and the scores are written to
+``sequential/visits.json`` in the server's run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from nvflare.apis.controller_spec import ClientTask, Task, TaskCompletionStatus
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_common.workflows.cyclic import Cyclic
+
+from brats_fl.seg.model import fingerprint, state_bytes
+
+#: the task a site answers with the received model's scores on its validation split
+PASS_VALIDATION_TASK = "validate_pass"
+VISITS_FILE = Path("sequential") / "visits.json"
+ORDERS = ("fixed", "shuffle")
+
+
+class SequentialTransfer(Cyclic):
+    """Pass the model around the sites ``num_rounds`` times (one round = one pass), in a fixed or shuffled order.
+
+    ``assignment_timeout`` bounds how long a site may take to pick up its visit (a site that is down or still
+    loading its data), and ``visit_timeout`` how long it may then train (a site that hangs); both in seconds,
+    with defaults meant for 3D training on CPU, where FLARE's 10 s task-assignment timeout would skip every site
+    still caching its cases.
+    """
+
+    def __init__(
+        self,
+        *args,
+        order: str = "fixed",
+        seed: int = 0,
+        assignment_timeout: int = 1800,
+        visit_timeout: int = 6 * 3600,
+        ignore_result_error: bool = True,
+        **kwargs,
+    ):
+        # by default a site's failed visit or validation is logged and skipped, never a reason to stop the job
+        super().__init__(*args, ignore_result_error=ignore_result_error, **kwargs)
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+        if assignment_timeout <= 0 or visit_timeout <= 0:
+            raise ValueError(f"timeouts must be positive (got {assignment_timeout} and {visit_timeout})")
+        self.order = order
+        self.seed = seed
+        self.assignment_timeout = assignment_timeout
+        self.visit_timeout = visit_timeout
+        self._returned: Shareable | None = None
+
+    def run(self) -> None:
+        model = self.load_model()
+        sites = sorted(self.sample_clients())
+        rng = random.Random(self.seed)
+        record: dict = {"order": self.order, "sites": sites, "passes": [], "bytes": {}}
+        for rnd in range(self.start_round, self.start_round + self.num_rounds):
+            order = list(sites)
+            if self.order == "shuffle":
+                rng.shuffle(order)
+            self.info(f"pass {rnd}: visiting {order}")
+            entry: dict = {"pass": rnd, "order": order, "visits": []}
+            record["passes"].append(entry)
+            for site in order:
+                model, visit = self._visit(model, site, rnd, record["bytes"])
+                entry["visits"].append(visit)
+                self._write(record)
+            self.save_model(model)
+            trained = [v["site"] for v in entry["visits"] if v["status"] == "trained"]
+            entry["validation"] = self._validate(model, trained, record["bytes"]) if trained else {}
+            self._write(record)
+            self._maybe_cleanup_memory()
+        self.info("sequential transfer finished")
+
+    def _visit(self, model: FLModel, site: str, rnd: int, traffic: dict) -> tuple[FLModel, dict]:
+        """Send ``model`` to ``site`` and wait; returns the model the next site gets and what happened."""
+        model.current_round = rnd
+        model.total_rounds = self.num_rounds
+        size = state_bytes(model.params)
+        visit = {"site": site, "received": fingerprint(model.params), "started_at": time.time()}
+        self._returned = None
+        task = Task(name="train", data=FLModelUtils.to_shareable(model), result_received_cb=self._keep_result)
+        self.send(task=task, fl_ctx=self.fl_ctx, targets=[site])
+        # FLARE's task timeout counts from scheduling; here picking up and training have separate limits
+        while task.completion_status is None and not self.abort_signal.triggered:
+            picked_up = task.client_tasks[0].task_sent_time if task.client_tasks else None
+            if picked_up is None and time.time() - task.create_time > self.assignment_timeout:
+                self.cancel_task(task)
+            elif picked_up is not None and time.time() - picked_up > self.visit_timeout:
+                self.cancel_task(task, completion_status=TaskCompletionStatus.TIMEOUT)
+            time.sleep(self._task_check_period)
+        visit["seconds"] = round(time.time() - visit.pop("started_at"), 1)
+        result, reason = self._returned, None
+        if not task.client_tasks:
+            reason = f"did not pick up the model within {self.assignment_timeout} s"
+        elif result is None:
+            reason = f"did not return the model within {self.visit_timeout} s"
+        elif result.get_return_code() != ReturnCode.OK:
+            reason = f"answered {result.get_return_code()}"
+        _count(traffic, site, received=size if task.client_tasks else 0)
+        if reason:
+            self.warning(f"pass {rnd}: skipped {site}, which {reason}; the model goes on unchanged")
+            return model, visit | {"status": "skipped", "reason": reason}
+        returned = FLModelUtils.from_shareable(result)
+        _count(traffic, site, sent=state_bytes(returned.params))
+        visit |= {"status": "trained", "returned": fingerprint(returned.params), "metrics": returned.metrics or {}}
+        return FLModel(params=returned.params, params_type=returned.params_type, current_round=rnd), visit
+
+    def _keep_result(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
+        self._returned = client_task.result
+        client_task.result = None
+
+    def _validate(self, model: FLModel, sites: list[str], traffic: dict) -> dict[str, dict]:
+        """The model after a pass, scored by each site that trained in it on its validation split."""
+        results = self.send_model_and_wait(
+            task_name=PASS_VALIDATION_TASK, data=model, targets=sites, timeout=self.visit_timeout
+        )
+        for site in sites:
+            _count(traffic, site, received=state_bytes(model.params))
+        return {r.meta["client_name"]: r.metrics for r in sorted(results, key=lambda r: r.meta["client_name"])}
+
+    def _write(self, record: dict) -> None:
+        path = Path(self.get_run_dir()) / VISITS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+
+    def process_result_of_unknown_task(self, client, task_name, client_task_id, result, fl_ctx) -> None:
+        """A visit's result that arrives after its timeout must not become the model: drop it, say so."""
+        self.warning(f"dropped a late {task_name} result from {client.name}: its visit had already been skipped")
+
+
+def _count(traffic: dict, site: str, received: int = 0, sent: int = 0) -> None:
+    """Bytes of model weights each site received from and sent to the server."""
+    entry = traffic.setdefault(site, {"received": 0, "sent": 0})
+    entry["received"] += received
+    entry["sent"] += sent

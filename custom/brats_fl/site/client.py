@@ -1,0 +1,312 @@
+"""FLARE Client API script: a thin shell around the training loop, run at every site.
+
+For each task from the server:
+- ``train``: load the global weights, validate them on the site's validation split (reported to the server
+  and to FLARE's tracking), train the configured local epochs, send the weights back with the number of
+  training cases as the aggregation weight;
+- ``personalise`` (after training): combine the final global model with the site's personal layers,
+  optionally fine-tune, score on the site's own test split and keep that model;
+- ``validate`` (cross-site evaluation): score the received model on the site's test split;
+- ``validate_pass`` (sequential jobs, after each pass): score the received model on the validation split;
+- ``submit_model`` (cross-site evaluation): send the site's shared weights.
+
+Personal keys (``--personal``, see ``brats_fl.server.personalise``) are never loaded from the server and
+never sent. With partial labels and a multi-head model (SegViz, ``brats_fl.server.segviz``) the heads of
+regions the site does not annotate are loaded but never sent, and every result declares the regions the site
+annotates. ``all`` makes the local-only baseline, where every site trains alone; there, and only there,
+cross-site evaluation receives each site's whole model, since that is what the baseline compares. The
+site's data comes from its own configuration (``brats_fl.site.config``), never from the job. What the
+site records stays at the site: ``<job id>/brats_fl/`` in its workspace for this run, and in its state folder
+(see ``brats_fl.site.config``) what a resumed job needs: after every round, the personal layers and the optimiser
+state, kept for the last ``KEEP_ROUNDS`` rounds (``brats_fl.jobs.resume`` says why two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+import nvflare.client as flare
+import torch
+from nvflare.app_common.abstract.fl_model import FLMetaKey
+from nvflare.client.tracking import SummaryWriter
+from nvflare.fuel.data_event.data_bus import DataBus
+from torch.utils.data import DataLoader
+
+from brats_fl.data.datalist import load_datalist
+from brats_fl.data.loading import eval_loader
+from brats_fl.seg.model import fingerprint, parameter_groups, save_whole, state_bytes
+from brats_fl.seg.trainer import Trainer, add_arguments, config_from_args, make_train_loader
+from brats_fl.server.personalise import PERSONALISE_TASK, personal_keys
+from brats_fl.server.segviz import ANNOTATED_META, head_keys
+from brats_fl.server.sequential import PASS_VALIDATION_TASK
+from brats_fl.site.config import resolve
+from brats_fl.site.executor import CONFIG_KEY
+
+#: rounds of site state kept: the server's last saved global model may be a round behind a site's last training
+KEEP_ROUNDS = 2
+
+
+def site_args(config: dict) -> argparse.Namespace:
+    """The job's site configuration (``SiteExecutor``'s ``config``) over the client's defaults; an unknown key is
+    refused, naming it."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--job", default="brats_fl", help="job name: where the site keeps its personal layers")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the job, for the learning-rate schedule")
+    add_arguments(p)
+    p.add_argument("--datalist", default=None, help="datalist name instead of the site's own (e.g. site-All)")
+    p.add_argument("--personal", default="none", help="keys that never leave the site: none, all, head:N, norm")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="local epochs after federated training")
+    p.add_argument("--finetune-scope", choices=["personal", "heads", "all"], default="all")
+    p.add_argument("--resume", action="store_true", help="continue from the state this site kept for the job")
+    p.add_argument("--audit", action="store_true", help="keep a copy of every model this site receives and sends")
+    args = p.parse_args([])
+    unknown = sorted(set(config) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"unknown site parameter(s) {unknown}; known: {sorted(vars(args))}")
+    for key, value in config.items():
+        if value is not None:
+            setattr(args, key, value)
+    return args
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def _as_validation(metrics: dict) -> dict[str, float]:
+    """Tracking names for scores on the validation split: ``dice_mean`` becomes ``val_dice_mean``."""
+    return {k if k.startswith("val_") else f"val_{k}": v for k, v in _scalars(metrics).items()}
+
+
+class Site:
+    """One site's data, trainer and records; lives for the whole job so optimiser state persists."""
+
+    def __init__(self, args: argparse.Namespace, name: str, workspace: Path, job_id: str):
+        data = resolve(name, args.datalist, workspace=workspace)
+        if args.threads is None:
+            args.threads = data.threads
+        self.args = args
+        self.config = config_from_args(args, total_epochs=args.rounds * args.local_epochs)
+        # runs the data checks: a site with bad data stops here, before any training, naming each file
+        self.datalist = load_datalist(data.datalist, data.data_root)
+        self.trainer = Trainer(self.config)
+        self.personal = set(personal_keys(self.trainer.model, args.personal))
+        self.eval_personal = set() if args.personal == "all" else self.personal
+        self.annotated = self.datalist.annotated()
+        heads = head_keys(self.trainer.model) if self.trainer.model.multi_head else {}
+        #: heads of regions this site does not annotate: it uses the federation's, and never sends its own
+        self.unsent = self.personal | {k for r, keys in heads.items() if r not in self.annotated for k in keys}
+        self.name = name
+        self.run_dir = workspace / job_id / "brats_fl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = data.state_dir / args.job
+        self.record = {"site": name, "data": {k: str(v) for k, v in vars(data).items()}, "train": self.config.to_dict()}
+        self.record["personal_keys"] = sorted(self.personal)
+        self.record["annotated"] = self.annotated
+        #: the state to continue from is known at the first training task, which names the round
+        self.to_resume = args.resume
+        if not args.resume:
+            # a new run of the job: what an earlier run kept must never be taken for this run's
+            self.record["cleared_state"] = self._clear_state()
+        self.train = make_train_loader(self.datalist.items("training"), self.config)
+        self.val = eval_loader(self.datalist.items("validation"))
+        self.writer = SummaryWriter()
+        self._write_record()
+
+    def _write_record(self) -> None:
+        (self.run_dir / "site.json").write_text(json.dumps(self.record, indent=1))
+
+    def _state_file(self, rnd: int) -> Path:
+        return self.state_dir / f"round_{rnd}.pt"
+
+    def _kept_rounds(self) -> list[int]:
+        found = self.state_dir.glob("round_*.pt") if self.state_dir.is_dir() else []
+        return sorted(int(p.stem.removeprefix("round_")) for p in found)
+
+    def _clear_state(self) -> list[str]:
+        cleared = [self._state_file(r) for r in self._kept_rounds()]
+        for path in cleared:
+            path.unlink()
+        return [str(p) for p in cleared]
+
+    def _keep_state(self, rnd: int) -> None:
+        """Keep what this site needs to go on after round ``rnd``: its personal layers and its optimiser state.
+        Written whole or not at all (a site may die while writing); older rounds beyond ``KEEP_ROUNDS`` go."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = {"round": rnd, "personal": self.personal_state(), "trainer": self.trainer.state_dict()}
+        save_whole(state, self._state_file(rnd))
+        for old in self._kept_rounds():
+            if old <= rnd - KEEP_ROUNDS:
+                self._state_file(old).unlink()
+
+    def _resume_once(self, rnd: int | None) -> None:
+        """At a resumed job's first task for this site: go on from what the site kept (``_resume``)."""
+        if self.to_resume:
+            self.record["resumed_from"] = self._resume(rnd)
+            self.to_resume = False
+            self._write_record()
+
+    def _resume(self, rnd: int | None) -> dict:
+        """Continue at round ``rnd`` with the personal layers and optimiser state this site had after the last round
+        before it that it trained (``rnd - 1``, unless a job that samples its sites left this site out); ``None``:
+        after training, for a site that no round of the resumed job sampled."""
+        kept = self._kept_rounds()
+        before = [r for r in kept if rnd is None or r < rnd]
+        if not before:
+            raise FileNotFoundError(
+                f"{self.state_dir}: {self.name} was asked to resume job {self.args.job}"
+                f"{'' if rnd is None else f' at round {rnd}'}, but kept no state of an earlier round (it has rounds "
+                f"{kept or 'none'})"
+            )
+        path = self._state_file(before[-1])
+        state = torch.load(path, map_location="cpu")
+        if set(state["personal"]) != self.personal:
+            raise ValueError(f"{path}: holds other personal keys than this job's ({self.args.personal})")
+        self.trainer.model.load_state_dict(state["personal"], strict=False)
+        self.trainer.load_state_dict(state["trainer"])
+        return {"file": str(path), "round": before[-1], "personal": fingerprint(state["personal"])}
+
+    @functools.cached_property
+    def test(self) -> DataLoader:
+        """The test split, cached on first use: only evaluation tasks need it."""
+        return eval_loader(self.datalist.items("test"))
+
+    def load_global(self, params: dict, personal: set[str]) -> None:
+        """Load every shared key; a personal key from the server is ignored, a missing shared key is an error."""
+        state = self.trainer.model.state_dict()
+        shared = {k: torch.as_tensor(v) for k, v in params.items() if k not in personal}
+        missing = sorted(set(state) - personal - set(shared))
+        if missing:
+            raise KeyError(f"{self.name}: global model lacks shared key(s) {missing[:3]} ({len(missing)} in all)")
+        self.trainer.model.load_state_dict(shared, strict=False)
+
+    def shared_state(self, personal: set[str]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.trainer.model.state_dict().items() if k not in personal}
+
+    def personal_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.trainer.model.state_dict().items() if k in self.personal}
+
+    def train_round(self, model: flare.FLModel) -> flare.FLModel:
+        rnd = model.current_round or 0
+        self._resume_once(rnd)
+        if model.params:
+            self.load_global(model.params, self.personal)
+        metrics = self.trainer.evaluate(self.val)
+        stats = self.trainer.train_epochs(self.train, self.args.local_epochs)
+        params = self.shared_state(self.unsent)
+        sent = state_bytes(params)
+        row = {"round": rnd, **_as_validation(metrics), **stats, "bytes_sent": sent}
+        for key, value in row.items():
+            if key != "round":
+                self.writer.add_scalar(key, value, rnd)
+        # fingerprints of what came in, what goes out and what stays: a sequential job's hand-over and a resumed
+        # job's start can be checked exactly
+        row |= {"received": fingerprint(model.params or {}), "sent": fingerprint(params)}
+        row |= {"kept": fingerprint(self.personal_state()), "finished_at": time.time()}
+        with (self.run_dir / "rounds.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.trainer.save(self.run_dir / "local_model.pt", round=rnd, site=self.name)
+        self._keep_state(rnd)
+        if self.args.audit:
+            torch.save(dict(model.params or {}), self.run_dir / f"received_round_{rnd}.pt")
+            torch.save(params, self.run_dir / f"sent_round_{rnd}.pt")
+        # the received model's validation scores, plus this round's training figures for the server's curves
+        reported = _scalars(metrics) | {"train_loss": stats["train_loss"], "bytes_sent": float(sent)}
+        n_cases = len(self.datalist.items("training"))
+        return flare.FLModel(
+            params=params,
+            metrics=reported,
+            meta={
+                FLMetaKey.NUM_STEPS_CURRENT_ROUND: n_cases,
+                "steps": stats["steps"],
+                "site": self.name,
+                ANNOTATED_META: self.annotated,
+            },
+        )
+
+    def personalise(self, model: flare.FLModel) -> flare.FLModel:
+        """Final global + own personal layers (+ fine-tuning), scored on this site's test split and kept.
+
+        With fine-tuning, the model before it is scored and kept too (``before_finetune_*``). The site's
+        federated state is restored afterwards, so cross-site evaluation scores the model before fine-tuning.
+        """
+        self._resume_once(None)
+        self.load_global(model.params, self.personal)
+        federated = self._snapshot()
+        epochs = self.args.finetune_epochs
+        if epochs:
+            self._score_and_keep("before_finetune", epochs=0)
+            trained = self._finetuned_keys()
+            for key, param in self.trainer.model.named_parameters():
+                param.requires_grad_(key in trained)
+            self.trainer.train_epochs(self.train, epochs)
+            for param in self.trainer.model.parameters():
+                param.requires_grad_(True)
+        metrics = self._score_and_keep("personalised", epochs=epochs)
+        self.trainer.model.load_state_dict(federated)
+        return flare.FLModel(metrics=_scalars(metrics))
+
+    def _finetuned_keys(self) -> set[str]:
+        scope = self.args.finetune_scope
+        if scope == "all":
+            return set(self.trainer.model.state_dict())
+        if scope == "heads":
+            return set(parameter_groups(self.trainer.model)["head"])
+        return self.personal
+
+    def _score_and_keep(self, name: str, epochs: int) -> dict:
+        """Score the site's current model on its test split; keep scores and model as ``<name>_test.json`` and
+        ``<name>_model.pt``."""
+        metrics = self.trainer.evaluate(self.test, per_case=True)
+        (self.run_dir / f"{name}_test.json").write_text(json.dumps(metrics, indent=1))
+        self.trainer.save(self.run_dir / f"{name}_model.pt", site=self.name, finetune_epochs=epochs)
+        return metrics
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
+
+    def evaluate(self, model: flare.FLModel, loader: DataLoader) -> dict:
+        """Score a received model on one of this site's splits, then restore the site's own."""
+        saved = self._snapshot()
+        self.load_global(model.params, self.eval_personal)
+        metrics = self.trainer.evaluate(loader)
+        self.trainer.model.load_state_dict(saved)
+        return _scalars(metrics)
+
+    def validate_pass(self, model: flare.FLModel) -> flare.FLModel:
+        """A sequential job's model after a pass, on the validation split; tracked as ``pass_val_*``."""
+        metrics = self.evaluate(model, self.val)
+        for key, value in _as_validation(metrics).items():
+            self.writer.add_scalar(f"pass_{key}", value, model.current_round)
+        return flare.FLModel(metrics=metrics)
+
+
+def main() -> None:
+    args = site_args(DataBus().get_data(CONFIG_KEY))
+    flare.init()
+    site = Site(args, flare.get_site_name(), Path.cwd(), flare.get_job_id())
+    start = time.perf_counter()
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        if flare.is_train():
+            flare.send(site.train_round(model))
+        elif flare.get_task_name() == PERSONALISE_TASK:
+            flare.send(site.personalise(model))
+        elif flare.get_task_name() == PASS_VALIDATION_TASK:
+            flare.send(site.validate_pass(model))
+        elif flare.is_evaluate():
+            flare.send(flare.FLModel(metrics=site.evaluate(model, site.test)))
+        elif flare.is_submit_model():
+            flare.send(flare.FLModel(params=site.shared_state(site.eval_personal)))
+    (site.run_dir / "done.json").write_text(json.dumps({"wall_time": time.perf_counter() - start}))
+
+
+if __name__ == "__main__":
+    main()

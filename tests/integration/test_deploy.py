@@ -1,0 +1,217 @@
+"""Real FLARE deployments on loopback: a provisioned project with mTLS, and a POC (no mocks).
+
+Every test starts the server and the sites as separate processes from their startup kits, talks to the
+server through an admin startup kit (FLARE's session API) and stops every process it started, by process
+id, in ``finally`` (``System.__exit__``), whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from brats_fl.data.layout import find_cases
+from brats_fl.data.partition import assign_sites, write_datalists
+from brats_fl.jobs.catalogue import JobParams
+from brats_fl.jobs.export import export_jobs
+from brats_fl.jobs.resume import checkpoint_round, resume_job
+from brats_fl.ops import deploy
+from brats_fl.results.report import summarise_run
+from brats_fl.seg.model import fingerprint
+from nvflare.fuel.flare_api.api_spec import AuthorizationError
+
+SITES = ["site-1", "site-2"]
+
+ADMIN = "admin@consortium.org"
+
+ORG_ADMIN = "orgadmin@hospital-a.org"
+
+TINY = JobParams(rounds=2, local_epochs=1, sites=2, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def lists(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("lists")
+    write_datalists(tiny_phantom, assign_sites(find_cases(tiny_phantom), 2, "equal", seed=0), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_jobs(tmp_path_factory.mktemp("jobs"), ["brats_fedavg"], params=TINY)[0]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A private HOME, so that FLARE's startup-kit registry (~/.nvflare) of this machine is left alone."""
+    return dict(os.environ) | {"HOME": str(tmp_path / "home")}
+
+
+def _project(tmp_path: Path, name: str, sites: list[str], admins: dict[str, str] | None = None, port: int = 0) -> Path:
+    config = deploy.project_config(name, sites, port or deploy.free_port(), admins=admins)
+    return deploy.provision(deploy.write_project(tmp_path / f"{name}.yml", config), tmp_path / "provisioned")
+
+
+def _check_result(result: deploy.JobResult, kits: Path) -> None:
+    assert result.completed, result
+    server = result.folder / "workspace"
+    model = torch.load(server / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)
+    assert any(k.endswith("weight") for k in model["model"])
+    summary = summarise_run(result.folder)
+    assert set(summary["test_per_site"]) == set(SITES)
+    for site in SITES:
+        assert len(summary["curves"][site]["val_dice_WT"]) == TINY.rounds
+        record = kits / site / result.job_id / "brats_fl"
+        rows = [json.loads(line) for line in (record / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == list(range(TINY.rounds))
+        # the site found its data through its own kit, not through anything in the job
+        source = json.loads((record / "site.json").read_text())["data"]["source"]
+        assert source == str(kits / site / "local" / "brats_fl_site.json")
+
+
+def _wait_for_checkpoint(system: deploy.System, job_id: str, rnd: int, timeout: float = 300) -> Path:
+    """The server's global model of job ``job_id`` once it has closed round ``rnd``."""
+    path = system.kit(system.server) / job_id / "app_server" / "FL_global_model.pt"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and checkpoint_round(path) == rnd:
+            return path
+        time.sleep(1)
+    raise TimeoutError(f"{path}: round {rnd} not closed after {timeout:.0f} s\n{system.logs()}")
+
+
+def _rows(kits: Path, site: str, job_id: str) -> list[dict]:
+    lines = (kits / site / job_id / "brats_fl" / "rounds.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _check_resumed(kits: Path, job_id: str, checkpoint: Path, before: str, rnd: int) -> None:
+    """Job ``job_id`` began at round ``rnd`` from ``checkpoint``'s weights, and every site from the personal layers
+    it had after round ``rnd - 1`` of job ``before``."""
+    weights = fingerprint(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    for site in SITES:
+        kept = {row["round"]: row["kept"] for row in _rows(kits, site, before)}
+        resumed = json.loads((kits / site / job_id / "brats_fl" / "site.json").read_text())["resumed_from"]
+        assert (resumed["round"], resumed["personal"]) == (rnd - 1, kept[rnd - 1]), (site, resumed)
+        first = _rows(kits, site, job_id)[0]
+        assert (first["round"], first["received"]) == (rnd, weights), site
+
+
+@pytest.mark.slow
+def test_provisioned_project_runs_a_job_submitted_with_the_admin_kit(tiny_phantom, lists, job, tmp_path, env):
+    kits = _project(tmp_path, "brats_hospitals", SITES)
+    for site in SITES:
+        deploy.install_site_config(kits / site, tiny_phantom, lists, threads=1)
+    assert (
+        json.loads((kits / "localhost" / "startup" / "fed_server.json").read_text())["servers"][0][
+            "connection_security"
+        ]
+        == "mtls"
+    )
+    with deploy.System(kits, "localhost", ADMIN, env=env) as system:
+        system.start_all(SITES, timeout=240)
+        result = system.run_job(job, tmp_path / "results", timeout=900)
+    _check_result(result, kits)
+
+
+@pytest.mark.slow
+def test_altered_kits_and_roles_without_custom_code_rights_are_refused(tmp_path, job, env):
+    port = deploy.free_port()
+    admins = {ADMIN: "project_admin", ORG_ADMIN: "org_admin"}
+    kits = _project(tmp_path / "ours", "brats_hospitals", ["site-1", "site-2", "site-3"], admins, port)
+    other = _project(tmp_path / "other", "brats_elsewhere", ["site-2", "site-3"], {ADMIN: "project_admin"}, port)
+    # site-2: the whole kit of a site of the same name, signed for another project (same server address)
+    shutil.rmtree(kits / "site-2")
+    shutil.copytree(other / "site-2", kits / "site-2")
+    # site-3: our kit with its certificate and key swapped for another project's (our root CA kept)
+    for name in ("client.crt", "client.key"):
+        shutil.copy(other / "site-3" / "startup" / name, kits / "site-3" / "startup" / name)
+    with deploy.System(kits, "localhost", ADMIN, env=env) as system:
+        system.start_all(["site-1"], timeout=240)
+        system.start("site-2")
+        system.start("site-3")
+        time.sleep(30)
+        assert system.connected_sites() == ["site-1"], system.logs()
+        assert "CERTIFICATE_VERIFY_FAILED" in (kits / "site-2" / "console.log").read_text()
+        assert "Successfully registered client:site-3" not in (kits / "site-3" / "console.log").read_text()
+        # the other project's admin kit cannot log in to our server
+        with pytest.raises(Exception), deploy.System(other, "localhost", ADMIN, env=env).session(timeout=15):  # noqa: B017
+            pass
+        # org_admin may not submit jobs (nor bring custom code: its 'byoc' right is 'none')
+        with system.session(ORG_ADMIN) as sess, pytest.raises(AuthorizationError, match="not authorized"):
+            sess.submit_job(str(job))
+
+
+@pytest.mark.slow
+def test_poc_site_then_server_die_mid_job_and_resumed_jobs_continue(tiny_phantom, lists, tmp_path, env):
+    """Site death: the server stops the job. Server death: FLARE 2.9 cannot resume, brats-fl's resume-job can. Each
+    resumed job starts from the last global model its predecessor's server kept, every site from its own FedPer
+    head of that round, whatever it had trained since; the second resumed job finishes the job."""
+    params = JobParams(**{**vars(TINY), "rounds": 3})
+    job = export_jobs(tmp_path / "jobs", ["brats_fedper"], params=params)[0]
+    kits = deploy.poc_prepare(tmp_path / "poc", 2, deploy.free_port(), env=env)
+    for site in SITES:
+        deploy.install_site_config(kits / site, tiny_phantom, lists, threads=1)
+    deploy.set_heartbeat_timeout(kits / "server", 20)
+    with deploy.System(kits, "server", deploy.POC_ADMIN, env=env) as system:
+        system.start_all(SITES, timeout=240)
+        with system.session() as sess:
+            first = sess.submit_job(str(job))
+            _wait_for_checkpoint(system, first, 0)
+            system.kill("site-2")  # while it trains round 1
+            meta = sess.wait_for_job(first, timeout=600, poll_interval=3)
+            # the job has ended: its server folder is gone, its last global model is in its result
+            downloaded = Path(sess.download_job_result(first, str(tmp_path / "first")))
+        assert meta["status"] != "FINISHED:COMPLETED", meta
+        checkpoint = downloaded / "workspace" / "app_server" / "FL_global_model.pt"
+        log = (kits / "server" / "console.log").read_text()
+        assert "received dead job report for client site-2" in log
+        assert "Alive clients 1 < required min 2" in log
+        system.start("site-2")
+        system.wait_for_sites(SITES, timeout=240)
+
+        second_job, _ = resume_job(job, checkpoint, tmp_path / "resume_1")
+        with system.session() as sess:
+            second = sess.submit_job(str(second_job))
+            on_server = _wait_for_checkpoint(system, second, 1)
+        system.kill("server")  # while the sites train round 2
+        # the job's folder stays on the server's disk when its process dies: take its last global model from there
+        second_checkpoint = Path(shutil.copy(on_server, tmp_path / "second_FL_global_model.pt"))
+        system.start("server")
+        system.wait_for_sites(SITES, timeout=240)
+
+        third_job, done = resume_job(second_job, second_checkpoint, tmp_path / "resume_2")
+        assert done == 1
+        result = system.run_job(third_job, tmp_path / "results", timeout=600)
+    assert result.completed, result
+    # site-1 trained round 1 of the first job before it stopped: its newest state was a round past the checkpoint
+    assert [row["round"] for row in _rows(kits, "site-1", first)] == [0, 1]
+    _check_resumed(kits, second, checkpoint, first, 1)
+    _check_resumed(kits, result.job_id, second_checkpoint, second, 2)
+    for site in SITES:
+        assert [row["round"] for row in _rows(kits, site, result.job_id)] == [2]
+        assert (kits / site / result.job_id / "brats_fl" / "personalised_test.json").is_file()
+    final = result.folder / "workspace" / "app_server" / "FL_global_model.pt"
+    assert checkpoint_round(final) == 2
+
+
+def test_committed_project_provisions_three_hospitals_with_mtls(tmp_path: Path):
+    kits = deploy.provision(REPO / "site_configs" / "project.yml", tmp_path)
+    sites = sorted(p.parents[1].name for p in kits.glob("*/startup/fed_client.json"))
+    assert sites == ["hospital-a", "hospital-b", "hospital-c"]
+    for site in sites:
+        config = json.loads((kits / site / "startup" / "fed_client.json").read_text())
+        assert config["client"]["connection_security"] == "mtls"
+        resources = json.loads((kits / site / "local" / "resources.json.default").read_text())
+        assert resources["class_list_enforcement_mode"] == "enforce"
+        policy = json.loads((kits / site / "local" / "authorization.json.default").read_text())["permissions"]
+        assert policy["lead"]["byoc"] == "any" and policy["org_admin"]["byoc"] == "none"
+    admins = {p.parents[1].name for p in kits.glob("*/startup/fed_admin.json")}
+    assert len(admins) == 4

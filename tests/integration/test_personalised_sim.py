@@ -1,0 +1,87 @@
+"""FedPer, FedBN and fine-tuning: personal layers never leave a site, and the server never changes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from brats_fl.jobs.catalogue import JobParams
+from brats_fl.jobs.simulate import run_simulation
+from brats_fl.results.report import summarise_run
+from brats_fl.seg.model import fingerprint
+from brats_fl.server.personalise import personal_keys
+
+SITES = ("site-1", "site-2", "site-3")
+
+TINY = JobParams(rounds=2, local_epochs=2, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3, audit=True)
+
+
+def _site(run: Path, site: str) -> Path:
+    return run / site / "simulate_job" / "brats_fl"
+
+
+def _weights(run: Path) -> dict[str, int]:
+    out = {}
+    for site in SITES:
+        doc = json.loads((_site(run, site) / "site.json").read_text())
+        out[site] = len(json.loads(Path(doc["data"]["datalist"]).read_text())["training"])
+    return out
+
+
+def _check_aggregation(run: Path, params: JobParams, personal: set[str]) -> dict[str, torch.Tensor]:
+    """No personal key was sent; shared keys are the case-weighted mean; personal keys are the initial ones."""
+    weights, total = _weights(run), sum(_weights(run).values())
+    sent = {s: torch.load(_site(run, s) / f"sent_round_{params.rounds - 1}.pt") for s in SITES}
+    for site in SITES:
+        for rnd in range(params.rounds):
+            assert not personal & set(torch.load(_site(run, site) / f"sent_round_{rnd}.pt")), (site, rnd)
+    blob = torch.load(run / "server/simulate_job/app_server/FL_global_model.pt", weights_only=False)
+    global_model = {k: torch.as_tensor(v) for k, v in blob["model"].items()}
+    initial = params.model().state_dict()
+    for key, value in global_model.items():
+        if key in personal:
+            torch.testing.assert_close(value, initial[key], rtol=0, atol=0, msg=key)
+        else:
+            expected = sum(sent[s][key].double() * w for s, w in weights.items()) / total
+            torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6, msg=key)
+    return global_model
+
+
+def _rows(run: Path, site: str) -> list[dict]:
+    return [json.loads(line) for line in (_site(run, site) / "rounds.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_fedper_keeps_the_head_at_each_site(sim_data: Path, tmp_path: Path):
+    """The server never changes a site's head, and each round's record names the head the site kept (what a
+    resumed job goes back to; resuming itself is tested in a POC, tests/test_deploy.py)."""
+    run = run_simulation("brats_fedper", TINY, sim_data, tmp_path)
+    personal = set(personal_keys(TINY.model(), "head:2"))
+    _check_aggregation(run, TINY, personal)
+    kept = {site: _rows(run, site)[-1]["kept"] for site in SITES}
+    assert len(set(kept.values())) == len(SITES), "personal layers should differ between sites"
+    for site in SITES:
+        local = torch.load(_site(run, site) / "local_model.pt", weights_only=False)["state_dict"]
+        assert kept[site] == fingerprint({k: local[k] for k in personal}), site
+    summary = summarise_run(run)
+    assert set(summary["test_per_site"]) == set(SITES)
+
+
+@pytest.mark.slow
+def test_fedbn_with_diff_transfer_and_personal_finetuning(sim_data: Path, tmp_path: Path):
+    params = JobParams(**{**vars(TINY), "transfer": "diff", "finetune_epochs": 1})
+    run = run_simulation("brats_fedbn_ft", params, sim_data, tmp_path)
+    personal = set(personal_keys(params.model(), "norm"))
+    global_model = _check_aggregation(run, params, personal)
+    for site in SITES:
+        final = torch.load(_site(run, site) / "personalised_model.pt", weights_only=False)["state_dict"]
+        trained = torch.load(_site(run, site) / "local_model.pt", weights_only=False)["state_dict"]
+        for key in final:
+            if key in personal:  # fine-tuned at the site, starting from its own federated-trained layers
+                assert not torch.equal(final[key], trained[key]), (site, key)
+            else:  # frozen during fine-tuning: exactly the final global model
+                torch.testing.assert_close(final[key], global_model[key].to(final[key].dtype), rtol=0, atol=0)
+    summary = summarise_run(run)  # fine-tuned models score differently from the global model they came from
+    assert set(summary["test_per_site"]) == set(summary["global_test_per_site"]) == set(SITES)

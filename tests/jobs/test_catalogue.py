@@ -1,0 +1,126 @@
+"""The FLARE jobs, run for real in FLARE's simulator on a tiny phantom cohort (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from brats_fl.cli.main import main
+from brats_fl.jobs.catalogue import JobParams
+from brats_fl.jobs.export import export_jobs
+from brats_fl.jobs.resume import RESUME_FILE
+from brats_fl.server.fedavg import rounds_left
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = JobParams(rounds=3, local_epochs=3, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: torch.as_tensor(v) for k, v in blob.get("model", blob).items()}
+
+
+def _configs(job: Path, checkpoint: str = "") -> list[dict]:
+    """A job's configurations; a server-side ``checkpoint`` path read as the checkpoint bundled into the job."""
+    texts = [p.read_text() for p in sorted(job.glob("app/config/*.json"))]
+    return [json.loads(t.replace(checkpoint, RESUME_FILE) if checkpoint else t) for t in texts]
+
+
+def _checkpoint(folder: Path, rnd: int) -> Path:
+    """A server's global model as FLARE's persistor saves it, with the hypernetwork state HyperSeg keeps beside it."""
+    folder.mkdir(parents=True)
+    torch.save({"model": {"w": torch.ones(2)}, "meta_props": {"current_round": rnd}}, folder / "FL_global_model.pt")
+    torch.save({"round": rnd}, folder / "hypernetwork.pt")
+    return folder / "FL_global_model.pt"
+
+
+def test_committed_jobs_match_their_definitions():
+    assert main(["export-jobs", "--out", str(REPO / "jobs"), "--check"]) == 0
+
+
+def test_export_check_notices_a_hand_edit(tmp_path: Path, capsys):
+    export_jobs(tmp_path)
+    assert main(["export-jobs", "--out", str(tmp_path), "--check"]) == 0
+    config = tmp_path / "brats_fedavg" / "app" / "config" / "config_fed_client.json"
+    config.write_text(config.read_text().replace("--local-epochs", "--local-epochs 9 --x"))
+    assert main(["export-jobs", "--out", str(tmp_path), "--check"]) == 1
+    assert "brats_fedavg: missing or differs" in capsys.readouterr().out
+
+
+def test_jobs_name_no_machine_path():
+    for path in (REPO / "jobs").rglob("*.json"):
+        text = path.read_text()
+        assert str(REPO) not in text and "/home/" not in text and "/tmp/" not in text, path
+
+
+@pytest.mark.parametrize("job", ["brats_fedper", "brats_segviz_fedbn", "brats_hyperseg_conv_bn"])
+def test_resume_job_is_the_export_with_resume_from(job: str, tmp_path: Path, capsys):
+    """`brats-fl resume-job` turns a submitted job folder into the one the definitions export with resume_from,
+    with the checkpoint bundled into the job."""
+    checkpoint = _checkpoint(tmp_path / "server" / "1234", 1)
+    submitted = export_jobs(tmp_path / "submitted", [job])[0]
+    expected = export_jobs(tmp_path / "expected", [job], params=JobParams(resume_from=str(checkpoint)))[0]
+    assert _configs(submitted) != _configs(expected, str(checkpoint))
+    resumed = tmp_path / "resumed"
+    assert main(["resume-job", str(submitted), "--checkpoint", str(checkpoint), "--out", str(resumed)]) == 0
+    assert "after round 1" in capsys.readouterr().out
+    assert _configs(resumed) == _configs(expected, str(checkpoint))
+    assert (resumed / "app" / "custom" / RESUME_FILE).read_bytes() == checkpoint.read_bytes()
+    assert main(["resume-job", str(submitted), "--checkpoint", str(checkpoint), "--out", str(resumed)]) == 2
+    assert "resumed: already exists" in capsys.readouterr().err
+    # a resumed job that is interrupted in its turn continues from its own, newer checkpoint
+    newer = _checkpoint(tmp_path / "server" / "5678", 3)
+    assert main(["resume-job", str(resumed), "--checkpoint", str(newer), "--out", str(tmp_path / "again")]) == 0
+    assert _configs(tmp_path / "again") == _configs(expected, str(checkpoint))
+    assert (tmp_path / "again" / "app" / "custom" / RESUME_FILE).read_bytes() == newer.read_bytes()
+
+
+def test_resume_job_refuses_what_cannot_resume(tmp_path: Path, capsys):
+    checkpoint = _checkpoint(tmp_path / "server", 1)
+    cyclic = export_jobs(tmp_path, ["brats_cyclic"])[0]
+    assert main(["resume-job", str(cyclic), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")])
+    assert "cannot resume (the sequential jobs cannot)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    fedavg = export_jobs(tmp_path, ["brats_fedavg"])[0]
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(checkpoint.read_bytes()[:100])
+    torch.save({"model": {}}, tmp_path / "no_round.pt")
+    last = _checkpoint(tmp_path / "finished", JobParams().rounds - 1)
+    hyperseg = export_jobs(tmp_path, ["brats_hyperseg_conv"])[0]
+    assert main(["resume-job", str(hyperseg), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")]) == 0
+    torch.save({"round": 0}, checkpoint.parent / "hypernetwork.pt")  # a server that died between the two saves
+    assert main(["resume-job", str(hyperseg), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "z")])
+    assert "the hypernetwork is of round 0, the global model of 1" in capsys.readouterr().err
+    cases = [(broken, "not a readable checkpoint"), (tmp_path / "no_round.pt", "records no completed round")]
+    cases.append((last, "nothing to resume: the checkpoint closed round 19, the last of the job's 20"))
+    for bad, why in cases:
+        assert main(["resume-job", str(fedavg), "--checkpoint", str(bad), "--out", str(tmp_path / "y")])
+        assert f"{bad}: {why}" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_rounds_left_after_a_checkpoint():
+    assert rounds_left({"current_round": 1}, total=5) == (2, 3)
+    with pytest.raises(ValueError, match="nothing to resume: the checkpoint closed round 4, the last of the job's 5"):
+        rounds_left({"current_round": 4}, total=5)
+    with pytest.raises(ValueError, match="records no completed round"):
+        rounds_left({}, total=5)
+
+
+@pytest.mark.parametrize("job", ["brats_central", "brats_local", "brats_fedavg"])
+def test_exported_job_carries_its_code(job: str):
+    """A site without our package installed can import the client script and model from the job alone."""
+    custom = REPO / "jobs" / job / "app" / "custom"
+    code = (
+        "import sys; "
+        f"sys.path = [{str(custom)!r}] + [p for p in sys.path if not p.startswith({str(REPO)!r})]; "
+        "import brats_fl.site.client, brats_fl.seg.model; print(brats_fl.site.client.__file__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(custom))

@@ -1,0 +1,69 @@
+"""Stragglers: a round closes without its slow site, whose late update reaches no round (no mocks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from brats_fl.jobs.catalogue import JobParams, build
+from brats_fl.jobs.export import export_jobs
+from brats_fl.server.fedavg import shortfall
+
+SITES = ("site-1", "site-2", "site-3")
+
+#: site-3 holds each update DELAY s; a round closes ROUND_WAIT s after site-1 and site-2 have answered. Its round 0
+#: update so comes DELAY - ROUND_WAIT s after round 0 has closed, while round 1 or 2 (ROUND_WAIT s and a little
+#: training each) is under way
+ROUND_WAIT, DELAY = 5, 10
+
+
+def _training_cases(record: Path) -> int:
+    datalist = json.loads((record / "site.json").read_text())["data"]["datalist"]
+    return len(json.loads(Path(datalist).read_text())["training"])
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: torch.as_tensor(v) for k, v in blob.get("model", blob).items()}
+
+
+def _case_weighted_mean(records: dict[str, Path], rnd: int) -> dict[str, torch.Tensor]:
+    """What FedAvg makes of the updates these sites sent in round ``rnd``."""
+    weights = {s: _training_cases(r) for s, r in records.items()}
+    sent = {s: torch.load(r / f"sent_round_{rnd}.pt") for s, r in records.items()}
+    total = sum(weights.values())
+    return {k: sum(sent[s][k].double() * w for s, w in weights.items()) / total for k in sent[next(iter(sent))]}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"min_responses": 0}, {"min_responses": 4}, {"round_wait": -1}, {"delays": {"site-3": -1}}],
+)
+def test_straggler_parameters_are_range_checked(changes: dict):
+    with pytest.raises(ValueError, match="job parameter out of range"):
+        JobParams(**changes)
+
+
+@pytest.mark.parametrize("job", ["brats_cyclic", "brats_hyperseg_conv"])
+def test_jobs_with_their_own_controller_refuse_min_responses(job: str):
+    with pytest.raises(ValueError, match="runs its own controller; min_responses is for the FedAvg-based jobs"):
+        build(job, JobParams(min_responses=2))
+
+
+def test_segviz_rounds_take_the_deadline_too(tmp_path: Path):
+    (job,) = export_jobs(tmp_path, ["brats_segviz_fedbn"], JobParams(min_responses=2, round_wait=30))
+    config = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    (controller,) = [w for w in config["workflows"] if w["path"].endswith("SegVizFedAvg")]
+    assert controller["args"]["min_responses"] == 2 and controller["args"]["round_wait"] == 30
+
+
+def test_a_round_short_of_answers_names_the_missing_sites():
+    assert shortfall(list(SITES), {"site-1", "site-2"}, 2) is None
+    assert shortfall(list(SITES), {"site-1"}, 2) == (
+        "1 of 3 sites answered, fewer than the 2 required; the round is not averaged. "
+        "No usable answer from: site-2, site-3"
+    )
+    # without min_responses every site is required
+    assert shortfall(list(SITES), {"site-1", "site-3"}, 3).endswith("No usable answer from: site-2")
