@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.export import export_jobs
 from brats_fl.jobs.resume import RESUME_FILE
 from brats_fl.server.fedavg import rounds_left
+from brats_fl.version import mismatch, running
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,7 +49,7 @@ def test_export_check_notices_a_hand_edit(tmp_path: Path, capsys):
     export_jobs(tmp_path)
     assert main(["export-jobs", "--out", str(tmp_path), "--check"]) == 0
     config = tmp_path / "brats_fedavg" / "app" / "config" / "config_fed_client.json"
-    config.write_text(config.read_text().replace("--local-epochs", "--local-epochs 9 --x"))
+    config.write_text(config.read_text().replace('"local_epochs": 4', '"local_epochs": 9'))
     assert main(["export-jobs", "--out", str(tmp_path), "--check"]) == 1
     assert "brats_fedavg: missing or differs" in capsys.readouterr().out
 
@@ -112,15 +114,49 @@ def test_rounds_left_after_a_checkpoint():
         rounds_left({}, total=5)
 
 
-@pytest.mark.parametrize("job", ["brats_central", "brats_local", "brats_fedavg"])
-def test_exported_job_carries_its_code(job: str):
-    """A site without our package installed can import the client script and model from the job alone."""
-    custom = REPO / "jobs" / job / "app" / "custom"
+def test_committed_jobs_are_configuration_naming_the_installed_package():
+    """No job carries code; every site runs the installed package's executor, told its parameters as structured
+    configuration, and every class a job names is one a site admits once it installs brats-fl."""
+    from brats_fl.ops.policy import allowed, class_allow_list
+
+    policy = class_allow_list()
+    for job in sorted((REPO / "jobs").iterdir()):
+        assert not (job / "app" / "custom").exists(), job
+        client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+        (executor,) = [e["executor"] for e in client["executors"]]
+        assert executor["path"] == "brats_fl.site.executor.SiteExecutor", job
+        assert executor["args"]["config"]["job"] == job.name
+        assert executor["args"]["expects"] == running()
+        texts = "".join(p.read_text() for p in (job / "app" / "config").glob("*.json"))
+        for path in re.findall(r'"path": "([\w.]+)"', texts):
+            assert allowed(path, policy), (job.name, path)
+
+
+def test_bundled_jobs_carry_the_package_and_stay_out_of_the_repository(tmp_path: Path):
+    """A bundled job imports the client script and model from its own custom/ folder alone."""
+    job = export_jobs(tmp_path, ["brats_fedavg"], bundle=True)[0]
+    custom = job / "app" / "custom"
     code = (
         "import sys; "
-        f"sys.path = [{str(custom)!r}] + [p for p in sys.path if not p.startswith({str(REPO)!r})]; "
-        "import brats_fl.site.client, brats_fl.seg.model; print(brats_fl.site.client.__file__)"
+        f"sys.path = [{str(custom)!r}] + [p for p in sys.path if not p.startswith({str(REPO / 'custom')!r})]; "
+        "import brats_fl.site.client, brats_fl.seg.model, brats_fl.version as v; "
+        "print(brats_fl.site.client.__file__); print(v.code_sha256())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=False)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().startswith(str(custom))
+    where, code_hash = out.stdout.split()
+    assert where.startswith(str(custom)) and code_hash == running()["code_sha256"]
+    with pytest.raises(ValueError, match="write them outside"):
+        export_jobs(REPO / "jobs" / "bundled", ["brats_fedavg"], bundle=True)
+    assert not (REPO / "jobs" / "bundled").exists()
+
+
+def test_other_code_is_refused_naming_where_both_versions_and_the_fix():
+    here = running()
+    assert mismatch(here, "site-1") is None
+    older = mismatch({"version": "0.1.0", "code_sha256": "sha256:" + "0" * 64}, "site-2")
+    assert older.startswith(f"site-2 runs brats-fl {here['version']}") and "exported from brats-fl 0.1.0" in older
+    assert "Fix: pip install brats-fl==0.1.0 at site-2" in older
+    edited = mismatch({**here, "code_sha256": "sha256:" + "1" * 64}, "the server (server)")
+    assert f"exported from brats-fl {here['version']} (code 111111111111)" in edited
+    assert "brats-fl export-jobs" in edited

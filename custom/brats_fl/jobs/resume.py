@@ -44,7 +44,7 @@ RESUME_FILE = "resume_global_model.pt"
 RESUMING = ("brats_fl.server.fedavg.DeadlineFedAvg", "brats_fl.server.segviz.SegVizFedAvg")
 HYPERSEG = "brats_fl.server.hyperseg.HyperSegController"
 PERSISTOR = "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"
-EXECUTOR = "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor"
+EXECUTOR = "brats_fl.site.executor.SiteExecutor"
 
 
 def _config(job: Path, side: str) -> tuple[Path, dict]:
@@ -95,17 +95,15 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
             raise ValueError(f"{hypernetwork}: the hypernetwork is of round {saved}, the global model of {done}")
     else:
         controller["args"]["resume"] = True
-        executor = _executor(client, client_path)
-        words = executor["args"]["task_script_args"].split()
-        if "--resume" not in words:  # a resumed job interrupted in its turn only needs the newer checkpoint
-            if "--seed" not in words:
-                raise ValueError(f"{client_path}: the client's arguments have no --seed; was it exported by brats-fl?")
-            at = words.index("--seed") + 2  # where JobParams.client_args puts it
-            executor["args"]["task_script_args"] = " ".join([*words[:at], "--resume", *words[at:]])
+        # a resumed job interrupted in its turn has this set already and only needs the newer checkpoint
+        _executor(client, client_path)["args"]["config"]["resume"] = True
     shutil.copytree(job, out)
     for path, doc in ((server_path, server), (client_path, client)):
         (out / path.relative_to(job)).write_text(json.dumps(doc, indent=4))
+    # FLARE's persistor reads a relative checkpoint from the app's custom/ folder, which FLARE then counts as
+    # custom code: a resumed job needs the byoc right (docs/deployment.md)
     custom = out / server_path.relative_to(job).parent.parent / "custom"
+    custom.mkdir(exist_ok=True)
     for name, source in bundle.items():
         shutil.copyfile(source, custom / name)
     return out, done

@@ -45,6 +45,7 @@ from brats_fl.server.segviz import ANNOTATED_META, head_keys
 from brats_fl.server.sequential import PASS_VALIDATION_TASK
 from brats_fl.site.config import resolve
 from brats_fl.site.executor import CONFIG_KEY
+from brats_fl.version import PACKAGE_DIR, running
 
 #: rounds of site state kept: the server's last saved global model may be a round behind a site's last training
 KEEP_ROUNDS = 2
@@ -106,6 +107,8 @@ class Site:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = data.state_dir / args.job
         self.record = {"site": name, "data": {k: str(v) for k, v in vars(data).items()}, "train": self.config.to_dict()}
+        # the code this site runs: the installed package, or the job's own copy in a bundled job
+        self.record["code"] = running() | {"package": str(PACKAGE_DIR)}
         self.record["personal_keys"] = sorted(self.personal)
         self.record["annotated"] = self.annotated
         #: the state to continue from is known at the first training task, which names the round
