@@ -20,7 +20,7 @@ from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
 from brats_fl.data.loading import ANNOTATED, train_loader
-from brats_fl.jobs.params import SITE_ONLY, by_name
+from brats_fl.jobs.params import by_name
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.model import BratsUNet, build_model
 
@@ -109,21 +109,9 @@ class TrainConfig:
         return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The training options of ``brats-fl train-central``, from the jobs' parameter schema; the learning rate and
-    the channels default to the recipe's and the model's."""
-    for name in ("recipe", "patch_size", "batch_size", "fg_ratio", "seed"):
-        param = by_name(name)
-        param.add_to(parser, default=param.default)
-    by_name("lr").add_to(parser, default=None)
-    by_name("channels").add_to(parser, default=None)
-    parser.add_argument("--threads", type=int, default=None, help=SITE_ONLY["threads"][1])
-    parser.add_argument("--multi-head", action="store_true", help=SITE_ONLY["multi_head"][1])
-    parser.add_argument("--partial-labels", choices=["ignore", "background"], default=None, help="unannotated regions")
-
-
 def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig:
-    """A TrainConfig from the options of :func:`add_arguments`; ``total_epochs`` sets the poly schedule."""
+    """A TrainConfig from the training options (``brats_fl.cli.train``, ``brats_fl.site.client.site_args``);
+    ``total_epochs`` sets the poly schedule."""
     values = {
         "recipe": args.recipe,
         "patch_size": args.patch,
