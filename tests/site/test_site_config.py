@@ -17,7 +17,7 @@ from brats_fl.site.config import ENV_VAR, resolve
         ({"rounds": 0}, "rounds >= 1, got 0"),
         ({"patch_size": (60, 64, 64)}, "patch sizes multiples of 8"),
         ({"lr": -0.1}, "0 < lr < 1"),
-        ({"fg_ratio": 1.5}, "0 <= fg_ratio <= 1"),
+        ({"fg_ratio": 1.5}, "0 < fg_ratio <= 1"),
         ({"transfer": "half"}, "transfer full or diff"),
         ({"order": "random"}, "order one of"),
         ({"visit_timeout": 0}, "positive assignment and visit timeouts"),

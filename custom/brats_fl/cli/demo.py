@@ -7,10 +7,12 @@ results table and writes the report (table, learning curves, per-site bars, over
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
-from brats_fl.cli.main import main as cli
+from brats_fl.cli.jobs import VERBOSE_HELP
+from brats_fl.jobs.params import by_name
 
 #: where ``site_configs/simulation*.json`` look for the phantom cohort, relative to the repository
 DEFAULT_DATA = Path("data/phantom")
@@ -38,7 +40,9 @@ def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int],
     _run_steps(steps)
 
 
-def run_demo(workspace: Path, cases: int, sites: int, shape: tuple[int, int, int], rounds: int) -> None:
+def run_demo(
+    workspace: Path, cases: int, sites: int, shape: tuple[int, int, int], rounds: int, verbose: bool = False
+) -> None:
     """Run every step through the commands a user would type, so the demo exercises them; ends with the
     report in ``<workspace>/report``.
 
@@ -49,7 +53,7 @@ def run_demo(workspace: Path, cases: int, sites: int, shape: tuple[int, int, int
     _run_steps(
         [
             ["run", "brats_fedavg", "--sites", str(sites), "--rounds", str(rounds), "--workspace", str(workspace),
-             "--site-config", "site_configs/simulation.json"],
+             "--site-config", "site_configs/simulation.json", *(["--verbose"] if verbose else [])],
             ["report", str(workspace), "--out", str(workspace / "report")],
         ]
     )  # fmt: skip
@@ -58,8 +62,34 @@ def run_demo(workspace: Path, cases: int, sites: int, shape: tuple[int, int, int
 
 
 def _run_steps(steps: list[list[str]]) -> None:
+    """Each step as ``brats-fl`` would run it; the command line is imported here, as it imports this module."""
+    from brats_fl.cli.main import main as cli
+
     for step in steps:
         print(f"\n$ brats-fl {' '.join(step)}", flush=True)
         code = cli(step)
         if code:
             raise SystemExit(code)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    run_demo(
+        args.workspace,
+        cases=args.cases,
+        sites=args.sites,
+        shape=tuple(args.shape),
+        rounds=args.rounds,
+        verbose=args.verbose,
+    )
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``demo``."""
+    p = sub.add_parser("demo", help="phantom cohort -> FedAvg in FLARE's simulator -> results table and report")
+    p.add_argument("--workspace", type=Path, default=Path("runs/demo"))
+    p.add_argument("--cases", type=int, default=30)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=by_name("rounds").default)
+    p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    p.set_defaults(func=_cmd_demo)

@@ -6,11 +6,14 @@ BraTS 2020 labels: 0 background, 1 necrotic / non-enhancing core (NCR/NET), 2 pe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+if TYPE_CHECKING:  # torch and monai only where a label map is converted: the data commands run without them
+    import torch
 
 #: The channel order of every multi-channel label, prediction and network output in this package.
 #: It is the order MONAI's ConvertToMultiChannelBasedOnBratsClasses produces; do not reorder.
@@ -22,7 +25,12 @@ DISPLAY_ORDER: tuple[str, ...] = ("WT", "TC", "ET")
 #: Label values allowed in a BraTS 2020 segmentation file.
 BRATS_LABELS: frozenset[int] = frozenset({0, 1, 2, 4})
 
-_to_channels = ConvertToMultiChannelBasedOnBratsClasses(et_label=4)
+
+@functools.cache
+def _to_channels() -> Callable:
+    from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+    return ConvertToMultiChannelBasedOnBratsClasses(et_label=4)
 
 
 def annotation_mask(annotated: Sequence[str]) -> list[float]:
@@ -38,7 +46,7 @@ def annotation_mask(annotated: Sequence[str]) -> list[float]:
 
 def labels_to_regions(seg: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Convert a 0/1/2/4 label map (X, Y, Z) into boolean region channels (3, X, Y, Z) in REGIONS order."""
-    return _to_channels(seg)
+    return _to_channels()(seg)
 
 
 def regions_to_labels(regions: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -47,7 +55,7 @@ def regions_to_labels(regions: np.ndarray | torch.Tensor) -> np.ndarray:
     Regions are painted from the outside in (WT, then TC, then ET), so the result is nested even
     when a prediction is not: an ET voxel outside the predicted TC still becomes label 4.
     """
-    arr = regions.detach().cpu().numpy() if isinstance(regions, torch.Tensor) else np.asarray(regions)
+    arr = regions.detach().cpu().numpy() if hasattr(regions, "detach") else np.asarray(regions)
     if arr.shape[0] != len(REGIONS):
         raise ValueError(f"expected {len(REGIONS)} region channels {REGIONS}, got shape {arr.shape}")
     mask = arr > 0.5 if arr.dtype != bool else arr

@@ -145,8 +145,17 @@ def _from_csv(cases: Sequence[Case], csv_path: Path | None) -> dict[str, list[Ca
     return {f"site-{i}": partitions[p] for i, p in enumerate(ordered, start=1)}
 
 
+def check_split(split: Sequence[float]) -> None:
+    """Refuse a split that is not three fractions summing to 1: ``10 2 0`` would otherwise be rescaled quietly, and
+    an empty part given a case anyway."""
+    if len(split) != 3 or min(split) < 0 or max(split) > 1 or abs(sum(split) - 1) > 1e-6:
+        values = " ".join(f"{v:g}" for v in split)
+        raise ValueError(f"--split takes train/val/test fractions in [0, 1] that sum to 1, got {values}")
+
+
 def split_site(cases: Sequence[Case], split: Sequence[float], rng: np.random.Generator) -> dict[str, list[Case]]:
     """Split one site's cases into training / validation / test; each gets a case when there are three."""
+    check_split(split)
     order = [cases[i] for i in rng.permutation(len(cases))]
     n = len(order)
     counts = np.floor(np.asarray(split) / np.sum(split) * n).astype(int)

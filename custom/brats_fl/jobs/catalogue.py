@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 from typing import Any
 
 from nvflare.apis.filter import Filter
@@ -31,25 +31,23 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 
 from brats_fl.drills.faults import FAULTS, FaultInjection
 from brats_fl.drills.slow import SlowSite
+from brats_fl.jobs.params import HYPERNETWORK, PARAMS, TASK_TIMEOUT, Param, unused
 from brats_fl.seg.model import BratsUNet
-from brats_fl.seg.trainer import RECIPES, TrainConfig
 from brats_fl.server.fedavg import DeadlineFedAvg
-from brats_fl.server.hyperseg import OPTIMISERS, VARIANTS, HyperSegController
+from brats_fl.server.hyperseg import VARIANTS, HyperSegController
 from brats_fl.server.personalise import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
 from brats_fl.server.run_record import RunRecord
 from brats_fl.server.screening import ScreenedAggregator, expected_shapes
 from brats_fl.server.segviz import SegVizFedAvg, TaskHeadAggregator, head_keys
-from brats_fl.server.sequential import ORDERS, PASS_VALIDATION_TASK, SequentialTransfer
+from brats_fl.server.sequential import PASS_VALIDATION_TASK, SequentialTransfer
 from brats_fl.site.executor import SiteExecutor
-from brats_fl.transfer.filters import ON_DIFFERENCES, PRIVACY, QUANTIZATION, TransferManifest
+from brats_fl.transfer.filters import ON_DIFFERENCES, PRIVACY, TransferManifest
 from brats_fl.version import running
 
 #: the global model is ranked by the sites' mean validation Dice (WT, TC, ET) of the model they received
 KEY_METRIC = "dice_mean"
 #: the package every site and the server have installed; jobs name its components and carry no code of it
 PACKAGE = "brats_fl"
-#: FLARE's defaults (10 s for a task to be picked up) suit toy models, not 3D training on a CPU
-TASK_TIMEOUT = 6 * 3600
 #: local epochs of the _ft jobs after federated training
 FINETUNE_EPOCHS = 2
 #: every task a site answers. FLARE looks a filter up by exact task name (a filter's default task "*" matches
@@ -61,25 +59,10 @@ _POSITIVE_ARGS = {"percentile": 100, "gamma": None, "fraction": 1, "epsilon": No
 _POSITIVE_ARGS |= {"epsilon_threshold": None, "epsilon_query": None, "epsilon_release": None}
 
 
-@dataclass
-class HyperNetParams:
-    """The HyperSeg jobs' hypernetwork: the paper's 20 layers of 100 units, embedding of 10 and Adam, but at lr 1e-3,
-    not the paper's 0.03, under which our sites stopped learning (docs/results.md, HyperSeg). ``warmup_rounds``
-    of plain FedAvg on all weights come first; the hypernetwork starts from them."""
-
-    depth: int = 20
-    width: int = 100
-    embedding_dim: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    warmup_rounds: int = 0
-
-    def __post_init__(self) -> None:
-        sizes = (self.depth, self.width, self.embedding_dim)
-        _require(min(sizes) >= 1, f"hypernetwork depth, width, embedding_dim >= 1, got {sizes}")
-        _require(self.optimizer in OPTIMISERS, f"optimizer one of {sorted(OPTIMISERS)}, got {self.optimizer!r}")
-        _require(self.lr > 0, f"hypernetwork lr > 0, got {self.lr}")
-        _require(self.warmup_rounds >= 0, f"warmup_rounds >= 0, got {self.warmup_rounds}")
+def _fields(params: tuple[Param, ...]) -> list[tuple[str, Any, Any]]:
+    """Dataclass fields of the schema's parameters: each with its default, a fresh dict where that is one."""
+    fresh = {p.name: field(default_factory=dict) if p.type is dict else field(default=p.default) for p in params}
+    return [(p.name, p.type, fresh[p.name]) for p in params]
 
 
 def _require(ok: bool, what: str) -> None:
@@ -88,9 +71,22 @@ def _require(ok: bool, what: str) -> None:
         raise ValueError(f"job parameter out of range: need {what}")
 
 
-@dataclass
-class JobParams:
-    """What a user tunes per run; defaults finish the README demo on 2 CPU cores in about 15 minutes.
+class _HyperNet:
+    """The HyperSeg jobs' hypernetwork (``brats_fl.jobs.params.HYPERNETWORK``). ``warmup_rounds`` of plain FedAvg
+    on all weights come first; the hypernetwork starts from them."""
+
+    def __post_init__(self) -> None:
+        for p in HYPERNETWORK:
+            p.validate(getattr(self, p.name))
+
+
+HyperNetParams = make_dataclass("HyperNetParams", _fields(HYPERNETWORK), bases=(_HyperNet,))
+HyperNetParams.__doc__ = _HyperNet.__doc__
+
+
+class _Job:
+    """What a user tunes per run (``brats_fl.jobs.params.PARAMS`` says each parameter, its default and its rule);
+    defaults finish the README demo on 2 CPU cores in about 15 minutes.
 
     ``personal`` and ``finetune_epochs`` left as None take the job's own choice (FedPer keeps ``head:2``
     at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``resume_from`` names an
@@ -120,73 +116,26 @@ class JobParams:
     ``{"site-3": 20}``: that site holds each training update 20 s before sending it.
     """
 
-    rounds: int = 20
-    local_epochs: int = 4
-    sites: int = 3
-    patch_size: tuple[int, int, int] = (64, 64, 64)
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    lr: float = TrainConfig.lr
-    recipe: str = "adam_dice"
-    batch_size: int = 2
-    fg_ratio: float = TrainConfig.fg_ratio
-    seed: int = 0
-    personal: str | None = None
-    finetune_epochs: int | None = None
-    resume_from: str | None = None
-    transfer: str = "full"
-    passes: int | None = None
-    visit_epochs: int | None = None
-    order: str = "fixed"
-    assignment_timeout: int = 1800
-    visit_timeout: int = TASK_TIMEOUT
-    hypernetwork: HyperNetParams = field(default_factory=lambda: HyperNetParams())
-    clients_per_round: int | None = None
-    norm_ratio: float = 10.0
-    min_good: int = 1
-    privacy: str = "none"
-    privacy_args: dict[str, Any] = field(default_factory=dict)
-    quantize: str = "none"
-    audit_transfer: bool = False
-    faults: dict[str, list[str]] = field(default_factory=dict)
-    min_responses: int | None = None
-    round_wait: int = 0
-    delays: dict[str, float] = field(default_factory=dict)
-    audit: bool = False
-
     def __post_init__(self) -> None:
-        for name in ("rounds", "local_epochs", "sites", "batch_size", "passes", "visit_epochs", "clients_per_round"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, f"{name} >= 1, got {value}")
+        for p in PARAMS:
+            p.validate(getattr(self, p.name))
+        # what no single parameter can say on its own
         channels, patch = self.channels, self.patch_size
         _require(len(channels) >= 2 and min(channels) >= 1, f"2 or more positive channel counts, got {channels}")
         levels = 2 ** (len(channels) - 1)
         _require(all(p % levels == 0 for p in patch), f"patch sizes multiples of {levels}, got {patch}")
-        _require(0 < self.lr < 1, f"0 < lr < 1, got {self.lr}")
-        _require(0 <= self.fg_ratio <= 1, f"0 <= fg_ratio <= 1, got {self.fg_ratio}")
-        _require(self.recipe in RECIPES, f"recipe one of {sorted(RECIPES)}, got {self.recipe!r}")
-        _require(self.transfer in ("full", "diff"), f"transfer full or diff, got {self.transfer!r}")
-        _require(self.order in ORDERS, f"order one of {ORDERS}, got {self.order!r}")
-        timeouts = (self.assignment_timeout, self.visit_timeout)
-        _require(min(timeouts) > 0, f"positive assignment and visit timeouts, got {timeouts}")
         _require(self.hypernetwork.warmup_rounds < self.rounds, f"warmup_rounds < rounds ({self.rounds})")
-        _require(self.seed >= 0, f"seed >= 0, got {self.seed}")
         per_round = self.clients_per_round or self.sites
         _require(per_round <= self.sites, f"clients_per_round <= sites ({self.sites}), got {per_round}")
-        _require((self.finetune_epochs or 0) >= 0, f"finetune_epochs >= 0, got {self.finetune_epochs}")
-        _require(self.norm_ratio > 1, f"norm_ratio > 1, got {self.norm_ratio}")
-        _require(1 <= self.min_good <= self.sites, f"1 <= min_good <= sites ({self.sites}), got {self.min_good}")
-        _require(self.quantize in ("none", *QUANTIZATION), f"quantize none or one of {QUANTIZATION}")
+        _require(self.min_good <= self.sites, f"1 <= min_good <= sites ({self.sites}), got {self.min_good}")
+        ok = self.min_responses is None or self.min_responses <= self.sites
+        _require(ok, f"1 <= min_responses <= sites ({self.sites}), got {self.min_responses}")
         self._check_privacy()
         kinds = {f for plan in self.faults.values() for f in plan}
         _require(kinds <= set(FAULTS), f"faults among {FAULTS}, got {sorted(kinds)}")
-        ok = self.min_responses is None or 1 <= self.min_responses <= self.sites
-        _require(ok, f"1 <= min_responses <= sites ({self.sites}), got {self.min_responses}")
-        _require(self.round_wait >= 0, f"round_wait >= 0 seconds, got {self.round_wait}")
-        _require(min(self.delays.values(), default=0) >= 0, f"delays >= 0 seconds, got {self.delays}")
 
     def _check_privacy(self) -> None:
         name, args = self.privacy, self.privacy_args
-        _require(name in ("none", *PRIVACY), f"privacy none or one of {sorted(PRIVACY)}, got {name!r}")
         if name == "none":
             _require(not args, f"no privacy_args without a privacy filter, got {args}")
             return
@@ -206,23 +155,20 @@ class JobParams:
     def client_config(self) -> dict[str, Any]:
         """What every site of the job is told: its training parameters, as structured configuration
         (``brats_fl.site.client``)."""
-        return {
-            "rounds": self.rounds,
-            "local_epochs": self.local_epochs,
-            "recipe": self.recipe,
-            "lr": self.lr,
-            "patch": list(self.patch_size),
-            "channels": list(self.channels),
-            "batch": self.batch_size,
-            "fg_ratio": self.fg_ratio,
-            "seed": self.seed,
-            "resume": bool(self.resume_from),
-            "audit": self.audit,
-        }
+        return {p.site: p.to_site(getattr(self, p.name)) for p in PARAMS if p.site}
 
     def model(self, multi_head: bool = False) -> BratsUNet:
+        """The job's initial global model."""
         strides = [2] * (len(self.channels) - 1)
         return BratsUNet(channels=self.channels, strides=strides, init_seed=self.seed, multi_head=multi_head)
+
+
+JobParams = make_dataclass(
+    "JobParams",
+    [*_fields(PARAMS), ("hypernetwork", HyperNetParams, field(default_factory=HyperNetParams))],
+    bases=(_Job,),
+)
+JobParams.__doc__ = _Job.__doc__
 
 
 def _fedavg(
@@ -578,13 +524,47 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_segviz_local": segviz_local,
     "brats_segviz_central": segviz_central,
 }
+#: the kinds of parameter each job uses besides those every job does (``brats_fl.jobs.params.KINDS``); an option of
+#: another kind set for it is refused before anything runs (``refuse_unused``)
+_FEDAVG = frozenset({"personal", "deadline"})
+USES: dict[str, frozenset[str]] = {
+    "brats_central": frozenset({"deadline"}),
+    "brats_local": frozenset({"deadline"}),
+    "brats_fedavg": _FEDAVG,
+    "brats_fedper": _FEDAVG,
+    "brats_fedbn": _FEDAVG,
+    "brats_fedavg_ft": _FEDAVG | {"finetune"},
+    "brats_fedbn_ft": _FEDAVG | {"finetune"},
+    "brats_cyclic": frozenset({"sequential"}),
+    "brats_swt": frozenset({"sequential"}),
+    "brats_hyperseg_conv": frozenset({"hypernetwork"}),
+    "brats_hyperseg_conv_bn": frozenset({"hypernetwork"}),
+    "brats_hyperseg_conv_bn_emb": frozenset({"hypernetwork"}),
+    "brats_segviz_fedavg": _FEDAVG | {"finetune", "sampling"},
+    "brats_segviz_fedbn": _FEDAVG | {"finetune", "sampling"},
+    "brats_segviz_local": frozenset({"deadline"}),
+    "brats_segviz_central": frozenset({"deadline"}),
+}
 #: jobs that train at one site at a time, which may then use every core of a shared machine
 SEQUENTIAL = ("brats_cyclic", "brats_swt")
 #: jobs that train one model at one site on the pooled datalist
 POOLED = ("brats_central", "brats_segviz_central")
 
 
-def build(name: str, params: JobParams | None = None) -> Recipe:
+def _known(name: str) -> None:
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; choose one of {sorted(JOBS)}")
+
+
+def refuse_unused(name: str, values: dict[str, Any]) -> None:
+    """Refuse, before anything runs, an option the user set (``brats_fl.jobs.params.add_run_options``) that job
+    ``name`` would silently ignore."""
+    _known(name)
+    extra = unused(USES[name], values)
+    if extra:
+        raise ValueError(f"{name} does not use {', '.join(extra)}; leave {'them' if len(extra) > 1 else 'it'} out")
+
+
+def build(name: str, params: JobParams | None = None) -> Recipe:
+    _known(name)
     return JOBS[name](params or JobParams())

@@ -20,6 +20,7 @@ from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
 from brats_fl.data.loading import ANNOTATED, train_loader
+from brats_fl.jobs.params import by_name
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.model import BratsUNet, build_model
 
@@ -39,8 +40,8 @@ class TrainConfig:
     patch_size: tuple[int, int, int] = (64, 64, 64)
     batch_size: int = 2
     samples_per_case: int = 2
-    #: share of training patches centred on tumour (nnU-Net oversamples foreground to one third)
-    fg_ratio: float = 0.33
+    #: share of training patches centred on tumour (``brats_fl.jobs.params``)
+    fg_ratio: float = by_name("fg_ratio").default
     optimizer: str = "adam"
     loss: str = "dice"
     lr: float = 3e-3
@@ -91,7 +92,6 @@ class TrainConfig:
             (self.batch_size >= 1 and self.samples_per_case >= 1, "batch_size and samples_per_case must be >= 1"),
             (self.batch_size % self.samples_per_case == 0, "batch_size must be a multiple of samples_per_case"),
             (0 <= self.sw_overlap < 1, f"sw_overlap must be in [0, 1), got {self.sw_overlap}"),
-            (0 < self.fg_ratio <= 1, f"fg_ratio must be in (0, 1], got {self.fg_ratio}"),
             (
                 self.partial_labels in ("ignore", "background"),
                 f"partial_labels must be ignore or background, got {self.partial_labels!r}",
@@ -100,6 +100,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        # the jobs' rule, so that a job and its sites agree
+        by_name("fg_ratio").validate(self.fg_ratio)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -107,24 +109,9 @@ class TrainConfig:
         return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The training options shared by ``brats-fl train-central`` and the FLARE client script."""
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="adam_dice")
-    parser.add_argument("--lr", type=float, default=None, help="overrides the recipe's learning rate")
-    parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--channels", type=int, nargs="+", default=None, help="U-Net channels per level")
-    parser.add_argument("--fg-ratio", type=float, default=TrainConfig.fg_ratio, help="share of tumour patches")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--multi-head", action="store_true", help="one head per region on a shared U-Net (SegViz)")
-    parser.add_argument(
-        "--partial-labels", choices=["ignore", "background"], default=None, help="unannotated regions in the loss"
-    )
-
-
 def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig:
-    """A TrainConfig from the options of :func:`add_arguments`; ``total_epochs`` sets the poly schedule."""
+    """A TrainConfig from the training options (``brats_fl.cli.train``, ``brats_fl.site.client.site_args``);
+    ``total_epochs`` sets the poly schedule."""
     values = {
         "recipe": args.recipe,
         "patch_size": args.patch,

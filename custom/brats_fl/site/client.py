@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader
 
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.loading import eval_loader
+from brats_fl.jobs.params import site_defaults
 from brats_fl.seg.model import fingerprint, parameter_groups, save_whole, state_bytes
-from brats_fl.seg.trainer import Trainer, add_arguments, config_from_args, make_train_loader
+from brats_fl.seg.trainer import Trainer, config_from_args, make_train_loader
 from brats_fl.server.personalise import PERSONALISE_TASK, personal_keys
 from brats_fl.server.segviz import ANNOTATED_META, head_keys
 from brats_fl.server.sequential import PASS_VALIDATION_TASK
@@ -52,27 +53,13 @@ KEEP_ROUNDS = 2
 
 
 def site_args(config: dict) -> argparse.Namespace:
-    """The job's site configuration (``SiteExecutor``'s ``config``) over the client's defaults; an unknown key is
-    refused, naming it."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--job", default="brats_fl", help="job name: where the site keeps its personal layers")
-    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
-    p.add_argument("--rounds", type=int, default=1, help="rounds of the job, for the learning-rate schedule")
-    add_arguments(p)
-    p.add_argument("--datalist", default=None, help="datalist name instead of the site's own (e.g. site-All)")
-    p.add_argument("--personal", default="none", help="keys that never leave the site: none, all, head:N, norm")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="local epochs after federated training")
-    p.add_argument("--finetune-scope", choices=["personal", "heads", "all"], default="all")
-    p.add_argument("--resume", action="store_true", help="continue from the state this site kept for the job")
-    p.add_argument("--audit", action="store_true", help="keep a copy of every model this site receives and sends")
-    args = p.parse_args([])
-    unknown = sorted(set(config) - set(vars(args)))
+    """The job's site configuration (``SiteExecutor``'s ``config``) over the defaults the parameter schema gives
+    (``brats_fl.jobs.params.site_defaults``); an unknown key is refused, naming it."""
+    defaults = site_defaults()
+    unknown = sorted(set(config) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown site parameter(s) {unknown}; known: {sorted(vars(args))}")
-    for key, value in config.items():
-        if value is not None:
-            setattr(args, key, value)
-    return args
+        raise ValueError(f"unknown site parameter(s) {unknown}; known: {sorted(defaults)}")
+    return argparse.Namespace(**defaults | {k: v for k, v in config.items() if v is not None})
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

@@ -1,0 +1,115 @@
+"""``brats-fl phantom``, ``partition``, ``check-data`` and ``prepare``: the data before any training. None of them
+imports torch or FLARE."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _cmd_phantom(args: argparse.Namespace) -> None:
+    from brats_fl.data.phantom import generate_cohort
+
+    start = time.perf_counter()
+    cases = generate_cohort(
+        args.out, args.cases, args.sites, args.seed, shape=tuple(args.shape), profiles=args.profiles
+    )
+    print(f"wrote {len(cases)} phantom cases to {args.out} in {time.perf_counter() - start:.1f} s")
+
+
+def _cmd_partition(args: argparse.Namespace) -> None:
+    from brats_fl.data.layout import find_cases
+    from brats_fl.data.partition import assign_sites, check_split, write_datalists
+
+    check_split(args.split)
+    annotated = dict(_site_regions(text) for text in args.annotate)
+    cases = find_cases(args.data)
+    assignment = assign_sites(
+        cases,
+        args.sites,
+        args.scheme,
+        seed=args.seed,
+        fractions=args.fractions,
+        alpha=args.alpha,
+        attribute=args.attribute,
+        csv_path=args.csv,
+    )
+    description = {"scheme": args.scheme, "seed": args.seed, "alpha": args.alpha, "attribute": args.attribute}
+    written = write_datalists(args.data, assignment, args.out, args.split, args.seed, description, annotated=annotated)
+    for name, path in written.items():
+        doc = json.loads(path.read_text())
+        sizes = "/".join(str(len(doc[s])) for s in ("training", "validation", "test"))
+        print(f"{name}: train/val/test {sizes} -> {path}")
+
+
+def _site_regions(text: str) -> tuple[str, list[str]]:
+    """``site-1=WT,TC`` -> ("site-1", ["WT", "TC"])."""
+    site, sep, regions = text.partition("=")
+    if not sep or not regions:
+        raise ValueError(f"--annotate takes SITE=REGION[,REGION...], e.g. site-1=WT, got {text!r}")
+    return site, regions.split(",")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from brats_fl.data.checks import check_cases
+    from brats_fl.data.layout import find_cases
+
+    cases = find_cases(args.data)
+    problems = check_cases(cases)
+    for p in problems:
+        print(p)
+    print(f"checked {len(cases)} case(s): {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from brats_fl.cli.demo import prepare_data
+
+    prepare_data(args.out, cases=args.cases, sites=args.sites, shape=tuple(args.shape), seed=args.seed)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``phantom``, ``partition``, ``check-data`` and ``prepare``."""
+    p = sub.add_parser("phantom", help="write a synthetic BraTS-layout cohort")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cases", type=int, default=30)
+    p.add_argument("--sites", type=int, default=3, help="number of scanner profiles")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    p.add_argument("--profiles", nargs="+", default=None, help="scanner profiles site k uses in turn (default all)")
+    p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("partition", help="write one datalist per site (and site-All.json)")
+    p.add_argument("data", type=Path)
+    p.add_argument("--sites", type=int, required=True)
+    p.add_argument("--scheme", choices=["equal", "unequal", "dirichlet", "hybrid", "natural", "csv"], default="equal")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fractions", type=float, nargs="+", default=None, help="unequal: share of each site")
+    p.add_argument("--alpha", type=float, default=0.5, help="dirichlet/hybrid concentration")
+    p.add_argument("--attribute", default="scanner", help="dirichlet/hybrid/natural: size, Grade, scanner, ...")
+    p.add_argument("--csv", type=Path, default=None, help="csv: FeTS-style Partition_ID,Subject_ID file")
+    p.add_argument("--split", type=float, nargs=3, default=[0.6, 0.2, 0.2], help="train/val/test fractions, sum 1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--annotate",
+        nargs="+",
+        default=[],
+        metavar="SITE=REGIONS",
+        help="partial labels: e.g. site-1=WT site-2=TC site-3=ET,TC; unnamed sites annotate every region",
+    )
+    p.set_defaults(func=_cmd_partition)
+
+    p = sub.add_parser("check-data", help="check every case; one line per problem, exit 1 if any")
+    p.add_argument("data", type=Path)
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("prepare", help="phantom cohort + equal and unequal partitions for the simulated sites")
+    p.add_argument("--out", type=Path, default=Path("data/phantom"))
+    p.add_argument("--cases", type=int, default=30)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    p.set_defaults(func=_cmd_prepare)

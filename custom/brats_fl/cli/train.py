@@ -1,0 +1,100 @@
+"""``brats-fl train-central``, ``evaluate`` and ``predict``: one model, outside FLARE (the work: ``brats_fl.seg``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from brats_fl.jobs.params import SITE_ONLY, by_name
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The training options, from the jobs' parameter schema; the learning rate and the channels default to the
+    recipe's and the model's (``brats_fl.seg.trainer.config_from_args``)."""
+    for name in ("recipe", "patch_size", "batch_size", "fg_ratio", "seed"):
+        param = by_name(name)
+        param.add_to(parser, default=param.default)
+    by_name("lr").add_to(parser, default=None)
+    by_name("channels").add_to(parser, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--multi-head", action="store_true", help=SITE_ONLY["multi_head"][1])
+    parser.add_argument("--partial-labels", choices=["ignore", "background"], default=None, help="unannotated regions")
+
+
+def _cmd_train_central(args: argparse.Namespace) -> None:
+    from brats_fl.data.datalist import load_datalist
+    from brats_fl.data.loading import eval_loader
+    from brats_fl.results.report import format_table
+    from brats_fl.seg.trainer import Trainer, config_from_args, fit, make_train_loader
+
+    config = config_from_args(args, total_epochs=args.epochs)
+    datalist = load_datalist(args.datalist, args.data_root)
+    trainer = Trainer(config)
+    train = make_train_loader(datalist.items("training"), config)
+    val = eval_loader(datalist.items("validation"))
+    (args.out).mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(
+        json.dumps({"train": config.to_dict(), "epochs": args.epochs, "datalist": str(args.datalist)}, indent=1)
+    )
+    start = time.perf_counter()
+    fit(trainer, train, val, args.epochs, args.out, val_every=args.val_every)
+    test_items = datalist.items("test")
+    if test_items:
+        metrics = trainer.evaluate(eval_loader(test_items))
+        (args.out / "test_metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"\ntest split of {datalist.path.name}, last model, {time.perf_counter() - start:.0f} s:")
+        print(format_table([("central", metrics)]))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from brats_fl.data.datalist import load_datalist
+    from brats_fl.data.loading import eval_loader
+    from brats_fl.results.report import format_table
+    from brats_fl.seg.inference import load_for_inference
+
+    datalist = load_datalist(args.datalist, args.data_root)
+    trainer = load_for_inference(args.model, tuple(args.patch), args.threads)
+    metrics = trainer.evaluate(eval_loader(datalist.items(args.split)), per_case=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(metrics, indent=1))
+    print(format_table([(f"{args.model.name} on {datalist.site} {args.split}", metrics)]))
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from brats_fl.seg.inference import predict_case
+
+    path = predict_case(args.model, args.case, args.out, patch_size=tuple(args.patch), threads=args.threads)
+    print(f"wrote {path}")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``train-central``, ``evaluate`` and ``predict``."""
+    p = sub.add_parser("train-central", help="train one model on a (pooled) datalist")
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--datalist", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--val-every", type=int, default=5)
+    add_training_options(p)
+    p.set_defaults(func=_cmd_train_central)
+
+    p = sub.add_parser("evaluate", help="score a model on a datalist split")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--datalist", type=Path, required=True)
+    p.add_argument("--split", choices=["training", "validation", "test"], default="test")
+    p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="write a 0/1/2/4 label map for one case")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--case", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_predict)

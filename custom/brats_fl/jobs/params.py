@@ -1,0 +1,255 @@
+"""Every training and job parameter, declared once: name, type, default, rule, help, and which kind of job uses it.
+
+From this one declaration come ``JobParams`` and ``HyperNetParams`` (``brats_fl.jobs.catalogue``), their range
+checks, the ``brats-fl run`` options and their help, the structured configuration a job gives its sites
+(``JobParams.client_config``) and the site's known keys and defaults (``brats_fl.site.client.site_args``). Which
+jobs take which kind of parameter is declared next to the jobs (``brats_fl.jobs.catalogue.USES``). Imports
+neither torch nor FLARE, so that the command line answers at once; names that come from FLARE or torch classes
+are plain strings here, and a test keeps them equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: kinds of parameter only some jobs use (``Param.uses``), in words for the help; every other parameter is for every
+#: job. Which jobs are of which kind: ``brats_fl.jobs.catalogue.USES``
+KINDS = {
+    "personal": "jobs that let you choose what stays at a site",
+    "finetune": "jobs that fine-tune after federated training",
+    "sequential": "sequential jobs (cyclic, swt)",
+    "hypernetwork": "hyperseg jobs",
+    "sampling": "SegViz FedAvg and FedBN",
+    "deadline": "jobs whose server may close a round early",
+}
+#: training recipes (``brats_fl.seg.trainer.RECIPES``)
+RECIPE_NAMES = ("adam_dice", "nnunet")
+#: FLARE's privacy filters a job may use (``brats_fl.transfer.filters.PRIVACY``)
+PRIVACY_NAMES = ("exclude", "percentile", "svt")
+#: FLARE's quantisation types a job may use (``brats_fl.transfer.filters.QUANTIZATION``)
+QUANTIZATION_NAMES = ("float16", "blockwise8", "float4", "normfloat4")
+#: the hypernetwork's optimisers (``brats_fl.server.hyperseg.OPTIMISERS``)
+OPTIMISER_NAMES = ("adam", "sgd")
+#: a sequential job's visiting orders (``brats_fl.server.sequential.ORDERS``)
+ORDER_NAMES = ("fixed", "shuffle")
+#: FLARE's default of 10 s for a task to be picked up suits toy models, not 3D training on a CPU
+TASK_TIMEOUT = 6 * 3600
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``epsilon=0.1`` -> ("epsilon", 0.1); a value that is not JSON stays a string (``exclude_vars=^net``)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, e.g. fraction=0.1, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter. ``rule`` says in words what ``check`` accepts (None always passes the check unless
+    ``optional`` is False); ``flag`` is its ``brats-fl run`` option (None: Python only); ``site`` its key in the
+    sites' configuration (None: the server's alone); ``uses`` the kind of job that uses it (``KINDS``)."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    rule: str = ""
+    check: Callable[[Any], bool] | None = None
+    choices: tuple[str, ...] = ()
+    flag: str | None = None
+    nargs: int | str | None = None
+    metavar: str | None = None
+    #: argparse's type of one value on the command line, where it is not ``type``
+    item: Callable[[str], Any] | None = None
+    site: str | None = None
+    uses: str | None = None
+    hypernetwork: bool = False
+    #: the command line's value -> the parameter's (tuples for lists, an absolute path, a dict of KEY=VALUE pairs)
+    from_cli: Callable[[Any], Any] | None = None
+    #: the parameter's value -> what the sites are sent
+    to_site: Callable[[Any], Any] = lambda v: v
+
+    def validate(self, value: Any) -> None:
+        """Refuse a value out of range, naming the parameter, before anything is built or sent to a site."""
+        if value is None and self.default is None:
+            return
+        ok = value in self.choices if self.choices else self.check is None or self.check(value)
+        if not ok:
+            rule = self.rule or f"{self.name} one of {list(self.choices)}"
+            raise ValueError(f"job parameter out of range: need {rule}, got {value!r}")
+
+    def add_to(self, parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+        """This parameter as a command-line option; by default an unset option is absent from the namespace, so
+        that only what the user set counts."""
+        shown = self.default if default is argparse.SUPPRESS else default
+        extra = f" ({KINDS[self.uses]} only)" if self.uses else ""
+        text = f"{self.help}{extra}; default {_shown(shown)}"
+        if self.type is bool:
+            parser.add_argument(self.flag, action="store_true", default=default, help=text)
+            return
+        parser.add_argument(
+            self.flag,
+            type=self.item or self.type,
+            default=default,
+            nargs=self.nargs,
+            choices=self.choices or None,
+            metavar=self.metavar,
+            help=text,
+        )
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value))
+    return "the job's own" if value is None else str(value)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and value >= 1
+
+
+def _at_least_one(name: str, help_text: str, **kw: Any) -> Param:
+    return Param(name, int, kw.pop("default", None), help_text, rule=f"{name} >= 1", check=_positive, **kw)
+
+
+def _seconds(name: str, default: int, help_text: str, **kw: Any) -> Param:
+    rule = "positive assignment and visit timeouts (seconds)"
+    return Param(
+        name, int, default, help_text, rule=rule, check=lambda v: v > 0, flag=f"--{name.replace('_', '-')}", **kw
+    )
+
+
+#: every parameter of a job, in the order of ``JobParams``
+PARAMS: tuple[Param, ...] = (
+    _at_least_one("rounds", "federated rounds", default=20, flag="--rounds", site="rounds"),
+    _at_least_one("local_epochs", "local epochs per round", default=4, flag="--local-epochs", site="local_epochs"),
+    _at_least_one("sites", "number of sites", default=3, flag="--sites"),
+    Param("patch_size", tuple, (64, 64, 64), "training patch size (voxels)", flag="--patch", nargs=3, item=int,
+          site="patch", from_cli=tuple, to_site=list),
+    Param("channels", tuple, (16, 32, 64, 128), "U-Net channels per level", flag="--channels", nargs="+", item=int,
+          site="channels", from_cli=tuple, to_site=list),
+    Param("lr", float, 3e-3, "learning rate", rule="0 < lr < 1", check=lambda v: 0 < v < 1, flag="--lr", site="lr"),
+    Param("recipe", str, "adam_dice", "training recipe (optimiser, loss, schedule)", choices=RECIPE_NAMES,
+          flag="--recipe", site="recipe"),
+    _at_least_one("batch_size", "patches per batch", default=2, flag="--batch", site="batch"),
+    # nnU-Net oversamples foreground to one third; 0 would train on background alone
+    Param("fg_ratio", float, 0.33, "share of training patches centred on tumour", rule="0 < fg_ratio <= 1",
+          check=lambda v: 0 < v <= 1, flag="--fg-ratio", site="fg_ratio"),
+    Param("seed", int, 0, "seed of the model's initialisation, sampling and augmentation", rule="seed >= 0",
+          check=lambda v: v >= 0, flag="--seed", site="seed"),
+    Param("personal", str, None, "keys kept at each site: none, all, head:N, norm, head:N+norm", flag="--personal",
+          uses="personal"),
+    Param("finetune_epochs", int, None, "local epochs after federated training", rule="finetune_epochs >= 0",
+          check=lambda v: v >= 0, flag="--finetune-epochs", uses="finetune"),
+    Param("resume_from", str, None, "continue from a run's FL_global_model.pt", flag="--resume-from", item=Path,
+          from_cli=lambda p: str(Path(p).resolve()), site="resume", to_site=bool),
+    Param("transfer", str, "full", "what a site sends: its full weights or the diff to the received ones",
+          rule="transfer full or diff", choices=("full", "diff"), flag="--transfer"),
+    _at_least_one("passes", "trips around the sites", flag="--passes", uses="sequential"),
+    _at_least_one("visit_epochs", "local epochs per visit (default rounds * local epochs / passes)",
+                  flag="--visit-epochs", uses="sequential"),
+    Param("order", str, "fixed", "visiting order", rule=f"order one of {ORDER_NAMES}", choices=ORDER_NAMES,
+          flag="--order", uses="sequential"),
+    _seconds("assignment_timeout", 1800, "seconds until a visit not picked up is skipped", uses="sequential"),
+    _seconds("visit_timeout", TASK_TIMEOUT, "seconds until an unfinished visit is skipped", uses="sequential"),
+    _at_least_one("clients_per_round", "sites sampled per round (default all)", flag="--clients-per-round",
+                  uses="sampling"),
+    Param("norm_ratio", float, 10.0, "refuse an update whose norm is this many times the round's median",
+          rule="norm_ratio > 1", check=lambda v: v > 1, flag="--norm-ratio"),
+    Param("min_good", int, 1, "stop the job if a round has fewer good updates", rule="min_good >= 1",
+          check=_positive, flag="--min-good"),
+    Param("privacy", str, "none", "FLARE privacy filter on the training updates (docs/privacy.md)",
+          rule=f"privacy none or one of {list(PRIVACY_NAMES)}", choices=("none", *PRIVACY_NAMES), flag="--privacy"),
+    Param("privacy_args", dict, {}, "arguments of the privacy filter, e.g. fraction=0.1 epsilon=0.1",
+          flag="--privacy-arg", nargs="+", metavar="KEY=VALUE", item=key_value,
+          from_cli=dict),
+    Param("quantize", str, "none", "FLARE quantisation of the models on the wire",
+          rule=f"quantize none or one of {list(QUANTIZATION_NAMES)}", choices=("none", *QUANTIZATION_NAMES),
+          flag="--quantize"),
+    Param("audit_transfer", bool, False, "each site records what it sends and receives", flag="--audit-transfer"),
+    Param("faults", dict, {}, "drill: {site: [fault of round 0, of round 1, ...]} (brats_fl.drills.faults)"),
+    _at_least_one("min_responses", "sites that must answer a round (default all)", flag="--min-responses",
+                  uses="deadline"),
+    Param("round_wait", int, 0, "with --min-responses: seconds to wait for the other sites once that many answered",
+          rule="round_wait >= 0 seconds", check=lambda v: v >= 0, flag="--round-wait", uses="deadline"),
+    Param("delays", dict, {}, "drill: {site: seconds each training update is held}", rule="delays >= 0 seconds",
+          check=lambda d: min(d.values(), default=0) >= 0),
+    Param("audit", bool, False, "every site keeps a copy of each model it receives and sends", site="audit"),
+)  # fmt: skip
+
+#: the hypernetwork of the HyperSeg jobs (``HyperNetParams``): the paper's 20 layers of 100 units, embedding of 10
+#: and Adam, but at lr 1e-3, not the paper's 0.03, under which our sites stopped learning (docs/results.md)
+HYPERNETWORK: tuple[Param, ...] = (
+    _at_least_one("depth", "linear layers of the hypernetwork", default=20, flag="--hn-depth", uses="hypernetwork"),
+    _at_least_one("width", "units per hidden layer", default=100, flag="--hn-width", uses="hypernetwork"),
+    _at_least_one("embedding_dim", "size of the site embedding", default=10, flag="--embedding-dim",
+                  uses="hypernetwork"),
+    Param("optimizer", str, "adam", "the hypernetwork's optimiser", choices=OPTIMISER_NAMES, flag="--hn-optimizer",
+          uses="hypernetwork"),
+    Param("lr", float, 1e-3, "the hypernetwork's learning rate", rule="hypernetwork lr > 0", check=lambda v: v > 0,
+          flag="--hn-lr", uses="hypernetwork"),
+    Param("warmup_rounds", int, 0, "rounds of plain FedAvg before the hypernetwork starts", rule="warmup_rounds >= 0",
+          check=lambda v: v >= 0, flag="--warmup-rounds", uses="hypernetwork"),
+)  # fmt: skip
+
+#: site keys a job sets from its own choices (personalisation, fine-tuning, pooling, heads), with the site's default
+#: and meaning: (default, help)
+SITE_ONLY: dict[str, tuple[Any, str]] = {
+    "job": ("brats_fl", "job name: where the site keeps its personal layers"),
+    "datalist": (None, "datalist name instead of the site's own (e.g. site-All)"),
+    "personal": ("none", "keys that never leave the site: none, all, head:N, norm"),
+    "finetune_epochs": (0, "local epochs after federated training"),
+    "finetune_scope": ("all", "what fine-tuning trains: personal, heads or all"),
+    "multi_head": (False, "one head per region on a shared U-Net (SegViz)"),
+    "partial_labels": (None, "unannotated regions in the loss: ignore or background"),
+    "threads": (None, "torch threads; default the site configuration's"),
+}
+
+
+def by_name(name: str) -> Param:
+    """The job parameter ``name`` (``JobParams``)."""
+    return next(p for p in PARAMS if p.name == name)
+
+
+def site_defaults() -> dict[str, Any]:
+    """Every key a site knows, with the value it takes when a job does not send it."""
+    sent = {p.site: p.to_site(p.default) for p in PARAMS if p.site}
+    return sent | {k: default for k, (default, _) in SITE_ONLY.items()}
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Every job and hypernetwork parameter with a flag as an option of ``brats-fl run``; unset ones stay absent."""
+    for p in (*PARAMS, *HYPERNETWORK):
+        if p.flag:
+            p.add_to(parser)
+
+
+def dest(p: Param) -> str:
+    """The namespace key of ``p``'s option."""
+    return p.flag.removeprefix("--").replace("-", "_") if p.flag else ""
+
+
+def from_cli(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options a user set (``add_run_options``) -> keyword arguments of ``JobParams`` and of ``HyperNetParams``."""
+    job: dict[str, Any] = {}
+    hn: dict[str, Any] = {}
+    for group, out in ((PARAMS, job), (HYPERNETWORK, hn)):
+        for p in group:
+            if p.flag and dest(p) in values:
+                value = values[dest(p)]
+                out[p.name] = p.from_cli(value) if p.from_cli else value
+    return job, hn
+
+
+def unused(uses: frozenset[str], values: dict[str, Any]) -> list[str]:
+    """The options a user set (``add_run_options``) that only a kind of job other than ``uses`` takes."""
+    return [p.flag for p in (*PARAMS, *HYPERNETWORK) if p.flag and dest(p) in values and p.uses and p.uses not in uses]
