@@ -16,6 +16,8 @@ from brats_fl.jobs.params import by_name
 
 #: where ``site_configs/simulation*.json`` look for the phantom cohort, relative to the repository
 DEFAULT_DATA = Path("data/phantom")
+#: the workspace the README's `nvflare simulator` command uses
+SIMULATOR_WORKSPACE = Path("runs/simulator")
 #: the partitions the results compare: one scanner per site in equal shares, and quantity skew (1/2, 1/3, 1/6)
 PARTITIONS = {
     "equal": ["--scheme", "natural", "--attribute", "scanner"],
@@ -37,6 +39,8 @@ def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int],
         lists = out / "datalists" / name
         if not lists.exists():
             steps.append(["partition", str(data), "--sites", str(sites), *flags, "--out", str(lists)])
+    # `nvflare simulator jobs/<job> -w runs/simulator` then builds brats-fl's classes (brats_fl.ops.policy)
+    steps.append(["site-policy", str(SIMULATOR_WORKSPACE)])
     _run_steps(steps)
 
 

@@ -44,6 +44,10 @@ def _cmd_export_jobs(args: argparse.Namespace) -> int:
 
     from brats_fl.jobs.export import export_jobs
 
+    if args.bundle:
+        for path in export_jobs(args.bundle, bundle=True):
+            print(f"exported {path}, carrying the package in app/custom/")
+        return 0
     if not args.check:
         for path in export_jobs(args.out):
             print(f"exported {path}")
@@ -78,6 +82,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-jobs", help="write every job definition into jobs/ (or --check that it is current)")
     p.add_argument("--out", type=Path, default=Path("jobs"))
     p.add_argument("--check", action="store_true", help="exit 1 if the folders differ from a fresh export")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="instead, write jobs that carry the package (custom code, needs the byoc right) into DIR, outside jobs/",
+    )
     p.set_defaults(func=_cmd_export_jobs)
 
     p = sub.add_parser("resume-job", help="the job that continues an interrupted run (see brats_fl.jobs.resume)")

@@ -1,4 +1,4 @@
-"""``brats-fl poc prepare|start|submit|stop|clean``: a FLARE POC on this machine (the work: ``brats_fl.ops.deploy``)."""
+"""``brats-fl site-policy`` and ``brats-fl poc ...``: FLARE workspaces on this machine (the work: ``brats_fl.ops``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,20 @@ from brats_fl.cli import lazy
 DEPLOY = "brats_fl.ops.deploy"
 
 
+def _cmd_site_policy(args: argparse.Namespace) -> None:
+    from brats_fl.ops.policy import install_policy
+
+    print(f"{install_policy(args.workspace)}: FLARE may now build brats-fl's classes in this workspace")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``brats-fl poc prepare|start|submit|stop|clean``."""
+    """Register ``brats-fl site-policy`` and ``brats-fl poc prepare|start|submit|stop|clean``."""
+    p = subparsers.add_parser(
+        "site-policy", help="let a FLARE workspace (simulator, POC participant, startup kit) build brats-fl's classes"
+    )
+    p.add_argument("workspace", type=Path, help="e.g. runs/simulator, or a site's startup kit")
+    p.set_defaults(func=_cmd_site_policy)
+
     poc = subparsers.add_parser("poc", help="a FLARE POC on this machine: prepare, start, submit, stop, clean")
     sub = poc.add_subparsers(dest="poc_command", required=True)
 
