@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import csv
 import html
-import io
 import json
 import re
-import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -164,17 +161,17 @@ def _read_json(path: Path) -> dict | None:
 
 
 def client_args(run: Path, record: dict | None) -> argparse.Namespace | None:
-    """The client script's arguments (seed, training settings, personalisation) as the job gave them."""
-    from brats_fl.site.client import parse_args
+    """The site parameters (seed, training settings, personalisation) as the job gave them: ``SiteExecutor``'s
+    ``config`` over the client's defaults."""
+    from brats_fl.site.client import site_args
 
     config = (record or {}).get("client_config") or _read_json(run / "app_server" / "config" / "config_fed_client.json")
     for executor in (config or {}).get("executors", []):
-        line = executor.get("executor", {}).get("args", {}).get("task_script_args")
-        if line is not None:
+        params = executor.get("executor", {}).get("args", {}).get("config")
+        if params is not None:
             try:
-                with contextlib.redirect_stderr(io.StringIO()):
-                    return parse_args(shlex.split(line))
-            except SystemExit:  # argparse's way to refuse a flag that an older client script had
+                return site_args(params)
+            except ValueError:  # a parameter that this brats-fl's client does not know
                 return None
     return None
 
