@@ -181,7 +181,7 @@ def test_sites_that_deny_custom_code_run_exported_jobs_and_refuse_bundled_ones(
         result = system.run_job(job, tmp_path / "results", timeout=900)
     assert meta["status"] == "FINISHED:FAILED_TO_RUN", meta
     for site in SITES:
-        assert f"{site}: BYOC not permitted" in detail, detail
+        assert f"{site}: NVFLARE_ERROR: BYOC not permitted" in detail, detail
         assert not (kits / site / refused).exists()
     _check_result(result, kits)
 
