@@ -21,8 +21,10 @@ from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.export import export_jobs
 from brats_fl.jobs.resume import checkpoint_round, resume_job
 from brats_fl.ops import deploy
+from brats_fl.ops.policy import deny_custom_code
 from brats_fl.results.report import summarise_run
 from brats_fl.seg.model import fingerprint
+from brats_fl.version import PACKAGE_DIR
 from nvflare.fuel.flare_api.api_spec import AuthorizationError
 
 SITES = ["site-1", "site-2"]
@@ -46,6 +48,14 @@ def lists(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_jobs(tmp_path_factory.mktemp("jobs"), ["brats_fedavg"], params=TINY)[0]
+
+
+@pytest.fixture(scope="module")
+def bundled(job: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same job bringing brats-fl's code along (``app/custom/brats_fl``): custom code, FLARE's "BYOC"."""
+    folder = shutil.copytree(job, tmp_path_factory.mktemp("bundled") / job.name)
+    shutil.copytree(PACKAGE_DIR, folder / "app" / "custom" / "brats_fl", ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
 
 
 @pytest.fixture
@@ -122,7 +132,7 @@ def test_provisioned_project_runs_a_job_submitted_with_the_admin_kit(tiny_phanto
 
 
 @pytest.mark.slow
-def test_altered_kits_and_roles_without_custom_code_rights_are_refused(tmp_path, job, env):
+def test_altered_kits_and_roles_without_custom_code_rights_are_refused(tmp_path, job, bundled, env):
     port = deploy.free_port()
     admins = {ADMIN: "project_admin", ORG_ADMIN: "org_admin"}
     kits = _project(tmp_path / "ours", "brats_hospitals", ["site-1", "site-2", "site-3"], admins, port)
@@ -144,9 +154,36 @@ def test_altered_kits_and_roles_without_custom_code_rights_are_refused(tmp_path,
         # the other project's admin kit cannot log in to our server
         with pytest.raises(Exception), deploy.System(other, "localhost", ADMIN, env=env).session(timeout=15):  # noqa: B017
             pass
-        # org_admin may not submit jobs (nor bring custom code: its 'byoc' right is 'none')
-        with system.session(ORG_ADMIN) as sess, pytest.raises(AuthorizationError, match="not authorized"):
-            sess.submit_job(str(job))
+        # org_admin may not submit jobs, neither one with custom code ('byoc': 'none') nor one without: FLARE's
+        # default policy grants it no 'submit_job' (sites that refuse custom code from a submitter who may submit:
+        # test_sites_that_deny_custom_code_run_exported_jobs_and_refuse_bundled_ones)
+        for folder in (bundled, job):
+            with system.session(ORG_ADMIN) as sess, pytest.raises(AuthorizationError, match="not authorized"):
+                sess.submit_job(str(folder))
+
+
+@pytest.mark.slow
+def test_sites_that_deny_custom_code_run_exported_jobs_and_refuse_bundled_ones(
+    tiny_phantom, lists, job, bundled, tmp_path, env
+):
+    """Hospitals that take the 'byoc' right from every role (their own local/authorization.json) refuse a job that
+    brings code, whoever submits it, and run the exported jobs, which bring none, submitted by the same admin."""
+    kits = _project(tmp_path, "brats_no_byoc", SITES)
+    for site in SITES:
+        deploy.install_site_config(kits / site, tiny_phantom, lists, threads=1)
+        deny_custom_code(kits / site)
+    with deploy.System(kits, "localhost", ADMIN, env=env) as system:
+        system.start_all(SITES, timeout=240)
+        with system.session() as sess:
+            refused = sess.submit_job(str(bundled))
+            meta = sess.wait_for_job(refused, timeout=120, poll_interval=1)
+            detail = sess.get_job_meta(refused).get("job_deploy_detail", [])
+        result = system.run_job(job, tmp_path / "results", timeout=900)
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN", meta
+    for site in SITES:
+        assert f"{site}: NVFLARE_ERROR: BYOC not permitted" in detail, detail
+        assert not (kits / site / refused).exists()
+    _check_result(result, kits)
 
 
 @pytest.mark.slow

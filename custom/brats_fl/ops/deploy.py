@@ -1,11 +1,13 @@
 """Run brats-fl jobs on a real FLARE system: a POC on one machine or a provisioned project with mTLS.
 
-A deployment is a folder of startup kits (``nvflare poc prepare`` or ``nvflare provision``). Each site's
-data configuration goes into its kit's ``local/brats_fl_site.json`` (see :mod:`brats_fl.site.config`);
-jobs stay unchanged. :class:`System` starts the server and the sites as separate processes, one process
-group each, and stops exactly the processes it started (and the job processes FLARE spawned under them)
-by their process ids. Jobs are submitted, followed and downloaded through FLARE's session API
-(``nvflare.fuel.flare_api``) with an admin startup kit: the same calls the admin console makes.
+A deployment is a folder of startup kits (``nvflare poc prepare`` or ``nvflare provision``). Jobs name the
+installed package's classes, so the server's kit and every site's kit allow ``brats_fl.`` in their
+``local/resources.json`` (:func:`brats_fl.ops.policy.install_policy`); each site's data configuration goes into
+its kit's ``local/brats_fl_site.json`` (see :mod:`brats_fl.site.config`); jobs stay unchanged. :class:`System`
+starts the server and the sites as separate processes, one process group each, and stops exactly the processes
+it started (and the job processes FLARE spawned under them) by their process ids. Jobs are submitted, followed
+and downloaded through FLARE's session API (``nvflare.fuel.flare_api``) with an admin startup kit: the same calls
+the admin console makes.
 
 ``brats_fl.cli.ops`` registers ``brats-fl poc prepare|start|submit|stop|clean`` (docs/deployment.md).
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from brats_fl.ops.policy import install_policy
 from brats_fl.site.config import ENV_VAR, LOCAL_FILE
 
 #: the POC's project administrator (``nvflare poc prepare``'s default user)
@@ -92,10 +95,15 @@ def _run(command: list[str], env: dict[str, str] | None = None, timeout: float =
 
 
 def provision(project_file: Path, workspace: Path) -> Path:
-    """``nvflare provision -p project_file -w workspace``; returns the folder of the new startup kits."""
+    """``nvflare provision -p project_file -w workspace``, with the server's kit allowing brats-fl's classes (each
+    site allows them when it installs its data configuration); returns the folder of the new startup kits."""
     doc = yaml.safe_load(Path(project_file).read_text())
     _run(["nvflare", "provision", "-p", str(project_file), "-w", str(workspace)])
-    return latest_kits(Path(workspace) / doc["name"])
+    kits = latest_kits(Path(workspace) / doc["name"])
+    for participant in doc["participants"]:
+        if participant["type"] == "server":
+            install_policy(kits / participant["name"])
+    return kits
 
 
 def latest_kits(project_dir: Path) -> Path:
@@ -107,7 +115,9 @@ def latest_kits(project_dir: Path) -> Path:
 
 
 def install_site_config(kit: Path, data_root: Path, datalist_dir: Path, threads: int | None = None) -> Path:
-    """Write a site's data configuration into its startup kit (``local/brats_fl_site.json``)."""
+    """Install brats-fl at a site: its data configuration in its startup kit (``local/brats_fl_site.json``), and
+    brats-fl's classes in the kit's allow-list, which FLARE checks before it builds a job's components."""
+    install_policy(kit)
     doc: dict = {"data_root": str(Path(data_root).resolve()), "datalist_dir": str(Path(datalist_dir).resolve())}
     if threads:
         doc["threads"] = threads
@@ -119,10 +129,12 @@ def install_site_config(kit: Path, data_root: Path, datalist_dir: Path, threads:
 def set_heartbeat_timeout(server_kit: Path, seconds: float) -> Path:
     """Declare a site dead after ``seconds`` without a heartbeat (FLARE's default is 600 s).
 
-    Written as the server's site-local ``local/resources.json``, which overrides the provisioned default.
+    Written into the server's site-local ``local/resources.json`` (which overrides the provisioned default),
+    keeping what is already there, such as brats-fl's allow-list.
     """
     local = Path(server_kit) / "local"
-    doc = json.loads((local / "resources.json.default").read_text())
+    source = local / "resources.json"
+    doc = json.loads((source if source.is_file() else local / "resources.json.default").read_text())
     doc["servers"][0]["heart_beat_timeout"] = seconds
     (local / "resources.json").write_text(json.dumps(doc, indent=2))
     return local / "resources.json"
@@ -133,7 +145,7 @@ def poc_prepare(workspace: Path, sites: int, port: int, env: dict[str, str] | No
 
     The POC project is FLARE's own (server ``server``, admin ``admin@nvidia.com``) with a port of our
     choosing, so that several POCs and other users of this machine do not collide on 8002/8003.
-    Returns the folder of the startup kits.
+    The server's kit allows brats-fl's classes; returns the folder of the startup kits.
     """
     workspace = Path(workspace).resolve()
     names = [f"site-{i}" for i in range(1, sites + 1)]
@@ -141,7 +153,9 @@ def poc_prepare(workspace: Path, sites: int, port: int, env: dict[str, str] | No
     project = write_project(workspace.parent / f"{workspace.name}_project.yml", config)
     env = (env or dict(os.environ)) | {"NVFLARE_POC_WORKSPACE": str(workspace)}
     _run(["nvflare", "poc", "prepare", "-i", str(project), "--force"], env=env)
-    return latest_kits(workspace / "brats_poc")
+    kits = latest_kits(workspace / "brats_poc")
+    install_policy(kits / "server")
+    return kits
 
 
 def _descendants(pids: list[int]) -> list[psutil.Process]:

@@ -15,6 +15,7 @@ from pathlib import Path
 EXTRA_ALLOWED = ("brats_fl.", "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor")
 CLASS_ALLOW_LIST = "class_allow_list"
 RESOURCES = Path("local") / "resources.json"
+AUTHORIZATION = Path("local") / "authorization.json"
 
 
 def class_allow_list(existing: list[str] | None = None) -> list[str]:
@@ -42,4 +43,21 @@ def install_policy(workspace: Path) -> Path:
     resources[CLASS_ALLOW_LIST] = class_allow_list(resources.get(CLASS_ALLOW_LIST))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(resources, indent=2))
+    return path
+
+
+def deny_custom_code(kit: Path) -> Path:
+    """Write a site's own ``local/authorization.json``: FLARE's provisioned policy with the ``byoc`` right taken
+    from every role, so that the site runs only jobs that bring no code (brats-fl's own jobs) whoever submits them.
+
+    A role granted everything (``"any"``) keeps every right the policy names, each with that condition.
+    """
+    path = Path(kit) / AUTHORIZATION
+    policy = json.loads(path.with_name("authorization.json.default").read_text())
+    roles = policy["permissions"]
+    rights = {right for conf in roles.values() if isinstance(conf, dict) for right in conf}
+    for role, conf in roles.items():
+        granted = dict.fromkeys(rights, conf) if isinstance(conf, str) else dict(conf)
+        roles[role] = granted | {"byoc": "none"}
+    path.write_text(json.dumps(policy, indent=2))
     return path
