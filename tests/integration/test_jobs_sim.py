@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from brats_fl.cli.main import main
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.resume import RESUME_FILE
 from brats_fl.jobs.simulate import run_simulation
@@ -145,6 +146,8 @@ def test_nvflare_simulator_runs_the_committed_job(sim_data: Path, tmp_path: Path
     controller["args"]["num_rounds"] = 3
     server.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if k != "BRATS_FL_SITE_CONFIG"} | {"PWD": str(sim_data.parents[1])}
+    # the workspace's site policy admits the installed package's classes, as `brats-fl prepare` does for runs/simulator
+    assert main(["site-policy", str(tmp_path / "ws")]) == 0
     command = ["nvflare", "simulator", str(job), "-w", str(tmp_path / "ws"), "-n", "3", "-t", "3"]
     out = subprocess.run(command, cwd=sim_data.parents[1], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

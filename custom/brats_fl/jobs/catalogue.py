@@ -375,12 +375,12 @@ def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
 
 def cyclic(params: JobParams) -> Recipe:
     """Cyclic weight transfer: the model meets every site twice (``passes``), trained at one site at a time."""
-    return _sequential("brats_cyclic", params, params.passes or 2)
+    return _sequential("brats_cyclic", params, planned_rounds("brats_cyclic", params))
 
 
 def swt(params: JobParams) -> Recipe:
     """Single weight transfer: the model meets every site once."""
-    return _sequential("brats_swt", params, params.passes or 1)
+    return _sequential("brats_swt", params, planned_rounds("brats_swt", params))
 
 
 def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Recipe:
@@ -524,6 +524,7 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_segviz_local": segviz_local,
     "brats_segviz_central": segviz_central,
 }
+<<<<<<< HEAD
 #: the kinds of parameter each job uses besides those every job does (``brats_fl.jobs.params.KINDS``); an option of
 #: another kind set for it is refused before anything runs (``refuse_unused``)
 _FEDAVG = frozenset({"personal", "deadline"})
@@ -547,11 +548,24 @@ USES: dict[str, frozenset[str]] = {
 }
 #: jobs that train at one site at a time, which may then use every core of a shared machine
 SEQUENTIAL = ("brats_cyclic", "brats_swt")
+=======
+#: jobs that train at one site at a time, which may then use every core of a shared machine, and their default passes
+SEQUENTIAL = {"brats_cyclic": 2, "brats_swt": 1}
+>>>>>>> wt-live
 #: jobs that train one model at one site on the pooled datalist
 POOLED = ("brats_central", "brats_segviz_central")
 
 
+<<<<<<< HEAD
 def _known(name: str) -> None:
+=======
+def planned_rounds(name: str, params: JobParams) -> int:
+    """The rounds a job runs: a sequential job's passes around the sites, any other's ``rounds``."""
+    return (params.passes or SEQUENTIAL[name]) if name in SEQUENTIAL else params.rounds
+
+
+def build(name: str, params: JobParams | None = None) -> Recipe:
+>>>>>>> wt-live
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; choose one of {sorted(JOBS)}")
 

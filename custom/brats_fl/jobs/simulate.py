@@ -1,35 +1,110 @@
-"""Run a catalogue job in FLARE's simulator on this machine."""
+"""Run a catalogue job in FLARE's simulator on this machine.
+
+With ``progress`` the simulator runs in a child process whose output (FLARE's own and that of the site processes
+it starts, which inherit the file descriptors) goes to ``<workspace>/<job>_simulator.log`` (beside the job's folder,
+which the simulator empties when it starts), while this process shows each site's rounds (``brats_fl.results.live``)
+or, ``verbose``, copies the log to the terminal.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
 
 from nvflare.recipe import SimEnv
 
-from brats_fl.jobs.catalogue import POOLED, SEQUENTIAL, JobParams, build
+from brats_fl.jobs.catalogue import POOLED, SEQUENTIAL, JobParams, build, planned_rounds
 from brats_fl.ops.policy import install_policy
+from brats_fl.results.live import LiveView, error_lines, read_rows
 from brats_fl.site.config import ENV_VAR, THREADS_VAR
 
+#: seconds between two looks at the sites' rows or the log
+POLL = 1.0
 
-def run_simulation(name: str, params: JobParams, site_config: Path, workspace: Path) -> Path:
-    """Run a job in FLARE's simulator with every site reading ``site_config``; returns the job's workspace."""
+
+def run_simulation(
+    name: str,
+    params: JobParams,
+    site_config: Path,
+    workspace: Path,
+    *,
+    progress: bool = False,
+    verbose: bool = False,
+) -> Path:
+    """Run a job in FLARE's simulator with every site reading ``site_config``; returns the job's workspace.
+
+    ``progress`` shows the rounds as they finish and keeps FLARE's output in ``<workspace>/<job>_simulator.log``
+    (``verbose``: shows that output instead); without it FLARE runs in this process and prints as it likes."""
     sites = 1 if name in POOLED else params.sites
-    env = SimEnv(num_clients=sites, num_threads=sites, workspace_root=str(Path(workspace).resolve()))
+    root = Path(workspace).resolve()
     # inherited by the simulator's site processes, which share this machine's cores
     training_at_once = 1 if name in SEQUENTIAL else sites
     threads = max(1, (os.cpu_count() or 1) // training_at_once)
     settings = {ENV_VAR: str(Path(site_config).resolve()), THREADS_VAR: str(threads)}
     # the simulated participants allow the installed package's classes, as a real site does (brats_fl.ops.policy)
-    install_policy(Path(workspace).resolve() / name)
+    install_policy(root / name)
     previous = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:
-        build(name, params).run(env)
+        if progress:
+            _run_watched(name, params, sites, root, verbose)
+        else:
+            _simulate(name, params, sites, root)
     finally:
         for key, value in previous.items():
             if value is None:
                 del os.environ[key]
             else:
                 os.environ[key] = value
-    return Path(workspace).resolve() / name
+    return root / name
+
+
+def _simulate(name: str, params: JobParams, sites: int, root: Path) -> None:
+    env = SimEnv(num_clients=sites, num_threads=sites, workspace_root=str(root))
+    build(name, params).run(env)
+
+
+def _simulate_into(log: Path, name: str, params: JobParams, sites: int, root: Path) -> None:
+    """The child's work: its stdout and stderr become the log at the descriptor level, so that the processes
+    FLARE starts write there too."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    _simulate(name, params, sites, root)
+
+
+def _run_watched(name: str, params: JobParams, sites: int, root: Path, verbose: bool) -> None:
+    """Run the simulator in a child process (spawned: this one may hold threads) and watch it until it ends;
+    when it fails, show the log's errors and where the log is, then raise what the simulator raised."""
+    run_dir = root / name
+    log = root / f"{name}_simulator.log"
+    log.write_bytes(b"")
+    view = LiveView(name, planned_rounds(name, params), [f"site-{i}" for i in range(1, sites + 1)], sys.stdout)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool, log.open("rb") as tail:
+        job = pool.submit(_simulate_into, log, name, params, sites, root)
+        while True:
+            wait([job], timeout=POLL)
+            finished = job.done()
+            if verbose:
+                sys.stdout.buffer.write(tail.read())
+                sys.stdout.flush()
+            else:
+                view.refresh(read_rows(run_dir))
+            if finished:
+                break
+        try:
+            job.result()
+        except BaseException:
+            errors = error_lines(log)
+            if errors:
+                print(f"\n{name} failed; the last errors in FLARE's log:", *errors, sep="\n  ", file=sys.stderr)
+            print(f"FLARE's log: {log}", file=sys.stderr)
+            raise
+    if not verbose:
+        print(f"FLARE's log: {log}")
