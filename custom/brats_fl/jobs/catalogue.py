@@ -524,7 +524,6 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_segviz_local": segviz_local,
     "brats_segviz_central": segviz_central,
 }
-<<<<<<< HEAD
 #: the kinds of parameter each job uses besides those every job does (``brats_fl.jobs.params.KINDS``); an option of
 #: another kind set for it is refused before anything runs (``refuse_unused``)
 _FEDAVG = frozenset({"personal", "deadline"})
@@ -546,26 +545,18 @@ USES: dict[str, frozenset[str]] = {
     "brats_segviz_local": frozenset({"deadline"}),
     "brats_segviz_central": frozenset({"deadline"}),
 }
-#: jobs that train at one site at a time, which may then use every core of a shared machine
-SEQUENTIAL = ("brats_cyclic", "brats_swt")
-=======
 #: jobs that train at one site at a time, which may then use every core of a shared machine, and their default passes
 SEQUENTIAL = {"brats_cyclic": 2, "brats_swt": 1}
->>>>>>> wt-live
 #: jobs that train one model at one site on the pooled datalist
 POOLED = ("brats_central", "brats_segviz_central")
 
 
-<<<<<<< HEAD
-def _known(name: str) -> None:
-=======
 def planned_rounds(name: str, params: JobParams) -> int:
     """The rounds a job runs: a sequential job's passes around the sites, any other's ``rounds``."""
     return (params.passes or SEQUENTIAL[name]) if name in SEQUENTIAL else params.rounds
 
 
-def build(name: str, params: JobParams | None = None) -> Recipe:
->>>>>>> wt-live
+def _known(name: str) -> None:
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; choose one of {sorted(JOBS)}")
 
