@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 MODS = ("t1", "t1ce", "t2", "flair")
+#: one region per site, as in the SegViz paper's organs (the partially labelled sites)
+ANNOTATIONS = {"site-1": ["WT"], "site-2": ["TC"], "site-3": ["ET"]}
 
 
 def write_case(root: Path, case_id: str, shape=(24, 24, 16), seed: int = 0) -> Path:
@@ -88,3 +90,18 @@ def fedavg_run(sim_data: Path, tmp_path_factory: pytest.TempPathFactory):
     workspace = tmp_path_factory.mktemp("fedavg")
     run_simulation("brats_fedavg", params, sim_data, workspace)
     return workspace, params
+
+
+@pytest.fixture(scope="session")
+def partial_sites(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny phantom's three scanner sites, each annotating one region; returns the site configuration."""
+    root = tmp_path_factory.mktemp("partial")
+    from brats_fl.data.layout import find_cases
+    from brats_fl.data.partition import assign_sites, write_datalists
+
+    parts = assign_sites(find_cases(tiny_phantom), 3, "natural", attribute="scanner")
+    write_datalists(tiny_phantom, parts, root / "lists", annotated=ANNOTATIONS)
+    config = root / "simulation.json"
+    doc = {"data_root": str(tiny_phantom), "datalist_dir": str(root / "lists"), "threads": 1}
+    config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state")}))
+    return config

@@ -12,7 +12,6 @@ import pytest
 import torch
 from brats_fl.cli.main import main
 from brats_fl.jobs.catalogue import JobParams
-from brats_fl.jobs.resume import RESUME_FILE
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import summarise_run
 
@@ -24,20 +23,6 @@ TINY = JobParams(rounds=3, local_epochs=3, patch_size=(32, 32, 32), channels=(8,
 def _state(path: Path) -> dict[str, torch.Tensor]:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     return {k: torch.as_tensor(v) for k, v in blob.get("model", blob).items()}
-
-
-def _configs(job: Path, checkpoint: str = "") -> list[dict]:
-    """A job's configurations; a server-side ``checkpoint`` path read as the checkpoint bundled into the job."""
-    texts = [p.read_text() for p in sorted(job.glob("app/config/*.json"))]
-    return [json.loads(t.replace(checkpoint, RESUME_FILE) if checkpoint else t) for t in texts]
-
-
-def _checkpoint(folder: Path, rnd: int) -> Path:
-    """A server's global model as FLARE's persistor saves it, with the hypernetwork state HyperSeg keeps beside it."""
-    folder.mkdir(parents=True)
-    torch.save({"model": {"w": torch.ones(2)}, "meta_props": {"current_round": rnd}}, folder / "FL_global_model.pt")
-    torch.save({"round": rnd}, folder / "hypernetwork.pt")
-    return folder / "FL_global_model.pt"
 
 
 @pytest.mark.slow

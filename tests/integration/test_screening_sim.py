@@ -12,8 +12,6 @@ from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.server.screening import RECORD_FILE
 
-SHAPES = {"w": [2, 3], "b": [3]}
-
 
 def _training_cases(record: Path) -> int:
     datalist = json.loads((record / "site.json").read_text())["data"]["datalist"]

@@ -9,31 +9,15 @@ import pytest
 import torch
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import REGIONS
-from brats_fl.data.layout import find_cases
 from brats_fl.data.loading import eval_loader
-from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.compare import compare_runs
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
 from brats_fl.server.segviz import HEADS_FILE, head_keys
-
-#: one region per site, as in the SegViz paper's organs
-ANNOTATIONS = {"site-1": ["WT"], "site-2": ["TC"], "site-3": ["ET"]}
+from conftest import ANNOTATIONS
 
 SITES = tuple(ANNOTATIONS)
-
-
-@pytest.fixture(scope="session")
-def partial_sites(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny phantom's three scanner sites, each annotating one region; returns the site configuration."""
-    root = tmp_path_factory.mktemp("partial")
-    parts = assign_sites(find_cases(tiny_phantom), 3, "natural", attribute="scanner")
-    write_datalists(tiny_phantom, parts, root / "lists", annotated=ANNOTATIONS)
-    config = root / "simulation.json"
-    doc = {"data_root": str(tiny_phantom), "datalist_dir": str(root / "lists"), "threads": 1}
-    config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state")}))
-    return config
 
 
 @pytest.fixture(scope="session")

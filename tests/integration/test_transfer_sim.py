@@ -42,11 +42,6 @@ def _training_cases(run: Path, site: str) -> int:
     return len(json.loads(Path(doc["data"]["datalist"]).read_text())["training"])
 
 
-def _client_chains(job: Path, kind: str) -> dict[tuple[str, ...], list[str]]:
-    config = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
-    return {tuple(sorted(c["tasks"])): [f["path"].rsplit(".", 1)[1] for f in c["filters"]] for c in config[kind]}
-
-
 @pytest.mark.slow
 def test_nothing_but_weights_and_scores_leave_a_site(fedavg_run: tuple[Path, JobParams]):
     """Every message each site sent in the shared FedAvg run: the model's tensors under its own keys and shapes,

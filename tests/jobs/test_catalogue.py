@@ -19,13 +19,6 @@ from brats_fl.version import mismatch, running
 
 REPO = Path(__file__).resolve().parents[2]
 
-TINY = JobParams(rounds=3, local_epochs=3, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3)
-
-
-def _state(path: Path) -> dict[str, torch.Tensor]:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    return {k: torch.as_tensor(v) for k, v in blob.get("model", blob).items()}
-
 
 def _configs(job: Path, checkpoint: str = "") -> list[dict]:
     """A job's configurations; a server-side ``checkpoint`` path read as the checkpoint bundled into the job."""

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from brats_fl.server.hyperseg import HyperNetwork
-
-SITES = ["site-1", "site-2", "site-3"]
-
-
-def _load(record: Path, name: str) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v).float() for k, v in torch.load(record / name).items()}
 
 
 def test_hypernetwork_starts_at_the_initial_weights_and_learns_its_embedding():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +10,6 @@ from brats_fl.jobs.catalogue import JobParams
 from brats_fl.server.screening import problem
 
 SHAPES = {"w": [2, 3], "b": [3]}
-
-
-def _training_cases(record: Path) -> int:
-    datalist = json.loads((record / "site.json").read_text())["data"]["datalist"]
-    return len(json.loads(Path(datalist).read_text())["training"])
 
 
 @pytest.mark.parametrize(

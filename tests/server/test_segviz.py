@@ -10,54 +10,12 @@ import torch
 from brats_fl.data.checks import DataError
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import REGIONS
-from brats_fl.data.layout import find_cases
 from brats_fl.data.loading import ANNOTATED, eval_loader
-from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.jobs.catalogue import JobParams
-from brats_fl.jobs.simulate import run_simulation
 from brats_fl.seg.trainer import RegionLoss
 from brats_fl.server.screening import expected_shapes
 from brats_fl.server.segviz import ANNOTATED_META, TaskHeadAggregator, head_keys
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
-
-#: one region per site, as in the SegViz paper's organs
-ANNOTATIONS = {"site-1": ["WT"], "site-2": ["TC"], "site-3": ["ET"]}
-
-SITES = tuple(ANNOTATIONS)
-
-
-@pytest.fixture(scope="session")
-def partial_sites(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny phantom's three scanner sites, each annotating one region; returns the site configuration."""
-    root = tmp_path_factory.mktemp("partial")
-    parts = assign_sites(find_cases(tiny_phantom), 3, "natural", attribute="scanner")
-    write_datalists(tiny_phantom, parts, root / "lists", annotated=ANNOTATIONS)
-    config = root / "simulation.json"
-    doc = {"data_root": str(tiny_phantom), "datalist_dir": str(root / "lists"), "threads": 1}
-    config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state")}))
-    return config
-
-
-@pytest.fixture(scope="session")
-def segviz_run(partial_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, JobParams]:
-    """SegViz-FedAvg with 2 of 3 sites a round: every round one region's annotator sits out."""
-    params = JobParams(
-        rounds=6,
-        local_epochs=10,
-        patch_size=(32, 32, 32),
-        channels=(8, 16, 32),
-        lr=1e-2,
-        fg_ratio=0.9,
-        clients_per_round=2,
-        finetune_epochs=1,
-        audit=True,
-    )
-    workspace = tmp_path_factory.mktemp("segviz")
-    return run_simulation("brats_segviz_fedavg", params, partial_sites, workspace), params
-
-
-def _site_dir(run: Path, site: str) -> Path:
-    return run / site / "simulate_job" / "brats_fl"
 
 
 def test_datalists_record_annotations_and_the_pipeline_hides_the_rest(partial_sites: Path, tiny_phantom: Path):

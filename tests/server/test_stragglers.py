@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from brats_fl.jobs.catalogue import JobParams, build
 from brats_fl.jobs.export import export_jobs
 from brats_fl.server.fedavg import shortfall
@@ -17,24 +16,6 @@ SITES = ("site-1", "site-2", "site-3")
 #: update so comes DELAY - ROUND_WAIT s after round 0 has closed, while round 1 or 2 (ROUND_WAIT s and a little
 #: training each) is under way
 ROUND_WAIT, DELAY = 5, 10
-
-
-def _training_cases(record: Path) -> int:
-    datalist = json.loads((record / "site.json").read_text())["data"]["datalist"]
-    return len(json.loads(Path(datalist).read_text())["training"])
-
-
-def _state(path: Path) -> dict[str, torch.Tensor]:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    return {k: torch.as_tensor(v) for k, v in blob.get("model", blob).items()}
-
-
-def _case_weighted_mean(records: dict[str, Path], rnd: int) -> dict[str, torch.Tensor]:
-    """What FedAvg makes of the updates these sites sent in round ``rnd``."""
-    weights = {s: _training_cases(r) for s, r in records.items()}
-    sent = {s: torch.load(r / f"sent_round_{rnd}.pt") for s, r in records.items()}
-    total = sum(weights.values())
-    return {k: sum(sent[s][k].double() * w for s, w in weights.items()) / total for k in sent[next(iter(sent))]}
 
 
 @pytest.mark.parametrize(

@@ -17,16 +17,7 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 
-SITES = ("site-1", "site-2", "site-3")
-
 TINY = {"patch_size": (32, 32, 32), "channels": (8, 16, 32), "lr": 3e-3, "local_epochs": 1}
-
-ARRAYS = ("torch.Tensor", "numpy.ndarray")
-
-
-def _rows(run: Path, site: str, direction: str = "outgoing") -> list[dict]:
-    path = run / site / "simulate_job" / "brats_fl" / f"{direction}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _walk(node: dict) -> Iterator[dict]:
@@ -35,16 +26,6 @@ def _walk(node: dict) -> Iterator[dict]:
     items = node.get("items", {})
     for child in items.values() if isinstance(items, dict) else items:
         yield from _walk(child)
-
-
-def _state(path: Path) -> dict[str, torch.Tensor]:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    return {k: torch.as_tensor(v) for k, v in blob.get("model", blob).items()}
-
-
-def _training_cases(run: Path, site: str) -> int:
-    doc = json.loads((run / site / "simulate_job" / "brats_fl" / "site.json").read_text())
-    return len(json.loads(Path(doc["data"]["datalist"]).read_text())["training"])
 
 
 def _client_chains(job: Path, kind: str) -> dict[tuple[str, ...], list[str]]:
