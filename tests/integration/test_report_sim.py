@@ -13,7 +13,8 @@ import pytest
 from brats_fl.cli.main import main
 from brats_fl.results.figures import BARS_SIZE, CURVES_SIZE, DPI, PAGE_WIDTH
 from brats_fl.results.report import REPORT_COLUMNS, overlay_rows, run_test_cases, summarise_run
-from brats_fl.server.run_record import RUN_RECORD, code_sha256
+from brats_fl.server.run_record import RUN_RECORD
+from brats_fl.version import running
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,11 +87,11 @@ def test_job_records_what_the_run_was(fedavg_run):
     record = json.loads((_server(workspace) / RUN_RECORD).read_text())
     assert record["job"] == "brats_fedavg" and record["finished"] and record["wall_time"] > 0
     executor = record["client_config"]["executors"][0]["executor"]["args"]
-    assert f"--seed {params.seed}" in executor["task_script_args"]
-    assert f"--rounds {params.rounds}" in executor["task_script_args"]
+    assert (executor["config"]["seed"], executor["config"]["rounds"]) == (params.seed, params.rounds)
+    assert executor["expects"] == running()
     assert record["server_config"]["workflows"][0]["args"]["num_rounds"] == params.rounds
     assert all(record["versions"][p] for p in ("python", "torch", "monai", "nvflare"))
-    assert record["code_sha256"] == code_sha256(_server(workspace) / "app_server" / "custom")
+    assert record["code_sha256"] == running()["code_sha256"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
     assert record["git"]["commit"] == head.stdout.strip()
 

@@ -1,16 +1,16 @@
 """What a run was, written by the job itself into the server's results: ``brats_fl_run.json``.
 
 A FLARE component on the server. At the end of the run it records the job's name, the server's and the
-sites' configuration (the client script's arguments hold the seed and every training setting), the package
+sites' configuration (the sites' ``config`` holds the seed and every training setting), the package
 versions, the wall time, the git commit when the code runs from a git checkout of this project, and always
-a sha256 of the job's custom code, so that a run in a POC or provisioned deployment, where no checkout
-exists, is still traceable to its code. The file lands next to the other results that ``nvflare job
-download`` fetches, so ``brats-fl report`` never has to guess what a run was.
+the version and code hash of the brats-fl that ran (:mod:`brats_fl.version`), so that a run in a POC or
+provisioned deployment, where no checkout exists, is still traceable to its code. The file lands next to
+the other results that ``nvflare job download`` fetches, so ``brats-fl report`` never has to guess what a
+run was.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -41,17 +41,6 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def code_sha256(folder: Path) -> str:
-    """One sha256 over every file's relative path and bytes below ``folder`` (bytecode caches left out)."""
-    digest = hashlib.sha256()
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def git_state(candidates: list[Path]) -> dict | None:
@@ -111,7 +100,6 @@ class RunRecord(FLComponent):
         job_id = fl_ctx.get_job_id()
         run_dir = Path(workspace.get_run_dir(job_id))
         config_dir = Path(workspace.get_app_config_dir(job_id))
-        custom = Path(workspace.get_app_custom_dir(job_id))
         meta = _read_json(Path(workspace.get_job_meta_path(job_id))) or {}
         record = {
             "job": meta.get("name"),
@@ -124,9 +112,8 @@ class RunRecord(FLComponent):
             "client_config": _read_json(config_dir / "config_fed_client.json"),
             "versions": package_versions(),
             "expects": self.expects,
-            "running": running(),
             "git": git_state([Path(__file__).resolve().parent, Path(os.environ.get("PWD", ".")), Path.cwd()]),
-            "code_sha256": code_sha256(custom) if custom.is_dir() else None,
+            "code_sha256": running()["code_sha256"],
             "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
         }
         path = run_dir / RUN_RECORD
