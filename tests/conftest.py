@@ -14,6 +14,13 @@ MODS = ("t1", "t1ce", "t2", "flair")
 ANNOTATIONS = {"site-1": ["WT"], "site-2": ["TC"], "site-3": ["ET"]}
 
 
+def tiny_params(**settings):
+    """A job's parameters with a U-Net and patches small enough for the CPU simulator; ``settings`` add the rest."""
+    from brats_fl.jobs.catalogue import JobParams
+
+    return JobParams(patch_size=(32, 32, 32), channels=(8, 16, 32), **settings)
+
+
 def write_case(root: Path, case_id: str, shape=(24, 24, 16), seed: int = 0) -> Path:
     """A minimal valid case: a box-shaped brain with a nested spherical tumour (labels 2 > 1 > 4)."""
     rng = np.random.default_rng(seed)
@@ -75,14 +82,11 @@ def fedavg_run(sim_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """One tiny FedAvg job in FLARE's simulator (3 sites, 3 rounds, every update kept, every message recorded),
     shared by the tests that check the job, what leaves its sites, and its report; returns the simulator
     workspace and the job's parameters."""
-    from brats_fl.jobs.catalogue import JobParams
     from brats_fl.jobs.simulate import run_simulation
 
-    params = JobParams(
+    params = tiny_params(
         rounds=3,
         local_epochs=3,
-        patch_size=(32, 32, 32),
-        channels=(8, 16, 32),
         lr=3e-3,
         audit_transfer=True,
         audit=True,

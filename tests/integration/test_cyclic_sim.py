@@ -13,10 +13,11 @@ from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import summarise_run
 from brats_fl.seg.model import fingerprint, state_bytes
 from brats_fl.server.sequential import VISITS_FILE
+from conftest import tiny_params
 
 SITES = ["site-1", "site-2", "site-3"]
 
-TINY = JobParams(patch_size=(32, 32, 32), channels=(8, 16, 32), visit_epochs=3, seed=5)
+TINY = tiny_params(visit_epochs=3, seed=5)
 
 
 def _site_rows(run: Path, site: str) -> list[dict]:

@@ -25,6 +25,7 @@ from brats_fl.ops.policy import deny_custom_code
 from brats_fl.results.report import summarise_run
 from brats_fl.seg.model import fingerprint
 from brats_fl.version import PACKAGE_DIR
+from conftest import tiny_params
 from nvflare.fuel.flare_api.api_spec import AuthorizationError
 
 SITES = ["site-1", "site-2"]
@@ -33,7 +34,7 @@ ADMIN = "admin@consortium.org"
 
 ORG_ADMIN = "orgadmin@hospital-a.org"
 
-TINY = JobParams(rounds=2, local_epochs=1, sites=2, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3)
+TINY = tiny_params(rounds=2, local_epochs=1, sites=2, lr=3e-3)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,6 +12,7 @@ from brats_fl.jobs.resume import checkpoint_round
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import summarise_run
 from brats_fl.server.hyperseg import STATE_FILE
+from conftest import tiny_params
 
 SITES = ["site-1", "site-2", "site-3"]
 
@@ -26,11 +27,9 @@ def test_hyperseg_round_follows_the_pfedhn_rule(sim_data: Path, tmp_path: Path):
     round, site i's generated tensors theta_i move to theta_i - lr/n (theta_i - theta~_i) - lr/n sum_j (theta_j
     - theta~_j), where theta~ is what the sites returned and n the number of sites."""
     lr = 0.5
-    params = JobParams(
+    params = tiny_params(
         rounds=2,
         local_epochs=1,
-        patch_size=(32, 32, 32),
-        channels=(8, 16, 32),
         hypernetwork=HyperNetParams(depth=1, optimizer="sgd", lr=lr),
         audit=True,
     )

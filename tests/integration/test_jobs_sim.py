@@ -14,10 +14,11 @@ from brats_fl.cli.main import main
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import summarise_run
+from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[2]
 
-TINY = JobParams(rounds=3, local_epochs=3, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3)
+TINY = tiny_params(rounds=3, local_epochs=3, lr=3e-3)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

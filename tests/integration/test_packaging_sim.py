@@ -11,12 +11,12 @@ from pathlib import Path
 
 import brats_fl
 import pytest
-from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.export import export_jobs
 from brats_fl.ops.policy import install_policy
 from brats_fl.results.report import summarise_run
+from conftest import tiny_params
 
-TINY = JobParams(rounds=2, local_epochs=1, patch_size=(32, 32, 32), channels=(8, 16, 32))
+TINY = tiny_params(rounds=2, local_epochs=1)
 SITES = ["site-1", "site-2", "site-3"]
 NVFLARE = "import sys; from nvflare.cli import main; sys.exit(main())"
 

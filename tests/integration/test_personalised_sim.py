@@ -12,10 +12,11 @@ from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import summarise_run
 from brats_fl.seg.model import fingerprint
 from brats_fl.server.personalise import personal_keys
+from conftest import tiny_params
 
 SITES = ("site-1", "site-2", "site-3")
 
-TINY = JobParams(rounds=2, local_epochs=2, patch_size=(32, 32, 32), channels=(8, 16, 32), lr=3e-3, audit=True)
+TINY = tiny_params(rounds=2, local_epochs=2, lr=3e-3, audit=True)
 
 
 def _site(run: Path, site: str) -> Path:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.server.screening import RECORD_FILE
+from conftest import tiny_params
 
 
 def _training_cases(record: Path) -> int:
@@ -22,11 +22,9 @@ def _training_cases(record: Path) -> int:
 def test_broken_updates_are_refused_and_a_poor_round_stops_the_job(sim_data: Path, tmp_path: Path):
     """site-2 sends a NaN, a foreign key, a wrong shape, then a huge update; site-3 a NaN in the last round,
     which leaves one good update where two are required: that round must stop the job, not be averaged."""
-    params = JobParams(
+    params = tiny_params(
         rounds=4,
         local_epochs=1,
-        patch_size=(32, 32, 32),
-        channels=(8, 16, 32),
         lr=3e-3,
         min_good=2,
         faults={"site-2": ["nan", "key", "shape", "scale"], "site-3": ["none", "none", "none", "nan"]},

@@ -15,7 +15,7 @@ from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.compare import compare_runs
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
 from brats_fl.server.segviz import HEADS_FILE, head_keys
-from conftest import ANNOTATIONS
+from conftest import ANNOTATIONS, tiny_params
 
 SITES = tuple(ANNOTATIONS)
 
@@ -23,11 +23,9 @@ SITES = tuple(ANNOTATIONS)
 @pytest.fixture(scope="session")
 def segviz_run(partial_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, JobParams]:
     """SegViz-FedAvg with 2 of 3 sites a round: every round one region's annotator sits out."""
-    params = JobParams(
+    params = tiny_params(
         rounds=6,
         local_epochs=10,
-        patch_size=(32, 32, 32),
-        channels=(8, 16, 32),
         lr=1e-2,
         fg_ratio=0.9,
         clients_per_round=2,

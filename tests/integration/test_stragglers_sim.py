@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import summarise_run
 from brats_fl.server.screening import RECORD_FILE
+from conftest import tiny_params
 
 SITES = ("site-1", "site-2", "site-3")
 
@@ -42,11 +42,9 @@ def _case_weighted_mean(records: dict[str, Path], rnd: int) -> dict[str, torch.T
 def test_rounds_close_without_the_slow_site(sim_data: Path, tmp_path: Path):
     """site-3 is slower than round_wait allows: every round is averaged over site-1 and site-2 alone, site-3's late
     update is dropped while a later round is under way, and the job finishes with site-3 in its evaluation."""
-    params = JobParams(
+    params = tiny_params(
         rounds=3,
         local_epochs=1,
-        patch_size=(32, 32, 32),
-        channels=(8, 16, 32),
         lr=3e-3,
         min_responses=2,
         round_wait=ROUND_WAIT,

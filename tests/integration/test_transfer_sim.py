@@ -11,10 +11,11 @@ import pytest
 import torch
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
+from conftest import tiny_params
 
 SITES = ("site-1", "site-2", "site-3")
 
-TINY = {"patch_size": (32, 32, 32), "channels": (8, 16, 32), "lr": 3e-3, "local_epochs": 1}
+TINY = {"lr": 3e-3, "local_epochs": 1}
 
 ARRAYS = ("torch.Tensor", "numpy.ndarray")
 
@@ -82,7 +83,7 @@ def test_svt_sends_a_sparse_noisy_difference(sim_data: Path, tmp_path: Path):
     """FLARE's SVT filter on the sites' updates: what left each site is a difference with at most a tenth of
     its entries non-zero, so the global model moves in at most three tenths of its weights, where each
     site's own update changed nearly all of them."""
-    params = JobParams(rounds=1, transfer="diff", privacy="svt", audit_transfer=True, audit=True, **TINY)
+    params = tiny_params(rounds=1, transfer="diff", privacy="svt", audit_transfer=True, audit=True, **TINY)
     run = run_simulation("brats_fedavg", params, sim_data, tmp_path)
     for site in SITES:
         (train,) = [r for r in _rows(run, site) if r["task"] == "train"]
@@ -105,7 +106,7 @@ def test_float16_transfer_halves_the_bytes_and_keeps_excluded_layers_home(sim_da
     """Quantised both ways with FLARE's float16 filters, with FLARE's ExcludeVars keeping the first block at the
     sites: every model on the wire is float16, half the bytes; the global model is still the case-weighted mean
     of the sites' models (to float16 precision), and the first block keeps its initial values."""
-    params = JobParams(
+    params = tiny_params(
         rounds=2,
         quantize="float16",
         privacy="exclude",
