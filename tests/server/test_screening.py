@@ -1,4 +1,4 @@
-"""Broken and hostile updates: refused by the server's aggregator in a real FLARE simulation (no mocks)."""
+"""Broken and hostile updates: the screen every controller uses, on the drill's own broken updates."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import re
 
 import pytest
 import torch
-from brats_fl.jobs.catalogue import JobParams
-from brats_fl.server.screening import problem
+from brats_fl.drills.faults import FaultInjection
+from brats_fl.jobs.catalogue import JobParams, cyclic
+from brats_fl.server.screening import outliers, problem, screen_updates, update_norm
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
 
 SHAPES = {"w": [2, 3], "b": [3]}
 
@@ -43,3 +48,65 @@ def test_problem_names_what_is_wrong(update: dict, reason: str | None):
 def test_screening_parameters_are_range_checked(changes: dict):
     with pytest.raises(ValueError, match="job parameter out of range"):
         JobParams(**changes)
+
+
+def test_a_whole_model_must_hold_every_key():
+    assert problem({"w": torch.ones(2, 3)}, SHAPES) is None
+    assert problem({"w": torch.ones(2, 3)}, SHAPES, complete=True) == "left out key(s) ['b'] (1 in all)"
+
+
+def test_update_norm_measures_the_step_from_the_model_sent():
+    sent = {"w": torch.ones(2, 3), "b": torch.zeros(3)}
+    update = {"w": torch.ones(2, 3), "b": torch.tensor([3.0, 4.0, 0.0])}
+    assert update_norm(update, sent) == pytest.approx(5.0)
+    assert update_norm({"b": torch.tensor([3.0, 4.0, 0.0])}, None) == pytest.approx(5.0)  # already a difference
+
+
+def test_an_outlier_is_measured_against_the_others_and_earlier_updates():
+    # against the median of the others, never one's own: with two sites the outlier still stands out
+    assert list(outliers({"a": 1.0, "b": 11.0}, 10)) == ["b"]
+    assert outliers({"a": 1.0, "b": 9.0}, 10) == {}
+    assert outliers({"only": 50.0}, 10) == {}  # nothing to compare with
+    # a sequential visit, alone, against the earlier good visits
+    (why,) = outliers({"site-2": 50.0}, 10, earlier=[1.0, 2.0, 9.0]).values()
+    assert why == "update norm 50 is over 10 times the others' median (2)"
+
+
+def _drill(update: dict[str, torch.Tensor], fault: str) -> dict:
+    """What FaultInjection makes site-2 send in round 0 instead of ``update``."""
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-2", private=False)
+    dxo = DXO(DataKind.WEIGHTS, data=dict(update))
+    shareable = dxo.to_shareable()
+    shareable.set_header(AppConstants.CURRENT_ROUND, 0)
+    out = FaultInjection({"site-2": [fault]}).process_dxo(dxo, shareable, fl_ctx)
+    return out.data
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("nan", "holds NaN"),
+        ("inf", "holds infinite values"),
+        ("key", r"unexpected key\(s\) \['smuggled'\]"),
+        ("shape", r"has shape \[6\], the model's is \[2, 3\]"),
+        ("scale", r"update norm .* is over 10 times the others' median"),
+    ],
+)
+def test_every_drilled_fault_is_refused_and_the_good_updates_kept(fault: str, reason: str):
+    """The screen the sequential and HyperSeg controllers call: a round of three whole models, each measured
+    against the model its site was sent, site-2's broken by the drill."""
+    generator = torch.Generator().manual_seed(0)
+    sent = {"w": torch.randn(2, 3, generator=generator), "b": torch.randn(3, generator=generator)}
+    trained = {s: {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in sent.items()} for s in "123"}
+    updates = {f"site-{s}": params for s, params in trained.items()}
+    updates["site-2"] = _drill(updates["site-2"], fault)
+    norms, refused = screen_updates(updates, dict.fromkeys(updates, sent), SHAPES, 10.0, complete=True)
+    assert sorted(norms) == ["site-1", "site-3"] and list(refused) == ["site-2"]
+    assert re.search(reason, refused["site-2"]), refused
+    assert norms["site-1"] == pytest.approx(update_norm(trained["1"], sent))
+
+
+def test_a_sequential_job_refuses_min_good():
+    with pytest.raises(ValueError, match="min_good is for jobs that average a round"):
+        cyclic(JobParams(min_good=2))

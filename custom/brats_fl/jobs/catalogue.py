@@ -100,13 +100,14 @@ class _Job:
     FedAvg with the same parameters. A visit is skipped when the site has not picked it up after
     ``assignment_timeout`` seconds or not finished it after ``visit_timeout``.
 
-    What crosses the wire (docs/privacy.md): the FedAvg jobs' server refuses an update with NaN or infinite
-    values, foreign keys or shapes, or a norm over ``norm_ratio`` times the median of the round's other updates,
-    and stops the job rather than average a round with fewer than ``min_good`` good updates
-    (``brats_fl.server.screening``). ``privacy`` puts one of FLARE's privacy filters (``exclude``,
-    ``percentile``, ``svt``) with ``privacy_args`` on every site's training updates; ``quantize`` makes
-    FLARE's quantisation filters shrink every model on its way in both directions; ``audit_transfer`` has
-    every site record a manifest of each message it sends and receives (``brats_fl.transfer.filters``).
+    What crosses the wire (docs/privacy.md): every job's server refuses an update with NaN or infinite
+    values, foreign keys or shapes, or a norm over ``norm_ratio`` times the median of the round's other updates
+    (a sequential job's: of the earlier visits'), and a job that averages stops rather than average a round with
+    fewer than ``min_good`` good updates (``brats_fl.server.screening``). ``privacy`` puts one of FLARE's
+    privacy filters (``exclude``, ``percentile``, ``svt``) with ``privacy_args`` on every site's training
+    updates; ``quantize`` makes FLARE's quantisation filters shrink every model on its way in both directions;
+    ``audit_transfer`` has every site record a manifest of each message it sends and receives
+    (``brats_fl.transfer.filters``).
     ``faults`` is a drill, ``{"site-2": ["nan", "none", "scale"]}``: that site sends the given broken update
     in rounds 0, 1, 2 (kinds in ``brats_fl.drills.faults.FAULTS``).
 
@@ -360,6 +361,8 @@ def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
     """The model visits one site after the other, ``passes`` times (see ``brats_fl.server.sequential``)."""
     if params.resume_from:
         raise ValueError(f"{name}: a sequential job cannot resume yet; start it without resume_from")
+    if params.min_good != 1:
+        raise ValueError(f"{name}: min_good is for jobs that average a round; a visit's update is screened alone")
     epochs = params.visit_epochs or max(1, params.rounds * params.local_epochs // passes)
     controller = SequentialTransfer(
         num_clients=params.sites,
@@ -368,6 +371,7 @@ def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
         seed=params.seed,
         assignment_timeout=params.assignment_timeout,
         visit_timeout=params.visit_timeout,
+        norm_ratio=params.norm_ratio,
     )
     client = params.client_config() | {"rounds": passes, "local_epochs": epochs}
     return _with_evaluation(ControllerRecipe(name, params, controller, client))
@@ -401,6 +405,8 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
         seed=params.seed,
         timeout=TASK_TIMEOUT,
         resume_from=params.resume_from,
+        norm_ratio=params.norm_ratio,
+        min_good=min(params.min_good, params.sites),
     )
     # the sites keep no personal layers of their own to resume from: the hypernetwork makes them
     client = params.client_config() | {"resume": False}

@@ -9,6 +9,12 @@ gradient is (d theta_i / d phi)^T (theta_i - theta~_i), averaged over the sites,
 A learned descriptor (``embedding``) is trained the same way. FLARE has no hypernetwork workflow, so this
 controller is ours; the personal tensors never leave the server except towards their own site.
 
+Before either step the returned models pass the FedAvg jobs' screen (``brats_fl.server.screening``): a model
+with a NaN or an infinite value, a key the model does not have or leaves out, a foreign shape, or an update
+(returned minus the site's payload) whose norm is over ``norm_ratio`` times the median of the round's other
+good updates, is refused, logged and recorded in ``screening.jsonl``, and left out of both steps of that round;
+a round with fewer than ``min_good`` good models stops the job, as in the FedAvg jobs.
+
 The hypernetwork and its optimiser are saved beside the global model (``hypernetwork.pt`` in the server's app
 folder) after every round, so a job started again with ``resume_from`` (that run's global model, or the copy
 ``brats-fl resume-job`` bundles with the hypernetwork into the job) continues after
@@ -34,6 +40,7 @@ from torch import nn
 
 from brats_fl.seg.model import save_whole
 from brats_fl.server.personalise import PERSONALISE_TASK, RESULTS_FILE
+from brats_fl.server.screening import check_settings, expected_shapes, record_round, screen_updates
 
 DESCRIPTORS = ("onehot", "embedding")
 OPTIMISERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -117,9 +124,12 @@ class HyperSegController(ModelController):
         seed: int = 0,
         timeout: int = 0,
         resume_from: str | None = None,
+        norm_ratio: float = 10.0,
+        min_good: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_settings(norm_ratio, min_good)
         if hn_optimizer not in OPTIMISERS:
             raise ValueError(f"hn_optimizer must be one of {sorted(OPTIMISERS)}, not {hn_optimizer!r}")
         if not personal_keys:
@@ -136,6 +146,8 @@ class HyperSegController(ModelController):
         self.seed = seed
         self.timeout = timeout
         self.resume_from = resume_from
+        self.norm_ratio = norm_ratio
+        self.min_good = min_good
 
     def run(self) -> None:
         model = self.load_model()
@@ -159,6 +171,10 @@ class HyperSegController(ModelController):
                 return
             if not returned:
                 self.panic(f"round {rnd}: no site returned a model")
+                return
+            returned, why = self._screen(model, personal, returned, rnd)
+            if why:
+                self.panic(why)
                 return
             model.params = self._aggregate(returned, shared_only=use_net)
             if use_net:
@@ -215,6 +231,22 @@ class HyperSegController(ModelController):
         if absent:
             self.warning(f"round {rnd}: no model from {absent}; they are left out of this round's updates")
         return returned
+
+    def _screen(
+        self, model: FLModel, personal: dict, returned: dict[str, FLModel], rnd: int
+    ) -> tuple[dict[str, FLModel], str | None]:
+        """The returned models the screen keeps, and why the round must stop (fewer than ``min_good`` kept)."""
+        sent = {site: self._payload(model, personal[site]) for site in returned}
+        updates = {site: result.params for site, result in returned.items()}
+        norms, refused = screen_updates(updates, sent, expected_shapes(model.params), self.norm_ratio, complete=True)
+        for site, why in sorted(refused.items()):
+            self.warning(f"refused the update of {site} in round {rnd}: {why}")
+        record_round(self.get_run_dir(), rnd, norms, refused)
+        if len(norms) < self.min_good:
+            reasons = "; ".join(f"{s}: {why}" for s, why in sorted(refused.items()))
+            good = f"{len(norms)} good update(s), fewer than min_good={self.min_good}"
+            return {}, f"round {rnd}: {good}; the round is not taken. Refused: {reasons}"
+        return {site: result for site, result in returned.items() if site in norms}, None
 
     def _aggregate(self, returned: dict[str, FLModel], shared_only: bool) -> dict[str, torch.Tensor]:
         """Case-weighted mean of the returned weights (all of them during warm-up, else the shared ones)."""

@@ -18,6 +18,12 @@ site sent keeps its value in the global model, which FedAvg would otherwise drop
 refused site and why. A round in which no site sent any weight (the local-only baseline) has nothing to
 average, and is passed on as FLARE's own aggregation passes it.
 
+The same screen, one definition (``problem``, ``update_norm``, ``outliers``, ``screen_updates``), guards the
+controllers that do not aggregate through FLARE's aggregator: the sequential jobs' hand-over
+(``brats_fl.server.sequential``), where a visit's update has no peers and is measured against the updates of the
+visits before it, and HyperSeg's shared and hypernetwork step (``brats_fl.server.hyperseg``). Both take whole
+models back, so there an update that leaves a key out is refused too.
+
 ``brats_fl.drills.faults.FaultInjection`` is a fire drill, and what the tests use: a task-result filter
 that makes named sites send broken updates (NaN, Inf, a foreign key, a wrong shape or a huge scale) in chosen
 rounds, so that the screening can be watched at work in a real run.
@@ -28,6 +34,7 @@ from __future__ import annotations
 import json
 import statistics
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -54,11 +61,15 @@ def expected_shapes(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
     return {key: list(value.shape) for key, value in state.items()}
 
 
-def problem(params: dict, expected: dict[str, list[int]]) -> str | None:
-    """Why an update cannot be averaged into a model of ``expected`` keys and shapes, or None if it can."""
+def problem(params: Mapping, expected: dict[str, list[int]], complete: bool = False) -> str | None:
+    """Why an update cannot be taken into a model of ``expected`` keys and shapes, or None if it can;
+    ``complete``: the update is to replace the whole model, so it must hold every key."""
     foreign = sorted(set(params) - set(expected))
     if foreign:
         return f"unexpected key(s) {foreign[:3]} ({len(foreign)} in all)"
+    missing = sorted(set(expected) - set(params)) if complete else []
+    if missing:
+        return f"left out key(s) {missing[:3]} ({len(missing)} in all)"
     for key, value in params.items():
         try:
             tensor = torch.as_tensor(value)
@@ -73,6 +84,59 @@ def problem(params: dict, expected: dict[str, list[int]]) -> str | None:
     return None
 
 
+def update_norm(params: Mapping, sent: Mapping | None) -> float:
+    """The L2 norm of the step an update takes: ``params`` minus ``sent``, the model the site was given, or of
+    ``params`` itself where it is already that difference (``sent`` None)."""
+    squares = 0.0
+    for key, value in params.items():
+        step = torch.as_tensor(value).double()
+        if sent is not None:
+            step = step - torch.as_tensor(sent[key]).double()
+        squares += float(step.square().sum())
+    return squares**0.5
+
+
+def outliers(norms: Mapping[str, float], norm_ratio: float, earlier: Sequence[float] = ()) -> dict[str, str]:
+    """The updates, by site, whose norm is over ``norm_ratio`` times the median of the others' (the rest of
+    ``norms`` and the ``earlier`` good updates), with the reason; with nothing to compare with, none."""
+    refused = {}
+    for site, norm in norms.items():
+        others = [n for s, n in norms.items() if s != site] + list(earlier)
+        if others and norm > norm_ratio * statistics.median(others):
+            median = statistics.median(others)
+            refused[site] = f"update norm {norm:.4g} is over {norm_ratio:g} times the others' median ({median:.4g})"
+    return refused
+
+
+def screen_updates(
+    updates: Mapping[str, Mapping],
+    sent: Mapping[str, Mapping],
+    expected: dict[str, list[int]],
+    norm_ratio: float,
+    complete: bool = False,
+    earlier: Sequence[float] = (),
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Screen the full-weight updates of several sites (or of one, against ``earlier`` norms) at once, each
+    measured against the model ``sent`` to it: (norm of each update kept, reason for each one refused)."""
+    refused = {s: why for s, params in updates.items() if (why := problem(params, expected, complete))}
+    norms = {s: update_norm(params, sent[s]) for s, params in updates.items() if s not in refused}
+    refused |= outliers(norms, norm_ratio, earlier)
+    return {s: n for s, n in norms.items() if s not in refused}, refused
+
+
+def check_settings(norm_ratio: float, min_good: int) -> None:
+    """Refuse a screen that would refuse every update, or average a round of none."""
+    if norm_ratio <= 1 or min_good < 1:
+        raise ValueError(f"need norm_ratio > 1 and min_good >= 1, got {norm_ratio} and {min_good}")
+
+
+def record_round(run_dir: str | Path, rnd: int | None, norms: dict[str, float], refused: dict[str, str]) -> None:
+    """Append a round's screening to ``screening.jsonl`` in the server's run folder."""
+    row = {"round": rnd, "averaged": norms, "refused": refused}
+    with (Path(run_dir) / RECORD_FILE).open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 class ScreenedAggregator(ModelAggregator):
     """FLARE's weighted FedAvg aggregation, after refusing malformed updates and outliers of norm.
 
@@ -84,8 +148,7 @@ class ScreenedAggregator(ModelAggregator):
 
     def __init__(self, expected: dict[str, list[int]], norm_ratio: float = 10.0, min_good: int = 1):
         super().__init__()
-        if norm_ratio <= 1 or min_good < 1:
-            raise ValueError(f"need norm_ratio > 1 and min_good >= 1, got {norm_ratio} and {min_good}")
+        check_settings(norm_ratio, min_good)
         self.expected = expected
         self.norm_ratio = norm_ratio
         self.min_good = min_good
@@ -121,23 +184,15 @@ class ScreenedAggregator(ModelAggregator):
         if why:
             self.warning(f"refused the update of {site} in round {self._round}: {why}")
 
-    def _update_norm(self, model: FLModel) -> float:
-        diff = model.params_type == ParamsType.DIFF
-        squares = 0.0
-        for key, value in model.params.items():
-            step = value.double() if diff else value.double() - torch.as_tensor(self._global[key]).double()
-            squares += float(step.square().sum())
-        return squares**0.5
-
     def _screen_norms(self) -> dict[str, float]:
         """Move outliers of update norm from the good updates to the refused ones; the norms of those kept."""
-        norms = {_get_client_name(m): self._update_norm(m) for m in self._good}
-        for site, norm in norms.items():
-            others = [n for s, n in norms.items() if s != site]
-            if others and norm > self.norm_ratio * statistics.median(others):
-                why = f"update norm {norm:.4g} is over {self.norm_ratio:g} times the others' median"
-                self._refused[site] = f"{why} ({statistics.median(others):.4g})"
-                self.warning(f"refused the update of {site} in round {self._round}: {self._refused[site]}")
+        norms = {}
+        for model in self._good:
+            diff = model.params_type == ParamsType.DIFF
+            norms[_get_client_name(model)] = update_norm(model.params, None if diff else self._global)
+        for site, why in outliers(norms, self.norm_ratio).items():
+            self._refused[site] = why
+            self.warning(f"refused the update of {site} in round {self._round}: {why}")
         self._good = [m for m in self._good if _get_client_name(m) not in self._refused]
         return {s: n for s, n in norms.items() if s not in self._refused}
 
@@ -184,6 +239,4 @@ class ScreenedAggregator(ModelAggregator):
 
     def _record(self, norms: dict[str, float]) -> None:
         run_dir = self.fl_ctx.get_engine().get_workspace().get_run_dir(self.fl_ctx.get_job_id())
-        row = {"round": self._round, "averaged": norms, "refused": self._refused}
-        with (Path(run_dir) / RECORD_FILE).open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        record_round(run_dir, self._round, norms, self._refused)

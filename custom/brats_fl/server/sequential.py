@@ -9,6 +9,10 @@ answers with an error, and the ``Cyclic`` model controller waits for ever on a s
 scores the model between passes nor records who trained it when. This is FLARE's ``Cyclic`` with those added:
 a visit the site does not pick up within ``assignment_timeout`` or does not finish within ``visit_timeout``, or
 that fails at the site, is skipped with a warning naming the site, and the model goes on unchanged to the next.
+So is a visit whose returned model the FedAvg jobs' screen (``brats_fl.server.screening``) refuses: a NaN or an
+infinite value, a key the model does not have or leaves out, a foreign shape, or an update (returned minus
+received) whose norm is over ``norm_ratio`` times the median of the earlier good visits' (a visit has no peers
+to be compared with, as a FedAvg update has; the first visit has nothing to be compared with).
 After every pass each site that trained in it scores the model on its validation split. The visits (order,
 fingerprints of the weights sent and returned, bytes, time, skips) and the scores are written to
 ``sequential/visits.json`` in the server's run folder.
@@ -30,6 +34,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.cyclic import Cyclic
 
 from brats_fl.seg.model import fingerprint, state_bytes
+from brats_fl.server.screening import check_settings, expected_shapes, screen_updates
 
 #: the task a site answers with the received model's scores on its validation split
 PASS_VALIDATION_TASK = "validate_pass"
@@ -53,6 +58,7 @@ class SequentialTransfer(Cyclic):
         seed: int = 0,
         assignment_timeout: int = 1800,
         visit_timeout: int = 6 * 3600,
+        norm_ratio: float = 10.0,
         ignore_result_error: bool = True,
         **kwargs,
     ):
@@ -66,10 +72,16 @@ class SequentialTransfer(Cyclic):
         self.seed = seed
         self.assignment_timeout = assignment_timeout
         self.visit_timeout = visit_timeout
+        check_settings(norm_ratio, min_good=1)
+        self.norm_ratio = norm_ratio
         self._returned: Shareable | None = None
+        #: the screen's measures: the model's keys and shapes, the update norms of the visits it kept so far
+        self._expected: dict[str, list[int]] = {}
+        self._norms: list[float] = []
 
     def run(self) -> None:
         model = self.load_model()
+        self._expected = expected_shapes(model.params)
         sites = sorted(self.sample_clients())
         rng = random.Random(self.seed)
         record: dict = {"order": self.order, "sites": sites, "passes": [], "bytes": {}}
@@ -122,7 +134,15 @@ class SequentialTransfer(Cyclic):
             return model, visit | {"status": "skipped", "reason": reason}
         returned = FLModelUtils.from_shareable(result)
         _count(traffic, site, sent=state_bytes(returned.params))
+        norms, refused = screen_updates(
+            {site: returned.params}, {site: model.params}, self._expected, self.norm_ratio, True, self._norms
+        )
+        if refused:
+            self.warning(f"refused the update of {site} in pass {rnd}: {refused[site]}; the model goes on unchanged")
+            return model, visit | {"status": "skipped", "reason": f"its update was refused: {refused[site]}"}
+        self._norms.append(norms[site])
         visit |= {"status": "trained", "returned": fingerprint(returned.params), "metrics": returned.metrics or {}}
+        visit["update_norm"] = norms[site]
         return FLModel(params=returned.params, params_type=returned.params_type, current_round=rnd), visit
 
     def _keep_result(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
