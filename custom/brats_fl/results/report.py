@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from brats_fl.data.labels import DISPLAY_ORDER
+from brats_fl.seg.inference import SITE_MODEL
 from brats_fl.seg.model import state_bytes
 from brats_fl.server.personalise import RESULTS_FILE
 from brats_fl.server.run_record import RUN_RECORD
@@ -319,10 +320,11 @@ def run_test_cases(summary: dict, data_root: Path | None = None, datalist: Path 
 
 
 def _model_for(summary: dict, site: str | None) -> tuple[Path, str]:
-    """The model a site ends with where its record is at hand, else the final global model."""
+    """The model a site ends with where its record is at hand, else the final global model, which a job with
+    personal layers refuses (``brats_fl.seg.inference.untrained_layers``)."""
     record = summary["site_records"].get(site) if site else None
-    if record and (Path(record["dir"]) / "personalised_model.pt").is_file():
-        return Path(record["dir"]) / "personalised_model.pt", f"{site}'s final model"
+    if record and (Path(record["dir"]) / SITE_MODEL.name).is_file():
+        return Path(record["dir"]) / SITE_MODEL.name, f"{site}'s final model"
     return Path(summary["run"]) / "app_server" / "FL_global_model.pt", "global model"
 
 
@@ -330,14 +332,15 @@ def overlay_rows(
     case_id: str, runs: Sequence[tuple[str, dict, dict]], threads: int | None = None
 ) -> tuple[dict, dict, list]:
     """The case's T1ce and FLAIR, its true regions and each run's prediction, through the evaluation's own
-    pipeline (brain crop, z-score, sliding window), so each row's Dice is the one the run recorded."""
+    pipeline (brain crop, z-score, sliding window), so each row's Dice is the one the run recorded. A run
+    whose only model at hand is a global model with untrained personal layers is left out, saying why."""
     import torch
 
     from brats_fl.data.labels import REGIONS
     from brats_fl.data.layout import MODALITIES
     from brats_fl.data.loading import eval_transforms
     from brats_fl.results.figures import OverlayRow
-    from brats_fl.seg.inference import load_for_inference
+    from brats_fl.seg.inference import UntrainedLayersError, load_for_inference
     from brats_fl.seg.metrics import RegionMetrics
 
     item = next(cases[case_id][0] for _, _, cases in runs if case_id in cases)
@@ -348,7 +351,11 @@ def overlay_rows(
     for label, summary, cases in runs:
         model_path, which = _model_for(summary, cases[case_id][1] if case_id in cases else None)
         patch = tuple((summary["client_args"] or {}).get("patch") or (64, 64, 64))
-        trainer = load_for_inference(model_path, patch, threads)
+        try:
+            trainer = load_for_inference(model_path, patch, threads)
+        except UntrainedLayersError as err:
+            print(f"overlay of {case_id}: {label} left out. {err}")
+            continue
         pred = (torch.sigmoid(trainer.infer(image.unsqueeze(0)))[0] > 0.5).cpu()
         metrics = RegionMetrics()
         metrics.update(pred.unsqueeze(0), truth.unsqueeze(0))
@@ -427,6 +434,8 @@ def write_report(
         chosen = common[:1]
     for case_id in chosen:
         images, truth, overlay = overlay_rows(case_id, runs, threads)
+        if not overlay:
+            continue
         path = plot_overlay(case_id, images, truth, overlay, out / f"overlay_{_slug(case_id)}.png")
         figures["overlays"].append((f"Test case {case_id}", path))
     if not chosen:

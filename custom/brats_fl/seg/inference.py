@@ -1,7 +1,19 @@
-"""Whole-case prediction: a 0/1/2/4 label map in the input's grid, written as NIfTI."""
+"""Whole-case prediction: a 0/1/2/4 label map in the input's grid, written as NIfTI; and which saved models may
+predict at all.
+
+The server's global model (``FL_global_model.pt``, FLARE's persistor file) of a job with personal layers (FedPer,
+FedBN, the local-only baseline, HyperSeg) is no model any site uses: no site ever sends its personal layers, so
+they keep their initial values there (HyperSeg's hold the tensors generated for an average site, which no site
+trained). Alone it predicts noise. Which layers a job keeps personal is read from the job's own configuration in
+the server's app folder, where ``load_model`` reads the model's architecture too: the sites' ``personal``
+selection (``brats_fl.server.personalise``) and HyperSeg's ``personal_keys``. A global model whose job keeps none
+is that job's final model and predicts as any other; the model a site ends with
+(``<site workspace>/<job id>/brats_fl/personalised_model.pt``) always does.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +26,74 @@ from brats_fl.data.layout import MODALITIES, read_case
 from brats_fl.data.loading import inference_transforms
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
 
+#: where a site keeps the model it ends with, its personal layers included (``brats_fl.site.client``)
+SITE_MODEL = Path("<site workspace>") / "<job id>" / "brats_fl" / "personalised_model.pt"
+#: the same in FLARE's simulator
+SIMULATED_SITE_MODEL = Path("<workspace>") / "<site>" / "simulate_job" / "brats_fl" / "personalised_model.pt"
+
+
+class UntrainedLayersError(ValueError):
+    """A global model whose personal layers no site trained: it must not predict on its own."""
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def personal_layers(app_config: Path) -> tuple[str | None, str | None]:
+    """(job name, what the job keeps at its sites, or None if nothing) from a FLARE app's ``config`` folder."""
+    client, server = _json(app_config / "config_fed_client.json"), _json(app_config / "config_fed_server.json")
+    job, kept = None, []
+    for executor in client.get("executors", []):
+        site = executor.get("executor", {}).get("args", {}).get("config") or {}
+        job = job or site.get("job")
+        if site.get("personal") not in (None, "none"):
+            kept.append(f"personal layers {site['personal']!r}")
+    for workflow in server.get("workflows", []):
+        generated = workflow.get("args", {}).get("personal_keys")
+        if generated:
+            kept.append(f"{len(generated)} tensors a hypernetwork generates for each site, e.g. {generated[0]}")
+    return job, "; ".join(kept) or None
+
+
+def site_models(global_model: Path) -> list[Path]:
+    """The sites' own final models of the job whose server app folder holds ``global_model``, where the folder
+    holds the sites' workspaces too: the simulator's ``<site>/simulate_job``, a POC's ``<site>/<job id>``."""
+    app = Path(global_model).resolve().parent
+    if len(app.parents) < 3:
+        return []
+    run = app.parent
+    return sorted(run.parents[1].glob(f"*/{run.name}/{SITE_MODEL.parent.name}/{SITE_MODEL.name}"))
+
+
+def untrained_layers(model_path: Path) -> str | None:
+    """Why ``model_path`` must not predict on its own, or None if it may: a FLARE global model whose job keeps
+    layers at its sites, or one whose job cannot be told (no job configuration beside it)."""
+    model_path = Path(model_path)
+    try:
+        blob = torch.load(model_path, map_location="cpu", weights_only=False)
+    except Exception:  # not a model file at all: load_model says so, naming the error
+        return None
+    if not (isinstance(blob, dict) and "state_dict" not in blob and isinstance(blob.get("model"), dict)):
+        return None  # a model a site or a central training saved (``Trainer.save``), whole
+    config = model_path.parent / "config"
+    if not (config / "config_fed_client.json").is_file():
+        return (
+            f"{model_path} is a FLARE global model with no job configuration beside it ({config}/), so whether its "
+            f"job kept layers at the sites, which it would hold untrained, cannot be told. Use it where its job left "
+            f"it, in the server's app folder, or a site's own model, {SITE_MODEL}"
+        )
+    job, kept = personal_layers(config)
+    if kept is None:
+        return None
+    found = ", ".join(str(p) for p in site_models(model_path))
+    where = f"; here: {found}" if found else ""
+    return (
+        f"{model_path} is the server's global model of job {job}, which keeps {kept} at the sites: no site ever sent "
+        f"them, so this model holds values no site trained and predicts nothing useful on its own. Use a site's own "
+        f"model, {SITE_MODEL} ({SIMULATED_SITE_MODEL} in the simulator){where}"
+    )
+
 
 def load_for_inference(
     model_path: Path,
@@ -23,8 +103,12 @@ def load_for_inference(
 ) -> Trainer:
     """A Trainer around a saved model, ready for ``infer`` and ``evaluate`` with sliding windows of ``patch_size``.
 
-    ``model_config`` is needed only for FLARE's weights-only files (see ``load_model``).
+    ``model_config`` is needed only for FLARE's weights-only files (see ``load_model``). Refuses a global model
+    whose personal layers no site trained (``untrained_layers``).
     """
+    why = untrained_layers(model_path) if Path(model_path).is_file() else None
+    if why:
+        raise UntrainedLayersError(why)
     model = load_model(model_path, model_config)
     return Trainer(TrainConfig(model=model.config(), patch_size=tuple(patch_size), threads=threads), model=model)
 
