@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
-from brats_fl.results.report import summarise_run
+from brats_fl.results.report import overlay_rows, run_test_cases, summarise_run
+from brats_fl.seg.inference import untrained_layers
 from brats_fl.seg.model import fingerprint
 from brats_fl.server.personalise import personal_keys
 from conftest import tiny_params
@@ -68,6 +70,21 @@ def test_fedper_keeps_the_head_at_each_site(sim_data: Path, tmp_path: Path):
         assert kept[site] == fingerprint({k: local[k] for k in personal}), site
     summary = summarise_run(run)
     assert set(summary["test_per_site"]) == set(SITES)
+
+    # the global model holds the initial head: it never predicts alone, and says where the sites' models are
+    why = untrained_layers(run / "server" / "simulate_job" / "app_server" / "FL_global_model.pt")
+    assert "global model of job brats_fedper" in why
+    assert all(str((_site(run, s) / "personalised_model.pt").resolve()) in why for s in SITES)
+    # the report draws each site's own model; from the server's results alone it leaves the run out of the overlay
+    cases = run_test_cases(summary)
+    case_id, (_, site) = sorted(cases.items())[0]
+    _, _, (row,) = overlay_rows(case_id, [("fedper", summary, cases)])
+    assert f"{site}'s final model" in row.label
+    downloaded = Path(shutil.copytree(run / "server" / "simulate_job", tmp_path / "download" / "job-1"))
+    alone = summarise_run(downloaded.parent)
+    config = json.loads(sim_data.read_text())
+    alone_cases = run_test_cases(alone, Path(config["data_root"]), Path(config["datalist_dir"]))
+    assert case_id in alone_cases and overlay_rows(case_id, [("fedper", alone, alone_cases)])[2] == []
 
 
 @pytest.mark.slow
