@@ -70,6 +70,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+_MODEL_HELP = (
+    "a saved model: a site's personalised_model.pt, a central run's, or the FL_global_model.pt of a job without "
+    "personal layers, in its server app folder (brats_fl.seg.inference.untrained_layers)"
+)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``train-central``, ``evaluate`` and ``predict``."""
     p = sub.add_parser("train-central", help="train one model on a (pooled) datalist")
@@ -82,7 +88,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_central)
 
     p = sub.add_parser("evaluate", help="score a model on a datalist split")
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True, help=_MODEL_HELP)
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--datalist", type=Path, required=True)
     p.add_argument("--split", choices=["training", "validation", "test"], default="test")
@@ -92,7 +98,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a 0/1/2/4 label map for one case")
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True, help=_MODEL_HELP)
     p.add_argument("--case", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
