@@ -58,10 +58,8 @@ def test_bn_model_parameters_take_the_adam_step_and_running_statistics_are_avera
         assert not torch.allclose(new[key].double(), _mean(sites, key), atol=1e-4), f"{key} is FedAvg's average"
     for key in buffers:  # the weighted average, in the buffer's own dtype: a batch counter stays an integer
         assert new[key].dtype == x[key].dtype, key
-        torch.testing.assert_close(new[key].double(), _mean(sites, key).round() if key.endswith("tracked") else
-                                   _mean(sites, key), rtol=0, atol=1e-6, msg=key)  # fmt: skip
-    assert int(new["net.model.0.conv.unit0.adn.N.num_batches_tracked"]) == round((2 * 3 + 3 * 7 + 5 * 11) / 10)
-    assert all(bool((new[k] > 0).all()) for k in buffers if k.endswith("running_var"))
+        average = _mean(sites, key) if x[key].is_floating_point() else _mean(sites, key).round()
+        torch.testing.assert_close(new[key].double(), average, rtol=0, atol=1e-6, msg=key)
 
     # the sites' differences (transfer "diff") give the same model as their full weights
     again = server_update(x, pseudo_gradient(x, diff, is_diff=True), params, ServerOptimizer("adam", LR, B1, B2, TAU))
@@ -74,8 +72,12 @@ def _algorithm_2(rule: str, deltas: list[float], x: float = 0.5) -> float:
     m, v = 0.0, TAU**2
     for d in deltas:
         m = B1 * m + (1 - B1) * d
-        v = {"adagrad": v + d * d, "yogi": v - (1 - B2) * d * d * math.copysign(1, v - d * d), "adam": B2 * v}[rule]
-        v += (1 - B2) * d * d if rule == "adam" else 0
+        if rule == "adagrad":
+            v = v + d * d
+        elif rule == "yogi":
+            v = v - (1 - B2) * d * d * math.copysign(1, v - d * d)
+        else:
+            v = B2 * v + (1 - B2) * d * d
         x = x + LR * m / (math.sqrt(v) + TAU)
     return x
 
