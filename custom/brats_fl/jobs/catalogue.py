@@ -34,6 +34,7 @@ from brats_fl.drills.slow import SlowSite
 from brats_fl.jobs.params import HYPERNETWORK, PARAMS, TASK_TIMEOUT, Param, unused
 from brats_fl.seg.model import BratsUNet
 from brats_fl.server.fedavg import DeadlineFedAvg
+from brats_fl.server.fedopt import FedOptController
 from brats_fl.server.hyperseg import VARIANTS, HyperSegController
 from brats_fl.server.personalise import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
 from brats_fl.server.run_record import RunRecord
@@ -512,6 +513,93 @@ def fedbn_ft(params: JobParams) -> FedAvgRecipe:
     return _fedavg("brats_fedbn_ft", params, params.sites, personal=params.personal or "norm", finetune=finetune)
 
 
+class DeadlineFedOptRecipe(DeadlineFedAvgRecipe):
+    """The FedAvg jobs' recipe with ``FedOptController``, the server step of FedAdam, FedYogi or FedAdagrad, for its
+    controller. FLARE's FedOptRecipe builds a ScatterAndGather workflow with FLARE's script runner; this keeps
+    the FedAvg jobs' executor, screening, deadline and evaluation (``brats_fl.server.fedopt`` says why)."""
+
+    def __init__(self, *, server: dict[str, Any], **kwargs: Any):
+        self.server = server  # set before DeadlineFedAvgRecipe's constructor, which calls _create_controller
+        super().__init__(**kwargs)
+
+    def _create_controller(
+        self, persistor_id: str, model_params: dict | None, model_aggregator: ModelAggregator | None
+    ) -> FedOptController:
+        # DeadlineFedAvgRecipe._create_controller's arguments, plus the server optimiser's
+        return FedOptController(
+            num_clients=self.min_clients,
+            num_rounds=self.num_rounds,
+            persistor_id=persistor_id,
+            model=model_params,
+            save_filename=self.save_filename,
+            aggregator=model_aggregator,
+            stop_cond=self.stop_cond,
+            patience=self.patience,
+            task_name=TRAIN_TASK,
+            exclude_vars=self.exclude_vars,
+            aggregation_weights=self.aggregation_weights,
+            memory_gc_rounds=self.server_memory_gc_rounds,
+            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
+            min_responses=self.min_responses,
+            round_wait=self.round_wait,
+            resume=self.resume,
+            **self.server,
+            **self._get_controller_kwargs(),
+        )
+
+
+def _fedopt(name: str, params: JobParams, rule: str) -> FedAvgRecipe:
+    """FedOpt (Reddi et al. 2021): FedAvg's rounds, screening and evaluation, the averaged update taken as a
+    pseudo-gradient for a server step of ``rule`` on the model's parameters; running statistics averaged."""
+    if params.resume_from:
+        raise ValueError(f"{name}: cannot resume yet (the server optimiser's moments are not saved); omit resume_from")
+    model = params.model()
+    server = {
+        "server_optimizer": rule,
+        "parameter_keys": [k for k, _ in model.named_parameters()],
+        "server_lr": params.server_lr,
+        "beta1": params.beta1,
+        "tau": params.tau,
+    }
+    if rule != "adagrad":
+        server["beta2"] = params.beta2
+    screen = ScreenedAggregator(expected_shapes(model.state_dict()), params.norm_ratio, params.min_good)
+    recipe = DeadlineFedOptRecipe(
+        server=server,
+        min_responses=params.min_responses,
+        round_wait=params.round_wait,
+        resume=False,
+        name=name,
+        model=model,
+        min_clients=params.sites,
+        num_rounds=params.rounds,
+        client=params.client_config() | {"job": name},
+        train_script=SiteExecutor.__module__,
+        server_expected_format=ExchangeFormat.PYTORCH,
+        params_transfer_type=TransferType(params.transfer.upper()),
+        key_metric=KEY_METRIC,
+        key_metric_mode="max",
+        aggregator=screen,
+    )
+    _with_transfer_filters(recipe, params, model)
+    return _with_evaluation(recipe)
+
+
+def fedadam(params: JobParams) -> FedAvgRecipe:
+    """FedAdam: an Adam step (without bias correction, as Reddi et al.) on the averaged update."""
+    return _fedopt("brats_fedadam", params, "adam")
+
+
+def fedyogi(params: JobParams) -> FedAvgRecipe:
+    """FedYogi: Yogi's step, whose second moment grows or shrinks by at most (1 - beta2) times the update's square."""
+    return _fedopt("brats_fedyogi", params, "yogi")
+
+
+def fedadagrad(params: JobParams) -> FedAvgRecipe:
+    """FedAdagrad: an Adagrad step (with momentum beta1, as Reddi et al.) on the averaged update."""
+    return _fedopt("brats_fedadagrad", params, "adagrad")
+
+
 JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_central": central,
     "brats_local": local,
@@ -529,6 +617,9 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_segviz_fedbn": segviz_fedbn,
     "brats_segviz_local": segviz_local,
     "brats_segviz_central": segviz_central,
+    "brats_fedadam": fedadam,
+    "brats_fedyogi": fedyogi,
+    "brats_fedadagrad": fedadagrad,
 }
 #: the kinds of parameter each job uses besides those every job does (``brats_fl.jobs.params.KINDS``); an option of
 #: another kind set for it is refused before anything runs (``refuse_unused``)
@@ -550,6 +641,9 @@ USES: dict[str, frozenset[str]] = {
     "brats_segviz_fedbn": _FEDAVG | {"finetune", "sampling"},
     "brats_segviz_local": frozenset({"deadline"}),
     "brats_segviz_central": frozenset({"deadline"}),
+    "brats_fedadam": frozenset({"deadline", "fedopt", "fedopt_beta2"}),
+    "brats_fedyogi": frozenset({"deadline", "fedopt", "fedopt_beta2"}),
+    "brats_fedadagrad": frozenset({"deadline", "fedopt"}),
 }
 #: jobs that train at one site at a time, which may then use every core of a shared machine, and their default passes
 SEQUENTIAL = {"brats_cyclic": 2, "brats_swt": 1}

@@ -26,6 +26,8 @@ KINDS = {
     "hypernetwork": "hyperseg jobs",
     "sampling": "SegViz FedAvg and FedBN",
     "deadline": "jobs whose server may close a round early",
+    "fedopt": "FedAdam, FedYogi and FedAdagrad",
+    "fedopt_beta2": "FedAdam and FedYogi",
 }
 #: training recipes (``brats_fl.seg.trainer.RECIPES``)
 RECIPE_NAMES = ("adam_dice", "nnunet")
@@ -117,6 +119,10 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int) and value >= 1
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _at_least_one(name: str, help_text: str, **kw: Any) -> Param:
     return Param(name, int, kw.pop("default", None), help_text, rule=f"{name} >= 1", check=_positive, **kw)
 
@@ -184,6 +190,16 @@ PARAMS: tuple[Param, ...] = (
     Param("delays", dict, {}, "drill: {site: seconds each training update is held}", rule="delays >= 0 seconds",
           check=lambda d: min(d.values(), default=0) >= 0),
     Param("audit", bool, False, "every site keeps a copy of each model it receives and sends", site="audit"),
+    # Reddi et al. 2021 fix beta1 0.9 and beta2 0.99 throughout and tune the server lr and tau per task over powers of
+    # ten; 1e-2 and 1e-3 are values from those grids (brats_fl.server.fedopt)
+    Param("server_lr", float, 1e-2, "server learning rate eta of FedOpt (Reddi et al. tune it per task)",
+          rule="server_lr > 0", check=lambda v: _number(v) and v > 0, flag="--server-lr", uses="fedopt"),
+    Param("beta1", float, 0.9, "server momentum decay beta1 of FedOpt (Reddi et al.: 0.9)", rule="0 <= beta1 < 1",
+          check=lambda v: _number(v) and 0 <= v < 1, flag="--beta1", uses="fedopt"),
+    Param("beta2", float, 0.99, "server second-moment decay beta2 (Reddi et al.: 0.99)", rule="0 <= beta2 < 1",
+          check=lambda v: _number(v) and 0 <= v < 1, flag="--beta2", uses="fedopt_beta2"),
+    Param("tau", float, 1e-3, "adaptivity tau of FedOpt: added to sqrt(v), which starts at tau^2", rule="tau > 0",
+          check=lambda v: _number(v) and v > 0, flag="--tau", uses="fedopt"),
 )  # fmt: skip
 
 #: the hypernetwork of the HyperSeg jobs (``HyperNetParams``): the paper's 20 layers of 100 units, embedding of 10
