@@ -33,6 +33,7 @@ from brats_fl.drills.faults import FAULTS, FaultInjection
 from brats_fl.drills.slow import SlowSite
 from brats_fl.jobs.params import HYPERNETWORK, PARAMS, TASK_TIMEOUT, Param, unused
 from brats_fl.seg.model import BratsUNet
+from brats_fl.seg.trainer import TrainConfig
 from brats_fl.server.fedavg import DeadlineFedAvg
 from brats_fl.server.hyperseg import VARIANTS, HyperSegController
 from brats_fl.server.personalise import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
@@ -131,6 +132,7 @@ class _Job:
         ok = self.min_responses is None or self.min_responses <= self.sites
         _require(ok, f"1 <= min_responses <= sites ({self.sites}), got {self.min_responses}")
         self._check_privacy()
+        self.train_settings()  # refuses what the recipe cannot take (a momentum for Adam)
         kinds = {f for plan in self.faults.values() for f in plan}
         _require(kinds <= set(FAULTS), f"faults among {FAULTS}, got {sorted(kinds)}")
 
@@ -151,6 +153,15 @@ class _Job:
             _require(isinstance(args.get("exclude_vars"), str), "privacy_args exclude_vars, a regular expression")
         reads_diff = f"transfer 'diff' with privacy {name!r}: FLARE's filter takes what a site sends for a difference"
         _require(name not in ON_DIFFERENCES or self.transfer == "diff", reads_diff)
+
+    def train_settings(self) -> TrainConfig:
+        """The training settings of the job's recipe with the rate and momentum the user set (None: the recipe's)."""
+        return TrainConfig.from_dict({"recipe": self.recipe, "lr": self.lr, "momentum": self.momentum})
+
+    def round_lr(self) -> dict[str, Any]:
+        """The controller's arguments for the sites' learning rate per round (``brats_fl.server.schedule``)."""
+        settings = self.train_settings()
+        return {"lr": settings.lr, "lr_schedule": settings.lr_schedule}
 
     def client_config(self) -> dict[str, Any]:
         """What every site of the job is told: its training parameters, as structured configuration
@@ -195,10 +206,13 @@ def _fedavg(
     model = params.model(multi_head=multi_head)
     # the central baselines have a single site, whatever min_good and min_responses say
     screen = ScreenedAggregator(expected_shapes(model.state_dict()), params.norm_ratio, min(params.min_good, sites))
+    # without federation (pooled data, or every site alone) the sites decay the rate per epoch themselves
+    federated = datalist is None and personal != "all"
     recipe = DeadlineFedAvgRecipe(
         min_responses=min(params.min_responses, sites) if params.min_responses else None,
         round_wait=params.round_wait,
         resume=bool(params.resume_from),
+        round_lr=params.round_lr() if federated else {},
         name=name,
         model=model,
         initial_ckpt=params.resume_from,
@@ -222,12 +236,20 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
     resumption."""
 
     def __init__(
-        self, *, min_responses: int | None, round_wait: int, resume: bool, client: dict[str, Any], **kwargs: Any
+        self,
+        *,
+        min_responses: int | None,
+        round_wait: int,
+        resume: bool,
+        round_lr: dict[str, Any],
+        client: dict[str, Any],
+        **kwargs: Any,
     ):
         # set before FedAvgRecipe's constructor, which calls _create_controller
         self.min_responses = min_responses
         self.round_wait = round_wait
         self.resume = resume
+        self.round_lr = round_lr
         self.client = client
         super().__init__(**kwargs)
         self._job.set_app_packages([PACKAGE])
@@ -259,6 +281,7 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
             min_responses=self.min_responses,
             round_wait=self.round_wait,
             resume=self.resume,
+            **self.round_lr,
             **self._get_controller_kwargs(),
         )
 
@@ -368,6 +391,7 @@ def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
         seed=params.seed,
         assignment_timeout=params.assignment_timeout,
         visit_timeout=params.visit_timeout,
+        **params.round_lr(),
     )
     client = params.client_config() | {"rounds": passes, "local_epochs": epochs}
     return _with_evaluation(ControllerRecipe(name, params, controller, client))
@@ -401,6 +425,7 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
         seed=params.seed,
         timeout=TASK_TIMEOUT,
         resume_from=params.resume_from,
+        **params.round_lr(),
     )
     # the sites keep no personal layers of their own to resume from: the hypernetwork makes them
     client = params.client_config() | {"resume": False}
@@ -438,6 +463,7 @@ def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
         min_responses=params.min_responses,
         round_wait=params.round_wait,
         resume=bool(params.resume_from),
+        **params.round_lr(),
     )
     client = params.client_config() | {"multi_head": True, "personal": personal, "finetune_scope": "heads"}
     client["finetune_epochs"] = _finetune_epochs(params)

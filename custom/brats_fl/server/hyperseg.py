@@ -34,6 +34,7 @@ from torch import nn
 
 from brats_fl.seg.model import save_whole
 from brats_fl.server.personalise import PERSONALISE_TASK, RESULTS_FILE
+from brats_fl.server.schedule import check_schedule, set_round_lr
 
 DESCRIPTORS = ("onehot", "embedding")
 OPTIMISERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -117,9 +118,12 @@ class HyperSegController(ModelController):
         seed: int = 0,
         timeout: int = 0,
         resume_from: str | None = None,
+        lr: float | None = None,
+        lr_schedule: str = "constant",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_schedule(lr, lr_schedule)
         if hn_optimizer not in OPTIMISERS:
             raise ValueError(f"hn_optimizer must be one of {sorted(OPTIMISERS)}, not {hn_optimizer!r}")
         if not personal_keys:
@@ -136,6 +140,9 @@ class HyperSegController(ModelController):
         self.seed = seed
         self.timeout = timeout
         self.resume_from = resume_from
+        #: the sites' learning rate and its schedule over the rounds (``brats_fl.server.schedule``)
+        self.lr = lr
+        self.lr_schedule = lr_schedule
 
     def run(self) -> None:
         model = self.load_model()
@@ -210,6 +217,8 @@ class HyperSegController(ModelController):
             site: FLModel(params=self._payload(model, personal[site]), current_round=rnd, total_rounds=self.num_rounds)
             for site in self.sites
         }
+        for payload in payloads.values():
+            set_round_lr(payload, self.lr, self.lr_schedule, rnd, self.num_rounds)
         returned = self._send_each("train", payloads)
         absent = sorted(set(self.sites) - set(returned))
         if absent:
