@@ -90,7 +90,9 @@ class _Job:
     defaults finish the README demo on 2 CPU cores in about 15 minutes.
 
     ``personal`` and ``finetune_epochs`` left as None take the job's own choice (FedPer keeps ``head:2``
-    at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``resume_from`` names an
+    at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``lr`` and ``momentum`` left as None
+    take the recipe's, ``finetune_lr`` a tenth of the initial rate; the server sends each round's rate
+    (``brats_fl.server.schedule``). ``resume_from`` names an
     interrupted run's last global model on the server: the job continues after the round it closed, up to
     ``rounds`` in all, and every site from the state it kept after that round (``brats_fl.jobs.resume``).
     ``transfer`` is FLARE's: ``full`` weights or the ``diff`` to the received ones.
