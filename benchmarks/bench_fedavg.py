@@ -65,11 +65,15 @@ def bench_flare(params: JobParams, config: Path) -> dict:
 
 def bench_plain(params: JobParams, config: Path) -> dict:
     """The same rounds without FLARE: per site validate, train, then average by number of training cases."""
-    train_config = TrainConfig(
-        model={"channels": list(params.channels), "strides": [2] * (len(params.channels) - 1)},
-        patch_size=params.patch_size,
-        lr=params.lr,
-        seed=params.seed,
+    train_config = TrainConfig.from_dict(
+        {
+            "model": {"channels": list(params.channels), "strides": [2] * (len(params.channels) - 1)},
+            "patch_size": params.patch_size,
+            "recipe": params.recipe,
+            "lr": params.lr,
+            "momentum": params.momentum,
+            "seed": params.seed,
+        }
     )
     doc = json.loads(config.read_text())
     sites = []

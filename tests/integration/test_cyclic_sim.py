@@ -12,6 +12,7 @@ from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import summarise_run
 from brats_fl.seg.model import fingerprint, state_bytes
+from brats_fl.seg.trainer import poly_lr
 from brats_fl.server.sequential import VISITS_FILE
 from conftest import tiny_params
 
@@ -82,7 +83,7 @@ def test_a_failing_site_is_skipped_and_reported(sim_data: Path, tmp_path: Path):
     config = json.loads(sim_data.read_text()) | {"sites": {"site-2": {"datalist": str(tmp_path / "bad.json")}}}
     (tmp_path / "config.json").write_text(json.dumps(config))
 
-    params = JobParams(**{**vars(TINY), "visit_epochs": 1})
+    params = JobParams(**{**vars(TINY), "visit_epochs": 1, "recipe": "nnunet"})
     run = run_simulation("brats_swt", params, tmp_path / "config.json", tmp_path / "ws")
     server = run / "server" / "simulate_job"
     record = json.loads((server / VISITS_FILE).read_text())
@@ -95,6 +96,8 @@ def test_a_failing_site_is_skipped_and_reported(sim_data: Path, tmp_path: Path):
     assert f"skipped site-2, which {site2['reason']}" in (run / "server" / "log.txt").read_text()
     final = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
     assert fingerprint(final) == site3["returned"]
+    # the nnU-Net rate decays per visit, visit v of 3 at poly step v; the skipped visit keeps its step
+    assert [_site_rows(run, s)[0]["lr"] for s in ("site-1", "site-3")] == [poly_lr(1e-2, v, 3) for v in (0, 2)]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import overlay_rows, run_test_cases, summarise_run
 from brats_fl.seg.inference import untrained_layers
 from brats_fl.seg.model import fingerprint
+from brats_fl.seg.trainer import poly_lr
 from brats_fl.server.personalise import personal_keys
 from conftest import tiny_params
 
@@ -88,13 +89,25 @@ def test_fedper_keeps_the_head_at_each_site(sim_data: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_fedbn_with_diff_transfer_and_personal_finetuning(sim_data: Path, tmp_path: Path):
-    params = JobParams(**{**vars(TINY), "transfer": "diff", "finetune_epochs": 1})
+def test_fedbn_with_diff_transfer_and_personal_finetuning_under_the_nnunet_recipe(sim_data: Path, tmp_path: Path):
+    """FedBN's aggregation and fine-tuning, trained with the nnU-Net recipe at its own rate: every site trains each
+    round at the rate the server's poly schedule gives that round, and fine-tunes at its own rate, not at the
+    schedule's last (a schedule that decayed to 0 would leave the fine-tuned layers unchanged)."""
+    params = JobParams(**{**vars(TINY), "transfer": "diff", "finetune_epochs": 1, "recipe": "nnunet", "lr": None})
     run = run_simulation("brats_fedbn_ft", params, sim_data, tmp_path)
+    record = json.loads((run / "server" / "simulate_job" / "brats_fl_run.json").read_text())
+    controller = next(c for c in record["server_config"]["workflows"] if c["id"] == "controller")
+    assert (controller["args"]["lr"], controller["args"]["lr_schedule"]) == (1e-2, "poly")
+    for site in SITES:
+        rates = [(row["round"], row["lr"], row["lr_last"]) for row in _rows(run, site)]
+        assert rates == [(r, poly_lr(1e-2, r, params.rounds), poly_lr(1e-2, r, params.rounds)) for r in range(2)]
+        assert json.loads((_site(run, site) / "site.json").read_text())["finetune_lr"] == pytest.approx(1e-3)
     personal = set(personal_keys(params.model(), "norm"))
     global_model = _check_aggregation(run, params, personal)
     for site in SITES:
-        final = torch.load(_site(run, site) / "personalised_model.pt", weights_only=False)["state_dict"]
+        blob = torch.load(_site(run, site) / "personalised_model.pt", weights_only=False)
+        final = blob["state_dict"]
+        assert blob["meta"]["finetune_lr"] == pytest.approx(1e-3)
         trained = torch.load(_site(run, site) / "local_model.pt", weights_only=False)["state_dict"]
         for key in final:
             if key in personal:  # fine-tuned at the site, starting from its own federated-trained layers

@@ -13,10 +13,13 @@ from brats_fl.cli.main import main
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import regions_to_labels
 from brats_fl.data.layout import find_cases
-from brats_fl.data.loading import eval_loader, eval_transforms
+from brats_fl.data.loading import ANNOTATED, eval_loader, eval_transforms
 from brats_fl.data.partition import assign_sites, write_datalists
+from brats_fl.jobs.catalogue import JobParams
+from brats_fl.jobs.params import by_name
 from brats_fl.seg.inference import load_for_inference
-from brats_fl.seg.trainer import TrainConfig, Trainer, make_train_loader
+from brats_fl.seg.trainer import RECIPES, RegionLoss, TrainConfig, Trainer, make_train_loader, poly_lr
+from monai.losses import DiceCELoss
 
 TINY = {
     "model": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
@@ -65,6 +68,95 @@ def test_unknown_training_option_is_refused():
         TrainConfig.from_dict({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="patch_size"):
         TrainConfig.from_dict({"patch_size": [8, 8, 8]})
+
+
+def test_poly_lr_is_nnunets_formula_from_step_0_and_never_reaches_0():
+    rates = [poly_lr(1e-2, r, 4) for r in range(4)]
+    assert rates == [1e-2 * (1 - r / 4) ** 0.9 for r in range(4)]
+    assert rates[0] == 1e-2 and rates[-1] == pytest.approx(1e-2 * 0.25**0.9) and rates[-1] > 0
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    for step, steps in ((4, 4), (-1, 4), (0, 0)):
+        with pytest.raises(ValueError, match="has no step"):
+            poly_lr(1e-2, step, steps)
+
+
+def test_a_recipe_keeps_its_own_rate_and_momentum_unless_set():
+    nnunet = TrainConfig.from_dict({"recipe": "nnunet", "lr": None, "momentum": None})
+    assert (nnunet.optimizer, nnunet.loss, nnunet.lr_schedule) == ("sgd", "dice_ce", "poly")
+    assert (nnunet.lr, nnunet.momentum, nnunet.weight_decay) == (1e-2, 0.9, 3e-5)
+    adam = TrainConfig.from_dict({"recipe": "adam_dice"})
+    assert (adam.optimizer, adam.lr, adam.momentum, adam.lr_schedule) == ("adam", 3e-3, None, "constant")
+    assert TrainConfig.from_dict({"recipe": "nnunet", "lr": 0.05}).lr == 0.05
+    # the job schema: no rate of its own, so every job trains at its recipe's, and the server schedules that one
+    assert by_name("lr").default is None and by_name("momentum").default is None
+    assert JobParams(recipe="nnunet").round_lr() == {"lr": 1e-2, "lr_schedule": "poly"}
+    assert JobParams().round_lr() == {"lr": 3e-3, "lr_schedule": "constant"}
+    assert JobParams(recipe="nnunet", lr=0.02, momentum=0.99).train_settings().momentum == 0.99
+    stated = by_name("lr").unset  # the help states each recipe's rate: 3e-3, 1e-2
+    assert all(f"{name} {recipe['lr']:.0e}".replace("e-0", "e-") in stated for name, recipe in RECIPES.items())
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99])
+def test_nnunet_trains_with_sgd_nesterov_and_weight_decay(momentum: float):
+    trainer = Trainer(TrainConfig.from_dict({**TINY, "lr": None, "recipe": "nnunet", "momentum": momentum}))
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    group = trainer.optimizer.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (momentum, True, 3e-5)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"recipe": "adam_dice", "momentum": 0.9}, "momentum is SGD's"),
+        ({"recipe": "nnunet", "momentum": 1.0}, "momentum must be in"),
+        ({"recipe": "nnunet", "momentum": 0.0}, "momentum must be in"),
+        ({"recipe": "nnunet", "lr": -1e-2}, "lr must be positive"),
+    ],
+)
+def test_a_recipe_refuses_what_it_cannot_take(values: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"momentum": 0.9}, "momentum is SGD's"),
+        ({"recipe": "nnunet", "momentum": 1.0}, "0 < momentum < 1"),
+        ({"lr": 0.0}, "0 < lr < 1"),
+        ({"finetune_lr": 1.5}, "0 < finetune_lr < 1"),
+    ],
+)
+def test_a_job_refuses_bad_rates_before_it_is_built(values: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        JobParams(**values)
+
+
+def _batches(n: int) -> list[dict]:
+    torch.manual_seed(0)
+    label = (torch.rand(1, 3, 16, 16, 16) > 0.7).float()
+    return [{"image": torch.randn(1, 4, 16, 16, 16), "label": label, ANNOTATED: torch.ones(1, 3)}] * n
+
+
+def test_train_epochs_takes_the_rate_it_is_given_for_every_epoch_else_its_own_poly():
+    config = TrainConfig.from_dict({**TINY, "lr": None, "recipe": "nnunet", "patch_size": [16, 16, 16]})
+    config.total_epochs = 3
+    trainer = Trainer(config)
+    given = trainer.train_epochs(_batches(1), epochs=2, lr=4e-3)
+    assert given["lr"] == given["lr_last"] == trainer.optimizer.param_groups[0]["lr"] == 4e-3
+    own = trainer.train_epochs(_batches(1), epochs=1)  # epoch 2 of 3 (from 0): the per-epoch schedule's last
+    assert own["lr"] == own["lr_last"] == poly_lr(1e-2, 2, 3)
+    with pytest.raises(ValueError, match="has no step 3"):
+        trainer.train_epochs(_batches(1), epochs=1)
+
+
+def test_the_nnunet_loss_is_monais_dice_ce_per_region_when_every_region_is_annotated():
+    torch.manual_seed(1)
+    logits, label = torch.randn(2, 3, 8, 8, 8), (torch.rand(2, 3, 8, 8, 8) > 0.6).float()
+    monai = DiceCELoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5)
+    per_region = torch.stack([monai(logits[:, [c]], label[:, [c]]) for c in range(3)]).mean()
+    torch.testing.assert_close(RegionLoss(with_ce=True)(logits, label), per_region)
+    torch.testing.assert_close(RegionLoss(with_ce=True)(logits, label, torch.ones(2, 3)), per_region)
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from brats_fl.drills.faults import FAULTS, FaultInjection
 from brats_fl.drills.slow import SlowSite
 from brats_fl.jobs.params import HYPERNETWORK, PARAMS, TASK_TIMEOUT, Param, unused
 from brats_fl.seg.model import BratsUNet
+from brats_fl.seg.trainer import TrainConfig
 from brats_fl.server.fedavg import DeadlineFedAvg
 from brats_fl.server.fedopt import FedOptController
 from brats_fl.server.hyperseg import VARIANTS, HyperSegController
@@ -90,7 +91,9 @@ class _Job:
     defaults finish the README demo on 2 CPU cores in about 15 minutes.
 
     ``personal`` and ``finetune_epochs`` left as None take the job's own choice (FedPer keeps ``head:2``
-    at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``resume_from`` names an
+    at the site, FedBN ``norm``; the ``_ft`` jobs fine-tune for 2 epochs). ``lr`` and ``momentum`` left as None
+    take the recipe's, ``finetune_lr`` a tenth of the initial rate; the server sends each round's rate
+    (``brats_fl.server.schedule``). ``resume_from`` names an
     interrupted run's last global model on the server: the job continues after the round it closed, up to
     ``rounds`` in all, and every site from the state it kept after that round (``brats_fl.jobs.resume``).
     ``transfer`` is FLARE's: ``full`` weights or the ``diff`` to the received ones.
@@ -133,6 +136,7 @@ class _Job:
         ok = self.min_responses is None or self.min_responses <= self.sites
         _require(ok, f"1 <= min_responses <= sites ({self.sites}), got {self.min_responses}")
         self._check_privacy()
+        self.train_settings()  # refuses what the recipe cannot take (a momentum for Adam)
         kinds = {f for plan in self.faults.values() for f in plan}
         _require(kinds <= set(FAULTS), f"faults among {FAULTS}, got {sorted(kinds)}")
 
@@ -153,6 +157,15 @@ class _Job:
             _require(isinstance(args.get("exclude_vars"), str), "privacy_args exclude_vars, a regular expression")
         reads_diff = f"transfer 'diff' with privacy {name!r}: FLARE's filter takes what a site sends for a difference"
         _require(name not in ON_DIFFERENCES or self.transfer == "diff", reads_diff)
+
+    def train_settings(self) -> TrainConfig:
+        """The training settings of the job's recipe with the rate and momentum the user set (None: the recipe's)."""
+        return TrainConfig.from_dict({"recipe": self.recipe, "lr": self.lr, "momentum": self.momentum})
+
+    def round_lr(self) -> dict[str, Any]:
+        """The controller's arguments for the sites' learning rate per round (``brats_fl.server.schedule``)."""
+        settings = self.train_settings()
+        return {"lr": settings.lr, "lr_schedule": settings.lr_schedule}
 
     def client_config(self) -> dict[str, Any]:
         """What every site of the job is told: its training parameters, as structured configuration
@@ -182,9 +195,12 @@ def _fedavg(
     datalist: str | None = None,
     multi_head: bool = False,
     partial_labels: str | None = None,
+    controller: tuple[type[DeadlineFedAvg], dict[str, Any]] = (DeadlineFedAvg, {}),
 ) -> FedAvgRecipe:
     """FLARE's FedAvg (case-weighted, in-time aggregation) over the keys the sites share, the best and last
-    global model, then personalisation and own-site testing, then FLARE's cross-site evaluation."""
+    global model, then personalisation and own-site testing, then FLARE's cross-site evaluation.
+
+    ``controller`` is the server's class and its own arguments: FedAvg's, or FedOpt's server step."""
     client = params.client_config() | {
         "job": name,
         "personal": personal,
@@ -197,10 +213,13 @@ def _fedavg(
     model = params.model(multi_head=multi_head)
     # the central baselines have a single site, whatever min_good and min_responses say
     screen = ScreenedAggregator(expected_shapes(model.state_dict()), params.norm_ratio, min(params.min_good, sites))
+    # without federation (pooled data, or every site alone) the sites decay the rate per epoch themselves
+    federated = datalist is None and personal != "all"
     recipe = DeadlineFedAvgRecipe(
         min_responses=min(params.min_responses, sites) if params.min_responses else None,
         round_wait=params.round_wait,
         resume=bool(params.resume_from),
+        controller=(controller[0], controller[1] | (params.round_lr() if federated else {})),
         name=name,
         model=model,
         initial_ckpt=params.resume_from,
@@ -219,17 +238,26 @@ def _fedavg(
 
 
 class DeadlineFedAvgRecipe(FedAvgRecipe):
-    """FLARE's PyTorch FedAvg recipe with ``DeadlineFedAvg`` for its controller, which FedAvgRecipe builds in its
-    constructor through ``_create_controller`` and offers no way to give a minimum of answers, a wait, or a
-    resumption."""
+    """FLARE's PyTorch FedAvg recipe with ``DeadlineFedAvg`` (or its FedOpt subclass) for its controller, which
+    FedAvgRecipe builds in its constructor through ``_create_controller`` and offers no way to give a minimum of
+    answers, a wait, a resumption, the round's learning rate or a server optimiser. (FLARE's FedOptRecipe builds a
+    ScatterAndGather workflow with FLARE's script runner; ``brats_fl.server.fedopt`` says why it is not used.)"""
 
     def __init__(
-        self, *, min_responses: int | None, round_wait: int, resume: bool, client: dict[str, Any], **kwargs: Any
+        self,
+        *,
+        min_responses: int | None,
+        round_wait: int,
+        resume: bool,
+        controller: tuple[type[DeadlineFedAvg], dict[str, Any]],
+        client: dict[str, Any],
+        **kwargs: Any,
     ):
         # set before FedAvgRecipe's constructor, which calls _create_controller
         self.min_responses = min_responses
         self.round_wait = round_wait
         self.resume = resume
+        self.controller = controller
         self.client = client
         super().__init__(**kwargs)
         self._job.set_app_packages([PACKAGE])
@@ -242,9 +270,10 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
     def _create_controller(
         self, persistor_id: str, model_params: dict | None, model_aggregator: ModelAggregator | None
     ) -> FedAvg:
-        # FLARE 2.9's FedAvgRecipe._create_controller, with our class and its two arguments; a difference in
+        # FLARE 2.9's FedAvgRecipe._create_controller, with our class and its arguments; a difference in
         # FedAvg's arguments would show in the exported jobs (tests/test_jobs.py)
-        return DeadlineFedAvg(
+        controller, args = self.controller
+        return controller(
             num_clients=self.min_clients,
             num_rounds=self.num_rounds,
             persistor_id=persistor_id,
@@ -261,6 +290,7 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
             min_responses=self.min_responses,
             round_wait=self.round_wait,
             resume=self.resume,
+            **args,
             **self._get_controller_kwargs(),
         )
 
@@ -373,6 +403,7 @@ def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
         assignment_timeout=params.assignment_timeout,
         visit_timeout=params.visit_timeout,
         norm_ratio=params.norm_ratio,
+        **params.round_lr(),
     )
     client = params.client_config() | {"rounds": passes, "local_epochs": epochs}
     return _with_evaluation(ControllerRecipe(name, params, controller, client))
@@ -408,6 +439,7 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
         resume_from=params.resume_from,
         norm_ratio=params.norm_ratio,
         min_good=min(params.min_good, params.sites),
+        **params.round_lr(),
     )
     # the sites keep no personal layers of their own to resume from: the hypernetwork makes them
     client = params.client_config() | {"resume": False}
@@ -445,6 +477,7 @@ def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
         min_responses=params.min_responses,
         round_wait=params.round_wait,
         resume=bool(params.resume_from),
+        **params.round_lr(),
     )
     client = params.client_config() | {"multi_head": True, "personal": personal, "finetune_scope": "heads"}
     client["finetune_epochs"] = _finetune_epochs(params)
@@ -513,41 +546,6 @@ def fedbn_ft(params: JobParams) -> FedAvgRecipe:
     return _fedavg("brats_fedbn_ft", params, params.sites, personal=params.personal or "norm", finetune=finetune)
 
 
-class DeadlineFedOptRecipe(DeadlineFedAvgRecipe):
-    """The FedAvg jobs' recipe with ``FedOptController``, the server step of FedAdam, FedYogi or FedAdagrad, for its
-    controller. FLARE's FedOptRecipe builds a ScatterAndGather workflow with FLARE's script runner; this keeps
-    the FedAvg jobs' executor, screening, deadline and evaluation (``brats_fl.server.fedopt`` says why)."""
-
-    def __init__(self, *, server: dict[str, Any], **kwargs: Any):
-        self.server = server  # set before DeadlineFedAvgRecipe's constructor, which calls _create_controller
-        super().__init__(**kwargs)
-
-    def _create_controller(
-        self, persistor_id: str, model_params: dict | None, model_aggregator: ModelAggregator | None
-    ) -> FedOptController:
-        # DeadlineFedAvgRecipe._create_controller's arguments, plus the server optimiser's
-        return FedOptController(
-            num_clients=self.min_clients,
-            num_rounds=self.num_rounds,
-            persistor_id=persistor_id,
-            model=model_params,
-            save_filename=self.save_filename,
-            aggregator=model_aggregator,
-            stop_cond=self.stop_cond,
-            patience=self.patience,
-            task_name=TRAIN_TASK,
-            exclude_vars=self.exclude_vars,
-            aggregation_weights=self.aggregation_weights,
-            memory_gc_rounds=self.server_memory_gc_rounds,
-            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
-            min_responses=self.min_responses,
-            round_wait=self.round_wait,
-            resume=self.resume,
-            **self.server,
-            **self._get_controller_kwargs(),
-        )
-
-
 def _fedopt(name: str, params: JobParams, rule: str) -> FedAvgRecipe:
     """FedOpt (Reddi et al. 2021): FedAvg's rounds, screening and evaluation, the averaged update taken as a
     pseudo-gradient for a server step of ``rule`` on the model's parameters; running statistics averaged."""
@@ -563,26 +561,7 @@ def _fedopt(name: str, params: JobParams, rule: str) -> FedAvgRecipe:
     }
     if rule != "adagrad":
         server["beta2"] = params.beta2
-    screen = ScreenedAggregator(expected_shapes(model.state_dict()), params.norm_ratio, params.min_good)
-    recipe = DeadlineFedOptRecipe(
-        server=server,
-        min_responses=params.min_responses,
-        round_wait=params.round_wait,
-        resume=False,
-        name=name,
-        model=model,
-        min_clients=params.sites,
-        num_rounds=params.rounds,
-        client=params.client_config() | {"job": name},
-        train_script=SiteExecutor.__module__,
-        server_expected_format=ExchangeFormat.PYTORCH,
-        params_transfer_type=TransferType(params.transfer.upper()),
-        key_metric=KEY_METRIC,
-        key_metric_mode="max",
-        aggregator=screen,
-    )
-    _with_transfer_filters(recipe, params, model)
-    return _with_evaluation(recipe)
+    return _fedavg(name, params, params.sites, controller=(FedOptController, server))
 
 
 def fedadam(params: JobParams) -> FedAvgRecipe:

@@ -79,6 +79,8 @@ class Param:
     from_cli: Callable[[Any], Any] | None = None
     #: the parameter's value -> what the sites are sent
     to_site: Callable[[Any], Any] = lambda v: v
+    #: what an unset (None) default means, for the help
+    unset: str = "the job's own"
 
     def validate(self, value: Any) -> None:
         """Refuse a value out of range, naming the parameter, before anything is built or sent to a site."""
@@ -94,7 +96,7 @@ class Param:
         that only what the user set counts."""
         shown = self.default if default is argparse.SUPPRESS else default
         extra = f" ({KINDS[self.uses]} only)" if self.uses else ""
-        text = f"{self.help}{extra}; default {_shown(shown)}"
+        text = f"{self.help}{extra}; default {self.unset if shown is None else _shown(shown)}"
         if self.type is bool:
             parser.add_argument(self.flag, action="store_true", default=default, help=text)
             return
@@ -112,7 +114,7 @@ class Param:
 def _shown(value: Any) -> str:
     if isinstance(value, list | tuple):
         return " ".join(map(str, value))
-    return "the job's own" if value is None else str(value)
+    return str(value)
 
 
 def _positive(value: Any) -> bool:
@@ -143,9 +145,14 @@ PARAMS: tuple[Param, ...] = (
           site="patch", from_cli=tuple, to_site=list),
     Param("channels", tuple, (16, 32, 64, 128), "U-Net channels per level", flag="--channels", nargs="+", item=int,
           site="channels", from_cli=tuple, to_site=list),
-    Param("lr", float, 3e-3, "learning rate", rule="0 < lr < 1", check=lambda v: 0 < v < 1, flag="--lr", site="lr"),
-    Param("recipe", str, "adam_dice", "training recipe (optimiser, loss, schedule)", choices=RECIPE_NAMES,
-          flag="--recipe", site="recipe"),
+    Param("recipe", str, "adam_dice", "training recipe: adam_dice (Adam, Dice loss, constant rate 3e-3) or nnunet "
+          "(SGD with Nesterov momentum, Dice + cross-entropy, weight decay 3e-5, rate 1e-2 decayed by the server per "
+          "round, poly 0.9)", choices=RECIPE_NAMES, flag="--recipe", site="recipe"),
+    Param("lr", float, None, "initial learning rate", rule="0 < lr < 1", check=lambda v: 0 < v < 1, flag="--lr",
+          site="lr", unset="the recipe's (adam_dice 3e-3, nnunet 1e-2)"),
+    Param("momentum", float, None, "Nesterov momentum of an SGD recipe: 0.9 as the federated nnU-Net slides, 0.99 as "
+          "nnU-Net", rule="0 < momentum < 1, with an SGD recipe", check=lambda v: 0 < v < 1, flag="--momentum",
+          site="momentum", unset="the recipe's (nnunet 0.9)"),
     _at_least_one("batch_size", "patches per batch", default=2, flag="--batch", site="batch"),
     # nnU-Net oversamples foreground to one third; 0 would train on background alone
     Param("fg_ratio", float, 0.33, "share of training patches centred on tumour", rule="0 < fg_ratio <= 1",
@@ -156,6 +163,9 @@ PARAMS: tuple[Param, ...] = (
           uses="personal"),
     Param("finetune_epochs", int, None, "local epochs after federated training", rule="finetune_epochs >= 0",
           check=lambda v: v >= 0, flag="--finetune-epochs", uses="finetune"),
+    Param("finetune_lr", float, None, "constant learning rate of fine-tuning", rule="0 < finetune_lr < 1",
+          check=lambda v: 0 < v < 1, flag="--finetune-lr", site="finetune_lr", uses="finetune",
+          unset="a tenth of the initial learning rate (brats_fl.seg.trainer.FINETUNE_SHARE)"),
     Param("resume_from", str, None, "continue from a run's FL_global_model.pt", flag="--resume-from", item=Path,
           from_cli=lambda p: str(Path(p).resolve()), site="resume", to_site=bool),
     Param("transfer", str, "full", "what a site sends: its full weights or the diff to the received ones",

@@ -1,8 +1,15 @@
 """Train, validate and infer a segmentation network. Knows nothing of FLARE.
 
 The central baseline, the FLARE client script and the benchmarks all call this one loop.
-Two recipes: Dice loss with Adam (the BraTS FedPer report) and the nnU-Net recipe (Dice + cross-entropy,
-SGD with Nesterov momentum 0.9, weight decay 3e-5, polynomial LR decay).
+Two recipes: Dice loss with Adam (the BraTS FedPer report) and the nnU-Net recipe of the federated nnU-Net slides
+(Dice + cross-entropy, SGD with Nesterov momentum, weight decay 3e-5, initial rate 1e-2 with polynomial decay,
+exponent 0.9). A recipe's learning rate holds unless the user sets one, and its momentum likewise.
+
+Where the rate decays: in a federated job the server decides each round's rate (``poly_lr`` over rounds,
+``brats_fl.server.schedule``) and the site trains every local epoch of that round at it (``train_epochs(lr=...)``);
+the slides decay the rate on the server by round. Without a server that schedules (the central and local-only
+jobs, ``brats-fl train-central``) the trainer decays it itself per epoch over ``total_epochs``, as nnU-Net does.
+Fine-tuning after federated training runs at a constant rate of its own (``finetune_lr``).
 """
 
 from __future__ import annotations
@@ -27,9 +34,42 @@ from brats_fl.seg.model import BratsUNet, build_model
 RECIPES = {
     # lr 3e-3, not the FedPer report's 1e-3: on the phantom, 1e-3 reached mean Dice 0.13 after 10 epochs
     # where 3e-3 reached 0.74 (docs/results.md, "Training defaults")
-    "adam_dice": {"optimizer": "adam", "loss": "dice", "lr": 3e-3, "weight_decay": 0.0, "lr_schedule": "constant"},
-    "nnunet": {"optimizer": "sgd", "loss": "dice_ce", "lr": 1e-2, "weight_decay": 3e-5, "lr_schedule": "poly"},
+    "adam_dice": {
+        "optimizer": "adam",
+        "loss": "dice",
+        "lr": 3e-3,
+        "momentum": None,
+        "weight_decay": 0.0,
+        "lr_schedule": "constant",
+    },
+    # the slides' federated nnU-Net: SGD, momentum 0.9 (nnU-Net itself uses 0.99, a --momentum away), lr 1e-2,
+    # weight decay 3e-5, Dice + cross-entropy, poly decay with exponent 0.9
+    "nnunet": {
+        "optimizer": "sgd",
+        "loss": "dice_ce",
+        "lr": 1e-2,
+        "momentum": 0.9,
+        "weight_decay": 3e-5,
+        "lr_schedule": "poly",
+    },
 }
+#: the exponent of the polynomial decay (nnU-Net's and the slides')
+POLY_EXPONENT = 0.9
+#: fine-tuning's learning rate, unless set, as a share of the job's initial rate. Fine-tuning adapts a trained model
+#: to a site's few cases: the full initial rate would undo much of what federation learned, and the decayed last
+#: rate (which the poly schedule takes towards 0) would change nothing; a tenth is the usual step down for it.
+FINETUNE_SHARE = 0.1
+
+
+def poly_lr(lr0: float, step: int, steps: int, exponent: float = POLY_EXPONENT) -> float:
+    """nnU-Net's polynomial decay: ``lr0 * (1 - step / steps) ** exponent`` for step 0 .. steps - 1.
+
+    Step 0 trains at ``lr0``, the last step at ``lr0 * (1 / steps) ** exponent``, never at 0. A step is an epoch
+    where the trainer schedules itself and a server round (counted from 0, FLARE's ``current_round``) where a
+    server does (``brats_fl.server.schedule``). A step outside the schedule is refused, not trained at lr 0."""
+    if steps < 1 or not 0 <= step < steps:
+        raise ValueError(f"a poly schedule of {steps} step(s) has no step {step}")
+    return lr0 * (1 - step / steps) ** exponent
 
 
 @dataclass
@@ -44,10 +84,13 @@ class TrainConfig:
     fg_ratio: float = by_name("fg_ratio").default
     optimizer: str = "adam"
     loss: str = "dice"
+    #: the initial learning rate
     lr: float = 3e-3
+    #: SGD's Nesterov momentum (None for Adam, which has none to set)
+    momentum: float | None = None
     weight_decay: float = 0.0
+    #: ``poly`` decays ``lr`` per epoch over ``total_epochs`` when no server gives a round's rate (``train_epochs``)
     lr_schedule: str = "constant"
-    #: epochs over which a poly schedule decays to zero (in FL: rounds x local epochs)
     total_epochs: int = 100
     sw_batch_size: int = 2
     sw_overlap: float = 0.25
@@ -59,13 +102,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        """Build from a dict (a job's arguments), refusing unknown keys and applying a named recipe first."""
+        """Build from a dict (a job's arguments), refusing unknown keys and applying a named recipe first: the
+        recipe's settings hold unless ``values`` sets them (an ``lr`` or ``momentum`` of None is the recipe's)."""
         values = dict(values)
         recipe = values.pop("recipe", None)
         if recipe is not None:
             if recipe not in RECIPES:
                 raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
-            values = {**RECIPES[recipe], **values}
+            given = {k: v for k, v in values.items() if not (k in ("lr", "momentum") and v is None)}
+            if given.get("momentum") is not None and RECIPES[recipe]["optimizer"] != "sgd":
+                raise ValueError(f"momentum is SGD's; recipe {recipe} trains with {RECIPES[recipe]['optimizer']}")
+            values = {**RECIPES[recipe], **given}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -85,6 +132,10 @@ class TrainConfig:
                 f"lr_schedule must be constant or poly, got {self.lr_schedule!r}",
             ),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (
+                self.momentum is None if self.optimizer == "adam" else 0 < (self.momentum or 0) < 1,
+                f"momentum must be in (0, 1) with SGD and unset with Adam, got {self.momentum} with {self.optimizer}",
+            ),
             (
                 len(self.patch_size) == 3 and min(self.patch_size) >= 16,
                 f"patch_size must be 3 sizes >= 16, got {self.patch_size}",
@@ -111,9 +162,11 @@ class TrainConfig:
 
 def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig:
     """A TrainConfig from the training options (``brats_fl.cli.train``, ``brats_fl.site.client.site_args``);
-    ``total_epochs`` sets the poly schedule."""
+    ``total_epochs`` sets the per-epoch poly schedule; an unset ``lr`` or ``momentum`` is the recipe's."""
     values = {
         "recipe": args.recipe,
+        "lr": args.lr,
+        "momentum": args.momentum,
         "patch_size": args.patch,
         "batch_size": args.batch,
         "fg_ratio": args.fg_ratio,
@@ -127,8 +180,6 @@ def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig
         values["model"] = {**values.get("model", {}), "multi_head": True}
     if args.partial_labels:
         values["partial_labels"] = args.partial_labels
-    if args.lr is not None:
-        values["lr"] = args.lr
     return TrainConfig.from_dict(values)
 
 
@@ -141,7 +192,10 @@ def make_train_loader(items: list[dict], config: TrainConfig) -> DataLoader:
 class RegionLoss(torch.nn.Module):
     """Dice (+ binary cross-entropy) per case and region, averaged over the annotated (case, region) pairs.
 
-    With every region annotated this equals MONAI's ``DiceLoss`` / ``DiceCELoss`` with sigmoid outputs. Written
+    With every region annotated this is MONAI's ``DiceLoss(sigmoid=True)``, or with cross-entropy the mean over the
+    regions of MONAI's ``DiceCELoss(sigmoid=True)`` on each region's channel (the nnU-Net recipe's Dice + CE, with
+    nnU-Net's weights of 1 and 1). Not ``DiceCELoss`` on all three channels at once: there its cross-entropy is
+    a softmax over the channels, which would treat the nested regions WT > TC > ET as exclusive classes. Written
     around MONAI's per-channel Dice because MONAI's losses mask voxels, not whole channels per sample, and a
     region a site did not annotate must give no gradient at all, not a push towards background.
     """
@@ -182,25 +236,38 @@ class Trainer:
             )
         else:
             self.optimizer = torch.optim.SGD(
-                self.model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+                self.model.parameters(),
+                lr=config.lr,
+                momentum=config.momentum,
+                nesterov=True,
+                weight_decay=config.weight_decay,
             )
         # sigmoid per region: WT, TC and ET overlap, so they are three binary problems, not one softmax
         self.loss_fn = RegionLoss(with_ce=config.loss == "dice_ce")
         self.epochs_done = 0
 
-    def _set_lr(self, epoch: int) -> None:
-        lr = self.config.lr
+    def epoch_lr(self, epoch: int) -> float:
+        """The rate of epoch ``epoch`` (from 0) when no one else gives one: ``lr``, poly-decayed over
+        ``total_epochs`` if the schedule says so."""
         if self.config.lr_schedule == "poly":
-            lr *= max(0.0, 1 - epoch / max(1, self.config.total_epochs)) ** 0.9
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            return poly_lr(self.config.lr, epoch, self.config.total_epochs)
+        return self.config.lr
 
-    def train_epochs(self, loader: DataLoader, epochs: int = 1, max_steps: int | None = None) -> dict[str, float]:
-        """Train for ``epochs`` passes (or ``max_steps`` optimiser steps); returns mean loss, steps and time."""
+    def train_epochs(
+        self, loader: DataLoader, epochs: int = 1, max_steps: int | None = None, lr: float | None = None
+    ) -> dict[str, float]:
+        """Train for ``epochs`` passes (or ``max_steps`` optimiser steps), every one at ``lr`` if given (a server
+        round's rate, fine-tuning's), else at ``epoch_lr``; returns mean loss, steps, time, and the rates of the
+        first and last epoch (``lr``, ``lr_last``)."""
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
         self.model.train()
         steps, total, start = 0, 0.0, time.perf_counter()
+        rates: list[float] = []
         for _ in range(epochs):
-            self._set_lr(self.epochs_done)
+            rates.append(self.epoch_lr(self.epochs_done) if lr is None else lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = rates[-1]
             for batch in loader:
                 image = batch["image"].to(self.device)
                 label = batch["label"].to(self.device).float()
@@ -217,7 +284,13 @@ class Trainer:
             self.epochs_done += 1
             if max_steps is not None and steps >= max_steps:
                 break
-        return {"train_loss": total / max(steps, 1), "steps": float(steps), "train_time": time.perf_counter() - start}
+        return {
+            "train_loss": total / max(steps, 1),
+            "steps": float(steps),
+            "train_time": time.perf_counter() - start,
+            "lr": rates[0],
+            "lr_last": rates[-1],
+        }
 
     @torch.no_grad()
     def infer(self, image: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,8 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.base_fedavg import _get_client_name
 from nvflare.app_common.workflows.fedavg import FedAvg
 
+from brats_fl.server.schedule import check_schedule, set_round_lr
+
 
 def shortfall(targets: list[str], answered: set[str], needed: int) -> str | None:
     """Why a round whose task ended with answers from ``answered`` of ``targets`` must not be averaged (fewer
@@ -54,17 +56,32 @@ class DeadlineFedAvg(FedAvg):
             that answers later is left out of the round, and its update is dropped.
         resume: the persistor's initial checkpoint is an interrupted run's last global model: start after the
             round it records, and run only the rounds left of ``num_rounds``.
+        lr, lr_schedule: the sites' initial learning rate and its schedule over the job's rounds; each round's
+            task carries that round's rate (``brats_fl.server.schedule``: round r of the job's R, from 0, also
+            when resuming). None: no rate is sent and the sites keep their own schedule (central, local-only).
     """
 
-    def __init__(self, *args, min_responses: int | None = None, round_wait: int = 0, resume: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        min_responses: int | None = None,
+        round_wait: int = 0,
+        resume: bool = False,
+        lr: float | None = None,
+        lr_schedule: str = "constant",
+        **kwargs,
+    ):
         # *args and **kwargs let FLARE's job export find FedAvg's arguments too; it reads each argument back from
         # the attribute of the same name
         super().__init__(*args, **kwargs)
         if (min_responses is not None and min_responses < 1) or round_wait < 0:
             raise ValueError(f"need min_responses >= 1 and round_wait >= 0, got {min_responses} and {round_wait}")
+        check_schedule(lr, lr_schedule)
         self.min_responses = min_responses
         self.round_wait = round_wait
         self.resume = resume
+        self.lr = lr
+        self.lr_schedule = lr_schedule
         self._targets: list[str] = []
         self._answered: set[str] = set()
         self._needed = 0
@@ -87,9 +104,13 @@ class DeadlineFedAvg(FedAvg):
         timeout: int = 0,
         callback: Callable[[FLModel], bool] | None = None,
     ) -> None:
-        """The round's task, ending as ``min_responses`` and ``round_wait`` say; notes which sites answered.
+        """The round's task, carrying the round's learning rate, ending as ``min_responses`` and ``round_wait`` say;
+        notes which sites answered.
 
         FedAvg.run gives no ``min_responses``: the controller's own applies unless a caller gives one."""
+        if data is not None:
+            # a resumed run's num_rounds counts the rounds left; the schedule is over the whole job's rounds
+            set_round_lr(data, self.lr, self.lr_schedule, self.current_round, self.start_round + self.num_rounds)
         self._targets = list(targets) if targets else [c.name for c in self.engine.get_clients()]
         self._answered = set()
         wanted = self.min_responses if min_responses is None else min_responses

@@ -40,6 +40,7 @@ from torch import nn
 
 from brats_fl.seg.model import save_whole
 from brats_fl.server.personalise import PERSONALISE_TASK, RESULTS_FILE
+from brats_fl.server.schedule import check_schedule, set_round_lr
 from brats_fl.server.screening import check_settings, expected_shapes, record_round, screen_updates
 
 DESCRIPTORS = ("onehot", "embedding")
@@ -126,10 +127,13 @@ class HyperSegController(ModelController):
         resume_from: str | None = None,
         norm_ratio: float = 10.0,
         min_good: int = 1,
+        lr: float | None = None,
+        lr_schedule: str = "constant",
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_settings(norm_ratio, min_good)
+        check_schedule(lr, lr_schedule)
         if hn_optimizer not in OPTIMISERS:
             raise ValueError(f"hn_optimizer must be one of {sorted(OPTIMISERS)}, not {hn_optimizer!r}")
         if not personal_keys:
@@ -148,6 +152,9 @@ class HyperSegController(ModelController):
         self.resume_from = resume_from
         self.norm_ratio = norm_ratio
         self.min_good = min_good
+        #: the sites' learning rate and its schedule over the rounds (``brats_fl.server.schedule``)
+        self.lr = lr
+        self.lr_schedule = lr_schedule
 
     def run(self) -> None:
         model = self.load_model()
@@ -226,6 +233,8 @@ class HyperSegController(ModelController):
             site: FLModel(params=self._payload(model, personal[site]), current_round=rnd, total_rounds=self.num_rounds)
             for site in self.sites
         }
+        for payload in payloads.values():
+            set_round_lr(payload, self.lr, self.lr_schedule, rnd, self.num_rounds)
         returned = self._send_each("train", payloads)
         absent = sorted(set(self.sites) - set(returned))
         if absent:

@@ -16,6 +16,11 @@ to be compared with, as a FedAvg update has; the first visit has nothing to be c
 After every pass each site that trained in it scores the model on its validation split. The visits (order,
 fingerprints of the weights sent and returned, bytes, time, skips) and the scores are written to
 ``sequential/visits.json`` in the server's run folder.
+
+The learning rate decays per visit (``brats_fl.server.schedule``): a sequential job trains one model, one visit
+after the other, so its "round" in the poly schedule is a visit, the step at which the server hands the model on.
+Visit v of pass p with S sites is step p * S + v of passes * S; a skipped visit keeps its step, so the schedule
+never depends on who answered. Decaying per pass instead would keep single weight transfer (one pass) at lr0.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.cyclic import Cyclic
 
 from brats_fl.seg.model import fingerprint, state_bytes
+from brats_fl.server.schedule import check_schedule, set_round_lr
 from brats_fl.server.screening import check_settings, expected_shapes, screen_updates
 
 #: the task a site answers with the received model's scores on its validation split
@@ -60,6 +66,8 @@ class SequentialTransfer(Cyclic):
         visit_timeout: int = 6 * 3600,
         norm_ratio: float = 10.0,
         ignore_result_error: bool = True,
+        lr: float | None = None,
+        lr_schedule: str = "constant",
         **kwargs,
     ):
         # by default a site's failed visit or validation is logged and skipped, never a reason to stop the job
@@ -74,6 +82,9 @@ class SequentialTransfer(Cyclic):
         self.visit_timeout = visit_timeout
         check_settings(norm_ratio, min_good=1)
         self.norm_ratio = norm_ratio
+        check_schedule(lr, lr_schedule)
+        self.lr = lr
+        self.lr_schedule = lr_schedule
         self._returned: Shareable | None = None
         #: the screen's measures: the model's keys and shapes, the update norms of the visits it kept so far
         self._expected: dict[str, list[int]] = {}
@@ -92,7 +103,9 @@ class SequentialTransfer(Cyclic):
             self.info(f"pass {rnd}: visiting {order}")
             entry: dict = {"pass": rnd, "order": order, "visits": []}
             record["passes"].append(entry)
-            for site in order:
+            for position, site in enumerate(order):
+                steps = (self.start_round + self.num_rounds) * len(sites)
+                set_round_lr(model, self.lr, self.lr_schedule, rnd * len(sites) + position, steps)
                 model, visit = self._visit(model, site, rnd, record["bytes"])
                 entry["visits"].append(visit)
                 self._write(record)

@@ -2,10 +2,11 @@
 
 For each task from the server:
 - ``train``: load the global weights, validate them on the site's validation split (reported to the server
-  and to FLARE's tracking), train the configured local epochs, send the weights back with the number of
-  training cases as the aggregation weight;
+  and to FLARE's tracking), train the configured local epochs, every one at the learning rate the task carries
+  (``brats_fl.server.schedule``; a job whose server sends none, central or local-only, decays it per epoch), record
+  that rate in ``rounds.jsonl``, send the weights back with the number of training cases as the aggregation weight;
 - ``personalise`` (after training): combine the final global model with the site's personal layers,
-  optionally fine-tune, score on the site's own test split and keep that model;
+  optionally fine-tune (at ``finetune_lr``), score on the site's own test split and keep that model;
 - ``validate`` (cross-site evaluation): score the received model on the site's test split;
 - ``validate_pass`` (sequential jobs, after each pass): score the received model on the validation split;
 - ``submit_model`` (cross-site evaluation): send the site's shared weights.
@@ -40,8 +41,9 @@ from brats_fl.data.datalist import load_datalist
 from brats_fl.data.loading import eval_loader
 from brats_fl.jobs.params import site_defaults
 from brats_fl.seg.model import fingerprint, parameter_groups, save_whole, state_bytes
-from brats_fl.seg.trainer import Trainer, config_from_args, make_train_loader
+from brats_fl.seg.trainer import FINETUNE_SHARE, Trainer, config_from_args, make_train_loader
 from brats_fl.server.personalise import PERSONALISE_TASK, personal_keys
+from brats_fl.server.schedule import ROUND_LR
 from brats_fl.server.segviz import ANNOTATED_META, head_keys
 from brats_fl.server.sequential import PASS_VALIDATION_TASK
 from brats_fl.site.config import resolve
@@ -83,6 +85,8 @@ class Site:
         # runs the data checks: a site with bad data stops here, before any training, naming each file
         self.datalist = load_datalist(data.datalist, data.data_root)
         self.trainer = Trainer(self.config)
+        #: fine-tuning's constant rate: the job's, else a share of the initial one (not the decayed last rate)
+        self.finetune_lr = args.finetune_lr or FINETUNE_SHARE * self.config.lr
         self.personal = set(personal_keys(self.trainer.model, args.personal))
         self.eval_personal = set() if args.personal == "all" else self.personal
         self.annotated = self.datalist.annotated()
@@ -94,6 +98,7 @@ class Site:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = data.state_dir / args.job
         self.record = {"site": name, "data": {k: str(v) for k, v in vars(data).items()}, "train": self.config.to_dict()}
+        self.record["finetune_lr"] = self.finetune_lr
         # the code this site runs: the installed package, or the job's own copy in a bundled job
         self.record["code"] = running() | {"package": str(PACKAGE_DIR)}
         self.record["personal_keys"] = sorted(self.personal)
@@ -187,7 +192,9 @@ class Site:
         if model.params:
             self.load_global(model.params, self.personal)
         metrics = self.trainer.evaluate(self.val)
-        stats = self.trainer.train_epochs(self.train, self.args.local_epochs)
+        # the round's rate from the server, for every local epoch; None: the trainer's own per-epoch schedule
+        lr = (model.meta or {}).get(ROUND_LR)
+        stats = self.trainer.train_epochs(self.train, self.args.local_epochs, lr=lr)
         params = self.shared_state(self.unsent)
         sent = state_bytes(params)
         row = {"round": rnd, **_as_validation(metrics), **stats, "bytes_sent": sent}
@@ -234,7 +241,7 @@ class Site:
             trained = self._finetuned_keys()
             for key, param in self.trainer.model.named_parameters():
                 param.requires_grad_(key in trained)
-            self.trainer.train_epochs(self.train, epochs)
+            self.trainer.train_epochs(self.train, epochs, lr=self.finetune_lr)
             for param in self.trainer.model.parameters():
                 param.requires_grad_(True)
         metrics = self._score_and_keep("personalised", epochs=epochs)
@@ -254,7 +261,8 @@ class Site:
         ``<name>_model.pt``."""
         metrics = self.trainer.evaluate(self.test, per_case=True)
         (self.run_dir / f"{name}_test.json").write_text(json.dumps(metrics, indent=1))
-        self.trainer.save(self.run_dir / f"{name}_model.pt", site=self.name, finetune_epochs=epochs)
+        lr = self.finetune_lr if epochs else None
+        self.trainer.save(self.run_dir / f"{name}_model.pt", site=self.name, finetune_epochs=epochs, finetune_lr=lr)
         return metrics
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
