@@ -94,7 +94,10 @@ class Scaffold:
         c_global, c_local = self._round_controls()
         self.helper.terms_update(model, lr, c_global, c_local, self._reference)
         self._controls = self._reference = None
-        return {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: self.helper.get_delta_controls()}
+        # as torch tensors, not the helper's NumPy arrays: FLARE's persistor keeps the server's last aggregated meta
+        # in the global model file, which FLARE's cross-site evaluation opens with torch's weights-only loader
+        delta = {k: torch.as_tensor(v) for k, v in self.helper.get_delta_controls().items()}
+        return {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: delta}
 
     def _round_controls(self) -> tuple[dict, dict]:
         if self._controls is None:

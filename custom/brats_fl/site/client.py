@@ -258,7 +258,7 @@ class Site:
     def _controls_record(self, rnd: int, received: dict, meta: dict) -> dict:
         """SCAFFOLD's control variates of a round: the server's as received, and the change of this site's own as
         sent; fingerprints and norms in the record, the tensors too with ``audit``."""
-        delta = {k: torch.as_tensor(v) for k, v in meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF].items()}
+        delta = meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF]
         if self.args.audit:
             torch.save({"c_global": received, "c_delta": delta}, self.run_dir / f"controls_round_{rnd}.pt")
 
