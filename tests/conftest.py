@@ -109,3 +109,25 @@ def partial_sites(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) 
     doc = {"data_root": str(tiny_phantom), "datalist_dir": str(root / "lists"), "threads": 1}
     config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state")}))
     return config
+
+
+def tiny_trainer(**config):
+    """A FLARE-free trainer of a 2-level U-Net small enough for unit tests (``synthetic_batches``' 16³ patches)."""
+    from brats_fl.seg.trainer import TrainConfig, Trainer
+
+    model = {"channels": [4, 8], "strides": [2], "num_res_units": 1, "init_seed": 0}
+    return Trainer(TrainConfig.from_dict({"model": model, "patch_size": [16, 16, 16], "threads": 1} | config))
+
+
+def synthetic_batches(count: int = 3, seed: int = 0) -> list[dict]:
+    """Random 16³ training batches in the data pipeline's layout (image, region labels, annotated regions)."""
+    import torch
+    from brats_fl.data.loading import ANNOTATED
+
+    generator = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        image = torch.as_tensor(generator.normal(size=(2, 4, 16, 16, 16)), dtype=torch.float32)
+        label = torch.as_tensor(generator.random((2, 3, 16, 16, 16)) > 0.7, dtype=torch.float32)
+        out.append({"image": image, "label": label, ANNOTATED: torch.ones(2, 3, dtype=torch.bool)})
+    return out

@@ -21,8 +21,10 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.model_controller import ModelController
+from nvflare.app_common.workflows.scaffold import Scaffold
 from nvflare.app_opt.pt.job_config.model import PTModel
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
+from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
 from nvflare.client.config import ExchangeFormat, TransferType
 from nvflare.fuel.utils.constants import FrameworkType
 from nvflare.job_config.base_fed_job import BaseFedJob
@@ -196,11 +198,15 @@ def _fedavg(
     multi_head: bool = False,
     partial_labels: str | None = None,
     controller: tuple[type[DeadlineFedAvg], dict[str, Any]] = (DeadlineFedAvg, {}),
+    site: dict[str, Any] | None = None,
+    recipe_class: type[DeadlineFedAvgRecipe] | None = None,
+    **recipe_args: Any,
 ) -> FedAvgRecipe:
     """FLARE's FedAvg (case-weighted, in-time aggregation) over the keys the sites share, the best and last
     global model, then personalisation and own-site testing, then FLARE's cross-site evaluation.
 
-    ``controller`` is the server's class and its own arguments: FedAvg's, or FedOpt's server step."""
+    ``controller`` is the server's class and its own arguments (FedAvg's, or FedOpt's server step); ``site`` adds
+    to what the sites are told; ``recipe_class`` (with ``recipe_args``) replaces ``DeadlineFedAvgRecipe``."""
     client = params.client_config() | {
         "job": name,
         "personal": personal,
@@ -210,12 +216,13 @@ def _fedavg(
         "multi_head": multi_head,
         "partial_labels": partial_labels,
     }
+    client |= site or {}
     model = params.model(multi_head=multi_head)
     # the central baselines have a single site, whatever min_good and min_responses say
     screen = ScreenedAggregator(expected_shapes(model.state_dict()), params.norm_ratio, min(params.min_good, sites))
     # without federation (pooled data, or every site alone) the sites decay the rate per epoch themselves
     federated = datalist is None and personal != "all"
-    recipe = DeadlineFedAvgRecipe(
+    recipe = (recipe_class or DeadlineFedAvgRecipe)(
         min_responses=min(params.min_responses, sites) if params.min_responses else None,
         round_wait=params.round_wait,
         resume=bool(params.resume_from),
@@ -232,6 +239,7 @@ def _fedavg(
         key_metric=KEY_METRIC,
         key_metric_mode="max",
         aggregator=screen,
+        **recipe_args,
     )
     _with_transfer_filters(recipe, params, model)
     return _with_evaluation(recipe)
@@ -293,6 +301,12 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
             **args,
             **self._get_controller_kwargs(),
         )
+
+
+class DeadlineFedProxRecipe(DeadlineFedAvgRecipe, FedProxRecipe):
+    """FLARE's FedProx recipe (its controller puts ``fedprox_mu`` in every training task's meta; the sites add the
+    proximal term, ``brats_fl.site.algorithms``) with ``DeadlineFedAvgRecipe``'s executor and controller, which takes
+    FedProx's controller arguments from ``FedProxRecipe._get_controller_kwargs``."""
 
 
 def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) -> None:
@@ -579,6 +593,37 @@ def fedadagrad(params: JobParams) -> FedAvgRecipe:
     return _fedopt("brats_fedadagrad", params, "adagrad")
 
 
+def _no_resume(name: str, params: JobParams) -> None:
+    if params.resume_from:
+        raise ValueError(f"{name}: cannot resume yet (its sites' algorithm state is not kept); start it anew")
+
+
+def fedprox(params: JobParams) -> FedAvgRecipe:
+    """FedProx: FedAvg whose sites add mu/2 ||w - w_global||^2 to their loss (``brats_fl.site.algorithms``)."""
+    personal = params.personal or "none"
+    return _fedavg(
+        "brats_fedprox", params, params.sites, personal, recipe_class=DeadlineFedProxRecipe, fedprox_mu=params.mu
+    )
+
+
+def scaffold(params: JobParams) -> Recipe:
+    """SCAFFOLD: FLARE's ``Scaffold`` controller averages the models and the sites' control variates; each site
+    corrects its steps by them (``brats_fl.site.algorithms``). FLARE's controller aggregates by itself, so the FedAvg
+    jobs' screening of updates and deadlines do not apply; it keeps its control variate in memory only, hence no
+    resuming."""
+    _no_resume("brats_scaffold", params)
+    controller = Scaffold(num_clients=params.sites, num_rounds=params.rounds, persistor_id="persistor")
+    return _with_evaluation(ControllerRecipe("brats_scaffold", params, controller, params.client_config()))
+
+
+def ditto(params: JobParams) -> FedAvgRecipe:
+    """Ditto: FedAvg of the global model, and at each site a personal model pulled towards it, which is what the site
+    scores on its own test split after training (``brats_fl.site.algorithms``)."""
+    _no_resume("brats_ditto", params)
+    site = {"ditto_lambda": params.ditto_lambda, "personal_epochs": params.personal_epochs}
+    return _fedavg("brats_ditto", params, params.sites, site=site)
+
+
 JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_central": central,
     "brats_local": local,
@@ -599,6 +644,9 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_fedadam": fedadam,
     "brats_fedyogi": fedyogi,
     "brats_fedadagrad": fedadagrad,
+    "brats_fedprox": fedprox,
+    "brats_scaffold": scaffold,
+    "brats_ditto": ditto,
 }
 #: the kinds of parameter each job uses besides those every job does (``brats_fl.jobs.params.KINDS``); an option of
 #: another kind set for it is refused before anything runs (``refuse_unused``)
@@ -623,6 +671,9 @@ USES: dict[str, frozenset[str]] = {
     "brats_fedadam": frozenset({"deadline", "fedopt", "fedopt_beta2"}),
     "brats_fedyogi": frozenset({"deadline", "fedopt", "fedopt_beta2"}),
     "brats_fedadagrad": frozenset({"deadline", "fedopt"}),
+    "brats_fedprox": _FEDAVG | {"fedprox"},
+    "brats_scaffold": frozenset(),
+    "brats_ditto": frozenset({"deadline", "ditto"}),
 }
 #: jobs that train at one site at a time, which may then use every core of a shared machine, and their default passes
 SEQUENTIAL = {"brats_cyclic": 2, "brats_swt": 1}

@@ -28,6 +28,8 @@ KINDS = {
     "deadline": "jobs whose server may close a round early",
     "fedopt": "FedAdam, FedYogi and FedAdagrad",
     "fedopt_beta2": "FedAdam and FedYogi",
+    "fedprox": "brats_fedprox",
+    "ditto": "brats_ditto",
 }
 #: training recipes (``brats_fl.seg.trainer.RECIPES``)
 RECIPE_NAMES = ("adam_dice", "nnunet")
@@ -210,6 +212,16 @@ PARAMS: tuple[Param, ...] = (
           check=lambda v: _number(v) and 0 <= v < 1, flag="--beta2", uses="fedopt_beta2"),
     Param("tau", float, 1e-3, "adaptivity tau of FedOpt: added to sqrt(v), which starts at tau^2", rule="tau > 0",
           check=lambda v: _number(v) and v > 0, flag="--tau", uses="fedopt"),
+    # FLARE's FedProxRecipe default. The FedProx paper (Li et al., MLSys 2020) fixes no default: it picks mu per data
+    # set from {0.001, 0.01, 0.1, 1}. mu = 0 is FedAvg, which FLARE's recipe refuses to run as FedProx
+    Param("mu", float, 0.01, "FedProx: weight of the proximal term mu/2 ||w - w_global||^2", rule="mu > 0",
+          check=lambda v: isinstance(v, int | float) and 0 < v < float("inf"), flag="--mu", uses="fedprox"),
+    # FLARE's PTDittoHelper defaults: lambda 0.1, one epoch of the personal model per round
+    Param("ditto_lambda", float, 0.1, "Ditto: weight of the pull lambda/2 ||v - w_global||^2 on the personal model",
+          rule="ditto_lambda >= 0", check=lambda v: isinstance(v, int | float) and 0 <= v < float("inf"),
+          flag="--ditto-lambda", uses="ditto"),
+    _at_least_one("personal_epochs", "Ditto: epochs of the personal model per round", default=1,
+                  flag="--personal-epochs", uses="ditto"),
 )  # fmt: skip
 
 #: the hypernetwork of the HyperSeg jobs (``HyperNetParams``): the paper's 20 layers of 100 units, embedding of 10
@@ -238,6 +250,8 @@ SITE_ONLY: dict[str, tuple[Any, str]] = {
     "multi_head": (False, "one head per region on a shared U-Net (SegViz)"),
     "partial_labels": (None, "unannotated regions in the loss: ignore or background"),
     "threads": (None, "torch threads; default the site configuration's"),
+    "ditto_lambda": (None, "Ditto's lambda; None: no personal model (brats_fl.site.algorithms)"),
+    "personal_epochs": (1, "Ditto: epochs of the personal model per round"),
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
 from monai.utils import set_determinism
+from torch.nn.modules.loss import _Loss
 from torch.utils.data import DataLoader
 
 from brats_fl.data.loading import ANNOTATED, train_loader
@@ -189,7 +191,13 @@ def make_train_loader(items: list[dict], config: TrainConfig) -> DataLoader:
     return train_loader(items, c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio)
 
 
-class RegionLoss(torch.nn.Module):
+#: an extra term of the training objective, a function of the model being trained (FedProx's proximal term)
+ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]
+#: called after every optimiser step with the model and the learning rate of that step (SCAFFOLD's correction)
+AfterStep = Callable[[torch.nn.Module, float], None]
+
+
+class RegionLoss(_Loss):
     """Dice (+ binary cross-entropy) per case and region, averaged over the annotated (case, region) pairs.
 
     With every region annotated this is MONAI's ``DiceLoss(sigmoid=True)``, or with cross-entropy the mean over the
@@ -197,7 +205,8 @@ class RegionLoss(torch.nn.Module):
     nnU-Net's weights of 1 and 1). Not ``DiceCELoss`` on all three channels at once: there its cross-entropy is
     a softmax over the channels, which would treat the nested regions WT > TC > ET as exclusive classes. Written
     around MONAI's per-channel Dice because MONAI's losses mask voxels, not whole channels per sample, and a
-    region a site did not annotate must give no gradient at all, not a push towards background.
+    region a site did not annotate must give no gradient at all, not a push towards background. A torch ``_Loss``,
+    as MONAI's losses are, so that loss-typed helpers (FLARE's ``PTDittoHelper``) take it.
     """
 
     def __init__(self, with_ce: bool):
@@ -254,15 +263,26 @@ class Trainer:
         return self.config.lr
 
     def train_epochs(
-        self, loader: DataLoader, epochs: int = 1, max_steps: int | None = None, lr: float | None = None
+        self,
+        loader: DataLoader,
+        epochs: int = 1,
+        max_steps: int | None = None,
+        lr: float | None = None,
+        extra_loss: ExtraLoss | None = None,
+        after_step: AfterStep | None = None,
     ) -> dict[str, float]:
         """Train for ``epochs`` passes (or ``max_steps`` optimiser steps), every one at ``lr`` if given (a server
         round's rate, fine-tuning's), else at ``epoch_lr``; returns mean loss, steps, time, and the rates of the
-        first and last epoch (``lr``, ``lr_last``)."""
+        first and last epoch (``lr``, ``lr_last``).
+
+        The two hooks let a federated algorithm change local training without this loop knowing it:
+        ``extra_loss(model)`` is added to each step's objective (its mean is returned as ``extra_loss``;
+        ``train_loss`` stays the segmentation loss alone), ``after_step(model, lr)`` runs after each optimiser step.
+        """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         self.model.train()
-        steps, total, start = 0, 0.0, time.perf_counter()
+        steps, total, extra_total, start = 0, 0.0, 0.0, time.perf_counter()
         rates: list[float] = []
         for _ in range(epochs):
             rates.append(self.epoch_lr(self.epochs_done) if lr is None else lr)
@@ -275,8 +295,15 @@ class Trainer:
                 annotated = None if self.config.partial_labels == "background" else batch[ANNOTATED]
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.loss_fn(self.model(image), label, annotated)
-                loss.backward()
+                objective = loss
+                if extra_loss is not None:
+                    extra = extra_loss(self.model)
+                    objective = loss + extra
+                    extra_total += float(extra.detach())
+                objective.backward()
                 self.optimizer.step()
+                if after_step is not None:
+                    after_step(self.model, self.optimizer.param_groups[0]["lr"])
                 total += float(loss.detach())
                 steps += 1
                 if max_steps is not None and steps >= max_steps:
@@ -284,13 +311,16 @@ class Trainer:
             self.epochs_done += 1
             if max_steps is not None and steps >= max_steps:
                 break
-        return {
+        stats = {
             "train_loss": total / max(steps, 1),
             "steps": float(steps),
             "train_time": time.perf_counter() - start,
             "lr": rates[0],
             "lr_last": rates[-1],
         }
+        if extra_loss is not None:
+            stats["extra_loss"] = extra_total / max(steps, 1)
+        return stats
 
     @torch.no_grad()
     def infer(self, image: torch.Tensor) -> torch.Tensor:

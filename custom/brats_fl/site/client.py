@@ -11,6 +11,10 @@ For each task from the server:
 - ``validate_pass`` (sequential jobs, after each pass): score the received model on the validation split;
 - ``submit_model`` (cross-site evaluation): send the site's shared weights.
 
+FedProx, SCAFFOLD and Ditto (``brats_fl.site.algorithms``) change local training through the training loop's hooks:
+FedProx and SCAFFOLD when a training task's meta asks for them (``fedprox_mu``, the SCAFFOLD control variate),
+Ditto when the job gives ``ditto_lambda``; Ditto's personal model is then what ``personalise`` scores.
+
 Personal keys (``--personal``, see ``brats_fl.server.personalise``) are never loaded from the server and
 never sent. With partial labels and a multi-head model (SegViz, ``brats_fl.server.segviz``) the heads of
 regions the site does not annotate are loaded but never sent, and every result declares the regions the site
@@ -33,6 +37,7 @@ from pathlib import Path
 import nvflare.client as flare
 import torch
 from nvflare.app_common.abstract.fl_model import FLMetaKey
+from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.client.tracking import SummaryWriter
 from nvflare.fuel.data_event.data_bus import DataBus
 from torch.utils.data import DataLoader
@@ -46,6 +51,7 @@ from brats_fl.server.personalise import PERSONALISE_TASK, personal_keys
 from brats_fl.server.schedule import ROUND_LR
 from brats_fl.server.segviz import ANNOTATED_META, head_keys
 from brats_fl.server.sequential import PASS_VALIDATION_TASK
+from brats_fl.site.algorithms import Ditto, FedProx, Scaffold
 from brats_fl.site.config import resolve
 from brats_fl.site.executor import CONFIG_KEY
 from brats_fl.version import PACKAGE_DIR, running
@@ -87,6 +93,12 @@ class Site:
         self.trainer = Trainer(self.config)
         #: fine-tuning's constant rate: the job's, else a share of the initial one (not the decayed last rate)
         self.finetune_lr = args.finetune_lr or FINETUNE_SHARE * self.config.lr
+        #: Ditto's personal model with its own optimiser; SCAFFOLD's state begins with the first task asking for it
+        self.ditto = None
+        if args.ditto_lambda is not None:
+            folder = self._run_dir(workspace, job_id) / "ditto"
+            self.ditto = Ditto(Trainer(self.config), folder, args.ditto_lambda, args.personal_epochs)
+        self.scaffold: Scaffold | None = None
         self.personal = set(personal_keys(self.trainer.model, args.personal))
         self.eval_personal = set() if args.personal == "all" else self.personal
         self.annotated = self.datalist.annotated()
@@ -94,7 +106,7 @@ class Site:
         #: heads of regions this site does not annotate: it uses the federation's, and never sends its own
         self.unsent = self.personal | {k for r, keys in heads.items() if r not in self.annotated for k in keys}
         self.name = name
-        self.run_dir = workspace / job_id / "brats_fl"
+        self.run_dir = self._run_dir(workspace, job_id)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = data.state_dir / args.job
         self.record = {"site": name, "data": {k: str(v) for k, v in vars(data).items()}, "train": self.config.to_dict()}
@@ -112,6 +124,10 @@ class Site:
         self.val = eval_loader(self.datalist.items("validation"))
         self.writer = SummaryWriter()
         self._write_record()
+
+    @staticmethod
+    def _run_dir(workspace: Path, job_id: str) -> Path:
+        return workspace / job_id / "brats_fl"
 
     def _write_record(self) -> None:
         (self.run_dir / "site.json").write_text(json.dumps(self.record, indent=1))
@@ -194,7 +210,20 @@ class Site:
         metrics = self.trainer.evaluate(self.val)
         # the round's rate from the server, for every local epoch; None: the trainer's own per-epoch schedule
         lr = (model.meta or {}).get(ROUND_LR)
-        stats = self.trainer.train_epochs(self.train, self.args.local_epochs, lr=lr)
+        # Ditto's personal model trains first, towards the model just received
+        algorithm = {"ditto": self.ditto.round(self.train, self.trainer.model, lr)} if self.ditto else {}
+        fedprox = FedProx.from_task(model, self.trainer.model)
+        c_global = self._scaffold_start(model)
+        after_step = self.scaffold.after_step if self.scaffold and c_global is not None else None
+        stats = self.trainer.train_epochs(
+            self.train, self.args.local_epochs, lr=lr, extra_loss=fedprox, after_step=after_step
+        )
+        extra_meta = {}
+        if self.scaffold and c_global is not None:
+            extra_meta = self.scaffold.finish_round(self.trainer.model, self.trainer.optimizer.param_groups[0]["lr"])
+            algorithm["scaffold"] = self._controls_record(rnd, c_global, extra_meta)
+        if fedprox:
+            algorithm["fedprox"] = {"mu": fedprox.mu, "proximal_term": stats["extra_loss"]}
         params = self.shared_state(self.unsent)
         sent = state_bytes(params)
         row = {"round": rnd, **_as_validation(metrics), **stats, "bytes_sent": sent}
@@ -204,7 +233,7 @@ class Site:
         # fingerprints of what came in, what goes out and what stays: a sequential job's hand-over and a resumed
         # job's start can be checked exactly
         row |= {"received": fingerprint(model.params or {}), "sent": fingerprint(params)}
-        row |= {"kept": fingerprint(self.personal_state()), "finished_at": time.time()}
+        row |= {"kept": fingerprint(self.personal_state()), "finished_at": time.time()} | algorithm
         with (self.run_dir / "rounds.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.trainer.save(self.run_dir / "local_model.pt", round=rnd, site=self.name)
@@ -223,8 +252,34 @@ class Site:
                 "steps": stats["steps"],
                 "site": self.name,
                 ANNOTATED_META: self.annotated,
+                **extra_meta,
             },
         )
+
+    def _scaffold_start(self, model: flare.FLModel) -> dict[str, torch.Tensor] | None:
+        """The server's SCAFFOLD control variate, taken from a training task that carries one (None if it does not);
+        this site's SCAFFOLD state begins with the first such task and lasts the job."""
+        if AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL not in (model.meta or {}):
+            return None
+        self.scaffold = self.scaffold or Scaffold(self.trainer.model)
+        return self.scaffold.start_round(model.meta, self.trainer.model)
+
+    def _controls_record(self, rnd: int, received: dict, meta: dict) -> dict:
+        """SCAFFOLD's control variates of a round: the server's as received, and the change of this site's own as
+        sent; fingerprints and norms in the record, the tensors too with ``audit``."""
+        delta = meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF]
+        if self.args.audit:
+            torch.save({"c_global": received, "c_delta": delta}, self.run_dir / f"controls_round_{rnd}.pt")
+
+        def norm(state: dict) -> float:
+            return float(torch.sqrt(sum((v.double() ** 2).sum() for v in state.values())))
+
+        return {
+            "c_global": fingerprint(received),
+            "c_global_norm": norm(received),
+            "c_delta": fingerprint(delta),
+            "c_delta_norm": norm(delta),
+        }
 
     def personalise(self, model: flare.FLModel) -> flare.FLModel:
         """Final global + own personal layers (+ fine-tuning), scored on this site's test split and kept.
@@ -233,6 +288,8 @@ class Site:
         federated state is restored afterwards, so cross-site evaluation scores the model before fine-tuning.
         """
         self._resume_once(None)
+        if self.ditto:
+            return flare.FLModel(metrics=_scalars(self._score_and_keep("personalised", 0, self.ditto.trainer)))
         self.load_global(model.params, self.personal)
         federated = self._snapshot()
         epochs = self.args.finetune_epochs
@@ -256,13 +313,14 @@ class Site:
             return set(parameter_groups(self.trainer.model)["head"])
         return self.personal
 
-    def _score_and_keep(self, name: str, epochs: int) -> dict:
-        """Score the site's current model on its test split; keep scores and model as ``<name>_test.json`` and
-        ``<name>_model.pt``."""
-        metrics = self.trainer.evaluate(self.test, per_case=True)
+    def _score_and_keep(self, name: str, epochs: int, trainer: Trainer | None = None) -> dict:
+        """Score the site's current model (or ``trainer``'s: Ditto's personal one) on its test split; keep scores and
+        model as ``<name>_test.json`` and ``<name>_model.pt``."""
+        trainer = trainer or self.trainer
+        metrics = trainer.evaluate(self.test, per_case=True)
         (self.run_dir / f"{name}_test.json").write_text(json.dumps(metrics, indent=1))
         lr = self.finetune_lr if epochs else None
-        self.trainer.save(self.run_dir / f"{name}_model.pt", site=self.name, finetune_epochs=epochs, finetune_lr=lr)
+        trainer.save(self.run_dir / f"{name}_model.pt", site=self.name, finetune_epochs=epochs, finetune_lr=lr)
         return metrics
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
