@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -185,3 +186,8 @@ def test_a_chosen_norm_wins_over_the_jobs_and_a_bad_one_is_refused(tmp_path: Pat
         JobParams(norm="layer")
     with pytest.raises(ValueError, match="job parameter out of range: group norm .* multiple of 8, got \\[12, 24\\]"):
         JobParams(norm="group", channels=(12, 24), patch_size=(32, 32, 32))
+
+
+def test_job_parameters_survive_pickling_as_brats_fl_run_sends_them_to_the_simulator():
+    params = JobParams(norm="batch", rounds=3)
+    assert pickle.loads(pickle.dumps(params)) == params

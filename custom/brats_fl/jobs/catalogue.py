@@ -175,6 +175,9 @@ JobParams = make_dataclass(
     bases=(_Job,),
 )
 JobParams.__doc__ = _Job.__doc__
+# make_dataclass names the module "types" on Python 3.11 (its ``module`` argument is 3.12's), and pickle, which
+# sends the parameters to the simulator's child process (brats_fl.jobs.simulate), finds classes by module
+JobParams.__module__ = HyperNetParams.__module__ = __name__
 
 
 def _fedavg(
