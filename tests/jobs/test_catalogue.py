@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from brats_fl.cli.main import main
-from brats_fl.jobs.catalogue import JobParams
+from brats_fl.jobs.catalogue import JOBS, JobParams, build
 from brats_fl.jobs.export import export_jobs
 from brats_fl.jobs.resume import RESUME_FILE
 from brats_fl.server.fedavg import rounds_left
@@ -153,3 +154,40 @@ def test_other_code_is_refused_naming_where_both_versions_and_the_fix():
     edited = mismatch({**here, "code_sha256": "sha256:" + "1" * 64}, "the server (server)")
     assert f"exported from brats-fl {here['version']} (code 111111111111)" in edited
     assert "brats-fl export-jobs" in edited
+
+
+#: the jobs whose papers keep batch-norm statistics at the sites: FedBN, SegViz's FedBN, HyperSeg's Conv + BN
+BATCH_NORM_JOBS = {
+    "brats_fedbn",
+    "brats_fedbn_ft",
+    "brats_segviz_fedbn",
+    "brats_hyperseg_conv_bn",
+    "brats_hyperseg_conv_bn_emb",
+}
+
+
+def test_fedbn_jobs_default_to_batch_norm_and_every_other_job_to_instance_norm():
+    """Server model and sites agree on the job's own normalisation; HyperSeg Conv + BN generates the learnable
+    normalisation tensors and leaves the running statistics at the sites (``stats``)."""
+    for job in sorted(JOBS):
+        configs = _configs(REPO / "jobs" / job)
+        norms = set(re.findall(r'"norm": "(\w+)"', json.dumps(configs)))
+        assert norms == {"batch" if job in BATCH_NORM_JOBS else "instance"}, job
+    server, client = _configs(REPO / "jobs" / "brats_hyperseg_conv_bn")[::-1]
+    assert '"personal": "stats"' in json.dumps(client)
+    generated = next(c["args"]["personal_keys"] for c in server["workflows"] if "personal_keys" in c["args"])
+    assert generated and not [k for k in generated if "running" in k or "num_batches" in k]
+
+
+def test_a_chosen_norm_wins_over_the_jobs_and_a_bad_one_is_refused(tmp_path: Path):
+    build("brats_fedbn", JobParams(norm="group")).export(str(tmp_path))
+    assert set(re.findall(r'"norm": "(\w+)"', json.dumps(_configs(tmp_path / "brats_fedbn")))) == {"group"}
+    with pytest.raises(ValueError, match=r"job parameter out of range: need norm one of \['batch'"):
+        JobParams(norm="layer")
+    with pytest.raises(ValueError, match="job parameter out of range: group norm .* multiple of 8, got \\[12, 24\\]"):
+        JobParams(norm="group", channels=(12, 24), patch_size=(32, 32, 32))
+
+
+def test_job_parameters_survive_pickling_as_brats_fl_run_sends_them_to_the_simulator():
+    params = JobParams(norm="batch", rounds=3)
+    assert pickle.loads(pickle.dumps(params)) == params

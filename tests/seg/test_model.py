@@ -4,7 +4,8 @@ import inspect
 
 import pytest
 import torch
-from brats_fl.seg.model import BratsUNet, build_model, parameter_groups
+from brats_fl.jobs.params import NORM_NAMES
+from brats_fl.seg.model import NORM_GROUPS, NORMS, BratsUNet, build_model, parameter_groups
 
 SMALL = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
 
@@ -37,6 +38,40 @@ def test_groups_partition_the_state_dict(norm):
         assert any(k.endswith("running_mean") for k in groups["norm"])
 
 
+NORM_LAYERS = {"batch": torch.nn.BatchNorm3d, "instance": torch.nn.InstanceNorm3d, "group": torch.nn.GroupNorm}
+#: what each normalisation layer holds in the state dict
+NORM_KEYS = {
+    "batch": {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"},
+    "instance": {"weight", "bias"},
+    "group": {"weight", "bias"},
+}
+
+
+@pytest.mark.parametrize("multi_head", [False, True])
+@pytest.mark.parametrize("norm", NORM_NAMES)
+def test_each_norm_builds_and_its_keys_are_the_norm_group(norm: str, multi_head: bool):
+    """Every normalisation layer is of the chosen kind, with learnable scale and shift; ``norm`` selects each of its
+    keys (batch norm's running statistics too) and ``stats`` the non-learnable ones."""
+    model = build_model({**SMALL, "norm": norm, "multi_head": multi_head})
+    assert model(torch.randn(2, 4, 16, 16, 16)).shape == (2, 3, 16, 16, 16)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, tuple(NORM_LAYERS.values()))}
+    assert layers and all(isinstance(m, NORM_LAYERS[norm]) and m.affine for m in layers.values())
+    groups = parameter_groups(model)
+    assert set(groups["norm"]) == {f"{n}.{k}" for n in layers for k in NORM_KEYS[norm]}
+    learnable = set(dict(model.named_parameters()))
+    assert set(groups["stats"]) == set(groups["norm"]) - learnable
+    assert bool(groups["stats"]) == (norm == "batch")
+    if norm == "group":  # 8 groups of every U-Net width; the single-head model's 3 normalised logits form one
+        assert {(m.num_channels, m.num_groups) for m in layers.values()} == {
+            *((c, NORM_GROUPS) for c in SMALL["channels"]),
+            *(() if multi_head else ((3, 1),)),
+        }
+
+
+def test_the_schema_names_the_models_norms():
+    assert tuple(NORMS) == NORM_NAMES
+
+
 def test_head_grows_from_the_output():
     model = build_model(SMALL)
     one, two = parameter_groups(model, 1)["head"], parameter_groups(model, 2)["head"]
@@ -47,8 +82,10 @@ def test_head_grows_from_the_output():
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(ValueError, match="norm"):
-        build_model({"norm": "group"})
+    with pytest.raises(ValueError, match="norm must be one of"):
+        build_model({"norm": "layer"})
+    with pytest.raises(ValueError, match="multiple of 8, got \\[12, 24, 48\\]"):
+        build_model({"channels": [12, 24, 48], "strides": [2, 2], "norm": "group"})
     with pytest.raises(ValueError, match="strides"):
         build_model({"channels": [8, 16, 32], "strides": [2]})
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from brats_fl.drills.faults import FaultInjection
 from brats_fl.jobs.catalogue import JobParams, cyclic
-from brats_fl.server.screening import outliers, problem, screen_updates, update_norm
+from brats_fl.server.screening import ScreenedAggregator, outliers, problem, screen_updates, update_norm
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
 from nvflare.app_common.app_constant import AppConstants
 
 SHAPES = {"w": [2, 3], "b": [3]}
@@ -110,3 +111,25 @@ def test_every_drilled_fault_is_refused_and_the_good_updates_kept(fault: str, re
 def test_a_sequential_job_refuses_min_good():
     with pytest.raises(ValueError, match="min_good is for jobs that average a round"):
         cyclic(JobParams(min_good=2))
+
+
+def test_shared_batch_norm_statistics_are_a_weighted_mean_and_the_count_stays_an_integer():
+    """FedAvg with batch norm shared: the running statistics are averaged like the weights (case-weighted), never
+    measured as an update, and num_batches_tracked comes back an integer, as the sites' buffer is."""
+    shapes = {"w": [2], "bn.running_mean": [2], "bn.num_batches_tracked": []}
+    aggregator = ScreenedAggregator(shapes)
+    aggregator._global = {
+        "w": torch.zeros(2),
+        "bn.running_mean": torch.zeros(2),
+        "bn.num_batches_tracked": torch.tensor(0),
+    }
+    for site, cases, mean, batches in (("site-1", 1, 1.0, 10), ("site-2", 3, 3.0, 30)):
+        update = {"w": torch.full((2,), mean), "bn.running_mean": torch.full((2,), mean)}
+        update["bn.num_batches_tracked"] = torch.tensor(batches)
+        meta = {"client_name": site, FLMetaKey.NUM_STEPS_CURRENT_ROUND: cases}
+        aggregator.accept_model(FLModel(params=update, meta=meta))
+    # the counts (10 and 30 steps) do not enter the update norm: the norms are those of the float tensors
+    assert aggregator._screen_norms() == pytest.approx({"site-1": 2**0.5 * 2**0.5, "site-2": 3 * 2**0.5 * 2**0.5})
+    average = aggregator._average().params
+    torch.testing.assert_close(average["bn.running_mean"], torch.full((2,), 2.5))
+    assert average["bn.num_batches_tracked"].dtype == torch.int64 and int(average["bn.num_batches_tracked"]) == 25

@@ -11,15 +11,16 @@ from brats_fl.jobs.params import SITE_ONLY, by_name
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
-    """The training options, from the jobs' parameter schema; the learning rate, momentum and channels default to the
-    recipe's and the model's (``brats_fl.seg.trainer.config_from_args``). With no server here, a poly recipe decays
-    the rate per epoch over ``--epochs``."""
+    """The training options, from the jobs' parameter schema; the learning rate, momentum, channels and normalisation
+    default to the recipe's and the model's (``brats_fl.seg.trainer.config_from_args``). With no server here, a poly
+    recipe decays the rate per epoch over ``--epochs``."""
     for name in ("recipe", "patch_size", "batch_size", "fg_ratio", "seed"):
         param = by_name(name)
         param.add_to(parser, default=param.default)
     by_name("lr").add_to(parser, default=None)
     by_name("momentum").add_to(parser, default=None)
     by_name("channels").add_to(parser, default=None)
+    by_name("norm").add_to(parser, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--multi-head", action="store_true", help=SITE_ONLY["multi_head"][1])
     parser.add_argument("--partial-labels", choices=["ignore", "background"], default=None, help="unannotated regions")

@@ -31,6 +31,10 @@ KINDS = {
     "fedprox": "brats_fedprox",
     "ditto": "brats_ditto",
 }
+#: the U-Net's normalisation layers (``brats_fl.seg.model.NORMS``); FedBN's jobs take batch norm, whose running
+#: statistics their papers keep at the site, every other job ``DEFAULT_NORM`` (``brats_fl.jobs.catalogue``)
+NORM_NAMES = ("batch", "instance", "group")
+DEFAULT_NORM = "instance"
 #: training recipes (``brats_fl.seg.trainer.RECIPES``)
 RECIPE_NAMES = ("adam_dice", "nnunet")
 #: FLARE's privacy filters a job may use (``brats_fl.transfer.filters.PRIVACY``)
@@ -147,6 +151,9 @@ PARAMS: tuple[Param, ...] = (
           site="patch", from_cli=tuple, to_site=list),
     Param("channels", tuple, (16, 32, 64, 128), "U-Net channels per level", flag="--channels", nargs="+", item=int,
           site="channels", from_cli=tuple, to_site=list),
+    Param("norm", str, None, "U-Net normalisation: batch, instance or group (of 8 channel groups)",
+          rule=f"norm one of {list(NORM_NAMES)}", choices=NORM_NAMES, flag="--norm", site="norm",
+          to_site=lambda v: v or DEFAULT_NORM),
     Param("recipe", str, "adam_dice", "training recipe: adam_dice (Adam, Dice loss, constant rate 3e-3) or nnunet "
           "(SGD with Nesterov momentum, Dice + cross-entropy, weight decay 3e-5, rate 1e-2 decayed by the server per "
           "round, poly 0.9)", choices=RECIPE_NAMES, flag="--recipe", site="recipe"),
@@ -161,8 +168,8 @@ PARAMS: tuple[Param, ...] = (
           check=lambda v: 0 < v <= 1, flag="--fg-ratio", site="fg_ratio"),
     Param("seed", int, 0, "seed of the model's initialisation, sampling and augmentation", rule="seed >= 0",
           check=lambda v: v >= 0, flag="--seed", site="seed"),
-    Param("personal", str, None, "keys kept at each site: none, all, head:N, norm, head:N+norm", flag="--personal",
-          uses="personal"),
+    Param("personal", str, None, "keys kept at each site: none, all, head:N, norm, stats, head:N+norm",
+          flag="--personal", uses="personal"),
     Param("finetune_epochs", int, None, "local epochs after federated training", rule="finetune_epochs >= 0",
           check=lambda v: v >= 0, flag="--finetune-epochs", uses="finetune"),
     Param("finetune_lr", float, None, "constant learning rate of fine-tuning", rule="0 < finetune_lr < 1",
@@ -244,7 +251,7 @@ HYPERNETWORK: tuple[Param, ...] = (
 SITE_ONLY: dict[str, tuple[Any, str]] = {
     "job": ("brats_fl", "job name: where the site keeps its personal layers"),
     "datalist": (None, "datalist name instead of the site's own (e.g. site-All)"),
-    "personal": ("none", "keys that never leave the site: none, all, head:N, norm"),
+    "personal": ("none", "keys that never leave the site: none, all, head:N, norm, stats"),
     "finetune_epochs": (0, "local epochs after federated training"),
     "finetune_scope": ("all", "what fine-tuning trains: personal, heads or all"),
     "multi_head": (False, "one head per region on a shared U-Net (SegViz)"),

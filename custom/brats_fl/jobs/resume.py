@@ -86,8 +86,10 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
     bundle = {RESUME_FILE: checkpoint}
     _one(server["components"], (PERSISTOR,), server_path)["args"]["source_ckpt_file_full_name"] = RESUME_FILE
     if controller["path"] == HYPERSEG:
-        # the hypernetwork makes the sites' personal layers: they keep none of their own to go back to
+        # the hypernetwork makes the sites' personal layers; sites that keep batch-norm statistics go back to them
         controller["args"]["resume_from"] = RESUME_FILE
+        config = _executor(client, client_path)["args"]["config"]
+        config["resume"] = config.get("personal", "none") != "none"
         bundle[HYPERNETWORK_FILE] = hypernetwork = checkpoint.parent / HYPERNETWORK_FILE
         if not hypernetwork.is_file():
             raise FileNotFoundError(f"{hypernetwork}: a HyperSeg job resumes with its hypernetwork")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,19 @@ from torch import nn
 from brats_fl.data.labels import REGIONS
 from brats_fl.data.layout import MODALITIES
 
-NORMS = {"batch": ("batch", {"affine": True}), "instance": ("instance", {"affine": True})}
+#: GroupNorm's number of groups: MONAI SegResNet's default. Wu and He's 32 does not divide the 16 channels of our
+#: first level; 8 groups leave 2 or more channels per group at every level of the default U-Net. Every channel count
+#: of the U-Net must be a multiple (``check_norm``); the one layer whose width is not one of them, the 3 logits that
+#: the single-head U-Net normalises before its last convolution, gets gcd(3, 8) = 1 group (``_set_groups``)
+NORM_GROUPS = 8
+#: MONAI's normalisation layers, by the name a job gives (``brats_fl.jobs.params.NORM_NAMES``); all with learnable
+#: scale and shift, and batch norm with running statistics too (MONAI's defaults: momentum 0.1, tracked statistics).
+#: MONAI gives every layer the same arguments, so group norm is built with 1 group and given its groups per layer
+NORMS = {
+    "batch": ("batch", {"affine": True}),
+    "instance": ("instance", {"affine": True}),
+    "group": ("group", {"num_groups": 1, "affine": True}),
+}
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 _CONV_TYPES = (nn.Conv3d, nn.ConvTranspose3d)
 
@@ -25,8 +38,9 @@ class BratsUNet(nn.Module):
 
     MONAI's UNet cannot be used directly in a FLARE job: job export rebuilds a model from the attributes
     named like its constructor arguments, and UNet stores ``spatial_dims`` as ``dimensions``. This wrapper
-    keeps every argument under its own name. Instance norm is affine here (MONAI's default is not), so
-    FedBN has normalisation parameters to keep at the site.
+    keeps every argument under its own name. ``norm`` is ``batch``, ``instance`` or ``group`` (``NORMS``); all are
+    affine here (MONAI's instance norm is not by default), so FedBN always has normalisation parameters to keep at
+    the site, and batch norm adds the running statistics that the FedBN paper keeps there too.
 
     ``multi_head`` makes the SegViz model: the U-Net becomes a representation block ending in
     ``channels[0]`` features, and a task block holds one head per region (``heads.TC``, ``heads.WT``,
@@ -47,8 +61,7 @@ class BratsUNet(nn.Module):
         multi_head: bool = False,
     ):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
+        check_norm(norm, channels)
         if len(strides) != len(channels) - 1:
             raise ValueError(f"need len(strides) == len(channels) - 1, got {list(strides)} and {list(channels)}")
         if multi_head and out_channels != len(REGIONS):
@@ -81,6 +94,7 @@ class BratsUNet(nn.Module):
             )
             if multi_head:
                 self.heads = nn.ModuleDict({r: self._head(features) for r in REGIONS})
+        _set_groups(self)
 
     def _head(self, features: int) -> nn.Sequential:
         hidden = Convolution(3, features, features, kernel_size=3, norm=NORMS[self.norm], act="PRELU")
@@ -107,6 +121,26 @@ class BratsUNet(nn.Module):
         }
 
 
+def check_norm(norm: str, channels: Sequence[int]) -> None:
+    """Refuse an unknown normalisation, or group norm where ``NORM_GROUPS`` does not divide a channel count (every
+    normalised layer, the SegViz heads included, has one of ``channels``)."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
+    if norm == "group" and any(c % NORM_GROUPS for c in channels):
+        raise ValueError(
+            f"group norm splits every layer's channels into {NORM_GROUPS} groups: every channel count must be a "
+            f"multiple of {NORM_GROUPS}, got {list(channels)}"
+        )
+
+
+def _set_groups(model: nn.Module) -> None:
+    """``NORM_GROUPS`` groups in every group norm, or the greatest common divisor where its width is no multiple
+    (a GroupNorm's parameters do not depend on its groups, only its forward pass does)."""
+    for layer in model.modules():
+        if isinstance(layer, nn.GroupNorm):
+            layer.num_groups = math.gcd(layer.num_channels, NORM_GROUPS)
+
+
 def _module_keys(module: nn.Module, prefix: str) -> list[str]:
     return [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
 
@@ -126,13 +160,14 @@ def _unet_paths(model: BratsUNet) -> dict[str, list[nn.Module]]:
 
 
 def parameter_groups(model: BratsUNet, head_layers: int = 1) -> dict[str, list[str]]:
-    """State-dict keys by role: encoder, bottleneck, decoder, norm, head.
+    """State-dict keys by role: encoder, bottleneck, decoder, norm, stats, head.
 
-    ``norm`` holds every normalisation parameter and running statistic (selected by module type, since
-    MONAI's key names carry no "bn"). ``head`` holds the last ``head_layers`` convolutions counted from
-    the output, with the normalisation and activation parameters between them (FedPer's personal layers).
-    A multi-head model's ``head`` is its whole task block (``head_layers`` is then ignored), and
-    ``head_TC``, ``head_WT``, ``head_ET`` hold each region's head.
+    ``norm`` holds every normalisation key, learnable or not: scale, shift and batch norm's ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` (selected by module type, since MONAI's key names carry no "bn").
+    ``stats`` holds the running statistics alone (none with instance or group norm). ``head`` holds the last
+    ``head_layers`` convolutions counted from the output, with the normalisation and activation parameters between
+    them (FedPer's personal layers). A multi-head model's ``head`` is its whole task block (``head_layers`` is then
+    ignored), and ``head_TC``, ``head_WT``, ``head_ET`` hold each region's head.
     """
     names = {id(m): n for n, m in model.named_modules()}
     groups = {
@@ -140,6 +175,8 @@ def parameter_groups(model: BratsUNet, head_layers: int = 1) -> dict[str, list[s
         for role, modules in _unet_paths(model).items()
     }
     groups["norm"] = [k for n, m in model.named_modules() if isinstance(m, _NORM_TYPES) for k in _module_keys(m, n)]
+    learnable = dict(model.named_parameters())
+    groups["stats"] = [k for k in groups["norm"] if k not in learnable]
     if model.multi_head:
         for region, head in model.heads.items():
             groups[f"head_{region}"] = _module_keys(head, f"heads.{region}")

@@ -180,6 +180,8 @@ def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig
         values["model"] = {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)}
     if args.multi_head:
         values["model"] = {**values.get("model", {}), "multi_head": True}
+    if args.norm:
+        values["model"] = {**values.get("model", {}), "norm": args.norm}
     if args.partial_labels:
         values["partial_labels"] = args.partial_labels
     return TrainConfig.from_dict(values)

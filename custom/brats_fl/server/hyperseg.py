@@ -2,7 +2,9 @@
 
 Each round every site receives the shared weights plus personal tensors (the last convolution, optionally every
 normalisation layer) that the hypernetwork generated from that site's descriptor, trains locally and returns its
-whole model. The server then (a) averages the shared weights over the sites, weighted by training cases, with
+whole model, except the running statistics of batch-norm layers whose scale and shift were generated (Conv + BN):
+those stay at the site, as in FedBN, since a hypernetwork generates learnable tensors and a statistic has no
+gradient. The server then (a) averages the shared weights over the sites, weighted by training cases, with
 FLARE's ``WeightedAggregationHelper``, and (b) updates the hypernetwork by the pFedHN rule: for site i with
 descriptor v_i, generated weights theta_i = h(v_i; phi) and returned weights theta~_i, the hypernetwork's
 gradient is (d theta_i / d phi)^T (theta_i - theta~_i), averaged over the sites, fed to its own optimiser.
@@ -183,7 +185,8 @@ class HyperSegController(ModelController):
             if why:
                 self.panic(why)
                 return
-            model.params = self._aggregate(returned, shared_only=use_net)
+            # a key no site sends (batch-norm statistics kept at the sites) keeps its global value
+            model.params = model.params | self._aggregate(returned, shared_only=use_net)
             if use_net:
                 self._update_net(personal, returned)
                 model.params |= self._detached(self.net(None))

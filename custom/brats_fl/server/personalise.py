@@ -7,8 +7,10 @@ for diff transfer alike: a key that is not sent has no diff either. (FLARE's ``e
 not enough: it filters on the server only, after the personal weights have already left the site.)
 
 Selections: ``none`` (FedAvg), ``all`` (local-only baseline), ``head:N`` (FedPer: the last N
-convolutions from the output, with their normalisation), ``norm`` (FedBN: every normalisation
-parameter and statistic), or ``head:N+norm``.
+convolutions from the output, with their normalisation), ``norm`` (FedBN: every normalisation key, the
+learnable scale and shift and, with batch norm, ``running_mean``, ``running_var`` and ``num_batches_tracked``),
+``stats`` (batch norm's running statistics alone, as SiloBN keeps them; what the HyperSeg Conv + BN sites keep,
+since the hypernetwork generates only learnable tensors), or a sum of these, ``head:N+norm``.
 
 ``PersonalisedEvaluation`` runs after federated training: it sends the final global model to every site,
 which combines it with its personal layers, optionally fine-tunes, and scores the result on its own
@@ -41,12 +43,14 @@ def personal_keys(model: BratsUNet, spec: str) -> list[str]:
     keys: set[str] = set()
     for part in spec.split("+"):
         name, _, count = part.partition(":")
-        if name == "norm" and not count:
-            keys |= set(parameter_groups(model)["norm"])
+        if name in ("norm", "stats") and not count:
+            keys |= set(parameter_groups(model)[name])
         elif name == "head" and count.isdigit() and int(count) > 0:
             keys |= set(parameter_groups(model, head_layers=int(count))["head"])
         else:
-            raise ValueError(f"unknown personal-key selection {spec!r}; use none, all, head:N, norm or head:N+norm")
+            raise ValueError(
+                f"unknown personal-key selection {spec!r}; use none, all, head:N, norm, stats or a sum (head:N+norm)"
+            )
     return [k for k in model.state_dict() if k in keys]
 
 

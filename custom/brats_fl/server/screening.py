@@ -13,10 +13,11 @@ Each refusal is logged with the site and the reason and recorded in ``screening.
 folder (one line per round: the sites averaged, with the norm of their update, and the sites refused, with
 the reason). The rest is averaged exactly as FLARE's FedAvg does, per key over the sites that sent it (FedPer
 and FedBN sites leave their personal keys out) and weighted by ``NUM_STEPS_CURRENT_ROUND``; a key that no
-site sent keeps its value in the global model, which FedAvg would otherwise drop. If fewer than
-``min_good`` updates survive, the round is not averaged at all: the job stops with an error naming every
-refused site and why. A round in which no site sent any weight (the local-only baseline) has nothing to
-average, and is passed on as FLARE's own aggregation passes it.
+site sent keeps its value in the global model, which FedAvg would otherwise drop. Batch-norm running statistics
+that the sites share are averaged so too; an integer count among them (num_batches_tracked) is left out of the
+update norm and rounded back to an integer. If fewer than ``min_good`` updates survive, the round is not
+averaged at all: the job stops with an error naming every refused site and why. A round in which no site sent
+any weight (the local-only baseline) has nothing to average, and is passed on as FLARE's own aggregation passes it.
 
 The same screen, one definition (``problem``, ``update_norm``, ``outliers``, ``screen_updates``), guards the
 controllers that do not aggregate through FLARE's aggregator: the sequential jobs' hand-over
@@ -89,7 +90,10 @@ def update_norm(params: Mapping, sent: Mapping | None) -> float:
     ``params`` itself where it is already that difference (``sent`` None)."""
     squares = 0.0
     for key, value in params.items():
-        step = torch.as_tensor(value).double()
+        step = torch.as_tensor(value)
+        if not step.is_floating_point():
+            continue  # a count (batch norm's num_batches_tracked) grows with the steps taken, not with the update
+        step = step.double()
         if sent is not None:
             step = step - torch.as_tensor(sent[key]).double()
         squares += float(step.square().sum())
@@ -227,6 +231,10 @@ class ScreenedAggregator(ModelAggregator):
                 metrics.add(data=scalars, weight=weight, contributor_name=site, contribution_round=self._round)
         self.info(f"round {self._round}: averaged the updates of {sorted(_get_client_name(m) for m in self._good)}")
         params_type, average = self._good[0].params_type, params.get_result()
+        # the weighted mean of running statistics is their FedAvg; that of an integer buffer (num_batches_tracked),
+        # which FLARE's helper returns as floats, is rounded back to the sites' integer type
+        dtypes = {k: v.dtype for m in self._good for k, v in m.params.items()}
+        average = {k: v if dtypes[k].is_floating_point else v.round().to(dtypes[k]) for k, v in average.items()}
         if params_type == ParamsType.FULL:
             # FedAvg replaces the global model by full weights, which would drop a key no site sent (one that
             # FLARE's ExcludeVars kept at the sites): it keeps its global value, so every site gets a whole model
