@@ -93,7 +93,9 @@ def test_fedbn_with_diff_transfer_and_personal_finetuning_under_the_nnunet_recip
     """FedBN's aggregation and fine-tuning, trained with the nnU-Net recipe at its own rate: every site trains each
     round at the rate the server's poly schedule gives that round, and fine-tunes at its own rate, not at the
     schedule's last (a schedule that decayed to 0 would leave the fine-tuned layers unchanged)."""
-    params = JobParams(**{**vars(TINY), "transfer": "diff", "finetune_epochs": 1, "recipe": "nnunet", "lr": None})
+    params = JobParams(
+        **{**vars(TINY), "transfer": "diff", "finetune_epochs": 1, "recipe": "nnunet", "lr": None, "norm": "batch"}
+    )
     run = run_simulation("brats_fedbn_ft", params, sim_data, tmp_path)
     record = json.loads((run / "server" / "simulate_job" / "brats_fl_run.json").read_text())
     controller = next(c for c in record["server_config"]["workflows"] if c["id"] == "controller")
