@@ -36,6 +36,8 @@ def test_exported_algorithm_jobs_carry_their_parameters(tmp_path: Path):
     ("job", "option"),
     [
         ("brats_fedavg", "--mu"),
+        ("brats_scaffold", "--norm-ratio"),
+        ("brats_scaffold", "--min-good"),
         ("brats_fedprox", "--ditto-lambda"),
         ("brats_scaffold", "--mu"),
         ("brats_scaffold", "--personal"),

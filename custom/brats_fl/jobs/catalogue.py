@@ -107,7 +107,7 @@ class _Job:
     FedAvg with the same parameters. A visit is skipped when the site has not picked it up after
     ``assignment_timeout`` seconds or not finished it after ``visit_timeout``.
 
-    What crosses the wire (docs/privacy.md): every job's server refuses an update with NaN or infinite
+    What crosses the wire (docs/privacy.md): every job's server but SCAFFOLD's refuses an update with NaN or infinite
     values, foreign keys or shapes, or a norm over ``norm_ratio`` times the median of the round's other updates
     (a sequential job's: of the earlier visits'), and a job that averages stops rather than average a round with
     fewer than ``min_good`` good updates (``brats_fl.server.screening``). ``privacy`` puts one of FLARE's
@@ -678,30 +678,30 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
 }
 #: the kinds of parameter each job uses besides those every job does (``brats_fl.jobs.params.KINDS``); an option of
 #: another kind set for it is refused before anything runs (``refuse_unused``)
-_FEDAVG = frozenset({"personal", "deadline"})
+_FEDAVG = frozenset({"personal", "deadline", "screened"})
 USES: dict[str, frozenset[str]] = {
-    "brats_central": frozenset({"deadline"}),
-    "brats_local": frozenset({"deadline"}),
+    "brats_central": frozenset({"screened", "deadline"}),
+    "brats_local": frozenset({"screened", "deadline"}),
     "brats_fedavg": _FEDAVG,
     "brats_fedper": _FEDAVG,
     "brats_fedbn": _FEDAVG,
     "brats_fedavg_ft": _FEDAVG | {"finetune"},
     "brats_fedbn_ft": _FEDAVG | {"finetune"},
-    "brats_cyclic": frozenset({"sequential"}),
-    "brats_swt": frozenset({"sequential"}),
-    "brats_hyperseg_conv": frozenset({"hypernetwork"}),
-    "brats_hyperseg_conv_bn": frozenset({"hypernetwork"}),
-    "brats_hyperseg_conv_bn_emb": frozenset({"hypernetwork"}),
+    "brats_cyclic": frozenset({"screened", "sequential"}),
+    "brats_swt": frozenset({"screened", "sequential"}),
+    "brats_hyperseg_conv": frozenset({"screened", "hypernetwork"}),
+    "brats_hyperseg_conv_bn": frozenset({"screened", "hypernetwork"}),
+    "brats_hyperseg_conv_bn_emb": frozenset({"screened", "hypernetwork"}),
     "brats_segviz_fedavg": _FEDAVG | {"finetune", "sampling"},
     "brats_segviz_fedbn": _FEDAVG | {"finetune", "sampling"},
-    "brats_segviz_local": frozenset({"deadline"}),
-    "brats_segviz_central": frozenset({"deadline"}),
-    "brats_fedadam": frozenset({"deadline", "fedopt", "fedopt_beta2"}),
-    "brats_fedyogi": frozenset({"deadline", "fedopt", "fedopt_beta2"}),
-    "brats_fedadagrad": frozenset({"deadline", "fedopt"}),
+    "brats_segviz_local": frozenset({"screened", "deadline"}),
+    "brats_segviz_central": frozenset({"screened", "deadline"}),
+    "brats_fedadam": frozenset({"screened", "deadline", "fedopt", "fedopt_beta2"}),
+    "brats_fedyogi": frozenset({"screened", "deadline", "fedopt", "fedopt_beta2"}),
+    "brats_fedadagrad": frozenset({"screened", "deadline", "fedopt"}),
     "brats_fedprox": _FEDAVG | {"fedprox"},
-    "brats_scaffold": frozenset(),
-    "brats_ditto": frozenset({"deadline", "ditto"}),
+    "brats_scaffold": frozenset(),  # FLARE's Scaffold controller aggregates unscreened
+    "brats_ditto": frozenset({"screened", "deadline", "ditto"}),
 }
 #: jobs that train at one site at a time, which may then use every core of a shared machine, and their default passes
 SEQUENTIAL = {"brats_cyclic": 2, "brats_swt": 1}
