@@ -28,7 +28,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
     params = JobParams(**job, hypernetwork=HyperNetParams(**hypernetwork))
     workspace = args.workspace or Path("runs") / f"{args.job}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
-    run_dir = run_simulation(args.job, params, args.site_config, workspace, progress=True, verbose=args.verbose)
+    run_dir = run_simulation(
+        args.job, params, args.site_config, workspace, progress=True, verbose=args.verbose, numerics_mode=args.numerics
+    )
     wall_time = time.perf_counter() - start
     summary = summarise_run(run_dir) | {"job": args.job, "params": asdict(params), "wall_time": wall_time}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -103,4 +105,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--site-config", type=Path, default=Path("site_configs/simulation.json"), help="the sites' data")
     p.add_argument("--workspace", type=Path, default=None, help="default: runs/<job>-<time>")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    p.add_argument(
+        "--numerics",
+        choices=("portable", "native"),
+        default="portable",
+        help="portable: the sites' CPU kernels are pinned to AVX2, so that a seed gives the same model on every such "
+        "machine (brats_fl.jobs.numerics); native: the fastest this CPU has",
+    )
     p.set_defaults(func=_cmd_run)
