@@ -21,8 +21,13 @@ def tiny_params(**settings):
     return JobParams(patch_size=(32, 32, 32), channels=(8, 16, 32), **settings)
 
 
-def write_case(root: Path, case_id: str, shape=(24, 24, 16), seed: int = 0) -> Path:
-    """A minimal valid case: a box-shaped brain with a nested spherical tumour (labels 2 > 1 > 4)."""
+def write_case(root: Path, case_id: str, shape=(24, 24, 16), seed: int = 0, release: str = "other") -> Path:
+    """A minimal valid case: a box-shaped brain with a nested spherical tumour (oedema > core > enhancing rim), its
+    files named and labelled as ``release`` names and labels them (``brats_fl.data.layout.RELEASES``)."""
+    from brats_fl.data.labels import convention
+    from brats_fl.data.layout import release as named
+
+    rel = named(release)
     rng = np.random.default_rng(seed)
     folder = root / case_id
     folder.mkdir(parents=True)
@@ -34,12 +39,12 @@ def write_case(root: Path, case_id: str, shape=(24, 24, 16), seed: int = 0) -> P
     seg = np.zeros(shape, np.uint8)
     seg[radius < 6] = 2
     seg[radius < 4] = 1
-    seg[(radius >= 2.5) & (radius < 4)] = 4
+    seg[(radius >= 2.5) & (radius < 4)] = convention(rel.convention).et
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
     for i, mod in enumerate(MODS):
         img = (brain * (100 + 10 * i) + seg * 20 + rng.normal(0, 2, shape) * brain).astype(np.float32)
-        nib.save(nib.Nifti1Image(img, affine), str(folder / f"{case_id}_{mod}.nii.gz"))
-    nib.save(nib.Nifti1Image(seg, affine), str(folder / f"{case_id}_seg.nii.gz"))
+        nib.save(nib.Nifti1Image(img, affine), str(folder / rel.file_name(case_id, mod)))
+    nib.save(nib.Nifti1Image(seg, affine), str(folder / rel.file_name(case_id, "seg")))
     return folder
 
 

@@ -110,15 +110,18 @@ def test_cli_reports_every_problem_and_fails(good_cohort: Path, capsys):
     )
     assert main(["check-data", str(good_cohort)]) == 1
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 2
-    assert "BraTS20_Training_003_t1ce.nii.gz: missing t1ce file" in out[0]
-    assert "BraTS20_Training_005_seg.nii.gz: unknown label values {3}" in out[1]
+    assert out[0] == "6 case(s) named as BraTS 2020 (BraTS20_Training_001_t1ce.nii.gz); labels 1 NCR/NET, 2 ED, 4 ET"
+    assert out[1] == "BraTS20_Training_001: 24x24x16 voxels of 1.00x1.00x1.00 mm, LPS"
+    problems = out[7:]
+    assert len(problems) == 2
+    assert "BraTS20_Training_003_t1ce.nii.gz: missing t1ce file" in problems[0]
+    assert "BraTS20_Training_005_seg.nii.gz: unknown label values {3}; BraTS 2020 labels are" in problems[1]
     assert main(["check-data", str(good_cohort / "missing")]) == 2
 
 
 def test_case_folders_are_found_by_their_files_not_their_numbers(tmp_path: Path):
     from tests.conftest import write_case
 
-    write_case(tmp_path / "d", "BraTS2021_00000")
-    write_case(tmp_path / "d" / "nested", "AnyName_17")
-    assert [c.case_id for c in find_cases(tmp_path / "d")] == ["AnyName_17", "BraTS2021_00000"]
+    write_case(tmp_path / "d", "BraTS2021_01666")
+    write_case(tmp_path / "d" / "nested", "BraTS2021_00000")
+    assert [c.case_id for c in find_cases(tmp_path / "d")] == ["BraTS2021_00000", "BraTS2021_01666"]

@@ -26,7 +26,7 @@ def _cmd_partition(args: argparse.Namespace) -> None:
 
     check_split(args.split)
     annotated = dict(_site_regions(text) for text in args.annotate)
-    cases = find_cases(args.data)
+    cases = find_cases(args.data, args.release)
     assignment = assign_sites(
         cases,
         args.sites,
@@ -54,11 +54,17 @@ def _site_regions(text: str) -> tuple[str, list[str]]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from brats_fl.data.checks import check_cases
-    from brats_fl.data.layout import find_cases
+    from brats_fl.data.checks import check_cases, describe_grid
+    from brats_fl.data.labels import convention
+    from brats_fl.data.layout import find_cases, release
 
-    cases = find_cases(args.data)
-    problems = check_cases(cases)
+    cases = find_cases(args.data, args.release)
+    rel = release(cases[0].release)
+    labels = convention(rel.convention).describe()
+    print(f"{len(cases)} case(s) named as {rel.description} ({rel.example}); labels {labels}")
+    for case in cases:
+        print(f"{case.case_id}: {describe_grid(case)}")
+    problems = check_cases(cases, grid_required=not args.resample)
     for p in problems:
         print(p)
     print(f"checked {len(cases)} case(s): {len(problems)} problem(s)", file=sys.stderr)
@@ -69,6 +75,18 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from brats_fl.cli.demo import prepare_data
 
     prepare_data(args.out, cases=args.cases, sites=args.sites, shape=tuple(args.shape), seed=args.seed)
+
+
+def _release_option(parser: argparse.ArgumentParser) -> None:
+    from brats_fl.data.layout import RELEASE_NAMES
+
+    parser.add_argument(
+        "--release",
+        choices=RELEASE_NAMES,
+        default=None,
+        help="the BraTS release, where the file names cannot tell it: 2024-gli-post (named as 2023, 4 = resection "
+        "cavity); default: read from the names",
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -100,10 +118,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="SITE=REGIONS",
         help="partial labels: e.g. site-1=WT site-2=TC site-3=ET,TC; unnamed sites annotate every region",
     )
+    _release_option(p)
     p.set_defaults(func=_cmd_partition)
 
-    p = sub.add_parser("check-data", help="check every case; one line per problem, exit 1 if any")
+    p = sub.add_parser(
+        "check-data",
+        help="name the release, show each case's grid, check every case; one line per problem, exit 1 if any",
+    )
     p.add_argument("data", type=Path)
+    _release_option(p)
+    p.add_argument(
+        "--resample", action="store_true", help="the cases will be resampled (a job's --spacing): any grid is accepted"
+    )
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("prepare", help="phantom cohort + equal and unequal partitions for the simulated sites")

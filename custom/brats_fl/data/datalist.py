@@ -1,7 +1,9 @@
 """Read a site's datalist and turn its relative entries into checked, absolute file paths.
 
 A datalist (written by ``brats-fl partition``) names files relative to a data root that only the site
-knows, so the same datalist and the same job work on any machine.
+knows, so the same datalist and the same job work on any machine. Each entry records the BraTS release of its case
+(``brats_fl.data.layout.RELEASES``), which fixes its label convention; an entry that records none (datalists from
+before releases were told apart) takes the release its label file's name gives.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from brats_fl.data.checks import DataError, Problem, require_valid
 from brats_fl.data.labels import REGIONS, annotation_mask
-from brats_fl.data.layout import MODALITIES, SEG, Case
+from brats_fl.data.layout import MODALITIES, SEG, Case, match_file, release
 
 SPLITS = ("training", "validation", "test")
 
@@ -26,8 +28,8 @@ class Datalist:
     meta: dict
 
     def items(self, split: str) -> list[dict]:
-        """MONAI-style items ``{"image": [4 paths], "label": path, "case_id": id, "annotated": [regions]}`` with
-        absolute paths."""
+        """MONAI-style items ``{"image": [4 paths], "label": path, "case_id": id, "annotated": [regions],
+        "release": name}`` with absolute paths."""
         return self.splits[split]
 
     def annotated(self) -> list[str]:
@@ -47,6 +49,7 @@ class Datalist:
                         folder=Path(item["label"]).parent,
                         files={k: (p if p.is_file() else None) for k, p in files.items()},
                         expected=files,
+                        release=item["release"],
                     )
                 )
         return out
@@ -69,8 +72,20 @@ def _annotated(entry: dict, datalist: Path) -> list[str]:
     return [r for r in REGIONS if r in regions]
 
 
-def load_datalist(path: Path, root: Path, check: bool = True) -> Datalist:
-    """Load ``path`` with entries relative to ``root``; with ``check`` run the data checks and raise on problems."""
+def _release(entry: dict, label: Path, datalist: Path) -> str:
+    name = entry.get("release")
+    if name is None:
+        found = match_file(label)
+        return found[0].name if found else "other"
+    try:
+        return release(name).name
+    except ValueError as err:
+        raise DataError([Problem(datalist, f"case {entry.get('case_id')!r}: {err}")]) from err
+
+
+def load_datalist(path: Path, root: Path, check: bool = True, grid_required: bool = True) -> Datalist:
+    """Load ``path`` with entries relative to ``root``; with ``check`` run the data checks and raise on problems
+    (``grid_required``: a case off the BraTS grid is one, unless the caller resamples)."""
     path, root = Path(path), Path(root).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: datalist does not exist")
@@ -90,6 +105,7 @@ def load_datalist(path: Path, root: Path, check: bool = True) -> Datalist:
                 "image": [_inside(root, rel, path) for rel in e["image"]],
                 "label": _inside(root, e["label"], path),
                 "annotated": _annotated(e, path),
+                "release": _release(e, root / e["label"], path),
             }
             for e in doc[s]
         ]
@@ -100,5 +116,5 @@ def load_datalist(path: Path, root: Path, check: bool = True) -> Datalist:
     if not splits["training"]:
         raise DataError([Problem(path, "no training case")])
     if check:
-        require_valid(datalist.cases())
+        require_valid(datalist.cases(), grid_required=grid_required)
     return datalist

@@ -1,13 +1,17 @@
 """BraTS label conventions: one place that says which label means what and in which channel order.
 
-BraTS 2020 labels: 0 background, 1 necrotic / non-enhancing core (NCR/NET), 2 peritumoural oedema (ED),
-4 enhancing tumour (ET). The evaluated regions are nested: WT = 1+2+4, TC = 1+4, ET = 4.
+Every release labels the tumour core's non-enhancing part 1 and the surrounding oedema (infiltrated tissue) 2; the
+enhancing tumour is 4 in BraTS 2020 and 2021 and 3 from 2023 on, whose post-treatment glioma data of 2024 adds 4 for
+the resection cavity. The evaluated regions are nested and the same in every release: WT = core + oedema + ET,
+TC = core + ET, ET. A resection cavity belongs to no region. Which release a case comes from is read from its file
+names (``brats_fl.data.layout``); the 2024 post-treatment data share the 2023 names and are declared.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,15 +26,47 @@ REGIONS: tuple[str, ...] = ("TC", "WT", "ET")
 #: The order regions are shown in tables (the BraTS papers' order).
 DISPLAY_ORDER: tuple[str, ...] = ("WT", "TC", "ET")
 
-#: Label values allowed in a BraTS 2020 segmentation file.
-BRATS_LABELS: frozenset[int] = frozenset({0, 1, 2, 4})
+
+@dataclass(frozen=True)
+class Convention:
+    """What each label value of a release's segmentation files means."""
+
+    name: str
+    #: every value a file may hold, with its meaning
+    labels: dict[int, str]
+    #: the enhancing tumour's value; the core is 1 and the oedema 2 in every release
+    et: int
+
+    def describe(self) -> str:
+        return ", ".join(f"{v} {m}" for v, m in self.labels.items() if v)
+
+
+#: label conventions by name (``brats_fl.data.layout.Release.convention``)
+CONVENTIONS: dict[str, Convention] = {
+    c.name: c
+    for c in (
+        Convention("brats2020", {0: "background", 1: "NCR/NET", 2: "ED", 4: "ET"}, et=4),
+        Convention("brats2023", {0: "background", 1: "NETC", 2: "SNFH", 3: "ET"}, et=3),
+        Convention("brats2024-post", {0: "background", 1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"}, et=3),
+    )
+}
+#: the convention of data that records none (datalists and models from before releases were told apart)
+DEFAULT_CONVENTION = "brats2020"
+
+
+def convention(name: str) -> Convention:
+    """The convention ``name``; refuses an unknown one, listing the known."""
+    if name not in CONVENTIONS:
+        raise ValueError(f"unknown label convention {name!r}; known: {sorted(CONVENTIONS)}")
+    return CONVENTIONS[name]
 
 
 @functools.cache
-def _to_channels() -> Callable:
+def _to_channels(et: int) -> Callable:
     from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 
-    return ConvertToMultiChannelBasedOnBratsClasses(et_label=4)
+    # MONAI's TC is 1 + ET and its WT is TC + 2, so any other value (2024's cavity, 4) falls in no region
+    return ConvertToMultiChannelBasedOnBratsClasses(et_label=et)
 
 
 def annotation_mask(annotated: Sequence[str]) -> list[float]:
@@ -44,16 +80,18 @@ def annotation_mask(annotated: Sequence[str]) -> list[float]:
     return [float(r in annotated) for r in REGIONS]
 
 
-def labels_to_regions(seg: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-    """Convert a 0/1/2/4 label map (X, Y, Z) into boolean region channels (3, X, Y, Z) in REGIONS order."""
-    return _to_channels()(seg)
+def labels_to_regions(seg: np.ndarray | torch.Tensor, name: str = DEFAULT_CONVENTION) -> np.ndarray | torch.Tensor:
+    """Convert a label map (X, Y, Z) of convention ``name`` into boolean region channels (3, X, Y, Z), REGIONS
+    order."""
+    return _to_channels(convention(name).et)(seg)
 
 
-def regions_to_labels(regions: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Convert region channels (3, X, Y, Z), boolean or probabilities > 0.5, back into a 0/1/2/4 label map.
+def regions_to_labels(regions: np.ndarray | torch.Tensor, name: str = DEFAULT_CONVENTION) -> np.ndarray:
+    """Convert region channels (3, X, Y, Z), boolean or probabilities > 0.5, back into a label map of convention
+    ``name`` (a prediction never holds a resection cavity: no network region is one).
 
     Regions are painted from the outside in (WT, then TC, then ET), so the result is nested even
-    when a prediction is not: an ET voxel outside the predicted TC still becomes label 4.
+    when a prediction is not: an ET voxel outside the predicted TC still becomes ET.
     """
     arr = regions.detach().cpu().numpy() if hasattr(regions, "detach") else np.asarray(regions)
     if arr.shape[0] != len(REGIONS):
@@ -63,5 +101,5 @@ def regions_to_labels(regions: np.ndarray | torch.Tensor) -> np.ndarray:
     out = np.zeros(arr.shape[1:], dtype=np.uint8)
     out[wt] = 2
     out[tc] = 1
-    out[et] = 4
+    out[et] = convention(name).et
     return out

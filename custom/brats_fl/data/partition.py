@@ -171,6 +171,8 @@ def _entry(case: Case, root: Path) -> dict:
         "case_id": case.case_id,
         "image": [case.files[m].resolve().relative_to(root).as_posix() for m in MODALITIES],
         "label": case.files[SEG].resolve().relative_to(root).as_posix(),
+        # the label convention follows from it; a 2024 post-treatment case is known only from this record
+        "release": case.release,
     }
 
 
