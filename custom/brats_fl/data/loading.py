@@ -1,17 +1,24 @@
 """MONAI transform pipelines and cached datasets for training and whole-volume evaluation.
 
-Deterministic work (decoding NIfTI, label conversion, brain crop, sampling indices) runs once and is
-cached in memory; only the random crop and augmentation run every epoch, so training is not stalled by I/O.
+Deterministic work (decoding NIfTI, label conversion, brain crop, resampling to the training spacing, sampling
+indices) runs once and is cached in memory, and with a site's ``cache_dir`` on disk too, so that the next job on the
+same cohort skips it; only the random crop and augmentation run every epoch, so training is not stalled by I/O.
+Evaluation keeps the brain crop at the files' own resolution: a prediction made at a coarser spacing is resampled
+back to it (``brats_fl.seg.trainer.Trainer.infer``), so that labels are never downsampled for scoring.
 Cropping to the brain before sampling matters: negatives then fall inside the brain, not in the air
 around the head, which otherwise teaches the network to flood the brain with false positives.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
 from monai.transforms import (
     Compose,
     ConvertToMultiChannelBasedOnBratsClassesd,
@@ -27,10 +34,12 @@ from monai.transforms import (
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    Spacingd,
     SpatialPadd,
 )
 
 from brats_fl.data.labels import REGIONS, annotation_mask
+from brats_fl.version import code_sha256
 
 _FG, _BG = "label_fg_indices", "label_bg_indices"
 #: the item key of the per-region annotation mask (REGIONS order), see ``brats_fl.data.labels.annotation_mask``
@@ -59,8 +68,8 @@ class HideUnannotatedd(MapTransform):
         return d
 
 
-def _load_and_normalise(pad_to: Sequence[int] | None) -> list:
-    steps = [
+def _load_and_crop() -> list:
+    return [
         LoadImaged(keys=["image", "label"], image_only=True),
         EnsureChannelFirstd(keys="image"),
         ConvertToMultiChannelBasedOnBratsClassesd(keys="label"),
@@ -68,50 +77,62 @@ def _load_and_normalise(pad_to: Sequence[int] | None) -> list:
         # the brain's bounding box: BraTS volumes are skull-stripped, so non-zero voxels are brain
         CropForegroundd(keys=["image", "label"], source_key="image", allow_smaller=True),
     ]
-    if pad_to is not None:
-        steps.append(SpatialPadd(keys=["image", "label"], spatial_size=pad_to))
-    return steps
 
 
-def train_transforms(patch_size: Sequence[int], samples_per_case: int, fg_ratio: float) -> Compose:
-    """Cached: load, brain crop, pad, sampling indices (raw intensities, so background is 0), z-score.
+def _train_cached(patch_size: Sequence[int], spacing: float | None) -> list:
+    """Load, brain crop, resample to ``spacing`` (trilinear image, nearest labels), pad, sampling indices (on raw
+    intensities, so background is 0), z-score."""
+    steps = _load_and_crop()
+    if spacing is not None:
+        steps.append(Spacingd(keys=["image", "label"], pixdim=(spacing,) * 3, mode=("bilinear", "nearest")))
+    return [
+        *steps,
+        SpatialPadd(keys=["image", "label"], spatial_size=patch_size),
+        FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0),
+        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+    ]
 
-    Random: crops centred on tumour (a ``fg_ratio`` share of them) or on other brain, flips and intensity
-    jitter. Negatives matter: whole-brain inference meets far more healthy tissue than training patches do.
-    """
-    return Compose(
-        [
-            *_load_and_normalise(patch_size),
-            FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0),
-            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-            RandCropByPosNegLabeld(
-                keys=["image", "label"],
-                label_key="label",
-                spatial_size=patch_size,
-                pos=fg_ratio,
-                neg=1.0 - fg_ratio,
-                num_samples=samples_per_case,
-                fg_indices_key=_FG,
-                bg_indices_key=_BG,
-            ),
-            DeleteItemsd(keys=[_FG, _BG]),
-            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
-            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
-            RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
-            EnsureTyped(keys=["image", "label"], track_meta=False),
-        ]
-    )
+
+def _train_random(patch_size: Sequence[int], samples_per_case: int, fg_ratio: float) -> list:
+    """Crops centred on tumour (a ``fg_ratio`` share of them) or on other brain, flips and intensity jitter.
+    Negatives matter: whole-brain inference meets far more healthy tissue than training patches do."""
+    return [
+        RandCropByPosNegLabeld(
+            keys=["image", "label"],
+            label_key="label",
+            spatial_size=patch_size,
+            pos=fg_ratio,
+            neg=1.0 - fg_ratio,
+            num_samples=samples_per_case,
+            fg_indices_key=_FG,
+            bg_indices_key=_BG,
+        ),
+        DeleteItemsd(keys=[_FG, _BG]),
+        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
+        EnsureTyped(keys=["image", "label"], track_meta=False),
+    ]
+
+
+def train_transforms(
+    patch_size: Sequence[int], samples_per_case: int, fg_ratio: float, spacing: float | None = None
+) -> Compose:
+    """The whole training pipeline: the cached steps, then the random ones (``train_loader`` runs them apart)."""
+    return Compose([*_train_cached(patch_size, spacing), *_train_random(patch_size, samples_per_case, fg_ratio)])
 
 
 def eval_transforms() -> Compose:
-    """Whole brain, no augmentation: for validation and test with sliding-window inference."""
+    """Whole brain at the files' own resolution, no augmentation: for validation and test with sliding-window
+    inference. Keeps each volume's affine (MONAI's MetaTensor): inference at a training spacing resamples from and
+    back to it, and HD95 reads the voxel size in mm from it."""
     return Compose(
         [
-            *_load_and_normalise(None),
+            *_load_and_crop(),
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-            EnsureTyped(keys=["image", "label"], track_meta=False),
+            EnsureTyped(keys=["image", "label"]),
         ]
     )
 
@@ -122,6 +143,47 @@ def inference_transforms() -> Compose:
     return Compose([LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image")])
 
 
+def _file_stamps(item: dict) -> bytes:
+    """The item's hash for the disk cache, with each file's size and modification time: MONAI's default hashes the
+    paths alone, and a cohort rewritten in place (a new phantom, corrected labels) must not meet its old cache."""
+    files = [*item["image"], item["label"]]
+    stamps = [(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
+    return pickle_hashing(
+        {
+            "item": {k: v for k, v in item.items() if k != ANNOTATED},
+            "files": stamps,
+            "annotated": item[ANNOTATED].tolist(),
+        }
+    )
+
+
+def _pipeline_hash(settings: dict):
+    """``hash_transform`` for MONAI's PersistentDataset: the pipeline's settings and our package's code. MONAI's own
+    choices hash pickled transform objects or, failing JSON, their class names alone, which misses a changed
+    ``spacing``; the code hash makes any change to this module's pipelines start a new cache."""
+    text = json.dumps(settings | {"code": code_sha256()}, sort_keys=True)
+
+    def transform_hash(_transforms: list) -> bytes:
+        return hashlib.sha256(text.encode()).hexdigest().encode()
+
+    return transform_hash
+
+
+def _source(items: list[dict], cached: list, cache_dir: Path | None, settings: dict) -> Dataset:
+    """``items`` through the deterministic ``cached`` steps: from ``cache_dir`` on disk when a site has one
+    (written on first use), else computed."""
+    if cache_dir is None:
+        return Dataset(items, Compose(cached))
+    return PersistentDataset(
+        items,
+        Compose(cached),
+        cache_dir=cache_dir,
+        hash_func=_file_stamps,
+        hash_transform=_pipeline_hash(settings),
+        track_meta=True,
+    )
+
+
 def train_loader(
     items: list[dict],
     patch_size: Sequence[int],
@@ -129,6 +191,8 @@ def train_loader(
     samples_per_case: int,
     seed: int,
     fg_ratio: float,
+    spacing: float | None = None,
+    cache_dir: Path | None = None,
 ) -> DataLoader:
     """A shuffled loader over cached cases; each case yields ``samples_per_case`` patches per epoch.
 
@@ -138,9 +202,10 @@ def train_loader(
     cached case (volume, labels, sampling indices: about 60 MB) to crop two small patches from it took
     two thirds of the loading time.
     """
+    settings = {"pipeline": "train", "patch_size": list(patch_size), "spacing": spacing}
     dataset = CacheDataset(
-        _strip(items),
-        train_transforms(patch_size, samples_per_case, fg_ratio),
+        _source(_strip(items), _train_cached(patch_size, spacing), cache_dir, settings),
+        Compose(_train_random(patch_size, samples_per_case, fg_ratio)),
         cache_rate=1.0,
         num_workers=0,
         progress=False,
@@ -151,9 +216,10 @@ def train_loader(
     return DataLoader(dataset, batch_size=max(1, batch_size // samples_per_case), shuffle=True, generator=generator)
 
 
-def eval_loader(items: list[dict]) -> DataLoader:
-    """One whole case per batch, cached after the first pass."""
-    dataset = CacheDataset(_strip(items), eval_transforms(), cache_rate=1.0, num_workers=0, progress=False)
+def eval_loader(items: list[dict], cache_dir: Path | None = None) -> DataLoader:
+    """One whole case per batch, cached after the first pass (and on disk with ``cache_dir``)."""
+    source = _source(_strip(items), list(eval_transforms().transforms), cache_dir, {"pipeline": "eval"})
+    dataset = CacheDataset(source, None, cache_rate=1.0, num_workers=0, progress=False)
     return DataLoader(dataset, batch_size=1, shuffle=False)
 
 

@@ -19,9 +19,12 @@ from typing import Any
 from nvflare.apis.filter import Filter
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.model_controller import ModelController
 from nvflare.app_common.workflows.scaffold import Scaffold
+from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.job_config.model import PTModel
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
 from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
@@ -251,7 +254,7 @@ def _fedavg(
         **recipe_args,
     )
     _with_transfer_filters(recipe, params, model)
-    return _with_evaluation(recipe)
+    return _with_evaluation(recipe, params)
 
 
 class DeadlineFedAvgRecipe(FedAvgRecipe):
@@ -366,14 +369,31 @@ def _privacy_filter(params: JobParams, model: BratsUNet) -> Filter:
     return PRIVACY[params.privacy](**args)
 
 
-def _with_evaluation(recipe: Recipe, personalise: bool = True) -> Recipe:
+def _with_evaluation(recipe: Recipe, params: JobParams, personalise: bool = True) -> Recipe:
     """What every job adds after training: tracking, each site's own-test scores, cross-site evaluation, and
-    the run record. ``personalise=False`` for a controller that sends each site its own final model itself."""
+    the run record. ``personalise=False`` for a controller that sends each site its own final model itself.
+
+    Cross-site evaluation (``cross_site``): ``all`` is FLARE's ``add_cross_site_evaluation``, which scores the
+    server's models (last and best global) and every site's submitted model on every site's test split; ``global``
+    scores the server's models alone, with the same FLARE components but no ``submit_model`` task (FLARE's
+    ``CrossSiteModelEval`` sends none when its task name is empty): 2 models per site instead of 2 + sites."""
     # every site's SummaryWriter scalars arrive at the server's TensorBoard folder (tb_events/<site>)
     add_experiment_tracking(recipe, "tensorboard")
     if personalise:
         recipe._job.to_server(PersonalisedEvaluation(timeout=TASK_TIMEOUT), id="personalised_evaluation")
-    add_cross_site_evaluation(recipe, submit_model_timeout=TASK_TIMEOUT, validation_timeout=TASK_TIMEOUT)
+    if params.cross_site == "all":
+        add_cross_site_evaluation(recipe, submit_model_timeout=TASK_TIMEOUT, validation_timeout=TASK_TIMEOUT)
+    else:
+        # add_cross_site_evaluation's components (nvflare.recipe.utils), with the submit_model task left out
+        locator = recipe._job.to_server(PTFileModelLocator(pt_persistor_id=recipe._job.comp_ids["persistor_id"]))
+        recipe._job.to_server(ValidationJsonGenerator())
+        evaluation = CrossSiteModelEval(
+            model_locator_id=locator,
+            submit_model_task_name="",
+            submit_model_timeout=TASK_TIMEOUT,
+            validation_timeout=TASK_TIMEOUT,
+        )
+        recipe._job.to_server(evaluation)
     # what the run was (configuration, seeds, versions, code, wall time), next to its results on the server
     recipe._job.to_server(RunRecord(expects=running()), id="run_record")
     return recipe
@@ -429,7 +449,7 @@ def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
         **params.round_lr(),
     )
     client = params.client_config() | {"rounds": passes, "local_epochs": epochs}
-    return _with_evaluation(ControllerRecipe(name, params, controller, client))
+    return _with_evaluation(ControllerRecipe(name, params, controller, client), params)
 
 
 def cyclic(params: JobParams) -> Recipe:
@@ -478,7 +498,7 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
         "resume": bool(params.resume_from) and site_stats,
     }
     recipe = ControllerRecipe(name, params, controller, client)
-    return _with_evaluation(recipe, personalise=False)
+    return _with_evaluation(recipe, params, personalise=False)
 
 
 def hyperseg_conv(params: JobParams) -> Recipe:
@@ -515,7 +535,7 @@ def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
     )
     client = params.client_config() | {"multi_head": True, "personal": personal, "finetune_scope": "heads"}
     client["finetune_epochs"] = _finetune_epochs(params)
-    return _with_evaluation(ControllerRecipe(name, params, controller, client, model=model))
+    return _with_evaluation(ControllerRecipe(name, params, controller, client, model=model), params)
 
 
 def segviz_fedavg(params: JobParams) -> Recipe:
@@ -641,7 +661,7 @@ def scaffold(params: JobParams) -> Recipe:
     resuming."""
     _no_resume("brats_scaffold", params)
     controller = Scaffold(num_clients=params.sites, num_rounds=params.rounds, persistor_id="persistor")
-    return _with_evaluation(ControllerRecipe("brats_scaffold", params, controller, params.client_config()))
+    return _with_evaluation(ControllerRecipe("brats_scaffold", params, controller, params.client_config()), params)
 
 
 def ditto(params: JobParams) -> FedAvgRecipe:

@@ -46,6 +46,8 @@ QUANTIZATION_NAMES = ("float16", "blockwise8", "float4", "normfloat4")
 OPTIMISER_NAMES = ("adam", "sgd")
 #: a sequential job's visiting orders (``brats_fl.server.sequential.ORDERS``)
 ORDER_NAMES = ("fixed", "shuffle")
+#: what cross-site evaluation scores (``brats_fl.jobs.catalogue._with_evaluation``)
+CROSS_SITE = ("all", "global")
 #: FLARE's default of 10 s for a task to be picked up suits toy models, not 3D training on a CPU
 TASK_TIMEOUT = 6 * 3600
 
@@ -163,6 +165,11 @@ PARAMS: tuple[Param, ...] = (
     Param("momentum", float, None, "Nesterov momentum of an SGD recipe: 0.9 as the federated nnU-Net slides, 0.99 as "
           "nnU-Net", rule="0 < momentum < 1, with an SGD recipe", check=lambda v: 0 < v < 1, flag="--momentum",
           site="momentum", unset="the recipe's (nnunet 0.9)"),
+    # real BraTS pipelines train at lower resolution: at 2 mm a 64^3 patch covers 128 mm, most of a brain
+    Param("spacing", float, None, "voxel size (mm, isotropic) that training and inference resample the brain to; "
+          "predictions are resampled back and scored on each case's own grid", rule="0 < spacing <= 10 (mm)",
+          check=lambda v: _number(v) and 0 < v <= 10, flag="--spacing", site="spacing",
+          unset="none: the files' own grid"),
     _at_least_one("batch_size", "patches per batch", default=2, flag="--batch", site="batch"),
     # nnU-Net oversamples foreground to one third; 0 would train on background alone
     Param("fg_ratio", float, 0.33, "share of training patches centred on tumour", rule="0 < fg_ratio <= 1",
@@ -178,6 +185,9 @@ PARAMS: tuple[Param, ...] = (
           unset="a tenth of the initial learning rate (brats_fl.seg.trainer.FINETUNE_SHARE)"),
     Param("resume_from", str, None, "continue from a run's FL_global_model.pt", flag="--resume-from", item=Path,
           from_cli=lambda p: str(Path(p).resolve()), site="resume", to_site=bool),
+    Param("cross_site", str, "all", "cross-site evaluation: every site scores the server's models and every site's "
+          "submitted model (all), or the server's models only (global)", rule=f"cross_site one of {list(CROSS_SITE)}",
+          choices=CROSS_SITE, flag="--cross-site"),
     Param("transfer", str, "full", "what a site sends: its full weights or the diff to the received ones",
           rule="transfer full or diff", choices=("full", "diff"), flag="--transfer"),
     _at_least_one("passes", "trips around the sites", flag="--passes", uses="sequential"),

@@ -1,5 +1,9 @@
 """Whole-case prediction: a 0/1/2/4 label map in the input's grid, written as NIfTI; and which saved models may
-predict at all.
+predict at all, and at which spacing.
+
+A model trained at a coarser ``spacing`` (``brats_fl.jobs.params``) predicts at it: a site's or a central run's model
+file records it (``Trainer.save``), a FLARE global model's job configuration beside it does. Its prediction is
+resampled back and written on the input's own grid and affine.
 
 The server's global model (``FL_global_model.pt``, FLARE's persistor file) of a job with personal layers (FedPer,
 FedBN, the local-only baseline, HyperSeg) is no model any site uses: no site ever sends its personal layers, so
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import nibabel as nib
 import torch
-from monai.transforms import CropForeground, NormalizeIntensity
+from monai.transforms import CropForeground, NormalizeIntensity, SpatialCrop
 
 from brats_fl.data.checks import require_valid
 from brats_fl.data.labels import REGIONS, regions_to_labels
@@ -95,6 +99,19 @@ def untrained_layers(model_path: Path) -> str | None:
     )
 
 
+def trained_spacing(model_path: Path) -> float | None:
+    """The spacing (mm) ``model_path`` was trained at: recorded in a model ``Trainer.save`` wrote, or in the job
+    configuration beside a FLARE global model; None: the files' own grid (models saved before spacing existed)."""
+    blob = torch.load(model_path, map_location="cpu", weights_only=False)
+    if "state_dict" in blob:
+        return blob.get("spacing")
+    client = _json(Path(model_path).parent / "config" / "config_fed_client.json")
+    sites = [
+        executor.get("executor", {}).get("args", {}).get("config") or {} for executor in client.get("executors", [])
+    ]
+    return next((site.get("spacing") for site in sites), None)
+
+
 def load_for_inference(
     model_path: Path,
     patch_size: tuple[int, int, int] = (64, 64, 64),
@@ -104,13 +121,18 @@ def load_for_inference(
     """A Trainer around a saved model, ready for ``infer`` and ``evaluate`` with sliding windows of ``patch_size``.
 
     ``model_config`` is needed only for FLARE's weights-only files (see ``load_model``). Refuses a global model
-    whose personal layers no site trained (``untrained_layers``).
+    whose personal layers no site trained (``untrained_layers``). Infers at the spacing the model was trained at
+    (``trained_spacing``).
     """
     why = untrained_layers(model_path) if Path(model_path).is_file() else None
     if why:
         raise UntrainedLayersError(why)
     model = load_model(model_path, model_config)
-    return Trainer(TrainConfig(model=model.config(), patch_size=tuple(patch_size), threads=threads), model=model)
+    config = TrainConfig(
+        model=model.config(), patch_size=tuple(patch_size), threads=threads, spacing=trained_spacing(model_path)
+    )
+    config.validate()
+    return Trainer(config, model=model)
 
 
 def predict_case(
@@ -133,11 +155,12 @@ def predict_case(
     # segment the brain's bounding box (found on raw intensities, where background is 0), normalised as in
     # evaluation and training, and paste it back into the full grid: windows over the air around the head
     # would meet inputs the network never saw
+    # (a model trained at a coarser spacing segments the box at that spacing and is resampled back to it)
     start, end = CropForeground(allow_smaller=True).compute_bounding_box(image)
     box = (slice(None), *(slice(int(a), int(b)) for a, b in zip(start, end, strict=True)))
-    brain = NormalizeIntensity(nonzero=True, channel_wise=True)(image[box])
+    brain = NormalizeIntensity(nonzero=True, channel_wise=True)(SpatialCrop(roi_start=start, roi_end=end)(image))
     regions = torch.zeros((len(REGIONS), *image.shape[1:]), dtype=torch.bool)
-    regions[box] = torch.sigmoid(trainer.infer(brain.unsqueeze(0)))[0] > 0.5
+    regions[box] = torch.sigmoid(trainer.infer_case(brain)).cpu() > 0.5
     labels = regions_to_labels(regions)
     reference = nib.load(str(case.files[MODALITIES[0]]))
     out.parent.mkdir(parents=True, exist_ok=True)

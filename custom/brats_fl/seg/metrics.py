@@ -31,15 +31,22 @@ class RegionMetrics:
         self._hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
         self.rows: list[dict[str, np.ndarray]] = []
 
-    def update(self, pred: torch.Tensor, truth: torch.Tensor, annotated: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        pred: torch.Tensor,
+        truth: torch.Tensor,
+        annotated: torch.Tensor | None = None,
+        spacing: list[tuple[float, float, float]] | None = None,
+    ) -> None:
         """Add a batch of binary masks shaped (B, 3, X, Y, Z) in REGIONS order; ``annotated`` (B, 3) marks the
-        regions each case's labels cover (default: all)."""
+        regions each case's labels cover (default: all); ``spacing`` each case's voxel size in mm (default: the
+        metric's own)."""
         pred, truth = pred.float(), truth.float()
         dice = self._dice(pred, truth).cpu().numpy()
         iou = self._iou(pred, truth).cpu().numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MONAI warns on every empty mask; handled below
-            hd = self._hd(pred, truth, spacing=self.spacing).cpu().numpy().astype(np.float64)
+            hd = self._hd(pred, truth, spacing=spacing or self.spacing).cpu().numpy().astype(np.float64)
         pred_empty = (pred.flatten(2).sum(-1) == 0).cpu().numpy()
         truth_empty = (truth.flatten(2).sum(-1) == 0).cpu().numpy()
         hd = np.where(pred_empty & truth_empty, 0.0, np.where(pred_empty | truth_empty, HD95_UNDEFINED, hd))

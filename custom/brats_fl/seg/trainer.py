@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from monai.data import MetaTensor, decollate_batch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
+from monai.transforms import ResampleToMatch, Spacing
 from monai.utils import set_determinism
 from torch.nn.modules.loss import _Loss
 from torch.utils.data import DataLoader
@@ -80,6 +82,8 @@ class TrainConfig:
 
     model: dict = field(default_factory=dict)
     patch_size: tuple[int, int, int] = (64, 64, 64)
+    #: voxel size (mm) training and inference resample the brain to; None: the files' own (``brats_fl.jobs.params``)
+    spacing: float | None = None
     batch_size: int = 2
     samples_per_case: int = 2
     #: share of training patches centred on tumour (``brats_fl.jobs.params``)
@@ -153,8 +157,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        # the jobs' rule, so that a job and its sites agree
+        # the jobs' rules, so that a job and its sites agree
         by_name("fg_ratio").validate(self.fg_ratio)
+        by_name("spacing").validate(self.spacing)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -175,6 +180,7 @@ def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig
         "seed": args.seed,
         "total_epochs": total_epochs,
         "threads": args.threads,
+        "spacing": args.spacing,
     }
     if args.channels:
         values["model"] = {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)}
@@ -187,10 +193,11 @@ def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig
     return TrainConfig.from_dict(values)
 
 
-def make_train_loader(items: list[dict], config: TrainConfig) -> DataLoader:
-    """The cached, augmenting patch loader that ``config`` describes (patch, batch, sampling, seed)."""
+def make_train_loader(items: list[dict], config: TrainConfig, cache_dir: Path | None = None) -> DataLoader:
+    """The cached, augmenting patch loader that ``config`` describes (patch, batch, sampling, seed, spacing); with
+    ``cache_dir`` its deterministic part is kept on disk (``brats_fl.data.loading``)."""
     c = config
-    return train_loader(items, c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio)
+    return train_loader(items, c.patch_size, c.batch_size, c.samples_per_case, c.seed, c.fg_ratio, c.spacing, cache_dir)
 
 
 #: an extra term of the training objective, a function of the model being trained (FedProx's proximal term)
@@ -324,11 +331,11 @@ class Trainer:
             stats["extra_loss"] = extra_total / max(steps, 1)
         return stats
 
-    @torch.no_grad()
-    def infer(self, image: torch.Tensor) -> torch.Tensor:
-        """Region probabilities of whole volumes (B, 4, X, Y, Z) by sliding-window inference."""
+    def _sliding(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch (B, 4, X, Y, Z) on its own grid, by Gaussian-weighted sliding windows of the patch."""
         self.model.eval()
-        logits = sliding_window_inference(
+        image = image.as_tensor() if isinstance(image, MetaTensor) else image
+        return sliding_window_inference(
             image.to(self.device),
             roi_size=self.config.patch_size,
             sw_batch_size=self.config.sw_batch_size,
@@ -336,19 +343,45 @@ class Trainer:
             overlap=self.config.sw_overlap,
             mode="gaussian",
         )
-        return logits
+
+    @torch.no_grad()
+    def infer_case(self, image: torch.Tensor) -> torch.Tensor:
+        """Region logits (3, X, Y, Z) of one volume (4, X, Y, Z) on the volume's own grid.
+
+        With ``spacing`` the volume (a MetaTensor, whose affine says its voxel size) is resampled to it, trilinear,
+        segmented there, and the logits are resampled back to the volume's grid, trilinear, by both affines (world
+        coordinates); thresholding comes after, so a coarse prediction is scored against the label at full size.
+        """
+        if self.config.spacing is None:
+            return self._sliding(image.unsqueeze(0))[0]
+        if not isinstance(image, MetaTensor):
+            raise ValueError(f"inference at spacing {self.config.spacing} mm needs the volume's affine (a MetaTensor)")
+        coarse = Spacing(pixdim=(self.config.spacing,) * 3, mode="bilinear")(image)
+        logits = self._sliding(coarse.unsqueeze(0))[0].cpu()
+        back = ResampleToMatch(mode="bilinear")(MetaTensor(logits, affine=coarse.affine), img_dst=image)
+        return back.as_tensor().to(self.device)
+
+    @torch.no_grad()
+    def infer(self, image: torch.Tensor) -> torch.Tensor:
+        """Region logits (B, 3, X, Y, Z) of whole volumes (B, 4, X, Y, Z) on their own grid (``infer_case``)."""
+        if self.config.spacing is None:
+            return self._sliding(image)
+        return torch.stack([self.infer_case(case) for case in decollate_batch(image)])
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, per_case: bool = False) -> dict:
-        """Dice, IoU, HD95 per region and their means, and the mean loss, over whole cases."""
+        """Dice, IoU, HD95 per region and their means, and the mean loss, over whole cases at the labels' own
+        resolution; HD95 in mm by each label's voxel size (its affine, where the loader keeps it)."""
         metrics = RegionMetrics()
         losses, case_ids = [], []
         for batch in loader:
-            label = batch["label"].to(self.device).float()
+            label = batch["label"]
+            spacing = [tuple(map(float, p)) for p in label.pixdim] if isinstance(label, MetaTensor) else None
+            label = torch.as_tensor(label).to(self.device).float()
             logits = self.infer(batch["image"])
             # a region the case's site did not annotate is never scored, whatever the training mode
             losses.append(float(self.loss_fn(logits, label, batch[ANNOTATED])))
-            metrics.update((torch.sigmoid(logits) > 0.5).float(), label, batch[ANNOTATED])
+            metrics.update((torch.sigmoid(logits) > 0.5).float(), label, batch[ANNOTATED], spacing=spacing)
             case_ids.extend(batch["case_id"])
         out: dict = {**metrics.aggregate(), "val_loss": sum(losses) / len(losses)}
         if per_case:
@@ -366,9 +399,11 @@ class Trainer:
         self.epochs_done = int(state["epochs_done"])
 
     def save(self, path: Path, **meta) -> None:
-        """Save weights with the model config, so ``load_model`` needs nothing else."""
+        """Save weights with the model config and the spacing it was trained at, so that ``load_model`` and
+        inference (``brats_fl.seg.inference``) need nothing else."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model_config": self.model.config(), "state_dict": self.model.state_dict(), "meta": meta}, path)
+        blob = {"model_config": self.model.config(), "state_dict": self.model.state_dict(), "meta": meta}
+        torch.save(blob | {"spacing": self.config.spacing}, path)
 
 
 def load_model(path: Path, model_config: dict | None = None) -> BratsUNet:

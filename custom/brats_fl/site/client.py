@@ -120,8 +120,9 @@ class Site:
         if not args.resume:
             # a new run of the job: what an earlier run kept must never be taken for this run's
             self.record["cleared_state"] = self._clear_state()
-        self.train = make_train_loader(self.datalist.items("training"), self.config)
-        self.val = eval_loader(self.datalist.items("validation"))
+        self.cache_dir = data.cache_dir
+        self.train = make_train_loader(self.datalist.items("training"), self.config, self.cache_dir)
+        self.val = eval_loader(self.datalist.items("validation"), self.cache_dir)
         self.writer = SummaryWriter()
         self._write_record()
 
@@ -185,7 +186,7 @@ class Site:
     @functools.cached_property
     def test(self) -> DataLoader:
         """The test split, cached on first use: only evaluation tasks need it."""
-        return eval_loader(self.datalist.items("test"))
+        return eval_loader(self.datalist.items("test"), self.cache_dir)
 
     def load_global(self, params: dict, personal: set[str]) -> None:
         """Load every shared key; a personal key from the server is ignored, a missing shared key is an error."""

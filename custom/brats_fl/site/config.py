@@ -20,6 +20,10 @@ asks for another one (the centralized job trains on the pooled ``site-All``).
 
 ``state_dir`` is where a site keeps what outlives a job (default: ``brats_fl_state`` in its workspace; the
 simulator wipes its workspaces, so simulated sites keep theirs under ``<state_dir>/<site>``).
+``cache_dir`` (optional) is where the site keeps its decoded, brain-cropped and resampled cases on disk, so that
+the next job on the same cohort skips that work (``brats_fl.data.loading``); it is the site's disk, not the job's
+choice. A cached case is found again only for the same files (path, size, modification time), the same pipeline
+settings (spacing, patch) and the same brats-fl code, so a changed pipeline or cohort never reads a stale cache.
 ``threads`` caps torch's CPU threads at the site. Simulated sites share one machine, so ``brats-fl run``
 sets ``BRATS_FL_THREADS`` to the machine's cores divided by the number of sites, which takes precedence.
 """
@@ -35,7 +39,7 @@ ENV_VAR = "BRATS_FL_SITE_CONFIG"
 THREADS_VAR = "BRATS_FL_THREADS"
 LOCAL_FILE = Path("local") / "brats_fl_site.json"
 SIMULATION_FILE = Path("site_configs") / "simulation.json"
-_KEYS = {"data_root", "datalist_dir", "datalist", "threads", "state_dir", "sites"}
+_KEYS = {"data_root", "datalist_dir", "datalist", "threads", "state_dir", "cache_dir", "sites"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class SiteData:
     #: where the site keeps what outlives a job (its personal layers, for a restarted job)
     state_dir: Path
     source: Path
+    #: where the site caches its preprocessed cases on disk; None: in memory only, for the job
+    cache_dir: Path | None = None
 
 
 def _candidates(workspace: Path) -> list[Path]:
@@ -106,4 +112,5 @@ def resolve(site: str, datalist_name: str | None = None, workspace: Path | None 
     workspace = Path(workspace or Path.cwd())
     state_dir = rel(values["state_dir"]) / site if "state_dir" in values else workspace / "brats_fl_state"
     data_root = rel(values["data_root"])
-    return SiteData(site, data_root, datalist, threads=threads, state_dir=state_dir, source=path)
+    cache_dir = rel(values["cache_dir"]) if "cache_dir" in values else None
+    return SiteData(site, data_root, datalist, threads=threads, state_dir=state_dir, source=path, cache_dir=cache_dir)

@@ -1,0 +1,41 @@
+"""FedAvg at 2 mm in FLARE's simulator, with the benchmark's cheap evaluation and the sites' disk cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from brats_fl.jobs.simulate import run_simulation
+from brats_fl.results.report import FINAL_GLOBAL, summarise_run
+from brats_fl.seg.inference import trained_spacing
+from conftest import tiny_params
+
+SITES = ("site-1", "site-2", "site-3")
+
+
+@pytest.mark.slow
+def test_fedavg_at_2_mm_scores_every_site_and_evaluates_the_global_model_only(sim_data: Path, tmp_path: Path):
+    config = tmp_path / "simulation.json"
+    config.write_text(json.dumps(json.loads(sim_data.read_text()) | {"cache_dir": str(tmp_path / "cache")}))
+    params = tiny_params(rounds=2, local_epochs=1, spacing=2.0, cross_site="global")
+    run = run_simulation("brats_fedavg", params, config, tmp_path / "ws")
+
+    summary = summarise_run(tmp_path / "ws")
+    assert set(summary["test_per_site"]) == set(SITES)
+    assert all(0 <= m["dice_mean"] <= 1 for m in summary["test_per_site"].values())
+    (cse,) = run.rglob("cross_val_results.json")
+    scored = json.loads(cse.read_text())
+    # every site scored the server's models, and no site's own: no site was asked to submit one
+    assert set(scored) == set(SITES)
+    assert all(FINAL_GLOBAL in models and all(m.startswith("SRV_") for m in models) for models in scored.values())
+    for site in SITES:
+        record = run / site / "simulate_job" / "brats_fl"
+        site_json = json.loads((record / "site.json").read_text())
+        assert site_json["train"]["spacing"] == 2.0
+        assert site_json["data"]["cache_dir"] == str(tmp_path / "cache")
+        test = json.loads((record / "personalised_test.json").read_text())
+        assert {c["case_id"] for c in test["per_case"]} and "hd95_WT" in test
+        assert trained_spacing(record / "personalised_model.pt") == 2.0
+    assert trained_spacing(run / "server" / "simulate_job" / "app_server" / "FL_global_model.pt") == 2.0
+    assert any((tmp_path / "cache").glob("*.pt"))
