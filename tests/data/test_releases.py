@@ -182,3 +182,21 @@ def test_a_datalist_without_releases_takes_them_from_the_file_names(tmp_path: Pa
             del entry["release"]
     path.write_text(json.dumps(doc))
     assert load_datalist(path, root).items("training")[0]["release"] == "2023"
+
+
+def test_the_pipelines_read_each_item_by_its_release(tmp_path: Path):
+    """Items of two releases in one loader: each one's ET is its own release's label (4 in 2021, 3 in 2023)."""
+    from brats_fl.data.loading import eval_loader
+
+    items = []
+    for release in ("2021", "2023"):
+        root = _cohort(tmp_path / release, release, 1)
+        case = find_cases(root)[0]
+        items.append(
+            {"case_id": case.case_id, "image": [case.files[m] for m in ("t1", "t1ce", "t2", "flair")],
+             "label": case.files[SEG], "release": release}
+        )  # fmt: skip
+    for batch, item in zip(eval_loader(items), items, strict=True):
+        seg = np.asarray(nib.load(str(item["label"])).dataobj)
+        et = 4 if item["release"] == "2021" else 3
+        assert int(batch["label"][0, REGIONS.index("ET")].sum()) == int((seg == et).sum()) > 0

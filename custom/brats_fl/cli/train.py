@@ -33,7 +33,7 @@ def _cmd_train_central(args: argparse.Namespace) -> None:
     from brats_fl.seg.trainer import Trainer, config_from_args, fit, make_train_loader
 
     config = config_from_args(args, total_epochs=args.epochs)
-    datalist = load_datalist(args.datalist, args.data_root)
+    datalist = load_datalist(args.datalist, args.data_root, grid_required=config.spacing is None)
     trainer = Trainer(config)
     train = make_train_loader(datalist.items("training"), config)
     val = eval_loader(datalist.items("validation"))
@@ -57,8 +57,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from brats_fl.results.report import format_table
     from brats_fl.seg.inference import load_for_inference
 
-    datalist = load_datalist(args.datalist, args.data_root)
     trainer = load_for_inference(args.model, tuple(args.patch), args.threads)
+    datalist = load_datalist(args.datalist, args.data_root, grid_required=trainer.config.spacing is None)
     metrics = trainer.evaluate(eval_loader(datalist.items(args.split)), per_case=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import (
     Compose,
-    ConvertToMultiChannelBasedOnBratsClassesd,
     CropForegroundd,
     DeleteItemsd,
     EnsureChannelFirstd,
@@ -30,6 +29,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
+    Orientationd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
@@ -38,10 +38,14 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from brats_fl.data.labels import REGIONS, annotation_mask
+from brats_fl.data.checks import BRATS_GRID
+from brats_fl.data.labels import REGIONS, annotation_mask, labels_to_regions
+from brats_fl.data.layout import release
 from brats_fl.version import code_sha256
 
 _FG, _BG = "label_fg_indices", "label_bg_indices"
+#: the orientation every BraTS release ships (``brats_fl.data.checks.BRATS_GRID``), in MONAI's spelling
+BRATS_ORIENTATION = "".join(BRATS_GRID[1])
 #: the item key of the per-region annotation mask (REGIONS order), see ``brats_fl.data.labels.annotation_mask``
 ANNOTATED = "annotated"
 
@@ -68,11 +72,29 @@ class HideUnannotatedd(MapTransform):
         return d
 
 
+class RegionsFromLabelsd(MapTransform):
+    """The label map as region channels (REGIONS order), read by the convention of the item's release.
+
+    MONAI's ``ConvertToMultiChannelBasedOnBratsClassesd`` takes one enhancing-tumour label for every item; a
+    federation whose sites hold different releases (ET 4 in 2020 and 2021, 3 since 2023) needs it per item, so this
+    picks it from the item's ``release`` (``brats_fl.data.layout.RELEASES``) and calls MONAI's transform with it."""
+
+    def __init__(self, label_key: str = "label", release_key: str = "release"):
+        super().__init__(keys=[label_key])
+        self.label_key, self.release_key = label_key, release_key
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        # an item that records no release is named in the 2020 style (as every datalist before releases were told apart)
+        d[self.label_key] = labels_to_regions(d[self.label_key], release(d.get(self.release_key, "other")).convention)
+        return d
+
+
 def _load_and_crop() -> list:
     return [
         LoadImaged(keys=["image", "label"], image_only=True),
         EnsureChannelFirstd(keys="image"),
-        ConvertToMultiChannelBasedOnBratsClassesd(keys="label"),
+        RegionsFromLabelsd(),
         HideUnannotatedd(),
         # the brain's bounding box: BraTS volumes are skull-stripped, so non-zero voxels are brain
         CropForegroundd(keys=["image", "label"], source_key="image", allow_smaller=True),
@@ -84,6 +106,9 @@ def _train_cached(patch_size: Sequence[int], spacing: float | None) -> list:
     intensities, so background is 0), z-score."""
     steps = _load_and_crop()
     if spacing is not None:
+        # resampling is what lets a case off the BraTS grid train (brats_fl.data.checks), so it also turns the case
+        # into the BraTS orientation, as inference does (brats_fl.seg.trainer.Trainer.infer_case)
+        steps.append(Orientationd(keys=["image", "label"], axcodes=BRATS_ORIENTATION))
         steps.append(Spacingd(keys=["image", "label"], pixdim=(spacing,) * 3, mode=("bilinear", "nearest")))
     return [
         *steps,
@@ -224,12 +249,14 @@ def eval_loader(items: list[dict], cache_dir: Path | None = None) -> DataLoader:
 
 
 def _strip(items: list[dict]) -> list[dict]:
-    """MONAI readers want string paths; keep the case id for reports and the annotation mask for the loss."""
+    """MONAI readers want string paths; keep the case id for reports, the release for the labels' convention and the
+    annotation mask for the loss."""
     return [
         {
             "image": [str(p) for p in it["image"]],
             "label": str(it["label"]),
             "case_id": it["case_id"],
+            "release": it.get("release", "other"),
             ANNOTATED: torch.tensor(annotation_mask(it.get(ANNOTATED, REGIONS))),
         }
         for it in items

@@ -344,9 +344,15 @@ def overlay_rows(
     from brats_fl.seg.metrics import RegionMetrics
 
     item = next(cases[case_id][0] for _, _, cases in runs if case_id in cases)
-    data = eval_transforms()({"image": [str(p) for p in item["image"]], "label": str(item["label"])})
-    image, truth = torch.as_tensor(data["image"]), torch.as_tensor(data["label"]).bool()
-    images = {m: image[MODALITIES.index(m)].numpy() for m in ("t1ce", "flair")}
+    item = {
+        "image": [str(p) for p in item["image"]],
+        "label": str(item["label"]),
+        "release": item.get("release", "other"),
+    }
+    data = eval_transforms()(item)
+    image, truth = data["image"], torch.as_tensor(data["label"]).bool()
+    spacing = [tuple(float(v) for v in data["label"].pixdim)]
+    images = {m: torch.as_tensor(image[MODALITIES.index(m)]).numpy() for m in ("t1ce", "flair")}
     rows = []
     for label, summary, cases in runs:
         model_path, which = _model_for(summary, cases[case_id][1] if case_id in cases else None)
@@ -356,9 +362,9 @@ def overlay_rows(
         except UntrainedLayersError as err:
             print(f"overlay of {case_id}: {label} left out. {err}")
             continue
-        pred = (torch.sigmoid(trainer.infer(image.unsqueeze(0)))[0] > 0.5).cpu()
+        pred = (torch.sigmoid(trainer.infer_case(image)) > 0.5).cpu()
         metrics = RegionMetrics()
-        metrics.update(pred.unsqueeze(0), truth.unsqueeze(0))
+        metrics.update(pred.unsqueeze(0), truth.unsqueeze(0), spacing=spacing)
         scores = metrics.per_case()[0]
         regions = {r: pred[i].numpy() for i, r in enumerate(REGIONS)}
         rows.append(OverlayRow(f"{label}\n({which})", regions, {r: scores[f"dice_{r}"] for r in REGIONS}))

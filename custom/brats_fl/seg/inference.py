@@ -149,8 +149,9 @@ def predict_case(
     if out.exists():
         raise FileExistsError(f"{out}: exists already, not overwritten")
     case = read_case(case_dir)
-    require_valid([case], with_label=False)
     trainer = load_for_inference(model_path, patch_size, threads)
+    # a case off the BraTS grid is refused unless the model resamples what it segments
+    require_valid([case], with_label=False, grid_required=trainer.config.spacing is None)
     image = inference_transforms()({"image": [str(case.files[m]) for m in MODALITIES]})["image"]
     # segment the brain's bounding box (found on raw intensities, where background is 0), normalised as in
     # evaluation and training, and paste it back into the full grid: windows over the air around the head
@@ -161,7 +162,7 @@ def predict_case(
     brain = NormalizeIntensity(nonzero=True, channel_wise=True)(SpatialCrop(roi_start=start, roi_end=end)(image))
     regions = torch.zeros((len(REGIONS), *image.shape[1:]), dtype=torch.bool)
     regions[box] = torch.sigmoid(trainer.infer_case(brain)).cpu() > 0.5
-    labels = regions_to_labels(regions)
+    labels = regions_to_labels(regions, case.convention)  # written as the case's release labels its files
     reference = nib.load(str(case.files[MODALITIES[0]]))
     out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(labels, reference.affine), str(out))

@@ -25,12 +25,12 @@ import torch
 from monai.data import MetaTensor, decollate_batch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
-from monai.transforms import ResampleToMatch, Spacing
+from monai.transforms import Orientation, ResampleToMatch, Spacing
 from monai.utils import set_determinism
 from torch.nn.modules.loss import _Loss
 from torch.utils.data import DataLoader
 
-from brats_fl.data.loading import ANNOTATED, train_loader
+from brats_fl.data.loading import ANNOTATED, BRATS_ORIENTATION, train_loader
 from brats_fl.jobs.params import by_name
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.model import BratsUNet, build_model
@@ -356,7 +356,9 @@ class Trainer:
             return self._sliding(image.unsqueeze(0))[0]
         if not isinstance(image, MetaTensor):
             raise ValueError(f"inference at spacing {self.config.spacing} mm needs the volume's affine (a MetaTensor)")
-        coarse = Spacing(pixdim=(self.config.spacing,) * 3, mode="bilinear")(image)
+        # in the orientation training resampled to (brats_fl.data.loading), then back by the affines
+        oriented = Orientation(axcodes=BRATS_ORIENTATION)(image)
+        coarse = Spacing(pixdim=(self.config.spacing,) * 3, mode="bilinear")(oriented)
         logits = self._sliding(coarse.unsqueeze(0))[0].cpu()
         back = ResampleToMatch(mode="bilinear")(MetaTensor(logits, affine=coarse.affine), img_dst=image)
         return back.as_tensor().to(self.device)

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.loading import eval_loader
+from brats_fl.jobs import numerics
 from brats_fl.jobs.params import site_defaults
 from brats_fl.seg.model import fingerprint, parameter_groups, save_whole, state_bytes
 from brats_fl.seg.trainer import FINETUNE_SHARE, Trainer, config_from_args, make_train_loader
@@ -89,7 +90,7 @@ class Site:
         self.args = args
         self.config = config_from_args(args, total_epochs=args.rounds * args.local_epochs)
         # runs the data checks: a site with bad data stops here, before any training, naming each file
-        self.datalist = load_datalist(data.datalist, data.data_root)
+        self.datalist = load_datalist(data.datalist, data.data_root, grid_required=self.config.spacing is None)
         self.trainer = Trainer(self.config)
         #: fine-tuning's constant rate: the job's, else a share of the initial one (not the decayed last rate)
         self.finetune_lr = args.finetune_lr or FINETUNE_SHARE * self.config.lr
@@ -113,6 +114,8 @@ class Site:
         self.record["finetune_lr"] = self.finetune_lr
         # the code this site runs: the installed package, or the job's own copy in a bundled job
         self.record["code"] = running() | {"package": str(PACKAGE_DIR)}
+        # what decides its arithmetic: the same seed gives the same model only where this agrees
+        self.record["numerics"] = numerics.describe()
         self.record["personal_keys"] = sorted(self.personal)
         self.record["annotated"] = self.annotated
         #: the state to continue from is known at the first training task, which names the round
