@@ -43,13 +43,15 @@ class ScannerProfile:
 
 
 #: Site k of K uses profile k mod len. The first four follow HyperSeg's Appendix D:
-#: one clean site, Gibbs ringing at two strengths, and k-space spikes (log-intensity 13).
+#: one clean site, Gibbs ringing at two strengths, and k-space spikes (log-intensity 13); then a noisy low-field
+#: scanner, with and without spikes.
 SCANNER_PROFILES: tuple[ScannerProfile, ...] = (
     ScannerProfile("clean", 1.00, 0.00, 0.010, 1.00, 0.0, 0.0),
     ScannerProfile("gibbs_weak", 1.15, 0.15, 0.015, 1.10, 0.2, 0.0),
     ScannerProfile("gibbs_strong", 0.85, 0.25, 0.020, 0.90, 0.5, 0.0),
     ScannerProfile("spike", 1.25, 0.20, 0.015, 1.00, 0.0, 13.0),
     ScannerProfile("low_field", 0.70, 0.35, 0.040, 0.85, 0.0, 0.0),
+    ScannerProfile("low_field_spike", 0.70, 0.35, 0.040, 0.85, 0.0, 13.0),
 )
 
 # Mean intensity of each tissue per modality (T1, T1ce, T2, FLAIR), on a scale where WM in T1 is ~0.8.
