@@ -138,7 +138,19 @@ def _anatomy(
     warp = 3.0 / zoom  # up to 3 output voxels of smooth displacement
     for axis in range(3):
         coords[axis] += warp * smooth_field(rng, sub, 5).reshape(-1)
-    sampled = [ndimage.map_coordinates(tpl[k], coords, order=1).reshape(sub) for k in ("gm", "wm", "mask")]
+    # resample only near the brain (a brain fills half its bounding box): find it on a 4x coarser grid first
+    coarse = coords.reshape(3, *sub)[:, ::4, ::4, ::4]
+    near = ndimage.map_coordinates(tpl["mask"], coarse.reshape(3, -1), order=1).reshape(coarse.shape[1:]) > 0
+    near = ndimage.binary_dilation(near, iterations=2)
+    for axis in range(3):
+        near = np.repeat(near, 4, axis=axis)
+    near = near[: sub[0], : sub[1], : sub[2]]
+    points = coords[:, near.ravel()]
+    sampled = []
+    for key in ("gm", "wm", "mask"):
+        values = np.zeros(sub, np.float32)
+        values[near] = ndimage.map_coordinates(tpl[key], points, order=1)
+        sampled.append(values)
     mask = sampled[2] > 0.5
     brain = tuple(slice(max(i.min() - 2, 0), i.max() + 3) for i in np.nonzero(mask))
     mask = mask[brain]
