@@ -159,7 +159,7 @@ def grow(
     shares = shares[: len(centres)] / shares[: len(centres)].sum()
 
     spread = 2.2 * r_wt
-    reach = max(np.abs(np.array(centres) - centres[0]).max() if len(centres) > 1 else 0.0, 0.0) + spread + 4
+    reach = float(np.abs(np.array(centres) - centres[0]).max()) + spread + 4  # the box holds every focus's oedema
     box = _box(centres[0], reach, shape)
     origin = np.array([s.start for s in box], np.float32)
     r_core_main = (3 * tc_vox * shares[0] / (4 * np.pi)) ** (1 / 3)

@@ -269,7 +269,7 @@ def generate_cases(
                 "tumour_voxels": wt,
             }
         )
-    _write_metadata(out, records, seed, shape, sorted(set(knobs), key=list(knobs).index))
+    _write_metadata(out, records, seed, shape, list(dict.fromkeys(knobs)))
     return records
 
 
