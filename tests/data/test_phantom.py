@@ -12,6 +12,7 @@ import pytest
 from brats_fl.data.checks import check_cases
 from brats_fl.data.layout import find_cases
 from brats_fl.data.phantom import generate_cohort
+from scipy import ndimage
 
 SHAPE = (48, 48, 32)
 
@@ -102,3 +103,113 @@ def test_scanner_profiles_differ(tmp_path: Path):
 def test_never_overwrites(cohort: Path):
     with pytest.raises(FileExistsError, match="BraTS20_Training_001"):
         generate_cohort(cohort, cases=1, sites=1, seed=0, shape=SHAPE)
+
+
+# --- the glioma generator and the site knobs ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_anatomy() -> tuple[dict, np.float32]:
+    from brats_fl.data.phantom import _anatomy
+
+    anatomy, _, zoom = _anatomy(np.random.default_rng(0), (64, 64, 48))
+    return anatomy, zoom
+
+
+def _grown(small_anatomy, seed: int, **knobs):
+    from brats_fl.data.glioma import LGG_SHARE, grow
+
+    anatomy = {k: v.copy() for k, v in small_anatomy[0].items()}
+    settings = {"lgg_share": LGG_SHARE, "size_scale": 1.0} | knobs
+    return grow(np.random.default_rng(seed), anatomy, small_anatomy[1], **settings), anatomy
+
+
+def test_tumours_are_irregular_some_multifocal_some_without_enhancement(small_anatomy):
+    """The old generator's ellipsoids had WT sphericity 0.98 (median, 120x120x78 grid); gliomas are lobulated and
+    infiltrative. Multifocal and non-enhancing shares follow the literature (docs/phantom.md)."""
+    from brats_fl.data.glioma import tumour_stats
+
+    stats, grades = [], []
+    for seed in range(40):
+        tumour, anatomy = _grown(small_anatomy, seed)
+        assert set(np.unique(tumour.seg)) <= {0, 1, 2, 4}
+        assert not (tumour.seg > 0)[~anatomy["mask"]].any(), "tumour outside the brain"
+        stats.append(tumour_stats(tumour.seg))
+        grades.append(tumour.grade)
+    assert np.median([s["sphericity"] for s in stats]) < 0.8
+    multifocal = np.mean([s["core_components"] > 1 for s in stats])
+    assert 0.02 < multifocal < 0.4
+    no_et = [s["et_cm3"] == 0 for s in stats]
+    assert no_et == [g == "LGG" for g in grades], "low-grade-like cases, and only they, lack enhancement"
+    assert 0.05 < np.mean(no_et) < 0.4
+    assert max(s["wt_cm3"] for s in stats) > 3 * min(s["wt_cm3"] for s in stats)
+
+
+def test_oedema_prefers_white_matter_and_mass_effect_moves_anatomy(small_anatomy):
+    tumour, anatomy = _grown(small_anatomy, 3, lgg_share=0.0)
+    wm = small_anatomy[0]["wm"]
+    oedema = tumour.seg == 2
+    ring = ndimage.binary_dilation(tumour.seg > 0, iterations=3) & small_anatomy[0]["mask"]
+    assert wm[oedema].mean() > wm[ring].mean(), "oedema should lie in white matter more than its surroundings do"
+    assert not np.allclose(anatomy["wm"], wm), "the tumour should push the tissue maps aside"
+    assert (tumour.cyst <= (tumour.seg == 1)).all(), "cysts are part of the necrosis"
+
+
+def test_annotation_style_dilates_or_erodes_each_region(small_anatomy):
+    from brats_fl.data.glioma import annotate
+
+    tumour, anatomy = _grown(small_anatomy, 5, lgg_share=0.0)
+    seg, mask = tumour.seg, anatomy["mask"]
+    regions = lambda s: (s > 0, (s == 1) | (s == 4), s == 4)  # noqa: E731
+    looser, tighter = annotate(seg, 2, mask), annotate(seg, -1, mask)
+    for before, loose, tight in zip(regions(seg), regions(looser), regions(tighter), strict=True):
+        assert (before <= loose).all() and loose.sum() > before.sum()
+        assert (tight <= before).all() and tight.sum() < before.sum()
+    assert not (looser > 0)[~mask].any()
+    assert np.array_equal(annotate(seg, 0, mask), seg)
+
+
+def test_thick_slices_smooth_along_the_axial_axis_only():
+    from brats_fl.data.glioma import thick_labels, thick_slices
+
+    noise = np.random.default_rng(0).standard_normal((32, 32, 40)).astype(np.float32)
+    thick = thick_slices(noise, 5)
+    assert thick.shape == noise.shape
+    along = np.abs(np.diff(thick, 2, axis=2)).mean()
+    within = np.abs(np.diff(thick, 2, axis=0)).mean()
+    assert along < 0.3 * within
+    slab = np.zeros((4, 4, 10), np.float32)
+    slab[..., 5:] = 1
+    assert np.allclose(thick_slices(slab, 5)[0, 0, [0, 9]], [0, 1]), "slab averages sit at the slab centres"
+    seg = np.zeros((8, 8, 20), np.uint8)
+    seg[2:6, 2:6, 6:9] = 4
+    assert set(np.unique(thick_labels(seg, 5))) <= {0, 1, 2, 4}
+
+
+def test_same_case_keeps_its_tumour_whatever_the_site_knobs(tmp_path: Path):
+    """Scanner, acquisition and annotation knobs change the images or the tracing, never the tumour itself: the
+    label map is the same under any scanner, and a looser site's WT contains the protocol's."""
+    from brats_fl.data.phantom import SiteKnobs, generate_cases
+
+    variants = {
+        "clean": SiteKnobs("a"),
+        "spike": SiteKnobs("b", scanner="spike"),
+        "looser": SiteKnobs("c", annotation_mm=2),
+        "thick": SiteKnobs("d", slice_mm=5),
+    }
+    for name, knob in variants.items():
+        generate_cases(tmp_path / name, [knob], seed=4, shape=(64, 64, 48))
+    case = "BraTS20_Training_001"
+    seg = {n: _load(tmp_path / n / case, "seg") for n in variants}
+    t1 = {n: _load(tmp_path / n / case, "t1") for n in variants}
+    assert np.array_equal(seg["clean"], seg["spike"]) and not np.array_equal(t1["clean"], t1["spike"])
+    assert ((seg["clean"] > 0) <= (seg["looser"] > 0)).all() and (seg["looser"] > 0).sum() > (seg["clean"] > 0).sum()
+    interior = ndimage.binary_erosion(t1["clean"] > 0, iterations=3)  # away from the brain's edge
+    energy = {}
+    for n in ("clean", "thick"):
+        lap = [np.abs(np.diff(t1[n], 2, axis=a)) for a in (0, 2)]
+        energy[n] = [lap[0][interior[1:-1]].mean(), lap[1][interior[..., 1:-1]].mean()]
+    assert energy["thick"][1] < 0.5 * energy["thick"][0], "5 mm slices: smoother along the axial axis"
+    assert energy["clean"][1] > 0.5 * energy["clean"][0]
+    meta = json.loads((tmp_path / "thick" / "phantom.json").read_text())["cases"][0]
+    assert meta["slice_mm"] == 5 and meta["grade"] in ("HGG", "LGG") and meta["wt_cm3"] > 0

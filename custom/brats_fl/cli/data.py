@@ -1,5 +1,5 @@
-"""``brats-fl phantom``, ``partition``, ``check-data`` and ``prepare``: the data before any training. None of them
-imports torch or FLARE."""
+"""``brats-fl phantom``, ``cohort``, ``partition``, ``check-data`` and ``prepare``: the data before any training.
+Parsing imports neither torch nor FLARE; ``phantom`` and ``cohort`` import torch (through MONAI) when they run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import json
 import sys
 import time
 from pathlib import Path
+
+#: the keys of ``brats_fl.data.cohorts.PARTITIONS`` (a test keeps them equal), so that parsing imports no data code
+PARTITION_NAMES = ("iid", "quantity", "feature", "label", "mixed")
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:
@@ -18,6 +21,23 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
         args.out, args.cases, args.sites, args.seed, shape=tuple(args.shape), profiles=args.profiles
     )
     print(f"wrote {len(cases)} phantom cases to {args.out} in {time.perf_counter() - start:.1f} s")
+
+
+def _cmd_cohort(args: argparse.Namespace) -> None:
+    from brats_fl.data.cohorts import build_partition
+
+    for name in args.names:
+        start = time.perf_counter()
+        config = build_partition(
+            name, args.out, args.cases, seed=args.seed, shape=tuple(args.shape), split=tuple(args.split)
+        )
+        record = json.loads((config.parent / "partition.json").read_text())
+        for site, mix in record["site_mix"].items():
+            doc = json.loads((config.parent / "datalists" / f"{site}.json").read_text())
+            sizes = "/".join(str(len(doc[s])) for s in ("training", "validation", "test"))
+            strata = ", ".join(f"{n} {k}" for k, n in mix.items() if n)
+            print(f"{name} {site}: train/val/test {sizes} ({strata})")
+        print(f"{name}: site configuration {config} ({time.perf_counter() - start:.0f} s)")
 
 
 def _cmd_partition(args: argparse.Namespace) -> None:
@@ -90,7 +110,7 @@ def _release_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``phantom``, ``partition``, ``check-data`` and ``prepare``."""
+    """Register ``phantom``, ``cohort``, ``partition``, ``check-data`` and ``prepare``."""
     p = sub.add_parser("phantom", help="write a synthetic BraTS-layout cohort")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cases", type=int, default=30)
@@ -99,6 +119,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
     p.add_argument("--profiles", nargs="+", default=None, help="scanner profiles site k uses in turn (default all)")
     p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("cohort", help="phantom cohort + data checks + datalists + site configuration of a partition")
+    p.add_argument("names", nargs="+", choices=PARTITION_NAMES, metavar="NAME", help=", ".join(PARTITION_NAMES))
+    p.add_argument("--out", type=Path, required=True, help="cohorts and partitions go here; reused when complete")
+    p.add_argument("--cases", type=int, required=True, help="cases in the cohort (at least 18)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    p.add_argument("--split", type=float, nargs=3, default=[0.4, 0.1, 0.5], help="train/val/test fractions")
+    p.set_defaults(func=_cmd_cohort)
 
     p = sub.add_parser("partition", help="write one datalist per site (and site-All.json)")
     p.add_argument("data", type=Path)

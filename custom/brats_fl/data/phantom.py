@@ -1,11 +1,13 @@
-"""A phantom BraTS cohort: real brain anatomy, synthetic gliomas, four MRI contrasts, per-site scanners.
+"""A phantom BraTS cohort: real brain anatomy, glioma-like tumours, four MRI contrasts, sites that differ.
 
-Real BraTS cannot be downloaded here, so this is the embedded default data. It is built to make
-segmentation a real task: anatomy from the MNI152 T1 and tissue templates that nilearn ships, deformed per
-case; tumours of varied size, shape and position with oedema, necrotic / non-enhancing core and an
-enhancing rim (absent in about a fifth of cases, like low-grade gliomas); contrasts that mimic T1, T1ce,
-T2 and FLAIR; and per-site scanner profiles (scale, bias field, contrast, noise, and MONAI's Gibbs and
-k-space spike artefacts as in the HyperSeg paper's Appendix D) so that sites differ as hospitals do.
+Real BraTS cannot be downloaded here, so this is the embedded default data. It is built to make segmentation a
+real task: anatomy from the MNI152 T1 and tissue templates that nilearn ships, deformed per case; gliomas
+(``brats_fl.data.glioma``) with lobulated cores, oedema that spreads along white matter, uneven enhancing rims,
+cysts, multifocal and non-enhancing low-grade-like cases and mass effect; contrasts that mimic T1, T1ce, T2 and
+FLAIR. Sites differ through named knobs (``SiteKnobs``): the scanner (scale, bias field, contrast, noise, and
+MONAI's Gibbs and k-space spike artefacts as in the HyperSeg paper's Appendix D), tumour biology (size, share of
+low-grade cases), acquisition (thick axial slices) and annotation style (looser or tighter tracing); how many
+cases each site holds is the partition's business (``brats_fl.data.cohorts``).
 Output uses the BraTS 2020 layout and int16 voxels, like the challenge files.
 """
 
@@ -20,10 +22,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 from monai.transforms import GibbsNoise, KSpaceSpikeNoise
 from scipy import ndimage
 
+from brats_fl.data.glioma import LGG_SHARE, Glioma, annotate, grow, smooth_field, thick_labels, thick_slices
 from brats_fl.data.layout import MODALITIES
 
 
@@ -41,13 +43,15 @@ class ScannerProfile:
 
 
 #: Site k of K uses profile k mod len. The first four follow HyperSeg's Appendix D:
-#: one clean site, Gibbs ringing at two strengths, and k-space spikes (log-intensity 13).
+#: one clean site, Gibbs ringing at two strengths, and k-space spikes (log-intensity 13); then a noisy low-field
+#: scanner, with and without spikes.
 SCANNER_PROFILES: tuple[ScannerProfile, ...] = (
     ScannerProfile("clean", 1.00, 0.00, 0.010, 1.00, 0.0, 0.0),
     ScannerProfile("gibbs_weak", 1.15, 0.15, 0.015, 1.10, 0.2, 0.0),
     ScannerProfile("gibbs_strong", 0.85, 0.25, 0.020, 0.90, 0.5, 0.0),
     ScannerProfile("spike", 1.25, 0.20, 0.015, 1.00, 0.0, 13.0),
     ScannerProfile("low_field", 0.70, 0.35, 0.040, 0.85, 0.0, 0.0),
+    ScannerProfile("low_field_spike", 0.70, 0.35, 0.040, 0.85, 0.0, 13.0),
 )
 
 # Mean intensity of each tissue per modality (T1, T1ce, T2, FLAIR), on a scale where WM in T1 is ~0.8.
@@ -59,9 +63,28 @@ _TISSUE = {
     "necrosis": (0.20, 0.22, 1.30, 0.45),
     "nonenhancing": (0.38, 0.40, 1.00, 0.85),
     "enhancing": (0.50, 1.35, 0.80, 0.85),
+    "cyst": (0.15, 0.16, 1.45, 0.20),  # fluid, like CSF
 }
 _AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # 1 mm isotropic, BraTS-like orientation
 _SCALE = 1000.0  # int16 voxel value of intensity 1.0
+
+
+@dataclass(frozen=True)
+class SiteKnobs:
+    """How one site's cases differ from another's; each field is one named knob of site heterogeneity.
+
+    ``scanner``: scanner and intensity profile, a ``SCANNER_PROFILES`` name. ``size_scale`` and ``lgg_share``:
+    tumour biology (length scale of the tumours; chance of a non-enhancing, low-grade-like case).
+    ``slice_mm``: acquisition, the axial slice thickness simulated (1 = isotropic 1 mm). ``annotation_mm``:
+    annotation style, every region traced that many mm looser (> 0) or tighter (< 0).
+    """
+
+    name: str
+    scanner: str = "clean"
+    size_scale: float = 1.0
+    lgg_share: float = LGG_SHARE
+    slice_mm: int = 1
+    annotation_mm: int = 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,22 +101,14 @@ def _templates() -> dict[str, np.ndarray]:
     return {"gm": gm / total * mask, "wm": wm / total * mask, "mask": mask}
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], coarse: int = 6) -> np.ndarray:
-    """Smooth noise in about [-1, 1]: random values on a coarse grid, spline-upsampled to at most 32 points
-    per axis, then trilinearly to the full grid (a full-size spline costs seconds per field on BraTS grids)."""
-    grid = rng.standard_normal([coarse] * len(shape)).astype(np.float32)
-    mid = ndimage.zoom(grid, max(1, min(4, 32 // coarse)), order=3, mode="mirror")
-    field = torch.nn.functional.interpolate(
-        torch.from_numpy(mid)[None, None], size=tuple(shape), mode="trilinear", align_corners=True
-    )[0, 0].numpy()
-    return field / (np.abs(field).max() + 1e-6)
-
-
-def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], np.float32]:
+def _anatomy(
+    rng: np.random.Generator, shape: tuple[int, int, int]
+) -> tuple[dict[str, np.ndarray], tuple[slice, ...], np.float32]:
     """Deform the templates (rotation, scaling, smooth warp) and place them in the target grid.
 
-    Returns the tissue maps and brain mask, and the zoom from template to grid (< 1 shrinks the brain;
-    float32, so the tumour radius computed from it is float32 too).
+    Returns the tissue maps and brain mask in the brain's bounding box (2 voxels of margin), that box, and the
+    zoom from template to grid (< 1 shrinks the brain). Only the box where the deformed template can land is
+    resampled: resampling the whole grid took half of a case's time.
     """
     tpl = _templates()
     src = np.array(tpl["mask"].shape, dtype=np.float32)
@@ -108,66 +123,67 @@ def _anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[dic
         rot = rot @ r
     matrix = rot @ np.diag(1.0 / (zoom * rng.uniform(0.92, 1.08, 3)))
     matrix = matrix @ np.diag([-1.0, -1.0, 1.0])  # array axes of the BraTS affine run against MNI's
-    target = np.indices(shape, dtype=np.float32).reshape(3, -1) - (np.array(shape)[:, None] - 1) / 2
-    coords = (matrix @ target).astype(np.float32) + (src[:, None] - 1) / 2
+    centre_t, centre_s = (np.array(shape) - 1) / 2, (src - 1) / 2
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in src], indexing="ij")).reshape(3, -1) - centre_s[:, None]
+    landed = np.linalg.solve(matrix, corners) + centre_t[:, None]
+    margin = 6  # the smooth warp moves at most ~3 voxels
+    reach = tuple(
+        slice(max(int(lo) - margin, 0), min(int(np.ceil(hi)) + margin + 1, n))
+        for lo, hi, n in zip(landed.min(1), landed.max(1), shape, strict=True)
+    )
+    sub = tuple(b.stop - b.start for b in reach)
+    target = np.indices(sub, dtype=np.float32).reshape(3, -1)
+    target += (np.array([b.start for b in reach]) - centre_t)[:, None].astype(np.float32)
+    coords = (matrix.astype(np.float32) @ target) + centre_s[:, None].astype(np.float32)
     warp = 3.0 / zoom  # up to 3 output voxels of smooth displacement
     for axis in range(3):
-        coords[axis] += warp * _smooth_field(rng, shape, 5).reshape(-1)
-    out = {k: ndimage.map_coordinates(tpl[k], coords, order=1, cval=0.0).reshape(shape) for k in ("gm", "wm", "mask")}
-    out["mask"] = out["mask"] > 0.5
-    out["gm"] *= out["mask"]
-    out["wm"] *= out["mask"]
-    out["csf"] = np.clip(out["mask"] - out["gm"] - out["wm"], 0, 1)
-    return out, np.float32(zoom)
+        coords[axis] += warp * smooth_field(rng, sub, 5).reshape(-1)
+    # resample only near the brain (a brain fills half its bounding box): find it on a 4x coarser grid first
+    coarse = coords.reshape(3, *sub)[:, ::4, ::4, ::4]
+    near = ndimage.map_coordinates(tpl["mask"], coarse.reshape(3, -1), order=1).reshape(coarse.shape[1:]) > 0
+    near = ndimage.binary_dilation(near, iterations=2)
+    for axis in range(3):
+        near = np.repeat(near, 4, axis=axis)
+    near = near[: sub[0], : sub[1], : sub[2]]
+    points = coords[:, near.ravel()]
+    sampled = []
+    for key in ("gm", "wm", "mask"):
+        values = np.zeros(sub, np.float32)
+        values[near] = ndimage.map_coordinates(tpl[key], points, order=1)
+        sampled.append(values)
+    mask = sampled[2] > 0.5
+    brain = tuple(slice(max(i.min() - 2, 0), i.max() + 3) for i in np.nonzero(mask))
+    mask = mask[brain]
+    out = {"gm": sampled[0][brain] * mask, "wm": sampled[1][brain] * mask, "mask": mask}
+    out["csf"] = np.clip(mask - out["gm"] - out["wm"], 0, 1)
+    box = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(reach, brain, strict=True))
+    return out, box, np.float32(zoom)
 
 
-def _tumour(rng: np.random.Generator, anatomy: dict[str, np.ndarray], zoom: np.float32, enhancing: bool) -> np.ndarray:
-    """A glioma label map: oedema (2) around a core that is an enhancing rim (4) over necrosis (1).
+def _synthesise(rng: np.random.Generator, anatomy: dict[str, np.ndarray], tumour: Glioma) -> np.ndarray:
+    """Ideal (scanner-free) intensities of the four modalities, (4, X, Y, Z).
 
-    ``zoom`` is the anatomy's template-to-grid zoom: tumour sizes are in template millimetres.
+    Oedema mixes with the tissue it infiltrates, more so near the core; every tumour region gets its own texture
+    (heterogeneous enhancement, necrosis, cysts); one anatomical texture is shared by the four modalities.
     """
-    mask, wm = anatomy["mask"], anatomy["wm"]
-    shape = mask.shape
-    coords = np.argwhere(mask)
-    lo, hi = coords.min(0), coords.max(0)
-    centre_box = (lo + 0.25 * (hi - lo), lo + 0.75 * (hi - lo))
-    candidates = np.argwhere(wm > 0.5)
-    inside = np.all((candidates >= centre_box[0]) & (candidates <= centre_box[1]), axis=1)
-    candidates = candidates[inside] if inside.any() else coords
-    centre = candidates[rng.integers(len(candidates))].astype(np.float32)
-    radius = max(float(rng.uniform(12.0, 36.0) * zoom), 5.0)  # oedema radius, voxels
-    axes = radius * rng.uniform(0.75, 1.25, 3)
-    reach = int(np.ceil(axes.max() * 1.6))
-    box = tuple(slice(max(int(c) - reach, 0), min(int(c) + reach + 1, s)) for c, s in zip(centre, shape, strict=True))
-    grid = np.stack(np.meshgrid(*[np.arange(b.start, b.stop) for b in box], indexing="ij")).astype(np.float32)
-    dist = np.sqrt((((grid - centre[:, None, None, None]) / axes[:, None, None, None]) ** 2).sum(0))
-    dist += 0.3 * _smooth_field(rng, dist.shape, 4)  # irregular border
-    core_edge = rng.uniform(0.35, 0.6)
-    rim = rng.uniform(0.08, 0.18)
-    local = np.zeros(dist.shape, np.uint8)
-    local[dist < 1.0] = 2
-    local[dist < core_edge] = 4 if enhancing else 1
-    local[dist < core_edge - (rim if enhancing else 0.0)] = 1
-    seg = np.zeros(shape, np.uint8)
-    seg[box] = local
-    seg[~mask] = 0
-    return seg
-
-
-def _synthesise(
-    rng: np.random.Generator, anatomy: dict[str, np.ndarray], seg: np.ndarray, enhancing: bool
-) -> np.ndarray:
-    """Ideal (scanner-free) intensities of the four modalities, (4, X, Y, Z)."""
+    seg = tumour.seg
     shape = seg.shape
-    images = np.zeros((len(MODALITIES), *shape), np.float32)
-    core_tissue = "necrosis" if enhancing else "nonenhancing"
+    core_tissue = "necrosis" if tumour.grade == "HGG" else "nonenhancing"
+    texture = 1.0 + 0.06 * smooth_field(rng, shape, 12) + 0.04 * smooth_field(rng, shape, 24)
+    box = tuple(slice(max(i.min() - 1, 0), i.max() + 2) for i in np.nonzero(seg))
+    local = seg[box]
+    heterogeneity = 1.0 + 0.15 * smooth_field(rng, local.shape, 8)
+    oedema = local == 2
+    weight = 0.55 + 0.4 * tumour.infiltration[box][oedema]
+    images = np.empty((len(MODALITIES), *shape), np.float32)
     for m in range(len(MODALITIES)):
         img = sum(anatomy[t] * _TISSUE[t][m] for t in ("csf", "gm", "wm"))
-        oedema = seg == 2
-        img[oedema] = 0.3 * img[oedema] + 0.7 * _TISSUE["oedema"][m]
-        img[seg == 1] = _TISSUE[core_tissue][m]
-        img[seg == 4] = _TISSUE["enhancing"][m]
-        texture = 1.0 + 0.06 * _smooth_field(rng, shape, 12) + 0.04 * _smooth_field(rng, shape, 24)
+        region = img[box]
+        region[oedema] = (1 - weight) * region[oedema] + weight * _TISSUE["oedema"][m]
+        region[local == 1] = _TISSUE[core_tissue][m]
+        region[tumour.cyst[box]] = _TISSUE["cyst"][m]
+        region[local == 4] = _TISSUE["enhancing"][m]
+        region[local > 0] *= heterogeneity[local > 0]
         images[m] = img * texture
     return images * anatomy["mask"]
 
@@ -176,7 +192,7 @@ def _scanner(rng: np.random.Generator, images: np.ndarray, mask: np.ndarray, pro
     """Apply a site's scanner: contrast, bias field, scale, Gibbs ringing, k-space spike, Rician noise."""
     shape = mask.shape
     out = np.power(np.clip(images, 0, None), profile.contrast)
-    out *= np.exp(profile.bias_field * _smooth_field(rng, shape, 3))[None]
+    out *= np.exp(profile.bias_field * smooth_field(rng, shape, 3))[None]
     out *= profile.intensity_scale
     if profile.gibbs_alpha:
         out = np.asarray(GibbsNoise(alpha=profile.gibbs_alpha)(out), dtype=np.float32)
@@ -187,6 +203,74 @@ def _scanner(rng: np.random.Generator, images: np.ndarray, mask: np.ndarray, pro
     noise = rng.standard_normal((2, *out.shape), dtype=np.float32) * sigma
     out = np.sqrt((out + noise[0]) ** 2 + noise[1] ** 2)  # Rician, as MRI magnitude noise is
     return out * mask[None]
+
+
+def generate_cases(
+    out: Path,
+    knobs: Sequence[SiteKnobs],
+    seed: int,
+    shape: tuple[int, int, int] = (240, 240, 155),
+    prefix: str = "BraTS20_Training",
+) -> list[dict]:
+    """Write one case per entry of ``knobs`` (case i uses ``knobs[i]``); returns their metadata.
+
+    Deterministic in (seed, case number, shape, knobs). Anatomy, tumour, texture and scanner draw from separate
+    random streams, so the same case number has the same underlying tumour whatever its scanner, acquisition or
+    annotation knobs. Refuses to overwrite an existing case folder.
+    """
+    by_name = {p.name: p for p in SCANNER_PROFILES}
+    unknown = sorted({k.scanner for k in knobs} - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown scanner profile(s) {unknown}; known: {sorted(by_name)}")
+    if not knobs:
+        raise ValueError("need at least one case")
+    if min(shape) < 24:
+        raise ValueError(f"grid {shape} is too small for a brain with a tumour (at least 24 voxels per axis)")
+    out = Path(out)
+    ids = [f"{prefix}_{i:03d}" for i in range(1, len(knobs) + 1)]
+    existing = [str(out / i) for i in ids if (out / i).exists()]
+    if existing:
+        raise FileExistsError(f"case folder(s) exist already, not overwritten: {', '.join(existing[:3])}")
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, (case_id, knob) in enumerate(zip(ids, knobs, strict=True)):
+        streams = [np.random.default_rng([seed, index, k]) for k in range(4)]
+        # everything works in the brain's bounding box: 2-3x fewer voxels than the grid
+        anatomy, box, zoom = _anatomy(streams[0], shape)
+        tumour = grow(streams[1], anatomy, zoom, knob.lgg_share, knob.size_scale)
+        ideal = _synthesise(streams[2], anatomy, tumour)
+        mask = anatomy["mask"]
+        scanned = thick_slices(_scanner(streams[3], ideal, mask, by_name[knob.scanner]), knob.slice_mm) * mask
+        seg = np.zeros(shape, np.uint8)
+        seg[box] = annotate(thick_labels(tumour.seg, knob.slice_mm), knob.annotation_mm, mask)
+        folder = out / case_id
+        folder.mkdir()
+        for m, name in enumerate(MODALITIES):
+            data = np.zeros(shape, np.int16)
+            data[box] = np.clip(np.rint(scanned[m] * _SCALE), 0, np.iinfo(np.int16).max)
+            nib.save(nib.Nifti1Image(data, _AFFINE), str(folder / f"{case_id}_{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(seg, _AFFINE), str(folder / f"{case_id}_seg.nii.gz"))
+        wt, tc, et = (int(np.count_nonzero(r)) for r in (seg > 0, (seg == 1) | (seg == 4), seg == 4))
+        records.append(
+            {
+                "case_id": case_id,
+                "site": knob.name,
+                "scanner": knob.scanner,
+                "grade": tumour.grade,
+                "enhancing": et > 0,
+                "slice_mm": knob.slice_mm,
+                "annotation_mm": knob.annotation_mm,
+                "size_scale": knob.size_scale,
+                "lgg_share": round(knob.lgg_share, 4),
+                "foci": tumour.foci,
+                "wt_cm3": round(wt / 1000, 3),
+                "tc_cm3": round(tc / 1000, 3),
+                "et_cm3": round(et / 1000, 3),
+                "tumour_voxels": wt,
+            }
+        )
+    _write_metadata(out, records, seed, shape, list(dict.fromkeys(knobs)))
+    return records
 
 
 def generate_cohort(
@@ -201,65 +285,33 @@ def generate_cohort(
     """Write ``cases`` phantom cases spread round-robin over ``sites`` scanner profiles; returns their metadata.
 
     Site k uses ``profiles[k mod len]`` (names of ``SCANNER_PROFILES``; default all of them in order), so a
-    held-out site can be given a scanner no training site has. Deterministic in (seed, case number, sites,
-    shape, profiles). Refuses to overwrite an existing case folder.
+    held-out site can be given a scanner no training site has; the other knobs keep their defaults.
+    Deterministic in (seed, case number, sites, shape, profiles). Refuses to overwrite an existing case folder.
     """
     if cases < 1 or sites < 1:
         raise ValueError(f"need at least one case and one site, got cases={cases}, sites={sites}")
-    by_name = {p.name: p for p in SCANNER_PROFILES}
-    unknown = sorted(set(profiles or []) - set(by_name))
-    if unknown:
-        raise ValueError(f"unknown scanner profile(s) {unknown}; known: {sorted(by_name)}")
-    chosen = [by_name[n] for n in profiles] if profiles else list(SCANNER_PROFILES)
-    if min(shape) < 24:
-        raise ValueError(f"grid {shape} is too small for a brain with a tumour (at least 24 voxels per axis)")
-    out = Path(out)
-    ids = [f"{prefix}_{i:03d}" for i in range(1, cases + 1)]
-    existing = [str(out / i) for i in ids if (out / i).exists()]
-    if existing:
-        raise FileExistsError(f"case folder(s) exist already, not overwritten: {', '.join(existing[:3])}")
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for index, case_id in enumerate(ids):
-        site = index % sites
-        profile = chosen[site % len(chosen)]
-        rng = np.random.default_rng([seed, index])
-        enhancing = bool(rng.random() >= 0.2)
-        anatomy, zoom = _anatomy(rng, shape)
-        # everything after the anatomy works in the brain's bounding box: 2-3x fewer voxels
-        box = tuple(slice(max(i.min() - 2, 0), i.max() + 3) for i in np.nonzero(anatomy["mask"]))
-        anatomy = {k: v[box] for k, v in anatomy.items()}
-        seg = np.zeros(shape, np.uint8)
-        images = np.zeros((len(MODALITIES), *shape), np.float32)
-        seg[box] = _tumour(rng, anatomy, zoom, enhancing)
-        ideal = _synthesise(rng, anatomy, seg[box], enhancing)
-        images[(slice(None), *box)] = _scanner(rng, ideal, anatomy["mask"], profile)
-        folder = out / case_id
-        folder.mkdir()
-        for m, name in enumerate(MODALITIES):
-            data = np.clip(np.rint(images[m] * _SCALE), 0, np.iinfo(np.int16).max).astype(np.int16)
-            nib.save(nib.Nifti1Image(data, _AFFINE), str(folder / f"{case_id}_{name}.nii.gz"))
-        nib.save(nib.Nifti1Image(seg, _AFFINE), str(folder / f"{case_id}_seg.nii.gz"))
-        records.append(
-            {
-                "case_id": case_id,
-                "site": f"site-{site + 1}",
-                "scanner": profile.name,
-                "grade": "HGG" if enhancing else "LGG",
-                "enhancing": enhancing,
-                "tumour_voxels": int(np.count_nonzero(seg)),
-            }
-        )
-    _write_metadata(out, records, seed, shape, [chosen[k % len(chosen)] for k in range(sites)])
-    return records
+    names = list(profiles) if profiles else [p.name for p in SCANNER_PROFILES]
+    per_site = [SiteKnobs(f"site-{k + 1}", scanner=names[k % len(names)]) for k in range(sites)]
+    return generate_cases(out, [per_site[i % sites] for i in range(cases)], seed, shape, prefix)
+
+
+COLUMNS = ("scanner", "site", "slice_mm", "annotation_mm", "size_scale", "foci", "wt_cm3", "tc_cm3", "et_cm3")
 
 
 def _write_metadata(
-    out: Path, records: list[dict], seed: int, shape: tuple[int, int, int], site_profiles: list[ScannerProfile]
+    out: Path, records: list[dict], seed: int, shape: tuple[int, int, int], knobs: list[SiteKnobs]
 ) -> None:
+    """name_mapping.csv (BraTS's columns, then every knob and volume of the case) and phantom.json."""
     with (out / "name_mapping.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["Grade", "BraTS_2020_subject_ID", "scanner", "site"])
-        writer.writerows([r["grade"], r["case_id"], r["scanner"], r["site"]] for r in records)
-    meta = {"seed": seed, "shape": list(shape), "profiles": [asdict(p) for p in site_profiles], "cases": records}
+        writer.writerow(["Grade", "BraTS_2020_subject_ID", *COLUMNS])
+        writer.writerows([r["grade"], r["case_id"], *(r[c] for c in COLUMNS)] for r in records)
+    profiles = {p.name: asdict(p) for p in SCANNER_PROFILES if p.name in {k.scanner for k in knobs}}
+    meta = {
+        "seed": seed,
+        "shape": list(shape),
+        "knobs": [asdict(k) for k in knobs],
+        "profiles": list(profiles.values()),
+        "cases": records,
+    }
     (out / "phantom.json").write_text(json.dumps(meta, indent=1) + "\n")
