@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,21 @@ def test_hyperseg_round_follows_the_pfedhn_rule(sim_data: Path, tmp_path: Path):
             got = _load(rerun / site / "simulate_job" / "brats_fl", "received_round_2.pt")[key]
             expected = received[site][1][key] - lr / n * change[site] - lr / n * sum(change.values())
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=(site, key))
+
+
+@pytest.mark.slow
+def test_conv_bn_generates_scale_and_shift_and_sites_keep_their_statistics(sim_data: Path, tmp_path: Path):
+    """Conv + BN on batch norm: the sites never send their running statistics, which the server's screen expects,
+    and each site ends with statistics of its own while the server's stay the initial ones."""
+    params = tiny_params(rounds=2, local_epochs=1, hypernetwork=HyperNetParams(depth=2))
+    run = run_simulation("brats_hyperseg_conv_bn", params, sim_data, tmp_path)
+    assert summarise_run(run)["test"]["dice_mean"] > 0
+    model = replace(params, norm="batch").model()  # what the job builds; running statistics start at 0 and 1
+    stats = [k for k in model.state_dict() if k.endswith(("running_mean", "running_var"))]
+    assert stats, "Conv + BN's job trains batch norm"
+    kept = {s: torch.load(run / s / "simulate_job" / "brats_fl" / "personalised_model.pt")["state_dict"] for s in SITES}
+    for key in stats:
+        assert not torch.equal(kept["site-1"][key], kept["site-2"][key]), key
+    server = torch.load(next(run.rglob("FL_global_model.pt")), weights_only=False)["model"]
+    for key in stats:
+        assert torch.equal(torch.as_tensor(server[key]).float(), model.state_dict()[key].float()), key

@@ -477,6 +477,7 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
     site_stats = any(k not in learnable for k in chosen)
     controller = HyperSegController(
         personal_keys=[k for k in chosen if k in learnable],
+        site_kept=[k for k in chosen if k not in learnable],
         num_rounds=params.rounds,
         descriptor=descriptor,
         embedding_dim=hn.embedding_dim,

@@ -116,6 +116,7 @@ class HyperSegController(ModelController):
     def __init__(
         self,
         personal_keys: list[str],
+        site_kept: list[str] | None = None,
         num_rounds: int = 20,
         descriptor: str = "onehot",
         embedding_dim: int = 10,
@@ -141,6 +142,8 @@ class HyperSegController(ModelController):
         if not personal_keys:
             raise ValueError("HyperSeg needs at least one personal key for the hypernetwork to generate")
         self.personal_keys = list(personal_keys)
+        #: what the sites keep and never send (Conv + BN's running statistics): no update lacks it wrongly
+        self.site_kept = list(site_kept or [])
         self.num_rounds = num_rounds
         self.descriptor = descriptor
         self.embedding_dim = embedding_dim
@@ -250,7 +253,8 @@ class HyperSegController(ModelController):
         """The returned models the screen keeps, and why the round must stop (fewer than ``min_good`` kept)."""
         sent = {site: self._payload(model, personal[site]) for site in returned}
         updates = {site: result.params for site, result in returned.items()}
-        norms, refused = screen_updates(updates, sent, expected_shapes(model.params), self.norm_ratio, complete=True)
+        expected = expected_shapes({k: v for k, v in model.params.items() if k not in self.site_kept})
+        norms, refused = screen_updates(updates, sent, expected, self.norm_ratio, complete=True)
         for site, why in sorted(refused.items()):
             self.warning(f"refused the update of {site} in round {rnd}: {why}")
         record_round(self.get_run_dir(), rnd, norms, refused)
