@@ -226,3 +226,33 @@ def plot_overlay(
         title = f"{case_id}: slices through the tumour's largest cross-sections, zoomed to tumour and predictions"
         fig.suptitle(title, fontsize=7)
         return _save(fig, path)
+
+
+def plot_band_curves(series: dict[str, list[list[float]]], title: str, path: Path) -> Path:
+    """Validation Dice per round, one line per algorithm: the mean over seeds, and a band from the lowest to the
+    highest seed (with a handful of seeds a range says more than a CI computed from them). Each seed's curve is
+    already the mean over sites; seeds that ran fewer rounds end the band early."""
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.8), layout="constrained")
+        for (label, curves), style in zip(sorted(series.items()), _styles(), strict=False):
+            longest = max((len(c) for c in curves), default=0)
+            if not longest:
+                continue
+            table = np.full((len(curves), longest), np.nan)
+            for i, curve in enumerate(curves):
+                table[i, : len(curve)] = curve
+            rounds = np.arange(1, longest + 1)
+            mean = np.nanmean(table, axis=0)
+            every = max(1, longest // 8)
+            ax.plot(rounds, mean, label=label, markevery=every, **style)
+            if len(curves) > 1:
+                ax.fill_between(rounds, np.nanmin(table, axis=0), np.nanmax(table, axis=0), color=style["color"],
+                                alpha=0.15, linewidth=0)  # fmt: skip
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("Round (pass, for cyclic and SWT)")
+        ax.set_ylabel("Validation Dice\n(mean over sites)")
+        ax.set_title(title, loc="left")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3, linewidth=0.5)
+        ax.legend(ncols=2, frameon=False, fontsize=5)
+        return _save(fig, path)
