@@ -67,15 +67,16 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     # CI: the tiny U-Net and patches of the simulator tests (tests/conftest.py tiny_params) on a 48x48x32 phantom,
-    # two rounds, every algorithm on a homogeneous and a scanner-skewed partition
+    # two rounds, every algorithm on a homogeneous and a scanner-skewed partition; 3 local epochs of 24 cases (about
+    # 15 steps a round) are what it takes for every algorithm to beat the untrained model
     "smoke": Profile(
         name="smoke",
         algorithms=ALGORITHMS,
         partitions=("iid", "feature"),
         seeds=1,
-        cases=12,
+        cases=24,
         shape=(48, 48, 32),
-        params={"rounds": 2, "local_epochs": 1, "patch_size": (32, 32, 32), "channels": (8, 16, 32)},
+        params={"rounds": 2, "local_epochs": 3, "patch_size": (32, 32, 32), "channels": (8, 16, 32)},
     ),
     # the comparison to publish, sized to about 4 h of a 2-core machine at <= 90 s per run: 3 seeds of every
     # algorithm on iid (no skew) and mixed (every skew at once) is 108 runs; on the single-skew partitions the
@@ -344,6 +345,15 @@ def finished_line(spec: RunSpec, folder: Path) -> tuple[str, bool]:
     ), True
 
 
+def pending(specs: Sequence[RunSpec], out: Path) -> list[RunSpec]:
+    """The runs without a ``summary.json``, their folders cleared: a half-finished run starts afresh, since what a
+    killed simulator left cannot be told from what a finished one wrote."""
+    todo = [s for s in specs if not (s.folder(out) / "summary.json").is_file()]
+    for spec in todo:
+        shutil.rmtree(spec.folder(out), ignore_errors=True)
+    return todo
+
+
 def default_parallel(profile: Profile) -> int:
     return max(1, (os.cpu_count() or 1) // profile.cores_per_run)
 
@@ -374,7 +384,7 @@ def run_benchmark(
         untrained = out / "partitions" / name / "untrained.json"
         if not untrained.is_file():
             _write_json(untrained, untrained_scores(configs[name], profile, profile.seeds))
-    todo = [s for s in specs if not (s.folder(out) / "summary.json").is_file()]
+    todo = pending(specs, out)
     stream.write(f"benchmark {profile.name}: {len(specs) - len(todo)} of {len(specs)} runs finished already, "
                  f"{len(todo)} to run, {parallel} at a time\n")  # fmt: skip
     progress = Progress(len(todo), parallel, stream)
@@ -385,7 +395,6 @@ def run_benchmark(
         while todo and len(running) < parallel:
             spec = todo.pop(0)
             folder = spec.folder(out)
-            shutil.rmtree(folder, ignore_errors=True)  # a half-finished run starts afresh
             folder.mkdir(parents=True)
             # each run its own site state (personal layers kept for a restart), so parallel seeds never share it
             site_config = folder / "site_config.json"
