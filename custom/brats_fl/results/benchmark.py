@@ -398,7 +398,9 @@ def run_benchmark(
             folder.mkdir(parents=True)
             # each run its own site state (personal layers kept for a restart), so parallel seeds never share it
             site_config = folder / "site_config.json"
-            _write_json(site_config, json.loads(configs[spec.partition].read_text()) | {"state_dir": str(folder)})
+            _write_json(
+                site_config, json.loads(configs[spec.partition].read_text()) | {"state_dir": str(folder / "site_state")}
+            )
             params = job_params(profile, spec.algorithm, spec.seed)
             process = context.Process(target=_run_one, args=(spec, params, site_config, folder, cores), daemon=False)
             process.start()
