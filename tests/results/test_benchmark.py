@@ -189,3 +189,12 @@ def test_page_is_rebuilt_from_what_is_there(benchmark_dir: Path):
     shutil.rmtree(benchmark_dir / "runs" / "feature")
     md = write_page(benchmark_dir).read_text()
     assert "## Partition: iid" in md and "## Partition: feature" not in md
+
+
+def test_a_folder_refuses_another_profile(tmp_path: Path):
+    from brats_fl.results.benchmark import check_profile
+
+    check_profile(PROFILES["smoke"], tmp_path)
+    check_profile(PROFILES["smoke"], tmp_path)  # the same again: resuming
+    with pytest.raises(ValueError, match="another profile"):
+        check_profile(PROFILES["full"], tmp_path)

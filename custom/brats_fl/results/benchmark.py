@@ -86,8 +86,10 @@ PROFILES: dict[str, Profile] = {
         algorithms=ALGORITHMS,
         partitions=PARTITIONS,
         seeds=3,
+        # 30 % test: 18 pooled test cases, and still 10 training cases per site
         cases=60,
         shape=(96, 96, 64),
+        split=(0.5, 0.2, 0.3),
         params={"rounds": 5, "local_epochs": 1, "patch_size": (48, 48, 48), "channels": (16, 32, 64)},
         only={p: BASELINES for p in ("quantity", "feature", "label")},
     ),
@@ -345,6 +347,20 @@ def finished_line(spec: RunSpec, folder: Path) -> tuple[str, bool]:
     ), True
 
 
+def check_profile(profile: Profile, out: Path) -> None:
+    """Record the profile's data and run settings in ``DIR/profile.json``, or refuse a folder whose runs were made
+    with others: its finished runs would be kept and mixed with the new ones on one page."""
+    settings = {k: v for k, v in asdict(profile).items() if k in ("name", "cases", "shape", "split", "sites", "params")}
+    settings = json.loads(json.dumps(settings))  # tuples as the file holds them: lists
+    path = Path(out) / "profile.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != settings:
+            raise ValueError(f"{out} holds runs of another profile or settings ({before}); use another --out")
+        return
+    _write_json(path, settings)
+
+
 def pending(specs: Sequence[RunSpec], out: Path) -> list[RunSpec]:
     """The runs without a ``summary.json``, their folders cleared: a half-finished run starts afresh, since what a
     killed simulator left cannot be told from what a finished one wrote."""
@@ -378,6 +394,7 @@ def run_benchmark(
     if page_only:
         return write_page(out), 0
     parallel = parallel or default_parallel(profile)
+    check_profile(profile, out)
     configs = {}
     for name in dict.fromkeys(s.partition for s in specs):
         configs[name] = prepare_partition(name, out, profile)

@@ -152,7 +152,7 @@ def partition_blocks(name: str, runs: list[dict], untrained: list[list[dict]], f
                               figures / f"curves_{name}.png")  # fmt: skip
     return [
         ("h2", f"Partition: {name}"),
-        ("p", f"{len(cases)} pooled test cases; {len(algorithms)} algorithms."),
+        ("p", f"{len(cases)} pooled test cases; {len(algorithms)} algorithm(s)."),
         ("h3", "Scores"),
         ("table", *_scores_table(algorithms, untrained, cases)),
         ("h3", "Paired tests"),
