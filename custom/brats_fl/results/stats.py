@@ -117,10 +117,13 @@ class Comparison:
 def compare(
     per_case: Mapping[str, Mapping[str, float]], references: Sequence[str], alpha: float = ALPHA
 ) -> list[Comparison]:
-    """Every algorithm against every reference it is not (Wilcoxon signed-rank, paired by case id), with the p-values
-    Holm-corrected together as one family, so that the chance of any false "better" or "worse" on the page stays
-    at ``alpha``. The verdict says "better" or "worse" only where the corrected test rejects equality."""
-    pairs = [(alg, ref) for ref in references if ref in per_case for alg in per_case if alg != ref]
+    """Every algorithm against every reference it is not, each pair once (Wilcoxon signed-rank, paired by case id),
+    the p-values Holm-corrected together as one family, so that the chance of any false "better" or "worse" on the
+    page stays at ``alpha``. The verdict says "better" or "worse" only where the corrected test rejects equality."""
+    pairs: list[tuple[str, str]] = []
+    for ref in (r for r in references if r in per_case):
+        # one test per pair of algorithms: FedAvg against central is central against FedAvg, mirrored
+        pairs += [(alg, ref) for alg in per_case if alg != ref and (ref, alg) not in pairs]
     diffs = [paired_differences(per_case[alg], per_case[ref]) for alg, ref in pairs]
     raw = [wilcoxon_p(d) for d in diffs]
     tested = [i for i, p in enumerate(raw) if not math.isnan(p)]
