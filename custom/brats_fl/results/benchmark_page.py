@@ -229,7 +229,7 @@ def _markdown(blocks: list[Block], out: Path) -> str:
 
 _CSS = """body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #bbb;padding:3px 6px;text-align:right}
-td:first-child,th:first-child{text-align:left}img{max-width:640px}figcaption{font-size:13px;color:#444}"""
+td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{font-size:13px;color:#444}"""
 
 
 def _html(blocks: list[Block]) -> str:

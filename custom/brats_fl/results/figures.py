@@ -229,22 +229,23 @@ def plot_overlay(
 
 
 def plot_band_curves(series: dict[str, list[list[float]]], title: str, path: Path) -> Path:
-    """Validation Dice per round, one line per algorithm: the mean over seeds, and a band from the lowest to the
-    highest seed (with a handful of seeds a range says more than a CI computed from them). Each seed's curve is
-    already the mean over sites; seeds that ran fewer rounds end the band early."""
+    """Validation Dice per round, one line per algorithm in the order given: the mean over seeds, and a band from
+    the lowest to the highest seed (with a handful of seeds a range says more than a CI computed from them). Each
+    seed's curve is already the mean over sites; seeds that ran fewer rounds end the band early. A page wide: up to
+    18 algorithms, each its own combination of colour, line style and marker, the legend beside the axes."""
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.8), layout="constrained")
-        for (label, curves), style in zip(sorted(series.items()), _styles(), strict=False):
+        fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.2), layout="constrained")
+        for i, (label, curves) in enumerate(series.items()):
+            style = {"color": _COLOURS[i % len(_COLOURS)], "linestyle": _LINES[(i // len(_COLOURS)) % len(_LINES)],
+                     "marker": _MARKERS[(i + i // len(_COLOURS)) % len(_MARKERS)]}  # fmt: skip
             longest = max((len(c) for c in curves), default=0)
             if not longest:
                 continue
             table = np.full((len(curves), longest), np.nan)
-            for i, curve in enumerate(curves):
-                table[i, : len(curve)] = curve
-            rounds = np.arange(1, longest + 1)
-            mean = np.nanmean(table, axis=0)
-            every = max(1, longest // 8)
-            ax.plot(rounds, mean, label=label, markevery=every, **style)
+            for k, curve in enumerate(curves):
+                table[k, : len(curve)] = curve
+            rounds = np.arange(longest)
+            ax.plot(rounds, np.nanmean(table, axis=0), label=label, markevery=max(1, longest // 8), **style)
             if len(curves) > 1:
                 ax.fill_between(rounds, np.nanmin(table, axis=0), np.nanmax(table, axis=0), color=style["color"],
                                 alpha=0.15, linewidth=0)  # fmt: skip
@@ -254,5 +255,5 @@ def plot_band_curves(series: dict[str, list[list[float]]], title: str, path: Pat
         ax.set_title(title, loc="left")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3, linewidth=0.5)
-        ax.legend(ncols=2, frameon=False, fontsize=5)
+        fig.legend(loc="outside right upper", frameon=False)
         return _save(fig, path)
