@@ -198,3 +198,15 @@ def test_a_folder_refuses_another_profile(tmp_path: Path):
     check_profile(PROFILES["smoke"], tmp_path)  # the same again: resuming
     with pytest.raises(ValueError, match="another profile"):
         check_profile(PROFILES["full"], tmp_path)
+
+
+def test_site_data_resolves_paths_relative_to_the_configuration(tmp_path: Path):
+    from brats_fl.results.benchmark import site_data
+
+    config = tmp_path / "partitions" / "iid" / "site_config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"data_root": "../cohorts/fets", "datalist_dir": "datalists", "threads": 1}))
+    assert site_data(config) == {
+        "data_root": str(tmp_path / "partitions" / "cohorts" / "fets"),
+        "datalist_dir": str(tmp_path / "partitions" / "iid" / "datalists"),
+    }

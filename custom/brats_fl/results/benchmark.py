@@ -1,11 +1,12 @@
 """``brats-fl benchmark``: every federated algorithm on several partitions and seeds, in FLARE's simulator, and one
 page that compares them (:mod:`brats_fl.results.benchmark_page`).
 
-A benchmark folder ``DIR`` holds ``cohort/`` and ``partitions/<name>/`` (the data and each partition's site
-configuration, made once), ``runs/<partition>/<algorithm>/seed<k>/`` (one simulator run each, its ``run.log`` and,
-written last and atomically, its ``summary.json``) and the page ``index.md`` / ``index.html``. A run with a
-``summary.json`` is finished and never run again; any other run folder is cleared and its run started afresh, so
-an interrupted benchmark continues with the same command.
+A benchmark folder ``DIR`` holds ``partitions/<name>/`` (each partition's cohort, datalists and site
+configuration, made once by ``brats_fl.data.cohorts.build_partition``, and its untrained model's scores),
+``runs/<partition>/<algorithm>/seed<k>/`` (one simulator run each, its ``run.log`` and, written last and atomically,
+its ``summary.json``) and the page ``index.md`` / ``index.html``. A run with a ``summary.json`` is finished and never
+run again; any other run folder is cleared and its run started afresh, so an interrupted benchmark continues with
+the same command.
 
 FLARE and torch are imported inside the functions that need them: ``brats-fl --help`` stays instant.
 """
@@ -50,11 +51,11 @@ class Profile:
     algorithms: tuple[str, ...]
     partitions: tuple[str, ...]
     seeds: int
-    #: the phantom cohort every partition is drawn from: cases, grid (voxels), train/validation/test split
+    #: each partition's phantom cohort (three sites, ``brats_fl.data.cohorts``): cases, grid (voxels),
+    #: train/validation/test split
     cases: int
     shape: tuple[int, int, int]
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    sites: int = 3
     #: ``JobParams`` fields set for every run (a run's seed is its own), e.g. ``spacing`` (mm) to train a cohort on
     #: the BraTS grid at lower resolution; a field only some jobs use (``Param.uses``) is given to those jobs alone
     params: dict[str, Any] = field(default_factory=dict)
@@ -89,10 +90,10 @@ PROFILES: dict[str, Profile] = {
         algorithms=ALGORITHMS,
         partitions=PARTITIONS,
         seeds=3,
-        # 30 % test: 18 pooled test cases, and still 10 training cases per site
+        # half the cases for testing, as brats_fl.data.cohorts advises: 30 pooled test cases
         cases=60,
         shape=(96, 96, 64),
-        split=(0.5, 0.2, 0.3),
+        split=(0.4, 0.1, 0.5),
         params={**_CHEAP, "rounds": 5, "local_epochs": 1, "patch_size": (48, 48, 48), "channels": (16, 32, 64)},
         only={p: BASELINES for p in ("quantity", "feature", "label")},
     ),
@@ -136,48 +137,28 @@ def matrix(
 
 def job_params(profile: Profile, algorithm: str, seed: int):
     """The ``JobParams`` of one run: the profile's settings that ``algorithm`` uses, and the run's seed."""
+    from brats_fl.data.cohorts import SITES
     from brats_fl.jobs.catalogue import USES, HyperNetParams, JobParams
     from brats_fl.jobs.params import by_name
 
     kept = {k: v for k, v in profile.params.items() if by_name(k).uses in (None, *USES[algorithm])}
-    return JobParams(**kept, sites=profile.sites, seed=seed, hypernetwork=HyperNetParams())
+    return JobParams(**kept, sites=SITES, seed=seed, hypernetwork=HyperNetParams())
 
 
 def prepare_partition(name: str, root: Path, profile: Profile) -> Path:
-    """The site configuration of partition ``name`` under ``root``, made on first use (then kept as it is).
+    """The site configuration of partition ``name`` under ``root``: its cohort, datalists and configuration, made on
+    first use and reused after (``brats_fl.data.cohorts.build_partition``, which refuses a folder made otherwise)."""
+    from brats_fl.data.cohorts import build_partition
 
-    Until ``brats_fl.data.cohorts.build_partition`` exists, partitions are drawn from one shared phantom cohort
-    with ``brats_fl.data.partition``: iid = equal shares, quantity = unequal shares (1/2, 1/3, 1/6), feature = one
-    site per scanner; label (Dirichlet over tumour-size tertiles) and mixed (one case of every scanner per site,
-    the rest by Dirichlet over scanners) are stand-ins for the cohorts module's."""
-    from brats_fl.data.layout import find_cases
-    from brats_fl.data.partition import assign_sites, write_datalists
-    from brats_fl.data.phantom import generate_cohort
+    out = Path(root).resolve() / "partitions"
+    return build_partition(name, out, profile.cases, PARTITION_SEED, profile.shape, profile.split, log=lambda _: None)
 
-    folder = Path(root).resolve() / "partitions" / name
-    config = folder / "site_config.json"
-    if config.is_file():
-        return config
-    cohort = Path(root).resolve() / "cohort"
-    if not cohort.is_dir():
-        partial = cohort.with_name("cohort.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        generate_cohort(partial, profile.cases, profile.sites, PARTITION_SEED, profile.shape)
-        partial.rename(cohort)
-    schemes = {
-        "iid": ("equal", {}),
-        "quantity": ("unequal", {}),
-        "feature": ("natural", {"attribute": "scanner"}),
-        "label": ("dirichlet", {"attribute": "size"}),
-        "mixed": ("hybrid", {"attribute": "scanner"}),
-    }
-    scheme, options = schemes[name]
-    shutil.rmtree(folder, ignore_errors=True)
-    parts = assign_sites(find_cases(cohort), profile.sites, scheme, seed=PARTITION_SEED, **options)
-    lists = folder / "lists"
-    write_datalists(cohort, parts, lists, profile.split, PARTITION_SEED, {"scheme": scheme, **options, "name": name})
-    _write_json(config, {"data_root": str(cohort), "datalist_dir": str(lists)})
-    return config
+
+def site_data(site_config: Path) -> dict[str, str]:
+    """The data root and datalist folder a site configuration names, as absolute paths (the file gives them relative
+    to itself; a run's own copy lives elsewhere)."""
+    doc = json.loads(Path(site_config).read_text())
+    return {key: str((Path(site_config).parent / doc[key]).resolve()) for key in ("data_root", "datalist_dir")}
 
 
 def _write_json(path: Path, doc: Any) -> None:
@@ -278,7 +259,7 @@ def untrained_scores(site_config: Path, profile: Profile, seeds: int) -> dict:
     from brats_fl.seg.trainer import Trainer, config_from_args
     from brats_fl.site.client import site_args
 
-    doc = json.loads(Path(site_config).read_text())
+    doc = site_data(site_config)
     items = load_datalist(Path(doc["datalist_dir"]) / f"{POOLED_SITE}.json", Path(doc["data_root"])).items("test")
     loader = eval_loader(items)
     out = {}
@@ -353,7 +334,7 @@ def finished_line(spec: RunSpec, folder: Path) -> tuple[str, bool]:
 def check_profile(profile: Profile, out: Path) -> None:
     """Record the profile's data and run settings in ``DIR/profile.json``, or refuse a folder whose runs were made
     with others: its finished runs would be kept and mixed with the new ones on one page."""
-    settings = {k: v for k, v in asdict(profile).items() if k in ("name", "cases", "shape", "split", "sites", "params")}
+    settings = {k: v for k, v in asdict(profile).items() if k in ("name", "cases", "shape", "split", "params")}
     settings = json.loads(json.dumps(settings))  # tuples as the file holds them: lists
     path = Path(out) / "profile.json"
     if path.is_file():
@@ -418,9 +399,7 @@ def run_benchmark(
             folder.mkdir(parents=True)
             # each run its own site state (personal layers kept for a restart), so parallel seeds never share it
             site_config = folder / "site_config.json"
-            _write_json(
-                site_config, json.loads(configs[spec.partition].read_text()) | {"state_dir": str(folder / "site_state")}
-            )
+            _write_json(site_config, site_data(configs[spec.partition]) | {"state_dir": str(folder / "site_state")})
             params = job_params(profile, spec.algorithm, spec.seed)
             process = context.Process(target=_run_one, args=(spec, params, site_config, folder, cores), daemon=False)
             process.start()
