@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from brats_fl.cli import data, demo, jobs, ops, results, train
+from brats_fl.cli import benchmark, data, demo, jobs, ops, results, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every command's options; building them imports no torch, monai or FLARE."""
     parser = argparse.ArgumentParser(prog="brats-fl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for area in (ops, data, train, jobs, results, demo):
+    for area in (ops, data, train, jobs, results, benchmark, demo):
         area.add_commands(sub)
     return parser
 

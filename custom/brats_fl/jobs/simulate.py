@@ -35,18 +35,20 @@ def run_simulation(
     progress: bool = False,
     verbose: bool = False,
     numerics_mode: str = "portable",
+    cores: int | None = None,
 ) -> Path:
     """Run a job in FLARE's simulator with every site reading ``site_config``; returns the job's workspace.
 
     ``progress`` shows the rounds as they finish and keeps FLARE's output in ``<workspace>/<job>_simulator.log``
     (``verbose``: shows that output instead); without it FLARE runs in this process and prints as it likes.
     ``numerics_mode`` ``portable`` pins the sites' CPU kernels so that a seed gives the same model on every machine of
-    this kind (``brats_fl.jobs.numerics``); ``native`` lets torch choose."""
+    this kind (``brats_fl.jobs.numerics``); ``native`` lets torch choose.
+    ``cores``: the cores the run may use (default the machine's), less where several runs share it."""
     sites = 1 if name in POOLED else params.sites
     root = Path(workspace).resolve()
     # inherited by the simulator's site processes, which share this machine's cores
     training_at_once = 1 if name in SEQUENTIAL else sites
-    threads = max(1, (os.cpu_count() or 1) // training_at_once)
+    threads = max(1, (cores or os.cpu_count() or 1) // training_at_once)
     settings = {ENV_VAR: str(Path(site_config).resolve()), THREADS_VAR: str(threads)}
     settings |= numerics.environment(numerics_mode)
     # the simulated participants allow the installed package's classes, as a real site does (brats_fl.ops.policy)

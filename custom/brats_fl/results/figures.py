@@ -226,3 +226,34 @@ def plot_overlay(
         title = f"{case_id}: slices through the tumour's largest cross-sections, zoomed to tumour and predictions"
         fig.suptitle(title, fontsize=7)
         return _save(fig, path)
+
+
+def plot_band_curves(series: dict[str, list[list[float]]], title: str, path: Path) -> Path:
+    """Validation Dice per round, one line per algorithm in the order given: the mean over seeds, and a band from
+    the lowest to the highest seed (with a handful of seeds a range says more than a CI computed from them). Each
+    seed's curve is already the mean over sites; seeds that ran fewer rounds end the band early. A page wide: up to
+    18 algorithms, each its own combination of colour, line style and marker, the legend beside the axes."""
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.2), layout="constrained")
+        for i, (label, curves) in enumerate(series.items()):
+            style = {"color": _COLOURS[i % len(_COLOURS)], "linestyle": _LINES[(i // len(_COLOURS)) % len(_LINES)],
+                     "marker": _MARKERS[(i + i // len(_COLOURS)) % len(_MARKERS)]}  # fmt: skip
+            longest = max((len(c) for c in curves), default=0)
+            if not longest:
+                continue
+            table = np.full((len(curves), longest), np.nan)
+            for k, curve in enumerate(curves):
+                table[k, : len(curve)] = curve
+            rounds = np.arange(longest)
+            ax.plot(rounds, np.nanmean(table, axis=0), label=label, markevery=max(1, longest // 8), **style)
+            if len(curves) > 1:
+                ax.fill_between(rounds, np.nanmin(table, axis=0), np.nanmax(table, axis=0), color=style["color"],
+                                alpha=0.15, linewidth=0)  # fmt: skip
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("Round (pass, for cyclic and SWT)")
+        ax.set_ylabel("Validation Dice\n(mean over sites)")
+        ax.set_title(title, loc="left")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3, linewidth=0.5)
+        fig.legend(loc="outside right upper", frameon=False)
+        return _save(fig, path)

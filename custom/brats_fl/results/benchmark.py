@@ -1,0 +1,415 @@
+"""``brats-fl benchmark``: every federated algorithm on several partitions and seeds, in FLARE's simulator, and one
+page that compares them (:mod:`brats_fl.results.benchmark_page`).
+
+A benchmark folder ``DIR`` holds ``partitions/<name>/`` (each partition's cohort, datalists and site
+configuration, made once by ``brats_fl.data.cohorts.build_partition``, and its untrained model's scores),
+``runs/<partition>/<algorithm>/seed<k>/`` (one simulator run each, its ``run.log`` and, written last and atomically,
+its ``summary.json``) and the page ``index.md`` / ``index.html``. A run with a ``summary.json`` is finished and never
+run again; any other run folder is cleared and its run started afresh, so an interrupted benchmark continues with
+the same command.
+
+FLARE and torch are imported inside the functions that need them: ``brats-fl --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+#: every job of ``brats_fl.jobs.catalogue.JOBS`` but the SegViz ones, which need partially annotated sites and are
+#: compared on their own terms (``brats-fl compare``); a test keeps this list equal to the catalogue's
+ALGORITHMS: tuple[str, ...] = (
+    "brats_central", "brats_local", "brats_fedavg", "brats_fedavg_ft", "brats_fedper", "brats_fedbn",
+    "brats_fedbn_ft", "brats_cyclic", "brats_swt", "brats_hyperseg_conv", "brats_hyperseg_conv_bn",
+    "brats_hyperseg_conv_bn_emb", "brats_fedprox", "brats_scaffold", "brats_fedadam", "brats_fedyogi",
+    "brats_fedadagrad", "brats_ditto",
+)  # fmt: skip
+#: the references of the paired tests, and the runs every partition needs for them
+FEDAVG, CENTRAL = "brats_fedavg", "brats_central"
+BASELINES = (CENTRAL, "brats_local", FEDAVG)
+#: kinds of data heterogeneity (``brats_fl.data.cohorts.build_partition``)
+PARTITIONS = ("iid", "quantity", "feature", "label", "mixed")
+#: the partitions are part of the benchmark, not of a run: every seed trains on the same sites and test cases
+PARTITION_SEED = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a benchmark runs: algorithms x partitions x seeds, the cohort, and the job parameters of every run."""
+
+    name: str
+    algorithms: tuple[str, ...]
+    partitions: tuple[str, ...]
+    seeds: int
+    #: each partition's phantom cohort (three sites, ``brats_fl.data.cohorts``): cases, grid (voxels),
+    #: train/validation/test split
+    cases: int
+    shape: tuple[int, int, int]
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    #: ``JobParams`` fields set for every run (a run's seed is its own), e.g. ``spacing`` (mm) to train a cohort on
+    #: the BraTS grid at lower resolution; a field only some jobs use (``Param.uses``) is given to those jobs alone
+    params: dict[str, Any] = field(default_factory=dict)
+    #: partition -> the algorithms run on it, where not every one of ``algorithms``
+    only: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: cores one run keeps busy (its sites train at once): sets how many runs share the machine
+    cores_per_run: int = 3
+
+
+#: the page scores the model each site ends with on its own test split; cross-site evaluation of every site's model
+#: on every site would cost each run a third of its time for scores the page never shows
+_CHEAP = {"cross_site": "global"}
+
+PROFILES: dict[str, Profile] = {
+    # CI: the tiny U-Net and patches of the simulator tests (tests/conftest.py tiny_params) on a 48x48x32 phantom,
+    # two rounds, every algorithm on a homogeneous and a scanner-skewed partition; 3 local epochs of 24 cases (about
+    # 15 steps a round) are what it takes for every algorithm to beat the untrained model
+    "smoke": Profile(
+        name="smoke",
+        algorithms=ALGORITHMS,
+        partitions=("iid", "feature"),
+        seeds=1,
+        cases=24,
+        shape=(48, 48, 32),
+        params={**_CHEAP, "rounds": 2, "local_epochs": 3, "patch_size": (32, 32, 32), "channels": (8, 16, 32)},
+    ),
+    # the comparison to publish, sized to about 4 h of a 2-core machine at <= 90 s per run: 3 seeds of every
+    # algorithm on iid (no skew) and mixed (every skew at once) is 108 runs; on the single-skew partitions the
+    # baselines and FedAvg (27 runs) say how much each skew costs, which is what the other algorithms claim to win back
+    "full": Profile(
+        name="full",
+        algorithms=ALGORITHMS,
+        partitions=PARTITIONS,
+        seeds=3,
+        # half the cases for testing, as brats_fl.data.cohorts advises: 30 pooled test cases
+        cases=60,
+        shape=(96, 96, 64),
+        split=(0.4, 0.1, 0.5),
+        params={**_CHEAP, "rounds": 5, "local_epochs": 1, "patch_size": (48, 48, 48), "channels": (16, 32, 64)},
+        only={p: BASELINES for p in ("quantity", "feature", "label")},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the matrix."""
+
+    partition: str
+    algorithm: str
+    seed: int
+
+    def folder(self, out: Path) -> Path:
+        return Path(out) / "runs" / self.partition / self.algorithm / f"seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.partition}/{self.algorithm}/seed{self.seed}"
+
+
+def matrix(
+    profile: Profile,
+    algorithms: Sequence[str] | None = None,
+    partitions: Sequence[str] | None = None,
+    seeds: int | None = None,
+) -> list[RunSpec]:
+    """The runs of ``profile``, narrowed to ``algorithms`` and ``partitions`` and to seeds 0 .. ``seeds`` - 1."""
+    unknown = sorted(set(algorithms or ()) - set(ALGORITHMS)) + sorted(set(partitions or ()) - set(PARTITIONS))
+    if unknown:
+        raise ValueError(f"unknown algorithm(s) or partition(s) {unknown}; known: {[*ALGORITHMS, *PARTITIONS]}")
+    return [
+        RunSpec(p, a, s)
+        for p in partitions or profile.partitions
+        for a in algorithms or profile.algorithms
+        if a in profile.only.get(p, profile.algorithms)
+        for s in range(profile.seeds if seeds is None else seeds)
+    ]
+
+
+def job_params(profile: Profile, algorithm: str, seed: int):
+    """The ``JobParams`` of one run: the profile's settings that ``algorithm`` uses, and the run's seed."""
+    from brats_fl.data.cohorts import SITES
+    from brats_fl.jobs.catalogue import USES, HyperNetParams, JobParams
+    from brats_fl.jobs.params import by_name
+
+    kept = {k: v for k, v in profile.params.items() if by_name(k).uses in (None, *USES[algorithm])}
+    return JobParams(**kept, sites=SITES, seed=seed, hypernetwork=HyperNetParams())
+
+
+def prepare_partition(name: str, root: Path, profile: Profile) -> Path:
+    """The site configuration of partition ``name`` under ``root``: its cohort, datalists and configuration, made on
+    first use and reused after (``brats_fl.data.cohorts.build_partition``, which refuses a folder made otherwise)."""
+    from brats_fl.data.cohorts import build_partition
+
+    out = Path(root).resolve() / "partitions"
+    return build_partition(name, out, profile.cases, PARTITION_SEED, profile.shape, profile.split, log=lambda _: None)
+
+
+def site_data(site_config: Path) -> dict[str, str]:
+    """The data root and datalist folder a site configuration names, as absolute paths (the file gives them relative
+    to itself; a run's own copy lives elsewhere)."""
+    doc = json.loads(Path(site_config).read_text())
+    return {key: str((Path(site_config).parent / doc[key]).resolve()) for key in ("data_root", "datalist_dir")}
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    """Whole or not at all: a temporary file beside it, then an atomic rename (a killed run leaves no half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(doc, indent=1, default=str))
+    partial.replace(path)
+
+
+def machine() -> dict[str, Any]:
+    """What ran it: the processor and its cores (the run times depend on both)."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        model = names[0] if names else model
+    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def model_hashes(path: Path) -> dict[str, str]:
+    """SHA-256 of the model file's bytes and of its weights (``brats_fl.seg.model.fingerprint``): the file's may
+    differ between torch versions with the same weights; equal weights mean the very same training."""
+    import torch
+
+    from brats_fl.seg.model import fingerprint
+
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return {"file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "weights_sha256": fingerprint(state)}
+
+
+def per_case_scores(summary: dict) -> list[dict]:
+    """Every test case's scores from the sites' ``personalised_test.json`` (the model each site ends with), with the
+    site and the means over the regions the case was scored on."""
+    rows = []
+    for site, record in sorted(summary["site_records"].items()):
+        for row in json.loads((Path(record["dir"]) / "personalised_test.json").read_text())["per_case"]:
+            rows.append(_with_means(site, row))
+    return rows
+
+
+def _with_means(site: str, row: dict) -> dict:
+    """A per-case row with its site and, per metric, the mean over the regions the case was scored on."""
+    means = {
+        f"{m}_mean": sum(vs) / len(vs)
+        for m in ("dice", "hd95")
+        if (vs := [v for k, v in row.items() if k.startswith(f"{m}_")])
+    }
+    return {"site": site, **row, **means}
+
+
+def run_summary(run_dir: Path, spec: RunSpec, params: Any, wall_time: float) -> dict:
+    """What the page needs of a finished run, and what makes it comparable with a run elsewhere: pooled and per-case
+    scores, validation curves, traffic, the final global model's hashes, machine, versions and time."""
+    from brats_fl.results.report import summarise_run
+    from brats_fl.server.run_record import package_versions
+
+    summary = summarise_run(run_dir)
+    tag = "pass_val_dice_mean" if spec.algorithm in ("brats_cyclic", "brats_swt") else "val_dice_mean"
+    traffic = summary["traffic"]
+    return {
+        "partition": spec.partition,
+        "algorithm": spec.algorithm,
+        "seed": spec.seed,
+        "test": summary["test"],
+        "test_per_site": summary["test_per_site"],
+        "per_case": per_case_scores(summary),
+        "val_dice": {site: tags.get(tag, []) for site, tags in summary["curves"].items()},
+        "bytes_sent_per_site": sum(t["sent"] for t in traffic.values()) / len(traffic) if traffic else 0,
+        "global_model": model_hashes(Path(summary["run"]) / "app_server" / "FL_global_model.pt"),
+        "wall_time": wall_time,
+        "machine": machine(),
+        "versions": package_versions(),
+        "params": asdict(params),
+        "run": summary["run"],
+    }
+
+
+def _run_one(spec: RunSpec, params: Any, site_config: Path, folder: Path, cores: int) -> None:
+    """A child's work: one simulator run, its output in ``run.log``, its summary written last."""
+    from brats_fl.jobs.simulate import run_simulation
+
+    fd = os.open(folder / "run.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    start = time.perf_counter()
+    run_dir = run_simulation(spec.algorithm, params, site_config, folder / "workspace", cores=cores)
+    _write_json(folder / "summary.json", run_summary(run_dir, spec, params, time.perf_counter() - start))
+
+
+def untrained_scores(site_config: Path, profile: Profile, seeds: int) -> dict:
+    """Per-case scores of a freshly initialised model (the profile's architecture, each seed's initialisation) on
+    the partition's pooled test cases: the floor every trained algorithm has to beat."""
+    from brats_fl.data.datalist import load_datalist
+    from brats_fl.data.loading import eval_loader
+    from brats_fl.data.partition import POOLED_SITE
+    from brats_fl.seg.trainer import Trainer, config_from_args
+    from brats_fl.site.client import site_args
+
+    doc = site_data(site_config)
+    items = load_datalist(Path(doc["datalist_dir"]) / f"{POOLED_SITE}.json", Path(doc["data_root"])).items("test")
+    loader = eval_loader(items)
+    out = {}
+    for seed in range(seeds):
+        params = job_params(profile, FEDAVG, seed)
+        args = site_args(params.client_config())
+        args.threads = os.cpu_count()
+        trainer = Trainer(config_from_args(args, total_epochs=1), model=params.model())
+        out[str(seed)] = [_with_means(POOLED_SITE, row) for row in trainer.evaluate(loader, per_case=True)["per_case"]]
+    return out
+
+
+class Progress:
+    """Runs done / running / left, the mean run time and the time left: one line rewritten in place on a terminal;
+    elsewhere (CI logs) only a plain line per finished run, which is printed in both cases."""
+
+    def __init__(self, total: int, parallel: int, stream: TextIO):
+        self.total, self.parallel, self.stream = total, parallel, stream
+        self.tty = stream.isatty()
+        self.done: list[float] = []
+        self.failed = 0
+        self.started: dict[str, float] = {}
+
+    def start(self, spec: RunSpec) -> None:
+        self.started[spec.label] = time.perf_counter()
+        self._status()
+
+    def finish(self, spec: RunSpec, line: str, ok: bool) -> None:
+        self.done.append(time.perf_counter() - self.started.pop(spec.label))
+        self.failed += not ok
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(line + "\n")
+        self._status()
+
+    def status(self) -> str:
+        left = self.total - len(self.done) - len(self.started)
+        done = f"{len(self.done)} of {self.total} runs done ({self.failed} failed)"
+        text = f"{done}, {len(self.started)} running, {left} left"
+        if self.done:
+            mean = sum(self.done) / len(self.done)
+            now = time.perf_counter()
+            # what the running runs still need, plus the runs not started, shared among the parallel slots
+            remaining = sum(max(mean - (now - t), 0) for t in self.started.values()) + left * mean
+            text += f"; {mean:.0f} s per run, about {remaining / self.parallel / 60:.0f} min left"
+        return text
+
+    def _status(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + self.status())
+        self.stream.flush()
+
+    def tick(self) -> None:
+        """Refresh the time left between events."""
+        self._status()
+
+
+def finished_line(spec: RunSpec, folder: Path) -> tuple[str, bool]:
+    """One line per run: pooled mean Dice and the weights' hash (compare CI logs with a run elsewhere), or where the
+    failed run's log is."""
+    summary_file = folder / "summary.json"
+    if not summary_file.is_file():
+        return f"FAILED {spec.label}: see {folder / 'run.log'}", False
+    summary = json.loads(summary_file.read_text())
+    weights = summary["global_model"]["weights_sha256"]
+    return (
+        f"done {spec.label}: pooled Dice {summary['test']['dice_mean']:.4f}, weights sha256 {weights}, "
+        f"{summary['wall_time']:.0f} s"
+    ), True
+
+
+def check_profile(profile: Profile, out: Path) -> None:
+    """Record the profile's data and run settings in ``DIR/profile.json``, or refuse a folder whose runs were made
+    with others: its finished runs would be kept and mixed with the new ones on one page."""
+    settings = {k: v for k, v in asdict(profile).items() if k in ("name", "cases", "shape", "split", "params")}
+    settings = json.loads(json.dumps(settings))  # tuples as the file holds them: lists
+    path = Path(out) / "profile.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != settings:
+            raise ValueError(f"{out} holds runs of another profile or settings ({before}); use another --out")
+        return
+    _write_json(path, settings)
+
+
+def pending(specs: Sequence[RunSpec], out: Path) -> list[RunSpec]:
+    """The runs without a ``summary.json``, their folders cleared: a half-finished run starts afresh, since what a
+    killed simulator left cannot be told from what a finished one wrote."""
+    todo = [s for s in specs if not (s.folder(out) / "summary.json").is_file()]
+    for spec in todo:
+        shutil.rmtree(spec.folder(out), ignore_errors=True)
+    return todo
+
+
+def default_parallel(profile: Profile) -> int:
+    return max(1, (os.cpu_count() or 1) // profile.cores_per_run)
+
+
+def run_benchmark(
+    profile: Profile,
+    out: Path,
+    algorithms: Sequence[str] | None = None,
+    partitions: Sequence[str] | None = None,
+    seeds: int | None = None,
+    parallel: int | None = None,
+    page_only: bool = False,
+    stream: TextIO = sys.stdout,
+) -> tuple[Path, int]:
+    """Run every unfinished run of the matrix, each in its own spawned process (a crash or a leak ends that run
+    alone), ``parallel`` at a time, rebuilding the page after each; returns the page and the number of failed runs.
+    ``page_only`` rebuilds the page from the finished runs and runs nothing."""
+    from brats_fl.results.benchmark_page import write_page
+
+    out = Path(out).resolve()
+    specs = matrix(profile, algorithms, partitions, seeds)
+    if page_only:
+        return write_page(out), 0
+    parallel = parallel or default_parallel(profile)
+    check_profile(profile, out)
+    configs = {}
+    for name in dict.fromkeys(s.partition for s in specs):
+        configs[name] = prepare_partition(name, out, profile)
+        untrained = out / "partitions" / name / "untrained.json"
+        if not untrained.is_file():
+            _write_json(untrained, untrained_scores(configs[name], profile, profile.seeds))
+    todo = pending(specs, out)
+    stream.write(f"benchmark {profile.name}: {len(specs) - len(todo)} of {len(specs)} runs finished already, "
+                 f"{len(todo)} to run, {parallel} at a time\n")  # fmt: skip
+    progress = Progress(len(todo), parallel, stream)
+    context = multiprocessing.get_context("spawn")
+    running: dict[RunSpec, multiprocessing.process.BaseProcess] = {}
+    cores = max(1, (os.cpu_count() or 1) // parallel)
+    while todo or running:
+        while todo and len(running) < parallel:
+            spec = todo.pop(0)
+            folder = spec.folder(out)
+            folder.mkdir(parents=True)
+            # each run its own site state (personal layers kept for a restart), so parallel seeds never share it
+            site_config = folder / "site_config.json"
+            _write_json(site_config, site_data(configs[spec.partition]) | {"state_dir": str(folder / "site_state")})
+            params = job_params(profile, spec.algorithm, spec.seed)
+            process = context.Process(target=_run_one, args=(spec, params, site_config, folder, cores), daemon=False)
+            process.start()
+            running[spec] = process
+            progress.start(spec)
+        time.sleep(1.0)
+        progress.tick()
+        for spec in [s for s, p in running.items() if not p.is_alive()]:
+            running.pop(spec).join()
+            line, ok = finished_line(spec, spec.folder(out))
+            progress.finish(spec, line, ok)
+            write_page(out)
+    return write_page(out), progress.failed

@@ -1,0 +1,54 @@
+"""``brats-fl benchmark --profile smoke``, for real: every algorithm of the profile on its partitions in FLARE's
+simulator, the page, and a second invocation that finds every run finished and only rebuilds the page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from brats_fl.cli.main import main
+from brats_fl.results.benchmark import PROFILES, matrix
+from brats_fl.results.benchmark_page import UNTRAINED
+
+
+@pytest.mark.slow
+def test_smoke_benchmark_runs_every_algorithm_and_resumes(tmp_path: Path, capsys):
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--profile", "smoke", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    profile = PROFILES["smoke"]
+    runs = matrix(profile)
+    # one line per run with its pooled Dice and weights hash, for comparing CI logs with other machines
+    assert sum(line.startswith("done ") and "weights sha256" in line for line in printed.splitlines()) == len(runs)
+
+    md = (out / "index.md").read_text()
+    for partition in profile.partitions:
+        section = md.split(f"## Partition: {partition}", 1)[1].split("## Partition:", 1)[0]
+        scores = section.split("### Scores", 1)[1].split("###", 1)[0]
+        header = scores.strip().splitlines()[0]
+        assert "Dice mean" in header and "HD95 mean (mm)" in header and "gap to central (Dice)" in header
+        names = [line.split("|")[1].strip() for line in scores.strip().splitlines()[2:] if line.startswith("|")]
+        assert names == [a.removeprefix("brats_") for a in profile.algorithms] + [UNTRAINED]
+        assert "[" in scores  # confidence intervals
+        tests = section.split("### Paired tests", 1)[1]
+        assert "p (Holm)" in tests and "verdict" in tests
+        assert "test cases" in section  # the sample size
+        assert f"figures/curves_{partition}.png" in section
+
+        untrained = json.loads((out / "partitions" / partition / "untrained.json").read_text())
+        floor = np.mean([row["dice_mean"] for rows in untrained.values() for row in rows])
+        for algorithm in profile.algorithms:
+            summary = json.loads((out / "runs" / partition / algorithm / "seed0" / "summary.json").read_text())
+            assert summary["test"]["dice_mean"] > floor, (partition, algorithm, summary["test"]["dice_mean"], floor)
+            assert len(summary["global_model"]["weights_sha256"]) == 64
+    assert (out / "index.html").read_text().count("data:image/png;base64,") == len(profile.partitions)
+
+    # resuming: every run is finished, nothing runs again, the page is rebuilt
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/seed*/summary.json")}
+    (out / "index.md").unlink()
+    assert main(["benchmark", "--profile", "smoke", "--out", str(out)]) == 0
+    assert f"{len(runs)} of {len(runs)} runs finished already, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/seed*/summary.json")} == stamps
+    assert (out / "index.md").read_text() == md

@@ -1,0 +1,212 @@
+"""The benchmark's matrix, resumption, progress and page, on synthetic run summaries (no FLARE)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from brats_fl.results.benchmark import (
+    ALGORITHMS,
+    PROFILES,
+    Progress,
+    RunSpec,
+    job_params,
+    matrix,
+    pending,
+)
+from brats_fl.results.benchmark_page import UNTRAINED, write_page
+
+CASES = [f"case{i:02d}" for i in range(20)]
+
+
+def test_algorithms_are_the_catalogue_without_segviz():
+    from brats_fl.jobs.catalogue import JOBS
+
+    assert set(ALGORITHMS) == {j for j in JOBS if "segviz" not in j}
+    assert len(ALGORITHMS) == 18
+
+
+def test_matrix_follows_the_profile_and_its_restrictions():
+    full = PROFILES["full"]
+    runs = matrix(full)
+    assert len(runs) == (18 * 2 + 3 * 3) * 3
+    assert {r.algorithm for r in runs if r.partition == "quantity"} == {"brats_central", "brats_local", "brats_fedavg"}
+    assert {r.algorithm for r in runs if r.partition == "mixed"} == set(ALGORITHMS)
+    narrowed = matrix(full, algorithms=["brats_fedavg"], partitions=["iid"], seeds=2)
+    assert narrowed == [RunSpec("iid", "brats_fedavg", 0), RunSpec("iid", "brats_fedavg", 1)]
+    with pytest.raises(ValueError, match="brats_segviz_fedavg"):
+        matrix(full, algorithms=["brats_segviz_fedavg"])
+
+
+def test_smoke_runs_every_algorithm_on_two_partitions():
+    runs = matrix(PROFILES["smoke"])
+    assert len({r.partition for r in runs}) >= 2
+    for partition in {r.partition for r in runs}:
+        assert {r.algorithm for r in runs if r.partition == partition} == set(ALGORITHMS)
+
+
+def test_job_params_take_the_run_seed_and_only_what_the_job_uses():
+    from dataclasses import replace
+
+    profile = replace(PROFILES["smoke"], params={**PROFILES["smoke"].params, "mu": 0.5, "finetune_epochs": 1})
+    prox = job_params(profile, "brats_fedprox", 3)
+    assert prox.seed == 3 and prox.mu == 0.5 and prox.rounds == 2 and prox.channels == (8, 16, 32)
+    assert prox.finetune_epochs is None  # not a fine-tuning job
+    assert job_params(profile, "brats_fedavg", 0).mu == 0.01  # FedProx's mu stays FedProx's
+    assert job_params(profile, "brats_fedavg_ft", 0).finetune_epochs == 1
+
+
+def test_pending_skips_finished_runs_and_clears_half_finished_ones(tmp_path: Path):
+    done, half, new = RunSpec("iid", "a", 0), RunSpec("iid", "b", 0), RunSpec("iid", "c", 0)
+    done.folder(tmp_path).mkdir(parents=True)
+    (done.folder(tmp_path) / "summary.json").write_text("{}")
+    (done.folder(tmp_path) / "run.log").write_text("kept")
+    half.folder(tmp_path).mkdir(parents=True)
+    (half.folder(tmp_path) / "run.log").write_text("killed half way")
+    assert pending([done, half, new], tmp_path) == [half, new]
+    assert not half.folder(tmp_path).exists()
+    assert (done.folder(tmp_path) / "run.log").read_text() == "kept"
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_prints_a_plain_line_per_run_off_a_terminal():
+    stream = io.StringIO()
+    progress = Progress(total=3, parallel=1, stream=stream)
+    spec = RunSpec("iid", "brats_fedavg", 0)
+    progress.start(spec)
+    progress.finish(spec, "done iid/brats_fedavg/seed0", ok=True)
+    assert stream.getvalue() == "done iid/brats_fedavg/seed0\n"
+    assert progress.status().startswith("1 of 3 runs done (0 failed), 0 running, 2 left;")
+    assert "min left" in progress.status()
+
+
+def test_progress_rewrites_one_status_line_on_a_terminal():
+    stream = _Tty()
+    progress = Progress(total=2, parallel=2, stream=stream)
+    progress.start(RunSpec("iid", "a", 0))
+    assert stream.getvalue().endswith("0 of 2 runs done (0 failed), 1 running, 1 left")
+    assert "\n" not in stream.getvalue()
+
+
+def _rows(mean: float, seed: int, sites: int = 2) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, case in enumerate(CASES):
+        dice = {r: float(np.clip(mean + 0.1 * np.sin(i) + rng.normal(0, 0.01), 0, 1)) for r in ("WT", "TC", "ET")}
+        row = {"site": f"site-{i % sites + 1}", "case_id": case, **{f"dice_{r}": v for r, v in dice.items()}}
+        row |= {f"hd95_{r}": 10 * (1 - v) for r, v in dice.items()}
+        rows.append(row | {"dice_mean": float(np.mean(list(dice.values()))), "hd95_mean": 10 * (1 - row["dice_WT"])})
+    return rows
+
+
+def _write_run(out: Path, partition: str, algorithm: str, seed: int, mean: float) -> None:
+    folder = RunSpec(partition, algorithm, seed).folder(out)
+    folder.mkdir(parents=True)
+    summary = {
+        "partition": partition,
+        "algorithm": algorithm,
+        "seed": seed,
+        "test": {"dice_mean": mean, "worst_site": "site-2", "worst_dice_mean": mean - 0.1},
+        "per_case": _rows(mean, seed),
+        "val_dice": {"site-1": [0.1, mean / 2, mean], "site-2": [0.2, mean / 2, mean]},
+        "bytes_sent_per_site": 3 * 2**20,
+        "global_model": {"weights_sha256": f"{algorithm}{seed}".ljust(64, "0"), "file_sha256": "0" * 64},
+        "wall_time": 42.0,
+        "machine": {"cpu": "test cpu", "cores": 2},
+        "versions": {"brats-fl": "0"},
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def benchmark_dir(tmp_path: Path) -> Path:
+    means = {"brats_central": 0.8, "brats_fedavg": 0.7, "brats_fedprox": 0.7, "brats_local": 0.5}
+    for partition in ("iid", "feature"):
+        for algorithm, mean in means.items():
+            for seed in range(3):
+                _write_run(tmp_path, partition, algorithm, seed, mean)
+        untrained = tmp_path / "partitions" / partition / "untrained.json"
+        untrained.parent.mkdir(parents=True)
+        untrained.write_text(json.dumps({str(s): _rows(0.05, s) for s in range(3)}))
+    return tmp_path
+
+
+def _table(md: str, title: str) -> list[list[str]]:
+    """The rows of the first table after the heading ``title``."""
+    lines = md.split(f"### {title}", 1)[1].strip().splitlines()
+    table = [line for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("|"))]]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table if not line.startswith("|---")]
+
+
+def _interval(cell: str) -> tuple[float, float, float]:
+    """'0.700 [0.650, 0.750]' -> (0.7, 0.65, 0.75)."""
+    match = re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell)
+    assert match, cell
+    return tuple(float(x) for x in match.groups())
+
+
+def test_page_has_every_row_intervals_tests_and_curves(benchmark_dir: Path):
+    index = write_page(benchmark_dir)
+    md = index.read_text()
+    for partition in ("iid", "feature"):
+        section = md.split(f"## Partition: {partition}", 1)[1]
+        scores = _table(section, "Scores")
+        assert scores[0][:3] == ["algorithm", "seeds", "Dice WT"]
+        names = [row[0] for row in scores[1:]]
+        assert names == ["central", "local", "fedavg", "fedprox", UNTRAINED]
+        fedavg = dict(zip(scores[0], next(r for r in scores if r[0] == "fedavg"), strict=True))
+        assert fedavg["seeds"] == "3"
+        estimate, low, high = _interval(fedavg["Dice mean"])
+        assert low < estimate < high and estimate == pytest.approx(0.7, abs=0.02)
+        gap = float(fedavg["gap to central (Dice)"].split()[0])
+        assert gap == pytest.approx(-0.1, abs=0.01)
+        tests = _table(section, "Paired tests")
+        assert tests[0][-1] == "verdict"
+        verdicts = {(r[0], r[1]): r[-1] for r in tests[1:]}
+        assert verdicts[("central", "fedavg")] == "better"
+        assert verdicts[("local", "central")] == "worse"
+        assert verdicts[("fedprox", "fedavg")] == "not separated"
+        assert "test cases (" in section and "This partition has 20 test cases" in section
+        assert f"curves_{partition}.png" in section
+        assert (benchmark_dir / "figures" / f"curves_{partition}.png").is_file()
+    html = (benchmark_dir / "index.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    assert "brats_fedprox0".ljust(64, "0") in md
+
+
+def test_page_is_rebuilt_from_what_is_there(benchmark_dir: Path):
+    """Runs still missing (a benchmark under way) leave their rows out; nothing else breaks."""
+    import shutil
+
+    shutil.rmtree(benchmark_dir / "runs" / "feature")
+    md = write_page(benchmark_dir).read_text()
+    assert "## Partition: iid" in md and "## Partition: feature" not in md
+
+
+def test_a_folder_refuses_another_profile(tmp_path: Path):
+    from brats_fl.results.benchmark import check_profile
+
+    check_profile(PROFILES["smoke"], tmp_path)
+    check_profile(PROFILES["smoke"], tmp_path)  # the same again: resuming
+    with pytest.raises(ValueError, match="another profile"):
+        check_profile(PROFILES["full"], tmp_path)
+
+
+def test_site_data_resolves_paths_relative_to_the_configuration(tmp_path: Path):
+    from brats_fl.results.benchmark import site_data
+
+    config = tmp_path / "partitions" / "iid" / "site_config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"data_root": "../cohorts/fets", "datalist_dir": "datalists", "threads": 1}))
+    assert site_data(config) == {
+        "data_root": str(tmp_path / "partitions" / "cohorts" / "fets"),
+        "datalist_dir": str(tmp_path / "partitions" / "iid" / "datalists"),
+    }
