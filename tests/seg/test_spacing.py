@@ -163,3 +163,18 @@ def test_the_disk_cache_is_reused_only_for_the_same_files_and_pipeline(good_coho
     assert len(_cache_files(cache)) == 2 * len(items) + 1
     eval_loader(items, cache)
     assert len(_cache_files(cache)) == 2 * len(items) + 1 + len(items)  # evaluation's pipeline is its own
+
+
+def test_validation_at_the_training_spacing_is_scored_there_without_resampling(tmp_path: Path, monkeypatch):
+    """The validation loader resamples image and label to the training spacing, so a round's validation never pays
+    for resampling back; the test loader keeps each case's own grid."""
+    write_case(tmp_path, "BraTS20_Training_001", shape=(32, 32, 24))
+    items = _items(tmp_path)
+    coarse = next(iter(eval_loader(items, spacing=2.0)))
+    native = next(iter(eval_loader(items)))
+    assert tuple(coarse["label"].shape[2:]) == tuple(-(-n // 2) for n in native["label"].shape[2:])
+    trainer = _trainer(2.0)
+    calls = []
+    monkeypatch.setattr("brats_fl.seg.trainer.ResampleToMatch.__call__", lambda *a, **k: calls.append(a))
+    assert trainer.infer_case(coarse["image"][0]).shape[1:] == coarse["image"].shape[2:]
+    assert calls == []

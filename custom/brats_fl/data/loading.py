@@ -108,8 +108,7 @@ def _train_cached(patch_size: Sequence[int], spacing: float | None) -> list:
     if spacing is not None:
         # resampling is what lets a case off the BraTS grid train (brats_fl.data.checks), so it also turns the case
         # into the BraTS orientation, as inference does (brats_fl.seg.trainer.Trainer.infer_case)
-        steps.append(Orientationd(keys=["image", "label"], axcodes=BRATS_ORIENTATION))
-        steps.append(Spacingd(keys=["image", "label"], pixdim=(spacing,) * 3, mode=("bilinear", "nearest")))
+        steps.extend(_resampled(spacing))
     return [
         *steps,
         SpatialPadd(keys=["image", "label"], spatial_size=patch_size),
@@ -149,13 +148,23 @@ def train_transforms(
     return Compose([*_train_cached(patch_size, spacing), *_train_random(patch_size, samples_per_case, fg_ratio)])
 
 
-def eval_transforms() -> Compose:
-    """Whole brain at the files' own resolution, no augmentation: for validation and test with sliding-window
-    inference. Keeps each volume's affine (MONAI's MetaTensor): inference at a training spacing resamples from and
-    back to it, and HD95 reads the voxel size in mm from it."""
+def _resampled(spacing: float) -> list:
+    """To the BraTS orientation and ``spacing`` mm: trilinear images, nearest labels."""
+    return [
+        Orientationd(keys=["image", "label"], axcodes=BRATS_ORIENTATION),
+        Spacingd(keys=["image", "label"], pixdim=(spacing,) * 3, mode=("bilinear", "nearest")),
+    ]
+
+
+def eval_transforms(spacing: float | None = None) -> Compose:
+    """Whole brain, no augmentation: for validation and test with sliding-window inference. Keeps each volume's affine
+    (MONAI's MetaTensor): HD95 reads the voxel size in mm from it, and inference at a training spacing resamples from
+    and back to it. At the files' own resolution unless ``spacing`` resamples image and label to it, which scores at
+    the training grid: cheap enough for a validation every round, where the test is scored on each case's own grid."""
     return Compose(
         [
             *_load_and_crop(),
+            *(_resampled(spacing) if spacing is not None else []),
             NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
             EnsureTyped(keys=["image", "label"]),
         ]
@@ -241,9 +250,11 @@ def train_loader(
     return DataLoader(dataset, batch_size=max(1, batch_size // samples_per_case), shuffle=True, generator=generator)
 
 
-def eval_loader(items: list[dict], cache_dir: Path | None = None) -> DataLoader:
-    """One whole case per batch, cached after the first pass (and on disk with ``cache_dir``)."""
-    source = _source(_strip(items), list(eval_transforms().transforms), cache_dir, {"pipeline": "eval"})
+def eval_loader(items: list[dict], cache_dir: Path | None = None, spacing: float | None = None) -> DataLoader:
+    """One whole case per batch, cached after the first pass (and on disk with ``cache_dir``); resampled to ``spacing``
+    where given (``eval_transforms``)."""
+    settings = {"pipeline": "eval", "spacing": spacing}
+    source = _source(_strip(items), list(eval_transforms(spacing).transforms), cache_dir, settings)
     dataset = CacheDataset(source, None, cache_rate=1.0, num_workers=0, progress=False)
     return DataLoader(dataset, batch_size=1, shuffle=False)
 

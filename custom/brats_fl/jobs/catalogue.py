@@ -376,14 +376,15 @@ def _with_evaluation(recipe: Recipe, params: JobParams, personalise: bool = True
     Cross-site evaluation (``cross_site``): ``all`` is FLARE's ``add_cross_site_evaluation``, which scores the
     server's models (last and best global) and every site's submitted model on every site's test split; ``global``
     scores the server's models alone, with the same FLARE components but no ``submit_model`` task (FLARE's
-    ``CrossSiteModelEval`` sends none when its task name is empty): 2 models per site instead of 2 + sites."""
+    ``CrossSiteModelEval`` sends none when its task name is empty): 2 models per site instead of 2 + sites; ``none``
+    leaves it out, where each site's own final model on its own test split is all a run must say (a benchmark)."""
     # every site's SummaryWriter scalars arrive at the server's TensorBoard folder (tb_events/<site>)
     add_experiment_tracking(recipe, "tensorboard")
     if personalise:
         recipe._job.to_server(PersonalisedEvaluation(timeout=TASK_TIMEOUT), id="personalised_evaluation")
     if params.cross_site == "all":
         add_cross_site_evaluation(recipe, submit_model_timeout=TASK_TIMEOUT, validation_timeout=TASK_TIMEOUT)
-    else:
+    elif params.cross_site == "global":
         # add_cross_site_evaluation's components (nvflare.recipe.utils), with the submit_model task left out
         locator = recipe._job.to_server(PTFileModelLocator(pt_persistor_id=recipe._job.comp_ids["persistor_id"]))
         recipe._job.to_server(ValidationJsonGenerator())

@@ -47,7 +47,7 @@ OPTIMISER_NAMES = ("adam", "sgd")
 #: a sequential job's visiting orders (``brats_fl.server.sequential.ORDERS``)
 ORDER_NAMES = ("fixed", "shuffle")
 #: what cross-site evaluation scores (``brats_fl.jobs.catalogue._with_evaluation``)
-CROSS_SITE = ("all", "global")
+CROSS_SITE = ("all", "global", "none")
 #: FLARE's default of 10 s for a task to be picked up suits toy models, not 3D training on a CPU
 TASK_TIMEOUT = 6 * 3600
 
@@ -186,7 +186,8 @@ PARAMS: tuple[Param, ...] = (
     Param("resume_from", str, None, "continue from a run's FL_global_model.pt", flag="--resume-from", item=Path,
           from_cli=lambda p: str(Path(p).resolve()), site="resume", to_site=bool),
     Param("cross_site", str, "all", "cross-site evaluation: every site scores the server's models and every site's "
-          "submitted model (all), or the server's models only (global)", rule=f"cross_site one of {list(CROSS_SITE)}",
+          "submitted model (all), the server's models only (global), or nothing beyond each site's own final model "
+          "(none)", rule=f"cross_site one of {list(CROSS_SITE)}",
           choices=CROSS_SITE, flag="--cross-site"),
     Param("transfer", str, "full", "what a site sends: its full weights or the diff to the received ones",
           rule="transfer full or diff", choices=("full", "diff"), flag="--transfer"),

@@ -65,14 +65,14 @@ class Profile:
     cores_per_run: int = 3
 
 
-#: the page scores the model each site ends with on its own test split; cross-site evaluation of every site's model
-#: on every site would cost each run a third of its time for scores the page never shows
-_CHEAP = {"cross_site": "global"}
+#: the page scores the model each site ends with on its own test split and nothing else, so the runs leave FLARE's
+#: cross-site evaluation out: scoring the server's models on every test case again would double each run's test time
+_CHEAP = {"cross_site": "none"}
 
 PROFILES: dict[str, Profile] = {
-    # CI: the tiny U-Net and patches of the simulator tests (tests/conftest.py tiny_params) on a 48x48x32 phantom,
-    # two rounds, every algorithm on a homogeneous and a scanner-skewed partition; 3 local epochs of 24 cases (about
-    # 15 steps a round) are what it takes for every algorithm to beat the untrained model
+    # every algorithm on a homogeneous and a scanner-skewed partition with the tiny U-Net and patches of the simulator
+    # tests (tests/conftest.py tiny_params) on a 48x48x32 phantom, two rounds: about 25 min on two cores, nearly all of
+    # it FLARE's simulator starting five Python processes per run (docs/benchmark.md)
     "smoke": Profile(
         name="smoke",
         algorithms=ALGORITHMS,
@@ -82,19 +82,37 @@ PROFILES: dict[str, Profile] = {
         shape=(48, 48, 32),
         params={**_CHEAP, "rounds": 2, "local_epochs": 3, "patch_size": (32, 32, 32), "channels": (8, 16, 32)},
     ),
-    # the comparison to publish, sized to about 4 h of a 2-core machine at <= 90 s per run: 3 seeds of every
-    # algorithm on iid (no skew) and mixed (every skew at once) is 108 runs; on the single-skew partitions the
-    # baselines and FedAvg (27 runs) say how much each skew costs, which is what the other algorithms claim to win back
+    # what the test suite runs: the smoke profile's settings, the two references of the paired tests and one
+    # personalised algorithm, on one partition
+    "ci": Profile(
+        name="ci",
+        algorithms=(CENTRAL, FEDAVG, "brats_fedbn"),
+        partitions=("iid",),
+        seeds=1,
+        cases=24,
+        shape=(48, 48, 32),
+        params={**_CHEAP, "rounds": 2, "local_epochs": 3, "patch_size": (32, 32, 32), "channels": (8, 16, 32)},
+    ),
+    # the comparison to publish: cases on the BraTS grid (240x240x155 at 1 mm), trained at 2 mm as BraTS pipelines
+    # train at lower resolution, scored on each case's own grid. 3 seeds of every algorithm on iid (no skew) and mixed
+    # (every skew at once) is 108 runs; on the single-skew partitions the baselines and FedAvg (27 runs) say how much
+    # each skew costs, which is what the other algorithms claim to win back. Half the cases are test cases: 60 pooled
     "full": Profile(
         name="full",
         algorithms=ALGORITHMS,
         partitions=PARTITIONS,
         seeds=3,
-        # half the cases for testing, as brats_fl.data.cohorts advises: 30 pooled test cases
-        cases=60,
-        shape=(96, 96, 64),
+        cases=120,
+        shape=(240, 240, 155),
         split=(0.4, 0.1, 0.5),
-        params={**_CHEAP, "rounds": 5, "local_epochs": 1, "patch_size": (48, 48, 48), "channels": (16, 32, 64)},
+        params={
+            **_CHEAP,
+            "spacing": 2.0,
+            "rounds": 10,
+            "local_epochs": 1,
+            "patch_size": (48, 48, 48),
+            "channels": (16, 32, 64),
+        },
         only={p: BASELINES for p in ("quantity", "feature", "label")},
     ),
 }
@@ -399,7 +417,11 @@ def run_benchmark(
             folder.mkdir(parents=True)
             # each run its own site state (personal layers kept for a restart), so parallel seeds never share it
             site_config = folder / "site_config.json"
-            _write_json(site_config, site_data(configs[spec.partition]) | {"state_dir": str(folder / "site_state")})
+            # decoded, cropped and resampled cases kept on disk for every later run on the same files and pipeline
+            cache = {"cache_dir": str(out / "cache")}
+            _write_json(
+                site_config, site_data(configs[spec.partition]) | {"state_dir": str(folder / "site_state")} | cache
+            )
             params = job_params(profile, spec.algorithm, spec.seed)
             process = context.Process(target=_run_one, args=(spec, params, site_config, folder, cores), daemon=False)
             process.start()

@@ -67,9 +67,9 @@ FINAL_GLOBAL = "SRV_FL_global_model.pt"
 
 def find_server_run(folder: Path) -> Path:
     """The server's run folder of a finished job inside ``folder`` (simulator workspace or downloaded result)."""
-    found = sorted(Path(folder).resolve().rglob("cross_site_val/cross_val_results.json"))
+    found = sorted(Path(folder).resolve().rglob(RESULTS_FILE.as_posix()))
     if not found:
-        raise FileNotFoundError(f"{folder}: no finished FLARE job (no cross_site_val/cross_val_results.json)")
+        raise FileNotFoundError(f"{folder}: no finished FLARE job (no {RESULTS_FILE})")
     if len(found) > 1:
         names = [str(f.parents[1]) for f in found]
         raise ValueError(f"{folder}: holds {len(found)} finished jobs; name one of {names}")
@@ -107,7 +107,8 @@ def summarise_run(folder: Path) -> dict:
     personalised = json.loads((run / RESULTS_FILE).read_text())
     if not personalised:
         raise ValueError(f"{folder}: {run / RESULTS_FILE} holds no site's test metrics")
-    cse = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+    cse_file = run / "cross_site_val" / "cross_val_results.json"  # absent where the job skipped it (cross_site none)
+    cse = json.loads(cse_file.read_text()) if cse_file.is_file() else {}
     global_per_site = {s: cse[s][FINAL_GLOBAL] for s in sorted(cse) if FINAL_GLOBAL in cse[s]}
     curves = read_curves(run / "tb_events")
     last = {site: {tag: values[-1] for tag, values in tags.items()} for site, tags in curves.items()}

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 from monai.data import MetaTensor, decollate_batch
 from monai.inferers import sliding_window_inference
@@ -352,7 +354,7 @@ class Trainer:
         segmented there, and the logits are resampled back to the volume's grid, trilinear, by both affines (world
         coordinates); thresholding comes after, so a coarse prediction is scored against the label at full size.
         """
-        if self.config.spacing is None:
+        if self.config.spacing is None or self._at_spacing(image):
             return self._sliding(image.unsqueeze(0))[0]
         if not isinstance(image, MetaTensor):
             raise ValueError(f"inference at spacing {self.config.spacing} mm needs the volume's affine (a MetaTensor)")
@@ -362,6 +364,13 @@ class Trainer:
         logits = self._sliding(coarse.unsqueeze(0))[0].cpu()
         back = ResampleToMatch(mode="bilinear")(MetaTensor(logits, affine=coarse.affine), img_dst=image)
         return back.as_tensor().to(self.device)
+
+    def _at_spacing(self, image: torch.Tensor) -> bool:
+        """Whether a volume is already on the training grid (a validation loader resampled it)."""
+        if not isinstance(image, MetaTensor):
+            return False
+        oriented = "".join(nib.aff2axcodes(image.affine.numpy())) == BRATS_ORIENTATION
+        return oriented and bool(np.allclose(image.pixdim.cpu().numpy(), self.config.spacing, atol=1e-3))
 
     @torch.no_grad()
     def infer(self, image: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,8 @@ class Site:
             self.record["cleared_state"] = self._clear_state()
         self.cache_dir = data.cache_dir
         self.train = make_train_loader(self.datalist.items("training"), self.config, self.cache_dir)
-        self.val = eval_loader(self.datalist.items("validation"), self.cache_dir)
+        # scored every round, at the training grid (cheap); the test split on each case's own grid (``test``)
+        self.val = eval_loader(self.datalist.items("validation"), self.cache_dir, spacing=self.config.spacing)
         self.writer = SummaryWriter()
         self._write_record()
 
