@@ -13,6 +13,7 @@ import torch
 from brats_fl.cli.main import main
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
+from brats_fl.results.benchmark import model_hashes
 from brats_fl.results.report import summarise_run
 from conftest import tiny_params
 
@@ -61,8 +62,9 @@ def test_fedavg_in_simulator(fedavg_run: tuple[Path, JobParams]):
 
 @pytest.mark.slow
 def test_same_seed_same_global_model(fedavg_run: tuple[Path, JobParams], sim_data: Path, tmp_path: Path):
-    """Data loading, augmentation, initialisation and training take their seeds from the job's: a repeat of the
-    shared run gives the same global model. (It did not while the server summed the updates in arrival order: one
+    """Data loading, augmentation, initialisation and training take their seeds from the job's, and the sites' CPU
+    kernels are pinned (brats_fl.jobs.numerics): a repeat of the shared run gives the same global model, bit for bit.
+    (It did not while the server summed the updates in arrival order: one
     ulp in round 1's global model grew to 1e-3 by round 3.)"""
     workspace, params = fedavg_run
     again = run_simulation("brats_fedavg", params, sim_data, tmp_path)
@@ -70,7 +72,10 @@ def test_same_seed_same_global_model(fedavg_run: tuple[Path, JobParams], sim_dat
     first, second = _state(workspace / "brats_fedavg" / final), _state(again / final)
     assert set(first) == set(second)
     for key in first:
-        torch.testing.assert_close(first[key], second[key], rtol=0, atol=1e-6, msg=key)
+        assert torch.equal(first[key], second[key]), key  # bit for bit
+    # as the benchmark records it, to compare runs across machines
+    hashes = [model_hashes(w / final)["weights_sha256"] for w in (workspace / "brats_fedavg", again)]
+    assert hashes[0] == hashes[1]
     initial = params.model().state_dict()
     assert any(not torch.allclose(first[k], initial[k]) for k in first), "training moved the model"
 

@@ -72,3 +72,19 @@ def test_refusals():
         lesion_scores(_empty(), _empty(), rule="XYZ")
     with pytest.raises(ValueError, match="differ in shape"):
         lesion_scores(np.zeros((4, 4, 4), bool), _empty())
+
+
+def test_region_metrics_report_lesion_wise_scores_beside_the_voxel_wise_ones():
+    import torch
+    from brats_fl.seg.metrics import RegionMetrics
+
+    truth = np.stack([_cube(_cube(_empty(), 0), 20)] * 3)[None]  # every region: two lesions
+    pred = np.stack([_cube(_cube(_empty(), 0), 33, size=3)] * 3)[None]  # one found, one false positive
+    metrics = RegionMetrics(lesion_wise=True)
+    metrics.update(torch.from_numpy(pred), torch.from_numpy(truth))
+    row = metrics.per_case()[0]
+    assert row["lesion_dice_WT"] == pytest.approx(1 / 3) and row["dice_WT"] == pytest.approx(2 * 64 / (128 + 91))
+    assert metrics.aggregate()["lesion_hd95_mean"] == pytest.approx(2 * HD95_UNDEFINED / 3)
+    plain = RegionMetrics()
+    plain.update(torch.from_numpy(pred), torch.from_numpy(truth))
+    assert not any(k.startswith("lesion") for k in plain.aggregate())

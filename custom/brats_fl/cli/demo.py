@@ -45,7 +45,13 @@ def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int],
 
 
 def run_demo(
-    workspace: Path, cases: int, sites: int, shape: tuple[int, int, int], rounds: int, verbose: bool = False
+    workspace: Path,
+    cases: int,
+    sites: int,
+    shape: tuple[int, int, int],
+    rounds: int,
+    spacing: float | None = None,
+    verbose: bool = False,
 ) -> None:
     """Run every step through the commands a user would type, so the demo exercises them; ends with the
     report in ``<workspace>/report``.
@@ -57,7 +63,8 @@ def run_demo(
     _run_steps(
         [
             ["run", "brats_fedavg", "--sites", str(sites), "--rounds", str(rounds), "--workspace", str(workspace),
-             "--site-config", "site_configs/simulation.json", *(["--verbose"] if verbose else [])],
+             "--site-config", "site_configs/simulation.json", *(["--spacing", str(spacing)] if spacing else []),
+             *(["--verbose"] if verbose else [])],
             ["report", str(workspace), "--out", str(workspace / "report")],
         ]
     )  # fmt: skip
@@ -83,6 +90,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         sites=args.sites,
         shape=tuple(args.shape),
         rounds=args.rounds,
+        spacing=args.spacing,
         verbose=args.verbose,
     )
 
@@ -95,5 +103,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--rounds", type=int, default=by_name("rounds").default)
     p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    p.add_argument("--spacing", type=float, default=by_name("spacing").default, help=by_name("spacing").help)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=_cmd_demo)

@@ -38,7 +38,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     rows = [*summary["test_per_site"].items(), ("pooled", summary["test"])]
     if summary["global_test"]:
         rows.append(("pooled, before fine-tuning", summary["global_test"]))
-    print(format_table(rows, extra=("val_loss",)))
+    print(format_table(rows, extra=("lesion_dice_mean", "lesion_hd95_mean", "val_loss")))
 
 
 def _cmd_export_jobs(args: argparse.Namespace) -> int:

@@ -68,9 +68,11 @@ def _p(value: float) -> str:
 def _scores_table(
     algorithms: dict[str, list[dict]], untrained: list[list[dict]], cases: list[str]
 ) -> tuple[list[str], list[list[str]]]:
-    """A row per algorithm (and the untrained model): Dice and HD95 per region with CIs, worst site, gap to
-    centralized training with CI, bytes sent per site and wall time, each over the algorithm's seeds."""
+    """A row per algorithm (and the untrained model): Dice and HD95 per region and lesion-wise (BraTS 2023) with CIs,
+    worst site, gap to centralized training with CI, bytes sent per site and wall time, each over the algorithm's
+    seeds."""
     header = ["algorithm", "seeds", *(f"Dice {r}" for r in REGIONS), *(f"HD95 {r} (mm)" for r in REGIONS),
+              "lesion-wise Dice mean", "lesion-wise HD95 mean (mm)",
               "worst site (Dice)", "gap to central (Dice)", "MB sent per site", "wall time (s)"]  # fmt: skip
     central = algorithms.get(CENTRAL)
     central_dice = score_matrix(_per_seed([r["per_case"] for r in central], "dice_mean"), cases) if central else None
@@ -84,6 +86,8 @@ def _scores_table(
             for region in REGIONS:
                 matrix = score_matrix(_per_seed(per_case, f"{metric}_{region}"), cases)
                 cells.append(_cell(bootstrap_ci(matrix), digits))
+        for metric, digits in (("lesion_dice_mean", 3), ("lesion_hd95_mean", 2)):
+            cells.append(_cell(bootstrap_ci(score_matrix(_per_seed(per_case, metric), cases)), digits))
         if seeds is None:
             rows.append(cells + ["", "", "", ""])
             continue

@@ -238,13 +238,17 @@ def read_curves(tb_events: Path) -> dict[str, dict[str, list[float]]]:
     return curves
 
 
+#: the lesion-wise means (BraTS 2023, ``brats_fl.seg.lesions``) of runs that scored them
+LESION_COLUMNS = ("lesion_dice_mean", "lesion_hd95_mean")
 #: results.csv's columns, in order: what the run was, its pooled test scores, then what it cost
 REPORT_COLUMNS = [
     "run", "algorithm", "partition", "sites", "rounds",
-    *(k for k, _ in _COLUMNS),
+    *(k for k, _ in _COLUMNS), *LESION_COLUMNS,
     "worst_site", "worst_site_dice_mean", "client_loss", "bytes_sent_per_site_per_round", "wall_time_s",
 ]  # fmt: skip
 _HEADERS = dict(_COLUMNS) | {
+    "lesion_dice_mean": "lesion-wise Dice mean",
+    "lesion_hd95_mean": "lesion-wise HD95 mean",
     "worst_site": "worst site",
     "worst_site_dice_mean": "worst site Dice",
     "client_loss": "client loss",
@@ -263,6 +267,7 @@ def report_row(label: str, summary: dict) -> dict:
         "sites": summary["sites"],
         "rounds": summary["rounds"],
         **{k: test[k] for k, _ in _COLUMNS},
+        **{k: test.get(k) for k in LESION_COLUMNS},
         "worst_site": test["worst_site"],
         "worst_site_dice_mean": test["worst_dice_mean"],
         "client_loss": summary["client_train_loss"],

@@ -5,6 +5,9 @@ MONAI computes the metrics; this module fixes the conventions once:
 - HD95 (mm): both empty -> 0; one empty -> 373.13, the BraTS challenge's value (the image diagonal).
 - A region the case's site did not annotate (partial labels) is not scored: it has no entry in the case's
   row, and region means count only the cases that annotate the region; a region no case annotates has none.
+- With ``lesion_wise``, also the challenge's lesion-wise Dice and HD95 since 2023 (``brats_fl.seg.lesions``), as
+  ``lesion_dice`` and ``lesion_hd95``: a test split's scoring asks for them, a round's validation does not (they take
+  a connected-component analysis per region and lesion).
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from brats_fl.data.labels import DISPLAY_ORDER, REGIONS
 
 HD95_UNDEFINED = 373.13
 METRICS = ("dice", "iou", "hd95")
+LESION_METRICS = ("lesion_dice", "lesion_hd95")
 
 
 class RegionMetrics:
     """Accumulates per-case, per-region metrics over an evaluation pass."""
 
-    def __init__(self, spacing: float | tuple[float, float, float] = 1.0):
+    def __init__(self, spacing: float | tuple[float, float, float] = 1.0, lesion_wise: bool = False):
         self.spacing = spacing
+        self.metrics = (*METRICS, *LESION_METRICS) if lesion_wise else METRICS
         self._dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
         self._iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
         self._hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
@@ -51,16 +56,32 @@ class RegionMetrics:
         truth_empty = (truth.flatten(2).sum(-1) == 0).cpu().numpy()
         hd = np.where(pred_empty & truth_empty, 0.0, np.where(pred_empty | truth_empty, HD95_UNDEFINED, hd))
         scored = np.ones(dice.shape, bool) if annotated is None else annotated.bool().cpu().numpy()
+        values = {"dice": dice, "iou": iou, "hd95": hd}
+        if len(self.metrics) > len(METRICS):
+            values |= self._lesion_wise(pred, truth, spacing)
         for b in range(pred.shape[0]):
-            self.rows.append(
-                {m: np.where(scored[b], v[b], np.nan) for m, v in zip(METRICS, (dice, iou, hd), strict=True)}
-            )
+            self.rows.append({m: np.where(scored[b], values[m][b], np.nan) for m in self.metrics})
+
+    def _lesion_wise(
+        self, pred: torch.Tensor, truth: torch.Tensor, spacing: list[tuple[float, float, float]] | None
+    ) -> dict[str, np.ndarray]:
+        from brats_fl.seg.lesions import lesion_scores  # it takes HD95_UNDEFINED from here
+
+        default = self.spacing if isinstance(self.spacing, tuple) else (float(self.spacing),) * 3
+        shape = tuple(pred.shape[:2])
+        out = {m: np.zeros(shape) for m in LESION_METRICS}
+        p, t = pred.bool().cpu().numpy(), truth.bool().cpu().numpy()
+        for b in range(shape[0]):
+            for c in range(shape[1]):
+                scores = lesion_scores(p[b, c], t[b, c], spacing[b] if spacing else default)
+                out["lesion_dice"][b, c], out["lesion_hd95"][b, c] = scores.dice, scores.hd95
+        return out
 
     def per_case(self) -> list[dict[str, float]]:
         """One flat dict per case: ``dice_WT``, ``iou_TC``, ``hd95_ET`` ... (annotated regions only)."""
         out = []
         for row in self.rows:
-            values = {f"{m}_{r}": float(row[m][REGIONS.index(r)]) for m in METRICS for r in DISPLAY_ORDER}
+            values = {f"{m}_{r}": float(row[m][REGIONS.index(r)]) for m in self.metrics for r in DISPLAY_ORDER}
             out.append({k: v for k, v in values.items() if not np.isnan(v)})
         return out
 
@@ -69,7 +90,7 @@ class RegionMetrics:
         if not self.rows:
             raise ValueError("no case was evaluated")
         out: dict[str, float] = {}
-        for m in METRICS:
+        for m in self.metrics:
             table = np.stack([row[m] for row in self.rows])
             for r in DISPLAY_ORDER:
                 column = table[:, REGIONS.index(r)]

@@ -382,8 +382,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, per_case: bool = False) -> dict:
         """Dice, IoU, HD95 per region and their means, and the mean loss, over whole cases at the labels' own
-        resolution; HD95 in mm by each label's voxel size (its affine, where the loader keeps it)."""
-        metrics = RegionMetrics()
+        resolution; HD95 in mm by each label's voxel size (its affine, where the loader keeps it). ``per_case``
+        (a test split) adds each case's scores and the lesion-wise Dice and HD95 (``brats_fl.seg.metrics``)."""
+        metrics = RegionMetrics(lesion_wise=per_case)
         losses, case_ids = [], []
         for batch in loader:
             label = batch["label"]
