@@ -14,7 +14,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     """The training options, from the jobs' parameter schema; the learning rate, momentum, channels and normalisation
     default to the recipe's and the model's (``brats_fl.seg.trainer.config_from_args``). With no server here, a poly
     recipe decays the rate per epoch over ``--epochs``."""
-    for name in ("recipe", "patch_size", "spacing", "batch_size", "fg_ratio", "seed"):
+    for name in ("recipe", "patch_size", "spacing", "amp", "batch_size", "fg_ratio", "seed"):
         param = by_name(name)
         param.add_to(parser, default=param.default)
     by_name("lr").add_to(parser, default=None)

@@ -36,6 +36,8 @@ KINDS = {
 #: statistics their papers keep at the site, every other job ``DEFAULT_NORM`` (``brats_fl.jobs.catalogue``)
 NORM_NAMES = ("batch", "instance", "group")
 DEFAULT_NORM = "instance"
+#: mixed-precision settings (``brats_fl.seg.trainer.amp_dtype``)
+AMP_MODES = ("auto", "on", "off")
 #: training recipes (``brats_fl.seg.trainer.RECIPES``)
 RECIPE_NAMES = ("adam_dice", "nnunet")
 #: FLARE's privacy filters a job may use (``brats_fl.transfer.filters.PRIVACY``)
@@ -170,6 +172,8 @@ PARAMS: tuple[Param, ...] = (
           "predictions are resampled back and scored on each case's own grid", rule="0 < spacing <= 10 (mm)",
           check=lambda v: _number(v) and 0 < v <= 10, flag="--spacing", site="spacing",
           unset="none: the files' own grid"),
+    Param("amp", str, "auto", "mixed precision: auto is on with a GPU (float16 with loss scaling) and off on a CPU; on "
+          "uses bfloat16 on a CPU", choices=AMP_MODES, flag="--amp", site="amp"),
     _at_least_one("batch_size", "patches per batch", default=2, flag="--batch", site="batch"),
     # nnU-Net oversamples foreground to one third; 0 would train on background alone
     Param("fg_ratio", float, 0.33, "share of training patches centred on tumour", rule="0 < fg_ratio <= 1",

@@ -116,6 +116,7 @@ class Site:
         self.record["code"] = running() | {"package": str(PACKAGE_DIR)}
         # what decides its arithmetic: the same seed gives the same model only where this agrees
         self.record["numerics"] = numerics.describe()
+        self.record["device"] = {"device": str(self.trainer.device), "amp": str(self.trainer.amp_dtype)}
         self.record["personal_keys"] = sorted(self.personal)
         self.record["annotated"] = self.annotated
         #: the state to continue from is known at the first training task, which names the round
