@@ -1,4 +1,5 @@
-"""FedAvg at 2 mm in FLARE's simulator, with the benchmark's cheap evaluation and the sites' disk cache."""
+"""FedAvg at 2 mm in FLARE's simulator, with cheap evaluation, the sites' disk cache and the ET post-processing whose
+threshold each site chooses on its validation split."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import FINAL_GLOBAL, summarise_run
 from brats_fl.seg.inference import trained_spacing
+from brats_fl.seg.postprocess import CANDIDATES
 from conftest import tiny_params
 
 SITES = ("site-1", "site-2", "site-3")
@@ -18,7 +20,7 @@ SITES = ("site-1", "site-2", "site-3")
 def test_fedavg_at_2_mm_scores_every_site_and_evaluates_the_global_model_only(sim_data: Path, tmp_path: Path):
     config = tmp_path / "simulation.json"
     config.write_text(json.dumps(json.loads(sim_data.read_text()) | {"cache_dir": str(tmp_path / "cache")}))
-    params = tiny_params(rounds=2, local_epochs=1, spacing=2.0, cross_site="global")
+    params = tiny_params(rounds=2, local_epochs=1, spacing=2.0, cross_site="global", et_min_volume="auto")
     run = run_simulation("brats_fedavg", params, config, tmp_path / "ws")
 
     summary = summarise_run(tmp_path / "ws")
@@ -35,7 +37,10 @@ def test_fedavg_at_2_mm_scores_every_site_and_evaluates_the_global_model_only(si
         assert site_json["train"]["spacing"] == 2.0
         assert site_json["data"]["cache_dir"] == str(tmp_path / "cache")
         test = json.loads((record / "personalised_test.json").read_text())
-        assert {c["case_id"] for c in test["per_case"]} and "hd95_WT" in test
+        assert {c["case_id"] for c in test["per_case"]} and "hd95_WT" in test and "lesion_dice_ET" in test
+        assert test["et_min_volume"] in CANDIDATES and site_json["et_min_volume"] == {
+            "personalised": test["et_min_volume"]
+        }
         assert trained_spacing(record / "personalised_model.pt") == 2.0
     assert trained_spacing(run / "server" / "simulate_job" / "app_server" / "FL_global_model.pt") == 2.0
     assert any((tmp_path / "cache").glob("*.pt"))

@@ -59,7 +59,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     trainer = load_for_inference(args.model, tuple(args.patch), args.threads)
     datalist = load_datalist(args.datalist, args.data_root, grid_required=trainer.config.spacing is None)
-    metrics = trainer.evaluate(eval_loader(datalist.items(args.split)), per_case=True)
+    metrics = trainer.evaluate(eval_loader(datalist.items(args.split)), per_case=True, et_min_volume=args.et_min_volume)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(metrics, indent=1))
@@ -69,10 +69,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from brats_fl.seg.inference import predict_case
 
-    path = predict_case(args.model, args.case, args.out, patch_size=tuple(args.patch), threads=args.threads)
+    path = predict_case(
+        args.model, args.case, args.out, tuple(args.patch), threads=args.threads, et_min_volume=args.et_min_volume
+    )
     print(f"wrote {path}")
 
 
+_ET_HELP = "a predicted enhancing tumour smaller than this many mm³ becomes necrotic core (default: kept)"
 _MODEL_HELP = (
     "a saved model: a site's personalised_model.pt, a central run's, or the FL_global_model.pt of a job without "
     "personal layers, in its server app folder (brats_fl.seg.inference.untrained_layers)"
@@ -97,6 +100,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["training", "validation", "test"], default="test")
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--et-min-volume", type=float, default=None, metavar="MM3", help=_ET_HELP)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -104,6 +108,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help=_MODEL_HELP)
     p.add_argument("--case", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--et-min-volume", type=float, default=None, metavar="MM3", help=_ET_HELP)
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_predict)

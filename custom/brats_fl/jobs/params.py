@@ -136,6 +136,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _et_setting(value: Any) -> bool:
+    if value in ("none", "auto"):
+        return True
+    try:
+        return float(value) >= 0
+    except (TypeError, ValueError):
+        return False
+
+
 def _at_least_one(name: str, help_text: str, **kw: Any) -> Param:
     return Param(name, int, kw.pop("default", None), help_text, rule=f"{name} >= 1", check=_positive, **kw)
 
@@ -172,6 +181,10 @@ PARAMS: tuple[Param, ...] = (
           "predictions are resampled back and scored on each case's own grid", rule="0 < spacing <= 10 (mm)",
           check=lambda v: _number(v) and 0 < v <= 10, flag="--spacing", site="spacing",
           unset="none: the files' own grid"),
+    Param("et_min_volume", str, "none", "post-processing of each site's final test scores: a predicted enhancing "
+          "tumour smaller than this many mm³ becomes necrotic core (brats_fl.seg.postprocess); auto chooses it on the "
+          "site's validation split", rule="et_min_volume none, auto or a volume >= 0 (mm³)", check=_et_setting,
+          flag="--et-min-volume", site="et_min_volume"),
     Param("amp", str, "auto", "mixed precision: auto is on with a GPU (float16 with loss scaling) and off on a CPU; on "
           "uses bfloat16 on a CPU", choices=AMP_MODES, flag="--amp", site="amp"),
     _at_least_one("batch_size", "patches per batch", default=2, flag="--batch", site="batch"),

@@ -25,6 +25,10 @@ METRICS = ("dice", "iou", "hd95")
 LESION_METRICS = ("lesion_dice", "lesion_hd95")
 
 
+def _as_triple(spacing: float | tuple[float, float, float]) -> tuple[float, float, float]:
+    return tuple(spacing) if isinstance(spacing, tuple) else (float(spacing),) * 3
+
+
 class RegionMetrics:
     """Accumulates per-case, per-region metrics over an evaluation pass."""
 
@@ -35,6 +39,7 @@ class RegionMetrics:
         self._iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
         self._hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
         self.rows: list[dict[str, np.ndarray]] = []
+        self.volumes: list[dict[str, float]] = []
 
     def update(
         self,
@@ -61,13 +66,19 @@ class RegionMetrics:
             values |= self._lesion_wise(pred, truth, spacing)
         for b in range(pred.shape[0]):
             self.rows.append({m: np.where(scored[b], values[m][b], np.nan) for m in self.metrics})
+            # ET volumes (mm³): what the post-processing of small ET is chosen on (brats_fl.seg.postprocess)
+            voxel = float(np.prod(spacing[b] if spacing else _as_triple(self.spacing)))
+            et = REGIONS.index("ET")
+            self.volumes.append(
+                {"volume_ET": float(pred[b, et].sum()) * voxel, "volume_truth_ET": float(truth[b, et].sum()) * voxel}
+            )
 
     def _lesion_wise(
         self, pred: torch.Tensor, truth: torch.Tensor, spacing: list[tuple[float, float, float]] | None
     ) -> dict[str, np.ndarray]:
         from brats_fl.seg.lesions import lesion_scores  # it takes HD95_UNDEFINED from here
 
-        default = self.spacing if isinstance(self.spacing, tuple) else (float(self.spacing),) * 3
+        default = _as_triple(self.spacing)
         shape = tuple(pred.shape[:2])
         out = {m: np.zeros(shape) for m in LESION_METRICS}
         p, t = pred.bool().cpu().numpy(), truth.bool().cpu().numpy()
@@ -78,11 +89,12 @@ class RegionMetrics:
         return out
 
     def per_case(self) -> list[dict[str, float]]:
-        """One flat dict per case: ``dice_WT``, ``iou_TC``, ``hd95_ET`` ... (annotated regions only)."""
+        """One flat dict per case: ``dice_WT``, ``iou_TC``, ``hd95_ET`` ... (annotated regions only), and the predicted
+        and true ET volumes in mm³ (``volume_ET``, ``volume_truth_ET``)."""
         out = []
-        for row in self.rows:
+        for row, volumes in zip(self.rows, self.volumes, strict=True):
             values = {f"{m}_{r}": float(row[m][REGIONS.index(r)]) for m in self.metrics for r in DISPLAY_ORDER}
-            out.append({k: v for k, v in values.items() if not np.isnan(v)})
+            out.append({k: v for k, v in values.items() if not np.isnan(v)} | volumes)
         return out
 
     def aggregate(self) -> dict[str, float]:

@@ -36,6 +36,7 @@ from brats_fl.data.loading import ANNOTATED, BRATS_ORIENTATION, train_loader
 from brats_fl.jobs.params import by_name
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.model import BratsUNet, build_model
+from brats_fl.seg.postprocess import drop_small_et
 
 RECIPES = {
     # lr 3e-3, not the FedPer report's 1e-3: on the phantom, 1e-3 reached mean Dice 0.13 after 10 epochs
@@ -406,10 +407,11 @@ class Trainer:
         return torch.stack([self.infer_case(case) for case in decollate_batch(image)])
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader, per_case: bool = False) -> dict:
+    def evaluate(self, loader: DataLoader, per_case: bool = False, et_min_volume: float | None = None) -> dict:
         """Dice, IoU, HD95 per region and their means, and the mean loss, over whole cases at the labels' own
         resolution; HD95 in mm by each label's voxel size (its affine, where the loader keeps it). ``per_case``
-        (a test split) adds each case's scores and the lesion-wise Dice and HD95 (``brats_fl.seg.metrics``)."""
+        (a test split) adds each case's scores and the lesion-wise Dice and HD95 (``brats_fl.seg.metrics``).
+        ``et_min_volume`` (mm³) clears a predicted ET smaller than it before scoring (``brats_fl.seg.postprocess``)."""
         metrics = RegionMetrics(lesion_wise=per_case)
         losses, case_ids = [], []
         for batch in loader:
@@ -419,7 +421,10 @@ class Trainer:
             logits = self.infer(batch["image"])
             # a region the case's site did not annotate is never scored, whatever the training mode
             losses.append(float(self.loss_fn(logits, label, batch[ANNOTATED])))
-            metrics.update((torch.sigmoid(logits) > 0.5).float(), label, batch[ANNOTATED], spacing=spacing)
+            pred = (torch.sigmoid(logits) > 0.5).float()
+            if et_min_volume:
+                pred = drop_small_et(pred, spacing, et_min_volume)
+            metrics.update(pred, label, batch[ANNOTATED], spacing=spacing)
             case_ids.extend(batch["case_id"])
         out: dict = {**metrics.aggregate(), "val_loss": sum(losses) / len(losses)}
         if per_case:

@@ -47,6 +47,7 @@ from brats_fl.data.loading import eval_loader
 from brats_fl.jobs import numerics
 from brats_fl.jobs.params import site_defaults
 from brats_fl.seg.model import fingerprint, parameter_groups, save_whole, state_bytes
+from brats_fl.seg.postprocess import choose_et_min_volume
 from brats_fl.seg.trainer import FINETUNE_SHARE, Trainer, config_from_args, make_train_loader
 from brats_fl.server.personalise import PERSONALISE_TASK, personal_keys
 from brats_fl.server.schedule import ROUND_LR
@@ -323,11 +324,26 @@ class Site:
         """Score the site's current model (or ``trainer``'s: Ditto's personal one) on its test split; keep scores and
         model as ``<name>_test.json`` and ``<name>_model.pt``."""
         trainer = trainer or self.trainer
-        metrics = trainer.evaluate(self.test, per_case=True)
+        threshold = self._et_threshold(trainer)
+        metrics = trainer.evaluate(self.test, per_case=True, et_min_volume=threshold)
+        if threshold is not None:
+            metrics["et_min_volume"] = threshold
+            self.record.setdefault("et_min_volume", {})[name] = threshold
+            self._write_record()
         (self.run_dir / f"{name}_test.json").write_text(json.dumps(metrics, indent=1))
         lr = self.finetune_lr if epochs else None
         trainer.save(self.run_dir / f"{name}_model.pt", site=self.name, finetune_epochs=epochs, finetune_lr=lr)
         return metrics
+
+    def _et_threshold(self, trainer: Trainer) -> float | None:
+        """The job's ET post-processing threshold (mm³): none, a given volume, or the candidate best on this site's
+        validation split for ``trainer``'s model (``brats_fl.seg.postprocess``)."""
+        setting = self.args.et_min_volume
+        if setting == "none":
+            return None
+        if setting == "auto":
+            return choose_et_min_volume(trainer.evaluate(self.val, per_case=True)["per_case"])
+        return float(setting)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
