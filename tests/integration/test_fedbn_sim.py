@@ -86,7 +86,11 @@ def test_fedbn_keeps_batch_norm_weights_and_statistics_at_each_site(sim_data: Pa
         scored = trainer.evaluate(test)
         assert scored["val_loss"] == pytest.approx(recorded["val_loss"], abs=1e-5), site
         assert scored["dice_mean"] == pytest.approx(recorded["dice_mean"], abs=1e-5), site
+        # another site's statistics normalise the same case otherwise (compared on the network's output, which a
+        # barely trained model's loss may not show)
+        image = next(iter(test))["image"]
+        own = trainer.infer(image)
         other = SITES[(SITES.index(site) + 1) % len(SITES)]
         stats = {k: local[other][k] for k in norm if "running" in k}
         trainer.model.load_state_dict(stats, strict=False)
-        assert trainer.evaluate(test)["val_loss"] != pytest.approx(recorded["val_loss"], abs=1e-5), (site, other)
+        assert float((trainer.infer(image) - own).abs().max()) > 1e-3, (site, other)

@@ -97,7 +97,7 @@ def test_hyperseg_round_follows_the_pfedhn_rule(sim_data: Path, tmp_path: Path):
 def test_conv_bn_generates_scale_and_shift_and_sites_keep_their_statistics(sim_data: Path, tmp_path: Path):
     """Conv + BN on batch norm: the sites never send their running statistics, which the server's screen expects,
     and each site ends with statistics of its own while the server's stay the initial ones."""
-    params = tiny_params(rounds=2, local_epochs=1, hypernetwork=HyperNetParams(depth=2))
+    params = tiny_params(rounds=1, local_epochs=1, hypernetwork=HyperNetParams(depth=2))
     run = run_simulation("brats_hyperseg_conv_bn", params, sim_data, tmp_path)
     assert summarise_run(run)["test"]["dice_mean"] > 0
     model = replace(params, norm="batch").model()  # what the job builds; running statistics start at 0 and 1

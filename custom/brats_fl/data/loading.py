@@ -46,6 +46,9 @@ from brats_fl.version import code_sha256
 _FG, _BG = "label_fg_indices", "label_bg_indices"
 #: the orientation every BraTS release ships (``brats_fl.data.checks.BRATS_GRID``), in MONAI's spelling
 BRATS_ORIENTATION = "".join(BRATS_GRID[1])
+#: what each axis code means, as nibabel (``brats_fl.data.checks``) reads a NIfTI affine; stated, where MONAI's
+#: default is moving to the MetaTensor's own space
+AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 #: the item key of the per-region annotation mask (REGIONS order), see ``brats_fl.data.labels.annotation_mask``
 ANNOTATED = "annotated"
 
@@ -151,7 +154,7 @@ def train_transforms(
 def _resampled(spacing: float) -> list:
     """To the BraTS orientation and ``spacing`` mm: trilinear images, nearest labels."""
     return [
-        Orientationd(keys=["image", "label"], axcodes=BRATS_ORIENTATION),
+        Orientationd(keys=["image", "label"], axcodes=BRATS_ORIENTATION, labels=AXIS_LABELS),
         Spacingd(keys=["image", "label"], pixdim=(spacing,) * 3, mode=("bilinear", "nearest")),
     ]
 

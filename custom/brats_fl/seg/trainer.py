@@ -32,7 +32,7 @@ from monai.utils import set_determinism
 from torch.nn.modules.loss import _Loss
 from torch.utils.data import DataLoader
 
-from brats_fl.data.loading import ANNOTATED, BRATS_ORIENTATION, train_loader
+from brats_fl.data.loading import ANNOTATED, AXIS_LABELS, BRATS_ORIENTATION, train_loader
 from brats_fl.jobs.params import by_name
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.model import BratsUNet, build_model
@@ -386,7 +386,7 @@ class Trainer:
         if not isinstance(image, MetaTensor):
             raise ValueError(f"inference at spacing {self.config.spacing} mm needs the volume's affine (a MetaTensor)")
         # in the orientation training resampled to (brats_fl.data.loading), then back by the affines
-        oriented = Orientation(axcodes=BRATS_ORIENTATION)(image)
+        oriented = Orientation(axcodes=BRATS_ORIENTATION, labels=AXIS_LABELS)(image)
         coarse = Spacing(pixdim=(self.config.spacing,) * 3, mode="bilinear")(oriented)
         logits = self._sliding(coarse.unsqueeze(0))[0].cpu()
         back = ResampleToMatch(mode="bilinear")(MetaTensor(logits, affine=coarse.affine), img_dst=image)
