@@ -128,13 +128,13 @@ def test_site_with_bad_data_stops_the_job_and_is_named(sim_data: Path, tmp_path:
 def test_nvflare_simulator_runs_the_committed_job(sim_data: Path, tmp_path: Path):
     """`nvflare simulator jobs/brats_fedavg -w WS -n 3 -t 3`, typed in a folder holding site_configs/.
 
-    The committed folder as it is, but for the number of rounds (2 of 20, to keep the suite short)."""
+    The committed folder as it is, but for the number of rounds (3 of 20, to keep the suite short)."""
     job = tmp_path / "brats_fedavg"
     shutil.copytree(REPO / "jobs" / "brats_fedavg", job)
     server = job / "app" / "config" / "config_fed_server.json"
     config = json.loads(server.read_text())
     (controller,) = [w for w in config["workflows"] if w["args"].get("num_rounds") == JobParams().rounds]
-    controller["args"]["num_rounds"] = 2
+    controller["args"]["num_rounds"] = 3
     server.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if k != "BRATS_FL_SITE_CONFIG"} | {"PWD": str(sim_data.parents[1])}
     # the workspace's site policy admits the installed package's classes, as `brats-fl prepare` does for runs/simulator
@@ -146,4 +146,4 @@ def test_nvflare_simulator_runs_the_committed_job(sim_data: Path, tmp_path: Path
     assert set(summary["test_per_site"]) == {"site-1", "site-2", "site-3"}
     for site, curves in summary["curves"].items():
         dice = curves["val_dice_WT"]
-        assert len(dice) == 2 and dice[-1] > dice[0] + 0.05, (site, dice)
+        assert len(dice) == 3 and dice[-1] > dice[0] + 0.05, (site, dice)
