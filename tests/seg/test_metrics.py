@@ -63,7 +63,8 @@ def test_unannotated_regions_are_not_scored():
     assert out["dice_TC"] == 0.0 and out["dice_ET"] == 1.0  # from the second case only
     assert out["dice_mean"] == pytest.approx((0.5 + 0.5 + 0.0 + 1.0) / 4)
     first, second = m.per_case()
-    assert set(first) == {"dice_WT", "iou_WT", "hd95_WT"} and len(second) == 9
+    assert set(first) == {"dice_WT", "iou_WT", "hd95_WT"}  # no ET volumes either: its labels do not cover ET
+    assert len(second) == 9 + 2 and {"volume_ET", "volume_truth_ET"} <= set(second)
     only = RegionMetrics()
     only.update(pred, truth, wt_only)
     assert "dice_TC" not in only.aggregate() and only.aggregate()["dice_mean"] == pytest.approx(0.5)

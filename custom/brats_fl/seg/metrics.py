@@ -66,12 +66,15 @@ class RegionMetrics:
             values |= self._lesion_wise(pred, truth, spacing)
         for b in range(pred.shape[0]):
             self.rows.append({m: np.where(scored[b], values[m][b], np.nan) for m in self.metrics})
-            # ET volumes (mm³): what the post-processing of small ET is chosen on (brats_fl.seg.postprocess)
+            # ET volumes (mm³), where the case's labels cover ET: what the post-processing of small ET is chosen on
+            # (brats_fl.seg.postprocess)
             voxel = float(np.prod(spacing[b] if spacing else _as_triple(self.spacing)))
             et = REGIONS.index("ET")
-            self.volumes.append(
-                {"volume_ET": float(pred[b, et].sum()) * voxel, "volume_truth_ET": float(truth[b, et].sum()) * voxel}
-            )
+            volumes = {
+                "volume_ET": float(pred[b, et].sum()) * voxel,
+                "volume_truth_ET": float(truth[b, et].sum()) * voxel,
+            }
+            self.volumes.append(volumes if scored[b, et] else {})
 
     def _lesion_wise(
         self, pred: torch.Tensor, truth: torch.Tensor, spacing: list[tuple[float, float, float]] | None
@@ -89,8 +92,8 @@ class RegionMetrics:
         return out
 
     def per_case(self) -> list[dict[str, float]]:
-        """One flat dict per case: ``dice_WT``, ``iou_TC``, ``hd95_ET`` ... (annotated regions only), and the predicted
-        and true ET volumes in mm³ (``volume_ET``, ``volume_truth_ET``)."""
+        """One flat dict per case: ``dice_WT``, ``iou_TC``, ``hd95_ET`` ... (annotated regions only), and, where ET is
+        annotated, the predicted and true ET volumes in mm³ (``volume_ET``, ``volume_truth_ET``)."""
         out = []
         for row, volumes in zip(self.rows, self.volumes, strict=True):
             values = {f"{m}_{r}": float(row[m][REGIONS.index(r)]) for m in self.metrics for r in DISPLAY_ORDER}
