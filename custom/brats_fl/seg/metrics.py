@@ -8,6 +8,8 @@ MONAI computes the metrics; this module fixes the conventions once:
 - With ``lesion_wise``, also the challenge's lesion-wise Dice and HD95 since 2023 (``brats_fl.seg.lesions``), as
   ``lesion_dice`` and ``lesion_hd95``: a test split's scoring asks for them, a round's validation does not (they take
   a connected-component analysis per region and lesion).
+- Without ``distances``, Dice and IoU alone: the benchmark's untrained model predicts half the head, whose HD95 says
+  nothing and takes seconds per case (``brats_fl.results.benchmark.untrained_scores``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from brats_fl.data.labels import DISPLAY_ORDER, REGIONS
 
 HD95_UNDEFINED = 373.13
 METRICS = ("dice", "iou", "hd95")
+OVERLAP_METRICS = ("dice", "iou")
 LESION_METRICS = ("lesion_dice", "lesion_hd95")
 
 
@@ -32,9 +35,13 @@ def _as_triple(spacing: float | tuple[float, float, float]) -> tuple[float, floa
 class RegionMetrics:
     """Accumulates per-case, per-region metrics over an evaluation pass."""
 
-    def __init__(self, spacing: float | tuple[float, float, float] = 1.0, lesion_wise: bool = False):
+    def __init__(
+        self, spacing: float | tuple[float, float, float] = 1.0, lesion_wise: bool = False, distances: bool = True
+    ):
+        if lesion_wise and not distances:
+            raise ValueError("lesion-wise scores include HD95: lesion_wise needs distances")
         self.spacing = spacing
-        self.metrics = (*METRICS, *LESION_METRICS) if lesion_wise else METRICS
+        self.metrics = (*METRICS, *LESION_METRICS) if lesion_wise else METRICS if distances else OVERLAP_METRICS
         self._dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
         self._iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
         self._hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
@@ -53,16 +60,11 @@ class RegionMetrics:
         metric's own)."""
         pred, truth = pred.float(), truth.float()
         dice = self._dice(pred, truth).cpu().numpy()
-        iou = self._iou(pred, truth).cpu().numpy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MONAI warns on every empty mask; handled below
-            hd = self._hd(pred, truth, spacing=spacing or self.spacing).cpu().numpy().astype(np.float64)
-        pred_empty = (pred.flatten(2).sum(-1) == 0).cpu().numpy()
-        truth_empty = (truth.flatten(2).sum(-1) == 0).cpu().numpy()
-        hd = np.where(pred_empty & truth_empty, 0.0, np.where(pred_empty | truth_empty, HD95_UNDEFINED, hd))
+        values = {"dice": dice, "iou": self._iou(pred, truth).cpu().numpy()}
+        if "hd95" in self.metrics:
+            values["hd95"] = self._hd95(pred, truth, spacing)
         scored = np.ones(dice.shape, bool) if annotated is None else annotated.bool().cpu().numpy()
-        values = {"dice": dice, "iou": iou, "hd95": hd}
-        if len(self.metrics) > len(METRICS):
+        if "lesion_dice" in self.metrics:
             values |= self._lesion_wise(pred, truth, spacing)
         for b in range(pred.shape[0]):
             self.rows.append({m: np.where(scored[b], values[m][b], np.nan) for m in self.metrics})
@@ -75,6 +77,16 @@ class RegionMetrics:
                 "volume_truth_ET": float(truth[b, et].sum()) * voxel,
             }
             self.volumes.append(volumes if scored[b, et] else {})
+
+    def _hd95(
+        self, pred: torch.Tensor, truth: torch.Tensor, spacing: list[tuple[float, float, float]] | None
+    ) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI warns on every empty mask; handled below
+            hd = self._hd(pred, truth, spacing=spacing or self.spacing).cpu().numpy().astype(np.float64)
+        pred_empty = (pred.flatten(2).sum(-1) == 0).cpu().numpy()
+        truth_empty = (truth.flatten(2).sum(-1) == 0).cpu().numpy()
+        return np.where(pred_empty & truth_empty, 0.0, np.where(pred_empty | truth_empty, HD95_UNDEFINED, hd))
 
     def _lesion_wise(
         self, pred: torch.Tensor, truth: torch.Tensor, spacing: list[tuple[float, float, float]] | None

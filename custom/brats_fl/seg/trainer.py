@@ -407,12 +407,15 @@ class Trainer:
         return torch.stack([self.infer_case(case) for case in decollate_batch(image)])
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader, per_case: bool = False, et_min_volume: float | None = None) -> dict:
+    def evaluate(
+        self, loader: DataLoader, per_case: bool = False, et_min_volume: float | None = None, distances: bool = True
+    ) -> dict:
         """Dice, IoU, HD95 per region and their means, and the mean loss, over whole cases at the labels' own
         resolution; HD95 in mm by each label's voxel size (its affine, where the loader keeps it). ``per_case``
         (a test split) adds each case's scores and the lesion-wise Dice and HD95 (``brats_fl.seg.metrics``).
-        ``et_min_volume`` (mm³) clears a predicted ET smaller than it before scoring (``brats_fl.seg.postprocess``)."""
-        metrics = RegionMetrics(lesion_wise=per_case)
+        ``et_min_volume`` (mm³) clears a predicted ET smaller than it before scoring (``brats_fl.seg.postprocess``).
+        Without ``distances``, Dice and IoU alone (no HD95, lesion-wise or not)."""
+        metrics = RegionMetrics(lesion_wise=per_case and distances, distances=distances)
         losses, case_ids = [], []
         for batch in loader:
             label = batch["label"]
