@@ -148,3 +148,24 @@ def test_every_post_treatment_case_has_a_cavity_at_share_one(tmp_path: Path):
 def test_the_catch_all_release_is_no_phantom_choice(tmp_path: Path):
     with pytest.raises(SystemExit):
         main(["phantom", "--out", str(tmp_path / "p"), "--release", "other"])
+
+
+def test_cavities_at_thick_slice_and_loose_or_tight_sites_stay_inside_the_lesion(tmp_path: Path):
+    """The annotation knobs trace the tumour looser or tighter and thick slices blur it; the cavity stays inside the
+    lesion the same site traces in 2023 (no cavity), in no region, and the metadata's volumes are still those of the
+    regions read from the files."""
+    from brats_fl.data.phantom import SiteKnobs, generate_cases
+
+    knobs = [SiteKnobs("thick-tight", slice_mm=5, annotation_mm=-1), SiteKnobs("looser", annotation_mm=2)]
+    records = generate_cases(tmp_path / "post", knobs, 0, (48, 48, 32), release=POST, cavity_share=1.0)
+    generate_cases(tmp_path / "2023", knobs, 0, (48, 48, 32), release="2023")
+    cases = find_cases(tmp_path / "post", POST)
+    assert check_cases(cases) == []
+    for case, plain, record in zip(cases, find_cases(tmp_path / "2023"), records, strict=True):
+        seg, seg_2023 = _array(case.files[SEG]), _array(plain.files[SEG])
+        cavity = seg == 4
+        regions = labels_to_regions(seg, "brats2024-post")
+        assert cavity.any() and (cavity <= (seg_2023 > 0)).all()
+        assert np.array_equal(regions, labels_to_regions(seg_2023, "brats2023") & ~cavity)
+        assert [record[f"{r.lower()}_cm3"] for r in REGIONS] == [round(int(r.sum()) / 1000, 3) for r in regions]
+        assert record["rc_cm3"] == cavity.sum() / 1000
