@@ -14,13 +14,25 @@ PARTITION_NAMES = ("iid", "quantity", "feature", "label", "mixed")
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:
+    from brats_fl.data.layout import release
     from brats_fl.data.phantom import generate_cohort
 
     start = time.perf_counter()
     cases = generate_cohort(
-        args.out, args.cases, args.sites, args.seed, shape=tuple(args.shape), profiles=args.profiles
+        args.out,
+        args.cases,
+        args.sites,
+        args.seed,
+        shape=tuple(args.shape),
+        profiles=args.profiles,
+        release=args.release,
+        cavity_share=args.cavity_share,
     )
-    print(f"wrote {len(cases)} phantom cases to {args.out} in {time.perf_counter() - start:.1f} s")
+    rel = release(args.release)
+    print(f"wrote {len(cases)} phantom cases of {rel.description} to {args.out} in {time.perf_counter() - start:.1f} s")
+    if rel.declared:
+        # its names are another release's: only the user can say which release the folder holds
+        print(f"named as another release: declare it, e.g. brats-fl check-data {args.out} --release {rel.name}")
 
 
 def _cmd_cohort(args: argparse.Namespace) -> None:
@@ -111,6 +123,8 @@ def _release_option(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``phantom``, ``cohort``, ``partition``, ``check-data`` and ``prepare``."""
+    from brats_fl.data.layout import PHANTOM_RELEASES
+
     p = sub.add_parser("phantom", help="write a synthetic BraTS-layout cohort")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cases", type=int, default=30)
@@ -118,6 +132,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
     p.add_argument("--profiles", nargs="+", default=None, help="scanner profiles site k uses in turn (default all)")
+    p.add_argument(
+        "--release",
+        choices=PHANTOM_RELEASES,
+        default="2020",
+        help="write the cases with this BraTS release's folder and file names and label values",
+    )
+    p.add_argument(
+        "--cavity-share",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="2024-gli-post only: the share of cases with a resection cavity, label 4 (default: most; docs/phantom.md)",
+    )
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("cohort", help="phantom cohort + data checks + datalists + site configuration of a partition")

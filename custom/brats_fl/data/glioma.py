@@ -1,5 +1,6 @@
 """Glioma-like tumours for the phantom: lobulated cores, oedema that follows white matter, uneven enhancing rims,
-cysts, multifocal and non-enhancing (low-grade-like) cases, and the mass effect that pushes the anatomy aside.
+cysts, multifocal and non-enhancing (low-grade-like) cases, the mass effect that pushes the anatomy aside, and
+the resection cavity of a post-treatment case.
 
 Volumes are drawn in cm³ and reached by thresholding (a lobulated level set for the core, a white-matter-weighted
 diffusion front for the oedema, a distance-to-edge field with uneven thickness for the enhancing rim), so the
@@ -25,6 +26,8 @@ _WT_MEDIAN = {"HGG": 95.0, "LGG": 70.0}
 _WT_LOG_SD = 0.55
 _TC_OF_WT = {"HGG": (0.25, 0.65), "LGG": (0.15, 0.60)}
 _ET_OF_TC = (0.30, 0.85)
+#: Share of the core that a resection removed, in post-treatment cases (``resect``); our choice, not a published figure.
+_CAVITY_OF_TC = (0.30, 0.70)
 
 
 @dataclass
@@ -212,6 +215,32 @@ def grow(
     full_cyst = np.zeros(shape, bool)
     full_cyst[box] = cyst
     return Glioma(seg, full_infiltration, full_cyst, len(centres), grade)
+
+
+def resect(rng: np.random.Generator, tumour: Glioma) -> np.ndarray:
+    """The resection cavity of a post-treatment case (bool, the tumour's grid): the deepest part of the core, as
+    when the surgeon removed the central mass and left a rim of residual tumour (enhancing where the rim enhanced)
+    lining a fluid-filled cavity. Its border is uneven (the core's distance to its edge over smooth noise, as the
+    enhancing rim's) and its volume a ``_CAVITY_OF_TC`` share of the core."""
+    core = (tumour.seg == 1) | (tumour.seg == 4)
+    cavity = np.zeros(core.shape, bool)
+    if not core.any():
+        return cavity
+    box = tuple(slice(max(i.min() - 1, 0), i.max() + 2) for i in np.nonzero(core))
+    local = core[box]
+    depth = ndimage.distance_transform_edt(local) * (1.0 + 0.5 * smooth_field(rng, local.shape, 4))
+    share = rng.uniform(*_CAVITY_OF_TC)
+    cavity[box] = local & (depth >= _largest(depth[local], round(share * local.sum())))
+    return cavity
+
+
+def trace_cavity(cavity: np.ndarray, thickness: int, lesion: np.ndarray) -> np.ndarray:
+    """The cavity an annotator draws: traced at half height on a ``thickness``-mm acquisition (as ``thick_labels``
+    traces the regions), and only inside the traced lesion ``lesion``, so that a tighter tracing of the tumour never
+    leaves cavity outside it. A site's annotation style loosens or tightens the tumour regions, not the cavity."""
+    if thickness > 1:
+        cavity = thick_slices(cavity.astype(np.float32), thickness) >= 0.5
+    return cavity & lesion
 
 
 def annotate(seg: np.ndarray, offset_mm: int, mask: np.ndarray) -> np.ndarray:

@@ -36,6 +36,8 @@ class Convention:
     labels: dict[int, str]
     #: the enhancing tumour's value; the core is 1 and the oedema 2 in every release
     et: int
+    #: the resection cavity's value, in no region; None where the release labels no cavity
+    cavity: int | None = None
 
     def describe(self) -> str:
         return ", ".join(f"{v} {m}" for v, m in self.labels.items() if v)
@@ -47,7 +49,7 @@ CONVENTIONS: dict[str, Convention] = {
     for c in (
         Convention("brats2020", {0: "background", 1: "NCR/NET", 2: "ED", 4: "ET"}, et=4),
         Convention("brats2023", {0: "background", 1: "NETC", 2: "SNFH", 3: "ET"}, et=3),
-        Convention("brats2024-post", {0: "background", 1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"}, et=3),
+        Convention("brats2024-post", {0: "background", 1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"}, et=3, cavity=4),
     )
 }
 #: the convention of data that records none (datalists and models from before releases were told apart)

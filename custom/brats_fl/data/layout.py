@@ -39,6 +39,9 @@ class Release:
     example: str
     #: chosen only when the user names it: its files are named as another release's
     declared: bool = False
+    #: the id of case number n in this release's style (``format(n)``), as the phantom names its cases; None: the
+    #: release has no one style of ids, and the phantom does not write it
+    case_format: str | None = None
 
     def match(self, stem: str) -> tuple[str, str] | None:
         """(case id, kind) of a file name without suffix, or None if this release does not name files so."""
@@ -56,19 +59,21 @@ _NAMES_2023 = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair", "seg": "
 #: every release, in the order names are tried; the last one takes any name in the 2020 style
 RELEASES: tuple[Release, ...] = (
     Release("2020", "BraTS 2020", r"BraTS20_(?:Training|Validation|Testing)_\d+", _NAMES_2020, "_", "brats2020",
-            "BraTS20_Training_001_t1ce.nii.gz"),
+            "BraTS20_Training_001_t1ce.nii.gz", case_format="BraTS20_Training_{:03d}"),
     Release("2021", "BraTS 2021 / FeTS 2022", r"BraTS2021_\d+", _NAMES_2020, "_", "brats2020",
-            "BraTS2021_00000_t1ce.nii.gz"),
+            "BraTS2021_00000_t1ce.nii.gz", case_format="BraTS2021_{:05d}"),
     Release("2023", "BraTS 2023 and later (GLI, MEN, MET, PED, SSA)", r"BraTS-(?:GLI|MEN|MET|PED|SSA)-\d+-\d+",
-            _NAMES_2023, "-", "brats2023", "BraTS-GLI-00000-000-t1c.nii.gz"),
+            _NAMES_2023, "-", "brats2023", "BraTS-GLI-00000-000-t1c.nii.gz", case_format="BraTS-GLI-{:05d}-000"),
     Release("2024-gli-post", "BraTS 2024 post-treatment glioma (2023 names; 4 = resection cavity)",
             r"BraTS-GLI-\d+-\d+", _NAMES_2023, "-", "brats2024-post", "BraTS-GLI-02000-100-t1c.nii.gz",
-            declared=True),
+            declared=True, case_format="BraTS-GLI-{:05d}-100"),
     Release("other", "other names in the BraTS 2020 style", r".+", _NAMES_2020, "_", "brats2020",
             "<case>_t1ce.nii.gz"),
 )  # fmt: skip
 #: the names ``--release`` takes
 RELEASE_NAMES = tuple(r.name for r in RELEASES)
+#: the releases the phantom writes (``brats-fl phantom --release``): those with a style of case ids
+PHANTOM_RELEASES = tuple(r.name for r in RELEASES if r.case_format)
 
 
 def release(name: str) -> Release:

@@ -8,7 +8,9 @@ FLAIR. Sites differ through named knobs (``SiteKnobs``): the scanner (scale, bia
 MONAI's Gibbs and k-space spike artefacts as in the HyperSeg paper's Appendix D), tumour biology (size, share of
 low-grade cases), acquisition (thick axial slices) and annotation style (looser or tighter tracing); how many
 cases each site holds is the partition's business (``brats_fl.data.cohorts``).
-Output uses the BraTS 2020 layout and int16 voxels, like the challenge files.
+Output uses the folder and file names and the label values of a BraTS release (``brats_fl.data.layout.RELEASES``,
+2020 by default) and int16 voxels, like the challenge files; the same seed gives the same cases in every release,
+except that 2024's post-treatment cases may have a resection cavity (``glioma.resect``) where the others have core.
 """
 
 from __future__ import annotations
@@ -25,8 +27,20 @@ import numpy as np
 from monai.transforms import GibbsNoise, KSpaceSpikeNoise
 from scipy import ndimage
 
-from brats_fl.data.glioma import LGG_SHARE, Glioma, annotate, grow, smooth_field, thick_labels, thick_slices
-from brats_fl.data.layout import MODALITIES
+from brats_fl.data import layout
+from brats_fl.data.glioma import (
+    LGG_SHARE,
+    Glioma,
+    annotate,
+    grow,
+    resect,
+    smooth_field,
+    thick_labels,
+    thick_slices,
+    trace_cavity,
+)
+from brats_fl.data.labels import Convention, convention
+from brats_fl.data.layout import MODALITIES, PHANTOM_RELEASES, SEG
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,11 @@ _TISSUE = {
     "nonenhancing": (0.38, 0.40, 1.00, 0.85),
     "enhancing": (0.50, 1.35, 0.80, 0.85),
     "cyst": (0.15, 0.16, 1.45, 0.20),  # fluid, like CSF
+    "cavity": (0.25, 0.27, 1.25, 0.12),  # a resection cavity fills with fluid like CSF
 }
+#: Share of a post-treatment (2024-gli-post) phantom's cases with a resection cavity; our choice: most
+#: post-treatment gliomas were resected, some only biopsied or irradiated (no published share used).
+CAVITY_SHARE = 0.75
 _AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])  # 1 mm isotropic, BraTS-like orientation
 _SCALE = 1000.0  # int16 voxel value of intensity 1.0
 
@@ -160,11 +178,14 @@ def _anatomy(
     return out, box, np.float32(zoom)
 
 
-def _synthesise(rng: np.random.Generator, anatomy: dict[str, np.ndarray], tumour: Glioma) -> np.ndarray:
+def _synthesise(
+    rng: np.random.Generator, anatomy: dict[str, np.ndarray], tumour: Glioma, cavity: np.ndarray
+) -> np.ndarray:
     """Ideal (scanner-free) intensities of the four modalities, (4, X, Y, Z).
 
     Oedema mixes with the tissue it infiltrates, more so near the core; every tumour region gets its own texture
-    (heterogeneous enhancement, necrosis, cysts); one anatomical texture is shared by the four modalities.
+    (heterogeneous enhancement, necrosis, cysts, a resection ``cavity``'s fluid); one anatomical texture is shared by
+    the four modalities.
     """
     seg = tumour.seg
     shape = seg.shape
@@ -183,6 +204,7 @@ def _synthesise(rng: np.random.Generator, anatomy: dict[str, np.ndarray], tumour
         region[local == 1] = _TISSUE[core_tissue][m]
         region[tumour.cyst[box]] = _TISSUE["cyst"][m]
         region[local == 4] = _TISSUE["enhancing"][m]
+        region[cavity[box]] = _TISSUE["cavity"][m]
         region[local > 0] *= heterogeneity[local > 0]
         images[m] = img * texture
     return images * anatomy["mask"]
@@ -205,19 +227,54 @@ def _scanner(rng: np.random.Generator, images: np.ndarray, mask: np.ndarray, pro
     return out * mask[None]
 
 
+def _cavity_share(labels: Convention, name: str, share: float | None) -> float:
+    """The share of cases given a resection cavity: only a release whose labels have one takes a share."""
+    if labels.cavity is None:
+        if share is not None:
+            with_cavity = [r for r in PHANTOM_RELEASES if convention(layout.release(r).convention).cavity is not None]
+            raise ValueError(
+                f"--cavity-share makes no sense with release {name}: its labels ({labels.describe()}) have no "
+                f"resection cavity; only {', '.join(with_cavity)} has"
+            )
+        return 0.0
+    share = CAVITY_SHARE if share is None else share
+    if not 0 <= share <= 1:
+        raise ValueError(f"--cavity-share is the fraction of cases with a resection cavity, in [0, 1]; got {share}")
+    return share
+
+
+def _write_labels(seg: np.ndarray, cavity: np.ndarray, labels: Convention) -> np.ndarray:
+    """The generator's label map (BraTS 2020 values: 1 core, 2 oedema, 4 ET) and cavity mask in ``labels``' values."""
+    out = seg.copy()
+    out[seg == 4] = labels.et
+    if labels.cavity is not None:
+        out[cavity] = labels.cavity
+    return out
+
+
 def generate_cases(
     out: Path,
     knobs: Sequence[SiteKnobs],
     seed: int,
     shape: tuple[int, int, int] = (240, 240, 155),
-    prefix: str = "BraTS20_Training",
+    release: str = "2020",
+    cavity_share: float | None = None,
 ) -> list[dict]:
-    """Write one case per entry of ``knobs`` (case i uses ``knobs[i]``); returns their metadata.
+    """Write one case per entry of ``knobs`` (case i uses ``knobs[i]``), named and labelled as ``release``
+    (one of ``PHANTOM_RELEASES``); returns their metadata.
 
-    Deterministic in (seed, case number, shape, knobs). Anatomy, tumour, texture and scanner draw from separate
-    random streams, so the same case number has the same underlying tumour whatever its scanner, acquisition or
-    annotation knobs. Refuses to overwrite an existing case folder.
+    A release whose labels have a resection cavity (2024-gli-post) gives ``cavity_share`` of its cases one
+    (default ``CAVITY_SHARE``); another release refuses a share. Deterministic in (seed, case number, shape, knobs,
+    and for the cavity the release and share). Anatomy, tumour, texture, scanner and cavity draw from separate random
+    streams, so the same case number has the same underlying tumour whatever its scanner, acquisition or annotation
+    knobs, and the same images and regions in every release unless it has a cavity. Refuses to overwrite an
+    existing case folder.
     """
+    if release not in PHANTOM_RELEASES:
+        raise ValueError(f"the phantom writes the releases {', '.join(PHANTOM_RELEASES)}, not {release!r}")
+    rel = layout.release(release)
+    labels = convention(rel.convention)
+    share = _cavity_share(labels, release, cavity_share)
     by_name = {p.name: p for p in SCANNER_PROFILES}
     unknown = sorted({k.scanner for k in knobs} - set(by_name))
     if unknown:
@@ -227,49 +284,59 @@ def generate_cases(
     if min(shape) < 24:
         raise ValueError(f"grid {shape} is too small for a brain with a tumour (at least 24 voxels per axis)")
     out = Path(out)
-    ids = [f"{prefix}_{i:03d}" for i in range(1, len(knobs) + 1)]
+    ids = [rel.case_format.format(i) for i in range(1, len(knobs) + 1)]
     existing = [str(out / i) for i in ids if (out / i).exists()]
     if existing:
         raise FileExistsError(f"case folder(s) exist already, not overwritten: {', '.join(existing[:3])}")
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for index, (case_id, knob) in enumerate(zip(ids, knobs, strict=True)):
-        streams = [np.random.default_rng([seed, index, k]) for k in range(4)]
+        streams = [np.random.default_rng([seed, index, k]) for k in range(5)]
         # everything works in the brain's bounding box: 2-3x fewer voxels than the grid
         anatomy, box, zoom = _anatomy(streams[0], shape)
         tumour = grow(streams[1], anatomy, zoom, knob.lgg_share, knob.size_scale)
-        ideal = _synthesise(streams[2], anatomy, tumour)
+        resected = streams[4].random() < share
+        cavity = resect(streams[4], tumour) if resected else np.zeros(tumour.seg.shape, bool)
+        ideal = _synthesise(streams[2], anatomy, tumour, cavity)
         mask = anatomy["mask"]
         scanned = thick_slices(_scanner(streams[3], ideal, mask, by_name[knob.scanner]), knob.slice_mm) * mask
+        # the annotator traces the whole lesion (the cavity as core), then the cavity within it
         seg = np.zeros(shape, np.uint8)
         seg[box] = annotate(thick_labels(tumour.seg, knob.slice_mm), knob.annotation_mm, mask)
+        traced = np.zeros(shape, bool)
+        traced[box] = trace_cavity(cavity, knob.slice_mm, seg[box] > 0) if resected else False
         folder = out / case_id
         folder.mkdir()
         for m, name in enumerate(MODALITIES):
             data = np.zeros(shape, np.int16)
             data[box] = np.clip(np.rint(scanned[m] * _SCALE), 0, np.iinfo(np.int16).max)
-            nib.save(nib.Nifti1Image(data, _AFFINE), str(folder / f"{case_id}_{name}.nii.gz"))
-        nib.save(nib.Nifti1Image(seg, _AFFINE), str(folder / f"{case_id}_seg.nii.gz"))
-        wt, tc, et = (int(np.count_nonzero(r)) for r in (seg > 0, (seg == 1) | (seg == 4), seg == 4))
-        records.append(
-            {
-                "case_id": case_id,
-                "site": knob.name,
-                "scanner": knob.scanner,
-                "grade": tumour.grade,
-                "enhancing": et > 0,
-                "slice_mm": knob.slice_mm,
-                "annotation_mm": knob.annotation_mm,
-                "size_scale": knob.size_scale,
-                "lgg_share": round(knob.lgg_share, 4),
-                "foci": tumour.foci,
-                "wt_cm3": round(wt / 1000, 3),
-                "tc_cm3": round(tc / 1000, 3),
-                "et_cm3": round(et / 1000, 3),
-                "tumour_voxels": wt,
-            }
-        )
-    _write_metadata(out, records, seed, shape, list(dict.fromkeys(knobs)))
+            nib.save(nib.Nifti1Image(data, _AFFINE), str(folder / rel.file_name(case_id, name)))
+        written = _write_labels(seg, traced, labels)
+        nib.save(nib.Nifti1Image(written, _AFFINE), str(folder / rel.file_name(case_id, SEG)))
+        # the regions the labels mean: a cavity is in none
+        tumorous = (seg > 0) & ~traced
+        wt, tc, et = (int(np.count_nonzero(r & tumorous)) for r in (seg > 0, (seg == 1) | (seg == 4), seg == 4))
+        record = {
+            "case_id": case_id,
+            "release": release,
+            "site": knob.name,
+            "scanner": knob.scanner,
+            "grade": tumour.grade,
+            "enhancing": et > 0,
+            "slice_mm": knob.slice_mm,
+            "annotation_mm": knob.annotation_mm,
+            "size_scale": knob.size_scale,
+            "lgg_share": round(knob.lgg_share, 4),
+            "foci": tumour.foci,
+            "wt_cm3": round(wt / 1000, 3),
+            "tc_cm3": round(tc / 1000, 3),
+            "et_cm3": round(et / 1000, 3),
+            "tumour_voxels": wt,
+        }
+        if labels.cavity is not None:
+            record["rc_cm3"] = round(int(np.count_nonzero(traced)) / 1000, 3)
+        records.append(record)
+    _write_metadata(out, records, seed, shape, list(dict.fromkeys(knobs)), release, share)
     return records
 
 
@@ -279,10 +346,12 @@ def generate_cohort(
     sites: int,
     seed: int,
     shape: tuple[int, int, int] = (240, 240, 155),
-    prefix: str = "BraTS20_Training",
     profiles: Sequence[str] | None = None,
+    release: str = "2020",
+    cavity_share: float | None = None,
 ) -> list[dict]:
-    """Write ``cases`` phantom cases spread round-robin over ``sites`` scanner profiles; returns their metadata.
+    """Write ``cases`` phantom cases spread round-robin over ``sites`` scanner profiles, named and labelled as
+    ``release`` (``generate_cases``); returns their metadata.
 
     Site k uses ``profiles[k mod len]`` (names of ``SCANNER_PROFILES``; default all of them in order), so a
     held-out site can be given a scanner no training site has; the other knobs keep their defaults.
@@ -292,24 +361,38 @@ def generate_cohort(
         raise ValueError(f"need at least one case and one site, got cases={cases}, sites={sites}")
     names = list(profiles) if profiles else [p.name for p in SCANNER_PROFILES]
     per_site = [SiteKnobs(f"site-{k + 1}", scanner=names[k % len(names)]) for k in range(sites)]
-    return generate_cases(out, [per_site[i % sites] for i in range(cases)], seed, shape, prefix)
+    knobs = [per_site[i % sites] for i in range(cases)]
+    return generate_cases(out, knobs, seed, shape, release, cavity_share)
 
 
-COLUMNS = ("scanner", "site", "slice_mm", "annotation_mm", "size_scale", "foci", "wt_cm3", "tc_cm3", "et_cm3")
+COLUMNS = (
+    "release", "scanner", "site", "slice_mm", "annotation_mm", "size_scale", "foci", "wt_cm3", "tc_cm3", "et_cm3",
+)  # fmt: skip
 
 
 def _write_metadata(
-    out: Path, records: list[dict], seed: int, shape: tuple[int, int, int], knobs: list[SiteKnobs]
+    out: Path,
+    records: list[dict],
+    seed: int,
+    shape: tuple[int, int, int],
+    knobs: list[SiteKnobs],
+    release: str,
+    cavity_share: float,
 ) -> None:
-    """name_mapping.csv (BraTS's columns, then every knob and volume of the case) and phantom.json."""
+    """name_mapping.csv (BraTS's columns, its subject id column named by the release's year, then every knob and
+    volume of the case, and the cavity's where the release labels one) and phantom.json."""
+    columns = [*COLUMNS, *(["rc_cm3"] if "rc_cm3" in records[0] else [])]
     with (out / "name_mapping.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["Grade", "BraTS_2020_subject_ID", *COLUMNS])
-        writer.writerows([r["grade"], r["case_id"], *(r[c] for c in COLUMNS)] for r in records)
+        writer.writerow(["Grade", f"BraTS_{release.split('-')[0]}_subject_ID", *columns])
+        writer.writerows([r["grade"], r["case_id"], *(r[c] for c in columns)] for r in records)
     profiles = {p.name: asdict(p) for p in SCANNER_PROFILES if p.name in {k.scanner for k in knobs}}
     meta = {
         "seed": seed,
         "shape": list(shape),
+        "release": release,
+        "declared": layout.release(release).declared,
+        "cavity_share": cavity_share,
         "knobs": [asdict(k) for k in knobs],
         "profiles": list(profiles.values()),
         "cases": records,
