@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import shutil
 import struct
@@ -170,11 +171,11 @@ def test_incomplete_run_is_left_out_of_tables_unless_asked(fedavg_run, tmp_path:
     assert main(["table", str(workspace), str(stopped), "--include-incomplete"]) == 0
     out = capsys.readouterr().out
     assert "brats_fedavg (stopped) (incomplete), worst site" in out and f"{stopped}: incomplete, {reason}" in out
-    assert "brats_fedavg (brats_fedavg), worst site" in out
+    assert f"brats_fedavg ({workspace.name}), worst site" in out
 
     assert main(["report", str(stopped), "--out", str(tmp_path / "refused")]) == 2
     assert not (tmp_path / "refused" / "index.html").exists()
     assert main(["report", str(stopped), "--out", str(tmp_path / "out"), "--include-incomplete"]) == 0
     (row,) = _rows(tmp_path / "out")
     assert row["run"].endswith(" (incomplete)")
-    assert f"no: {reason}" in (tmp_path / "out" / "index.html").read_text()
+    assert html.escape(f"no: {reason}") in (tmp_path / "out" / "index.html").read_text()
