@@ -4,7 +4,8 @@ Each problem names the file and what is wrong with it. Nothing is skipped: calle
 the report is not empty. Besides readable, consistent files and labels of the case's own release, a case must lie
 on the BraTS grid (``BRATS_GRID``: 1 mm isotropic voxels in LPS orientation, as every release ships them), unless
 the caller resamples (``grid=False``, a job's ``spacing``): raw hospital data must never train on another grid
-unnoticed.
+unnoticed. Each file's header is checked before any voxel is read (``read_header``), so a broken or hostile header
+is a problem in the report, never a crash or an exhausted memory.
 """
 
 from __future__ import annotations
@@ -81,8 +82,6 @@ def read_header(path: Path) -> nib.Nifti1Image:
     accepts complex voxels; MONAI's readers call nibabel."""
     try:
         img = nib.load(str(path))
-        if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
-            raise VolumeError(f"not a NIfTI image but {type(img).__name__}")
         # the file's own header: the image's copy has its scaling and offset reset, and nibabel quietly reads a
         # negative or zero voxel size as a positive one and an infinite slope as none
         with nib.openers.ImageOpener(str(path)) as fh:
@@ -138,8 +137,9 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
     finite = np.isfinite(data)
     if not finite.all():
         raise VolumeError(f"{int((~finite).sum())} non-finite voxels (NaN or Inf)")
-    if data.dtype.kind == "f" and data.size and np.abs(data).max() > np.finfo(np.float32).max:
-        raise VolumeError(f"voxel values up to {np.abs(data).max():.3g}, beyond float32, in which training computes")
+    largest = float(np.abs(data).max())
+    if largest > float(np.finfo(np.float32).max):
+        raise VolumeError(f"voxel values up to {largest:.3g}, beyond float32, in which training computes")
     return data, img.affine
 
 
