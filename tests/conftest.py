@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -46,6 +47,18 @@ def write_case(root: Path, case_id: str, shape=(24, 24, 16), seed: int = 0, rele
         nib.save(nib.Nifti1Image(img, affine), str(folder / rel.file_name(case_id, mod)))
     nib.save(nib.Nifti1Image(seg, affine), str(folder / rel.file_name(case_id, "seg")))
     return folder
+
+
+def rewrite_nifti(path: Path, payload: bytes | None = None, **fields) -> None:
+    """Rewrite a ``.nii.gz`` byte for byte with header ``fields`` set (``dim``, ``datatype``, ``pixdim``, ...),
+    unchecked and unfixed by nibabel, then ``payload`` (default: the voxels it held), as a hostile file would be."""
+    raw = gzip.decompress(path.read_bytes())
+    header = nib.Nifti1Header(binaryblock=raw[:348], check=False)
+    offset = int(header["vox_offset"])
+    for key, value in fields.items():
+        header[key] = value
+    body = raw[offset:] if payload is None else payload
+    path.write_bytes(gzip.compress(header.binaryblock + raw[348:offset] + body))
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from brats_fl.cli.main import main
 from brats_fl.data.checks import check_cases
 from brats_fl.data.layout import find_cases
 
+from tests.conftest import rewrite_nifti
+
 CASE = "BraTS20_Training_003"
 
 
@@ -88,6 +90,75 @@ def test_nan_voxels(good_cohort: Path):
     _rewrite(path, poison)
     [problem] = _problems(good_cohort)
     assert problem == f"{path}: 2 non-finite voxels (NaN or Inf)"
+
+
+def test_header_claiming_4000_cubed_voxels_is_refused_before_reading(good_cohort: Path, capsys):
+    """The issue's case: a header claiming a 4000³ volume made check-data die with a MemoryError traceback."""
+    path = _file(good_cohort, "t1")
+    rewrite_nifti(path, dim=[3, 4000, 4000, 4000, 1, 1, 1, 1])
+    [problem] = _problems(good_cohort)
+    assert problem == f"{path}: shape (4000, 4000, 4000): 64,000,000,000 voxels, outside 1 to 134,217,728 (512³)"
+    assert main(["check-data", str(good_cohort)]) == 1
+    assert f"{CASE}: header refused" in capsys.readouterr().out
+
+
+def test_complex_voxels_are_refused(good_cohort: Path):
+    """The issue's case: complex-valued voxels passed check-data."""
+    path = _file(good_cohort, "flair")
+    img = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj).astype(np.complex64) * (1 + 1j), img.affine), str(path))
+    [problem] = _problems(good_cohort)
+    assert problem == f"{path}: voxel datatype complex64 is not a real number type (integers or float32/float64)"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"datatype": 128, "bitpix": 24}, "datatype [('R', 'u1'), ('G', 'u1'), ('B', 'u1')] is not a real number"),
+        ({"dim": [4, 24, 24, 16, 2, 1, 1, 1]}, "expected a 3D volume, got shape (24, 24, 16, 2)"),
+        ({"dim": [3, 240, 240, 155, 1, 1, 1, 1]}, "truncated or wrong header: it claims 240x240x155 voxels of float32"),
+        ({"pixdim": [1, -1, 1, 1, 1, 1, 1, 1]}, "voxel sizes pixdim[1:4] [-1.0, 1.0, 1.0] are not positive numbers"),
+        ({"pixdim": [1, 1, 0, 1, 1, 1, 1, 1]}, "pixdim[1:4] [1.0, 0.0, 1.0] are not positive numbers"),
+        ({"scl_slope": np.inf, "scl_inter": 0.0}, "intensity scaling scl_slope=inf, scl_inter=0 is not finite"),
+        ({"scl_slope": 1.0, "scl_inter": -np.inf}, "HeaderDataError: Valid slope but invalid intercept -inf"),
+        ({"scl_slope": 1e37, "scl_inter": 0.0}, "beyond float32, in which training computes"),
+        ({"srow_x": [0.0, 0.0, 0.0, 0.0]}, "affine is not invertible"),
+        ({"srow_y": [0.0, np.nan, 0.0, 0.0]}, "affine holds NaN or Inf"),
+        ({"srow_x": [-50.0, 0.0, 0.0, 0.0]}, "voxel size 50x1x1 mm outside 0.01 to 20 mm"),
+        ({"scl_slope": 2.0, "scl_inter": np.nan}, "HeaderDataError: Valid slope but invalid intercept nan"),
+        ({"vox_offset": 100000.0}, "cannot read NIfTI (corrupt or truncated file)"),
+        ({"vox_offset": 10**9}, "truncated or wrong header: it claims 24x24x16 voxels of float32 (36 KiB) after"),
+    ],
+)
+def test_broken_header_is_refused_naming_the_file(good_cohort: Path, fields: dict, message: str):
+    path = _file(good_cohort, "t2")
+    rewrite_nifti(path, **fields)
+    [problem] = _problems(good_cohort)
+    assert problem.startswith(f"{path}: ") and message in problem
+
+
+def test_field_of_view_wider_than_a_body_is_refused(good_cohort: Path):
+    path = _file(good_cohort, "t2")
+    nib.save(nib.Nifti1Image(np.ones((40, 24, 16), np.float32), np.diag([-15.0, -1.0, 1.0, 1.0])), str(path))
+    [problem] = _problems(good_cohort)
+    assert problem == f"{path}: field of view 600x24x16 mm, wider than 512 mm along an axis"
+
+
+def test_truncated_uncompressed_file_is_refused_before_reading(good_cohort: Path):
+    gz = _file(good_cohort, "t1")
+    path = gz.with_name(gz.name.removesuffix(".gz"))
+    data = gzip.decompress(gz.read_bytes())
+    gz.unlink()
+    path.write_bytes(data[:-100])
+    [problem] = _problems(good_cohort)
+    assert problem.startswith(f"{path}: truncated or wrong header: it claims 24x24x16 voxels of float32 (36 KiB)")
+
+
+def test_values_beyond_float32_are_refused(good_cohort: Path):
+    path = _file(good_cohort, "t1")
+    _rewrite(path, lambda a: a.astype(np.float64) * 1e300)
+    [problem] = _problems(good_cohort)
+    assert problem.startswith(f"{path}: voxel values up to ") and "beyond float32" in problem
 
 
 def test_empty_brain(good_cohort: Path):

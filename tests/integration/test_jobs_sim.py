@@ -15,11 +15,14 @@ from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.benchmark import model_hashes
 from brats_fl.results.report import summarise_run
+from brats_fl.server.run_record import RUN_RECORD
+from brats_fl.site.client import DONE_FILE
 from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[2]
 
 TINY = tiny_params(rounds=3, local_epochs=3, lr=3e-3)
+SITES = ("site-1", "site-2", "site-3")
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -107,7 +110,7 @@ def test_central_trains_on_the_pooled_datalist(sim_data: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_site_with_bad_data_stops_the_job_and_is_named(sim_data: Path, tmp_path: Path):
+def test_site_with_bad_data_stops_the_job_and_is_named(sim_data: Path, tmp_path: Path, capsys):
     lists = Path(json.loads(sim_data.read_text())["datalist_dir"])
     doc = json.loads((lists / "site-2.json").read_text())
     doc["training"][0]["image"][1] = "nowhere/BraTS20_Training_999_t1ce.nii.gz"
@@ -122,6 +125,16 @@ def test_site_with_bad_data_stops_the_job_and_is_named(sim_data: Path, tmp_path:
     server_log = (run / "server" / "log.txt").read_text()
     assert "Result from site-2 is bad" in server_log
     assert not (run / "server" / "simulate_job" / "app_server" / "FL_global_model.pt").exists()
+
+    # the aborted run says so: its run record and every site's done.json, and the tables refuse it with the reason
+    record = json.loads((run / "server" / "simulate_job" / RUN_RECORD).read_text())
+    assert record["finished"] and record["complete"] is False
+    assert "Result from site-2 is bad" in record["incomplete_reason"]
+    done = {s: json.loads((run / s / "simulate_job" / "brats_fl" / DONE_FILE).read_text()) for s in SITES}
+    assert not any(d["complete"] for d in done.values())
+    assert done["site-2"]["incomplete_reason"].startswith("DataError: 1 data problem(s) found")
+    assert main(["table", str(tmp_path / "ws"), "--include-incomplete"]) == 2
+    assert "the run did not complete (Result from site-2 is bad" in capsys.readouterr().err
 
 
 @pytest.mark.slow

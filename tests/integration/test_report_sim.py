@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import shutil
 import struct
@@ -14,6 +15,7 @@ from brats_fl.cli.main import main
 from brats_fl.results.figures import BARS_SIZE, CURVES_SIZE, DPI, PAGE_WIDTH
 from brats_fl.results.report import REPORT_COLUMNS, overlay_rows, run_test_cases, summarise_run
 from brats_fl.server.run_record import RUN_RECORD
+from brats_fl.site.client import DONE_FILE
 from brats_fl.version import running
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +88,10 @@ def test_job_records_what_the_run_was(fedavg_run):
     workspace, params = fedavg_run
     record = json.loads((_server(workspace) / RUN_RECORD).read_text())
     assert record["job"] == "brats_fedavg" and record["finished"] and record["wall_time"] > 0
+    assert record["complete"] is True and record["incomplete_reason"] is None
+    for site in SITES:
+        done = json.loads((_site(workspace, site) / DONE_FILE).read_text())
+        assert done["complete"] is True and done["incomplete_reason"] is None and done["wall_time"] > 0
     executor = record["client_config"]["executors"][0]["executor"]["args"]
     assert (executor["config"]["seed"], executor["config"]["rounds"]) == (params.seed, params.rounds)
     assert executor["expects"] == running()
@@ -146,3 +152,30 @@ def test_a_run_without_metrics_is_named(fedavg_run, tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
     assert f"{tmp_path / 'empty'}: no finished FLARE job" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_incomplete_run_is_left_out_of_tables_unless_asked(fedavg_run, tmp_path: Path, capsys):
+    """A run aborted after its sites' final scoring (in cross-site evaluation, say) has scores, but is no result:
+    the tables refuse it, and show it marked only when asked."""
+    workspace, _ = fedavg_run
+    stopped = tmp_path / "stopped"
+    shutil.copytree(_server(workspace), stopped / "simulate_job")
+    record_file = stopped / "simulate_job" / RUN_RECORD
+    reason = "the run was aborted (an admin's abort_job, or FLARE stopping it)"
+    record = json.loads(record_file.read_text()) | {"complete": False, "incomplete_reason": reason}
+    record_file.write_text(json.dumps(record))
+
+    assert main(["table", str(workspace), str(stopped)]) == 2
+    assert f"{stopped}: the run did not complete ({reason}); a results table leaves it out" in capsys.readouterr().err
+    assert main(["table", str(workspace), str(stopped), "--include-incomplete"]) == 0
+    out = capsys.readouterr().out
+    assert "brats_fedavg (stopped) (incomplete), worst site" in out and f"{stopped}: incomplete, {reason}" in out
+    assert f"brats_fedavg ({workspace.name}), worst site" in out
+
+    assert main(["report", str(stopped), "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused" / "index.html").exists()
+    assert main(["report", str(stopped), "--out", str(tmp_path / "out"), "--include-incomplete"]) == 0
+    (row,) = _rows(tmp_path / "out")
+    assert row["run"].endswith(" (incomplete)")
+    assert html.escape(f"no: {reason}") in (tmp_path / "out" / "index.html").read_text()

@@ -11,8 +11,10 @@ import torch
 from brats_fl.jobs.catalogue import HyperNetParams
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.seg.model import fingerprint
+from brats_fl.server.run_record import RUN_RECORD
 from brats_fl.server.screening import RECORD_FILE
 from brats_fl.server.sequential import VISITS_FILE
+from brats_fl.site.client import DONE_FILE
 from conftest import tiny_params
 
 
@@ -64,6 +66,14 @@ def test_broken_updates_are_refused_and_a_poor_round_stops_the_job(sim_data: Pat
     for key, value in global_model.items():
         expected = sum(sent[s][key].double() * w for s, w in weights.items()) / total
         torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6, msg=key)
+
+    # a job its server stopped says so, though FLARE ended it as it ends a complete one, and so does every site
+    record = json.loads((server / RUN_RECORD).read_text())
+    assert record["finished"] and record["complete"] is False
+    assert "fewer than min_good=2" in record["incomplete_reason"]
+    for site in ("site-1", "site-2", "site-3"):
+        done = json.loads((run / site / "simulate_job" / "brats_fl" / DONE_FILE).read_text())
+        assert done["complete"] is False and done["incomplete_reason"], done
 
 
 @pytest.mark.slow

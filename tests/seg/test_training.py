@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from brats_fl.cli.main import main
+from brats_fl.data.checks import DataError
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import regions_to_labels
 from brats_fl.data.layout import find_cases
@@ -59,7 +60,7 @@ def test_datalist_entry_outside_the_root_is_refused(tiny_phantom: Path, pooled: 
     doc["test"][0]["label"] = "../../etc/passwd"
     bad = tmp_path / "escape.json"
     bad.write_text(json.dumps(doc))
-    with pytest.raises(Exception, match="points outside the data root"):
+    with pytest.raises(DataError, match="outside the data root"):
         load_datalist(bad, tiny_phantom)
 
 

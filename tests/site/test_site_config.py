@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from brats_fl.cli.main import main
 from brats_fl.jobs.catalogue import HyperNetParams, JobParams
-from brats_fl.site.config import ENV_VAR, resolve
+from brats_fl.site.config import ENV_VAR, THREADS_VAR, SiteConfigError, resolve
 
 
 @pytest.mark.parametrize(
@@ -44,3 +44,67 @@ def test_unknown_site_is_named_with_the_sites_there_are(tmp_path: Path, monkeypa
     assert resolve("site-2").datalist == tmp_path / "lists" / "site-2.json"
     with pytest.raises(FileNotFoundError, match=r"no datalist for site-9 .*\['site-1', 'site-2'\]"):
         resolve("site-9")
+
+
+@pytest.fixture
+def site_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A valid configuration (data root, datalists of site-1 and site-All) named by the environment."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "lists").mkdir()
+    for name in ("site-1", "site-All"):
+        (tmp_path / "lists" / f"{name}.json").write_text("{}")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"data_root": "data", "datalist_dir": "lists"}))
+    monkeypatch.setenv(ENV_VAR, str(config))
+    monkeypatch.delenv(THREADS_VAR, raising=False)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("doc", "error", "message"),
+    [
+        (["data_root"], SiteConfigError, "expected an object of settings, got a list"),
+        ({"data_root": "data", "datalist_dir": "lists", "root": "x"}, SiteConfigError, "unknown key(s) ['root']"),
+        ({"data_root": "data", "datalist_dir": "lists", "sites": []}, SiteConfigError, "sites must be an object"),
+        ({"data_root": "data", "datalist_dir": "lists", "sites": {"site-1": 3}}, SiteConfigError, "sites must be"),
+        ({"data_root": "data", "datalist_dir": "lists", "sites": {"site-1": {"sites": {}}}}, SiteConfigError,
+         "unknown key(s) ['sites'] for site-1"),
+        ({"data_root": "data", "datalist_dir": "lists", "threads": "2"}, SiteConfigError,
+         "threads must be a whole number >= 1, got '2'"),
+        ({"data_root": "data", "datalist_dir": "lists", "threads": True}, SiteConfigError, "threads must be a whole"),
+        ({"data_root": 5, "datalist_dir": "lists"}, SiteConfigError, "data_root must be a path (a non-empty string)"),
+        ({"data_root": "data\0", "datalist_dir": "lists"}, SiteConfigError, "data_root must be a path"),
+        ({"data_root": "data", "datalist": "x" * 5000}, SiteConfigError, "datalist 'xxx"),
+        ({"datalist_dir": "lists"}, SiteConfigError, "no data_root for site-1"),
+        ({"data_root": "data"}, SiteConfigError, "neither datalist nor datalist_dir for site-1"),
+        ({"data_root": "nowhere", "datalist_dir": "lists"}, FileNotFoundError, "data_root"),
+    ],
+)  # fmt: skip
+def test_bad_site_configuration_is_refused_naming_it(site_config: Path, doc, error: type, message: str):
+    site_config.write_text(json.dumps(doc))
+    with pytest.raises(error) as err:
+        resolve("site-1")
+    assert str(err.value).startswith(f"{site_config}: ") and message in str(err.value)
+
+
+def test_unreadable_site_configuration_is_named(site_config: Path):
+    site_config.write_bytes(b"{\x80")
+    with pytest.raises(SiteConfigError, match="site configuration not UTF-8 text") as err:
+        resolve("site-1")
+    assert str(err.value).startswith(f"{site_config}: ")
+
+
+@pytest.mark.parametrize("name", ["../lists/site-1", "/etc/passwd", "..", "", "a\0b"])
+def test_job_cannot_name_a_datalist_outside_the_sites_folder(site_config: Path, name: str):
+    """The job travels to every site: the datalist it names is a name in the site's folder, never a path."""
+    assert resolve("site-1", "site-All").datalist.name == "site-All.json"
+    with pytest.raises(ValueError, match="is not a plain datalist name"):
+        resolve("site-1", name)
+
+
+def test_bad_thread_count_in_the_environment_is_named(site_config: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(THREADS_VAR, "many")
+    with pytest.raises(ValueError, match=r"\$BRATS_FL_THREADS='many' is not a whole number >= 1"):
+        resolve("site-1")
+    monkeypatch.setenv(THREADS_VAR, "3")
+    assert resolve("site-1").threads == 3

@@ -4,11 +4,13 @@ Each problem names the file and what is wrong with it. Nothing is skipped: calle
 the report is not empty. Besides readable, consistent files and labels of the case's own release, a case must lie
 on the BraTS grid (``BRATS_GRID``: 1 mm isotropic voxels in LPS orientation, as every release ships them), unless
 the caller resamples (``grid=False``, a job's ``spacing``): raw hospital data must never train on another grid
-unnoticed.
+unnoticed. Each file's header is checked before any voxel is read (``read_header``), so a broken or hostile header
+is a problem in the report, never a crash or an exhausted memory.
 """
 
 from __future__ import annotations
 
+import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,14 +44,103 @@ class DataError(RuntimeError):
         super().__init__(f"{len(problems)} data problem(s) found; nothing was trained:\n{lines}")
 
 
-def _load(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
-    """Read header and every voxel; a truncated gzip only shows when the data are decompressed."""
+#: the most voxels one image may hold: 512³ (134 M, 1 GiB as float64), 15 times a BraTS volume (240x240x155). A header
+#: that claims more is refused before any voxel is read, so a broken or hostile header cannot exhaust memory.
+MAX_VOXELS = 512**3
+#: voxel sizes (mm) an MRI can have; outside them the header is broken
+VOXEL_MM = (0.01, 20.0)
+#: the widest field of view (mm) along an axis, twice a head's: resampling a wider one to a job's spacing could
+#: exhaust memory where the file itself is small
+MAX_FIELD_MM = 512.0
+#: deflate's largest compression ratio (zlib's technical details: 1032:1): a gzip file can hold no more
+_DEFLATE_RATIO = 1032
+#: what reading a NIfTI file raises on a broken file (nibabel, gzip, numpy); anything else is a bug of ours
+_READ_ERRORS = (
+    OSError, EOFError, zlib.error, ValueError, TypeError, OverflowError, struct.error,
+    nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError,
+)  # fmt: skip
+
+
+class VolumeError(ValueError):
+    """A NIfTI file that cannot be used: the message says what is wrong, its caller names the file."""
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.3g} TiB"
+
+
+def read_header(path: Path) -> nib.Nifti1Image:
+    """The image with its header checked and no voxel read: a real numeric datatype, a 3D shape of at most
+    ``MAX_VOXELS``, sensible voxel sizes and field of view, an invertible affine, finite scaling, and a file large
+    enough for the voxels its header claims. Raises VolumeError saying what is wrong.
+
+    Written by hand because nibabel reads whatever a header claims (a 4000³ header makes it allocate 256 GB) and
+    accepts complex voxels; MONAI's readers call nibabel."""
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
-        return None, None, f"cannot read NIfTI (corrupt or truncated file): {type(err).__name__}: {err}"
-    return data, img.affine, None
+        # the file's own header: the image's copy has its scaling and offset reset, and nibabel quietly reads a
+        # negative or zero voxel size as a positive one and an infinite slope as none
+        with nib.openers.ImageOpener(str(path)) as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+        pixdim = raw["pixdim"][1:4].astype(float)
+        slope, inter = float(raw["scl_slope"]), float(raw["scl_inter"])
+        dtype = img.header.get_data_dtype()
+        shape = tuple(int(v) for v in img.header.get_data_shape())
+        affine = np.asarray(img.affine, dtype=float)
+        offset = int(img.dataobj.offset)
+    except _READ_ERRORS as err:
+        raise VolumeError(f"cannot read NIfTI header (corrupt or truncated file): {type(err).__name__}: {err}") from err
+    if dtype.kind not in "iuf" or dtype.itemsize > 8:
+        raise VolumeError(f"voxel datatype {dtype} is not a real number type (integers or float32/float64)")
+    if len(shape) != 3:
+        raise VolumeError(f"expected a 3D volume, got shape {shape}")
+    voxels = int(np.prod(shape, dtype=object))
+    if min(shape) < 1 or voxels > MAX_VOXELS:
+        raise VolumeError(f"shape {shape}: {voxels:,} voxels, outside 1 to {MAX_VOXELS:,} (512³)")
+    # NaN or 0 slope: no scaling (NIfTI's rule; nibabel writes NaN); nibabel refuses a slope without a finite intercept
+    if np.isinf(slope) or np.isinf(inter):
+        raise VolumeError(f"intensity scaling scl_slope={slope:g}, scl_inter={inter:g} is not finite")
+    if not (np.isfinite(pixdim) & (pixdim > 0)).all():
+        raise VolumeError(f"voxel sizes pixdim[1:4] {pixdim.tolist()} are not positive numbers")
+    if not np.isfinite(affine).all():
+        raise VolumeError("affine holds NaN or Inf")
+    if abs(np.linalg.det(affine[:3, :3])) < VOXEL_MM[0] ** 3:
+        raise VolumeError(f"affine is not invertible (its voxel axes are degenerate): {affine[:3].tolist()}")
+    sizes = nib.affines.voxel_sizes(affine)
+    if not ((sizes >= VOXEL_MM[0]) & (sizes <= VOXEL_MM[1])).all():
+        shown = "x".join(f"{v:g}" for v in sizes)
+        raise VolumeError(f"voxel size {shown} mm outside {VOXEL_MM[0]:g} to {VOXEL_MM[1]:g} mm")
+    field = np.asarray(shape) * sizes
+    if (field > MAX_FIELD_MM).any():
+        shown = "x".join(f"{v:.0f}" for v in field)
+        raise VolumeError(f"field of view {shown} mm, wider than {MAX_FIELD_MM:.0f} mm along an axis")
+    needed = offset + voxels * dtype.itemsize
+    stored = Path(path).stat().st_size
+    if offset < 0 or (stored * _DEFLATE_RATIO if str(path).endswith(".gz") else stored) < needed:
+        what = f"{'x'.join(map(str, shape))} voxels of {dtype} ({_size(voxels * dtype.itemsize)}) after {offset} bytes"
+        raise VolumeError(f"truncated or wrong header: it claims {what}, more than the {_size(stored)} file holds")
+    return img
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (scaled, as every reader scales them) and affine of a NIfTI file whose header passes ``read_header``;
+    the voxels must be finite and within float32's range, in which training computes. Raises VolumeError."""
+    img = read_header(path)
+    try:
+        data = np.asarray(img.dataobj)  # a truncated gzip only shows when the data are decompressed
+    except _READ_ERRORS as err:
+        raise VolumeError(f"cannot read NIfTI (corrupt or truncated file): {type(err).__name__}: {err}") from err
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise VolumeError(f"{int((~finite).sum())} non-finite voxels (NaN or Inf)")
+    largest = float(np.abs(data).max())
+    if largest > float(np.finfo(np.float32).max):
+        raise VolumeError(f"voxel values up to {largest:.3g}, beyond float32, in which training computes")
+    return data, img.affine
 
 
 def grid(affine: np.ndarray) -> tuple[tuple[float, float, float], tuple[str, str, str]]:
@@ -62,7 +153,10 @@ def describe_grid(case: Case) -> str:
     path = next((case.files[m] for m in MODALITIES if case.files.get(m)), None)
     if path is None:
         return "no image"
-    img = nib.load(str(path))
+    try:
+        img = read_header(path)
+    except VolumeError:
+        return "header refused (see the problems below)"
     size, axes = grid(img.affine)
     return f"{'x'.join(map(str, img.shape))} voxels of {'x'.join(f'{v:.2f}' for v in size)} mm, {''.join(axes)}"
 
@@ -92,12 +186,10 @@ def check_case(case: Case, with_label: bool = True, grid_required: bool = True) 
         if path is None:
             problems.append(Problem(case.expected_path(kind), f"missing {kind} file"))
             continue
-        data, affine, error = _load(path)
-        if error is not None:
-            problems.append(Problem(path, error))
-            continue
-        if data.ndim != 3:
-            problems.append(Problem(path, f"expected a 3D volume, got shape {data.shape}"))
+        try:
+            data, affine = read_volume(path)
+        except VolumeError as err:
+            problems.append(Problem(path, str(err)))
             continue
         if reference is None:
             reference = (kind, path, data.shape, affine)
@@ -115,10 +207,6 @@ def check_case(case: Case, with_label: bool = True, grid_required: bool = True) 
             continue
         elif not np.allclose(affine, reference[3], atol=1e-3):
             problems.append(Problem(path, f"affine differs from {reference[0]} ({reference[1].name})"))
-        finite = np.isfinite(data)
-        if not finite.all():
-            problems.append(Problem(path, f"{int((~finite).sum())} non-finite voxels (NaN or Inf)"))
-            continue
         if kind == SEG:
             problem = _label_problem(case, path, data)
             if problem:

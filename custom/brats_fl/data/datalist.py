@@ -8,15 +8,18 @@ before releases were told apart) takes the release its label file's name gives.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from brats_fl.data.checks import DataError, Problem, require_valid
+from brats_fl.data.jsonfile import kind, read_json, shown
 from brats_fl.data.labels import REGIONS, annotation_mask
 from brats_fl.data.layout import MODALITIES, SEG, Case, match_file, release
 
 SPLITS = ("training", "validation", "test")
+#: what every case of a datalist names; ``annotated`` and ``release`` are optional
+_ENTRY_KEYS = ("case_id", "image", "label")
 
 
 @dataclass
@@ -55,64 +58,107 @@ class Datalist:
         return out
 
 
-def _inside(root: Path, rel: str, datalist: Path) -> Path:
-    path = (root / rel).resolve()
+def _inside(root: Path, rel: object) -> Path:
+    """The absolute path of a datalist entry, which must lie inside ``root`` once ``..`` and symbolic links are
+    followed: a datalist names files of the site's data, nothing else on the machine."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"path {shown(rel)} is not a non-empty string")
+    if "\0" in rel:
+        raise ValueError(f"path {shown(rel)} holds a NUL character")
+    try:
+        path = (root / rel).resolve()
+        path.is_file()  # a name too long for the file system fails here, not later in the checks
+    except (OSError, RuntimeError) as err:  # RuntimeError: a loop of symbolic links (Python 3.11)
+        raise ValueError(f"path {shown(rel)} cannot be resolved: {err}") from err
     if not path.is_relative_to(root):
-        raise DataError([Problem(datalist, f"entry {rel!r} points outside the data root {root}")])
+        how = " through a symbolic link" if Path(os.path.normpath(root / rel)).is_relative_to(root) else ""
+        raise ValueError(f"entry {shown(rel)} resolves{how} to {path}, outside the data root {root}")
     return path
 
 
-def _annotated(entry: dict, datalist: Path) -> list[str]:
+def _annotated(entry: dict) -> list[str]:
     """The regions an entry's label file annotates; all of them unless the datalist says otherwise."""
     regions = entry.get("annotated", list(REGIONS))
-    try:
-        annotation_mask(regions)
-    except ValueError as err:
-        raise DataError([Problem(datalist, f"case {entry.get('case_id')!r}: {err}")]) from err
+    if not isinstance(regions, list) or not all(isinstance(r, str) for r in regions):
+        raise ValueError(f"annotated must be a list of region names from {list(REGIONS)}, got {shown(regions)}")
+    annotation_mask(regions)
     return [r for r in REGIONS if r in regions]
 
 
-def _release(entry: dict, label: Path, datalist: Path) -> str:
+def _release(entry: dict, label: Path) -> str:
     name = entry.get("release")
     if name is None:
         found = match_file(label)
         return found[0].name if found else "other"
-    try:
-        return release(name).name
-    except ValueError as err:
-        raise DataError([Problem(datalist, f"case {entry.get('case_id')!r}: {err}")]) from err
+    if not isinstance(name, str):
+        raise ValueError(f"release must be a string, got {kind(name)}")
+    return release(name).name
+
+
+def _entry(entry: object, root: Path) -> dict:
+    """One case of a split, its paths absolute and checked; raises ValueError saying what is wrong."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"expected a case (an object with {list(_ENTRY_KEYS)}), got {kind(entry)}")
+    missing = [k for k in _ENTRY_KEYS if k not in entry]
+    if missing:
+        raise ValueError(f"missing key(s) {missing}")
+    case_id, image = entry["case_id"], entry["image"]
+    if not isinstance(case_id, str) or not case_id:
+        raise ValueError(f"case_id must be a non-empty string, got {shown(case_id)}")
+    if not isinstance(image, list) or len(image) != len(MODALITIES):
+        names = ", ".join(MODALITIES)
+        raise ValueError(f"image must be a list of {len(MODALITIES)} paths ({names}), got {shown(image)}")
+    return {
+        "case_id": case_id,
+        "image": [_inside(root, rel) for rel in image],
+        "label": _inside(root, entry["label"]),
+        "annotated": _annotated(entry),
+        "release": _release(entry, root / entry["label"]),
+    }
+
+
+def _split(value: object, split: str, root: Path, path: Path, problems: list[Problem]) -> list[dict]:
+    """The cases of one split; each bad one is a problem (naming the split, its index and its case) in ``problems``."""
+    if not isinstance(value, list):
+        problems.append(Problem(path, f"{split}: expected a list of cases, got {kind(value)}"))
+        return []
+    cases = []
+    for i, entry in enumerate(value):
+        try:
+            cases.append(_entry(entry, root))
+        except ValueError as err:
+            case = f" (case {shown(entry['case_id'])})" if isinstance(entry, dict) and "case_id" in entry else ""
+            problems.append(Problem(path, f"{split}[{i}]{case}: {err}"))
+    return cases
 
 
 def load_datalist(path: Path, root: Path, check: bool = True, grid_required: bool = True) -> Datalist:
     """Load ``path`` with entries relative to ``root``; with ``check`` run the data checks and raise on problems
-    (``grid_required``: a case off the BraTS grid is one, unless the caller resamples)."""
+    (``grid_required``: a case off the BraTS grid is one, unless the caller resamples). A datalist of the wrong
+    shape (types, missing keys, paths outside ``root``) raises DataError naming it and every bad entry."""
     path, root = Path(path), Path(root).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: datalist does not exist")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data root does not exist")
     try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError([Problem(path, f"not valid JSON: {err}")]) from err
+        doc = read_json(path)
+    except ValueError as err:
+        raise DataError([Problem(path, str(err))]) from err
+    if not isinstance(doc, dict):
+        raise DataError([Problem(path, f"expected an object with {list(SPLITS)}, got {kind(doc)}")])
     missing = [s for s in SPLITS if s not in doc]
     if missing:
         raise DataError([Problem(path, f"missing split(s) {missing}; expected {list(SPLITS)}")])
-    splits = {
-        s: [
-            {
-                "case_id": e["case_id"],
-                "image": [_inside(root, rel, path) for rel in e["image"]],
-                "label": _inside(root, e["label"], path),
-                "annotated": _annotated(e, path),
-                "release": _release(e, root / e["label"], path),
-            }
-            for e in doc[s]
-        ]
-        for s in SPLITS
-    }
+    problems: list[Problem] = []
+    splits = {s: _split(doc[s], s, root, path, problems) for s in SPLITS}
+    site = doc.get("site", path.stem)
+    if not isinstance(site, str):
+        problems.append(Problem(path, f"site must be a string, got {kind(site)}"))
+    if problems:
+        raise DataError(problems)
     meta = {k: v for k, v in doc.items() if k not in SPLITS}
-    datalist = Datalist(site=doc.get("site", path.stem), root=root, path=path, splits=splits, meta=meta)
+    datalist = Datalist(site=site, root=root, path=path, splits=splits, meta=meta)
     if not splits["training"]:
         raise DataError([Problem(path, "no training case")])
     if check:

@@ -22,7 +22,7 @@ from brats_fl.data.labels import DISPLAY_ORDER
 from brats_fl.seg.inference import SITE_MODEL
 from brats_fl.seg.model import state_bytes
 from brats_fl.server.personalise import RESULTS_FILE
-from brats_fl.server.run_record import RUN_RECORD
+from brats_fl.server.run_record import RUN_RECORD, run_completion
 from brats_fl.server.sequential import VISITS_FILE
 
 _COLUMNS = [
@@ -65,10 +65,18 @@ def format_table(rows: Sequence[tuple[str, dict]], extra: Sequence[str] = ("val_
 FINAL_GLOBAL = "SRV_FL_global_model.pt"
 
 
+class IncompleteRunError(ValueError):
+    """A run that aborted, failed or was stopped, where a results table must not show it as a result."""
+
+
 def find_server_run(folder: Path) -> Path:
     """The server's run folder of a finished job inside ``folder`` (simulator workspace or downloaded result)."""
     found = sorted(Path(folder).resolve().rglob(RESULTS_FILE.as_posix()))
     if not found:
+        for record in sorted(Path(folder).resolve().rglob(RUN_RECORD)):
+            complete, reason = run_completion(_read_json(record))
+            if not complete:
+                raise IncompleteRunError(f"{folder}: the run did not complete ({reason}); it left no test scores")
         raise FileNotFoundError(f"{folder}: no finished FLARE job (no {RESULTS_FILE})")
     if len(found) > 1:
         names = [str(f.parents[1]) for f in found]
@@ -121,9 +129,12 @@ def summarise_run(folder: Path) -> dict:
     sites = sorted(personalised)
     site_records = {s: r for s in sites if (r := _site_record(run, s))}
     job = json.loads((run / "meta.json").read_text())["name"]
+    complete, reason = run_completion(record)
     return {
         "run": str(run),
         "job": job,
+        "complete": complete,
+        "incomplete_reason": reason,
         "test": _pooled(personalised),
         "test_per_site": dict(sorted(personalised.items())),
         "global_test": _pooled(global_per_site) if global_per_site else None,
@@ -141,6 +152,20 @@ def summarise_run(folder: Path) -> dict:
         "client_args": vars(args) if args else None,
         "site_records": site_records,
     }
+
+
+def refuse_incomplete(folder: Path, summary: dict, include_incomplete: bool) -> None:
+    """Raise IncompleteRunError for a run that did not complete, unless the caller asked to include it (it is then
+    marked incomplete wherever it is shown)."""
+    if not summary["complete"] and not include_incomplete:
+        raise IncompleteRunError(
+            f"{folder}: the run did not complete ({summary['incomplete_reason']}); a results table leaves it out "
+            "unless --include-incomplete is given"
+        )
+
+
+#: how a table marks a run that did not complete
+INCOMPLETE = " (incomplete)"
 
 
 def training_traffic(run: Path, curves: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, int]]:
@@ -384,8 +409,10 @@ def write_report(
     data_root: Path | None = None,
     datalist: Path | None = None,
     threads: int | None = None,
+    include_incomplete: bool = False,
 ) -> Path:
-    """results.md, results.csv, the figures and one self-contained index.html for finished runs.
+    """results.md, results.csv, the figures and one self-contained index.html for finished runs; a run that did not
+    complete is refused (IncompleteRunError) unless ``include_incomplete``, and then marked so.
 
     Overlays need the test cases' images: a run folder that holds the sites' workspaces (the simulator's,
     a POC's) names them; for results downloaded from the server alone give ``data_root`` and ``datalist``.
@@ -396,11 +423,14 @@ def write_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = [summarise_run(f) for f in folders]
+    for folder, summary in zip(folders, summaries, strict=True):
+        refuse_incomplete(folder, summary, include_incomplete)
     for summary in summaries:
         if summary["partition"] is None and datalist is not None:
             first = datalist if Path(datalist).is_file() else next(iter(sorted(Path(datalist).glob("*.json"))), None)
             summary["partition"] = partition_name(_read_json(first)) if first else None
-    labels = _labels(summaries, folders)
+    labels = [label + ("" if s["complete"] else INCOMPLETE) for label, s in zip(_labels(summaries, folders), summaries,
+                                                                                   strict=True)]  # fmt: skip
     rows = [report_row(label, s) for label, s in zip(labels, summaries, strict=True)]
     with (out / "results.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=REPORT_COLUMNS)
@@ -479,6 +509,7 @@ def _run_facts(summary: dict) -> dict:
         or "not recorded",
         "code sha256": record.get("code_sha256") or "not recorded",
         "wall time (s)": format_value("wall_time_s", summary["wall_time"]) or "not recorded",
+        "complete": "yes" if summary["complete"] else f"no: {summary['incomplete_reason']}",
     }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 
 from brats_fl.version import mismatch, running
@@ -71,9 +72,27 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+#: why a run record written at the start of a run says the run is incomplete, until its end rewrites it
+NOT_ENDED = "the run has not ended: it is still running, or its server stopped before it could record the end"
+
+
+def run_completion(record: dict | None) -> tuple[bool, str | None]:
+    """Whether a run completed, and if not why, from its run record. A run of an older brats-fl, whose record
+    cannot tell an aborted run from a complete one (or which wrote none), counts as complete where it has results."""
+    if record is None:
+        return True, None
+    if "complete" in record:
+        return bool(record["complete"]), record.get("incomplete_reason")
+    return (True, None) if record.get("finished") else (False, NOT_ENDED)
+
+
 class RunRecord(FLComponent):
     """Writes ``<server run dir>/brats_fl_run.json`` at the end of the run (and a first one at its start,
-    so a run that dies still says what it was)."""
+    so a run that dies still says what it was).
+
+    ``complete`` is true only for a run that ended with no fatal error and no abort: FLARE ends an aborted run (a
+    site failing, a controller's ``system_panic``, an admin's ``abort_job``) with the same END_RUN event as a run
+    that completed, so the record watches the run's abort signal and its fatal errors, and gives their reasons."""
 
     def __init__(self, expects: dict[str, str]):
         super().__init__()
@@ -81,9 +100,12 @@ class RunRecord(FLComponent):
         self.expects = expects
         self._start = 0.0
         self._started_at = ""
+        self._abort_signal = None
+        self._failures: list[str] = []
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
+            self._abort_signal = fl_ctx.get_run_abort_signal()
             problem = mismatch(self.expects, where=f"the server ({fl_ctx.get_identity_name()})")
             if problem:
                 self.log_error(fl_ctx, problem)
@@ -91,9 +113,20 @@ class RunRecord(FLComponent):
             self._start = time.perf_counter()
             self._started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self._write(fl_ctx, finished=False)
+        elif event_type == EventType.FATAL_SYSTEM_ERROR:
+            self._failures.append(str(fl_ctx.get_prop(FLContextKey.EVENT_DATA, "") or "a fatal error"))
         elif event_type == EventType.END_RUN:
             path = self._write(fl_ctx, finished=True)
             self.log_info(fl_ctx, f"run record written to {path}")
+
+    def _incomplete_reason(self, finished: bool) -> str | None:
+        if not finished:
+            return NOT_ENDED
+        if self._failures:
+            return "; ".join(dict.fromkeys(self._failures))
+        if self._abort_signal is not None and self._abort_signal.triggered:
+            return "the run was aborted (an admin's abort_job, or FLARE stopping it)"
+        return None
 
     def _write(self, fl_ctx: FLContext, finished: bool) -> Path:
         workspace = fl_ctx.get_engine().get_workspace()
@@ -101,6 +134,7 @@ class RunRecord(FLComponent):
         run_dir = Path(workspace.get_run_dir(job_id))
         config_dir = Path(workspace.get_app_config_dir(job_id))
         meta = _read_json(Path(workspace.get_job_meta_path(job_id))) or {}
+        reason = self._incomplete_reason(finished)
         record = {
             "job": meta.get("name"),
             "job_id": job_id,
@@ -108,6 +142,8 @@ class RunRecord(FLComponent):
             "finished": finished,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds") if finished else None,
             "wall_time": time.perf_counter() - self._start if finished else None,
+            "complete": reason is None,
+            "incomplete_reason": reason,
             "server_config": _read_json(config_dir / "config_fed_server.json"),
             "client_config": _read_json(config_dir / "config_fed_client.json"),
             "versions": package_versions(),

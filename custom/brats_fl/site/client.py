@@ -364,26 +364,46 @@ class Site:
         return flare.FLModel(metrics=metrics)
 
 
+#: what a site leaves when its part of the run ends: complete or not, why not, and how long it took
+DONE_FILE = "done.json"
+
+
+def _ended(run_dir: Path, start: float, reason: str | None) -> None:
+    """Write ``done.json``: complete only where the site reached its final scoring (the personalise task, which every
+    job sends last in training) and the run then ended without error; else the reason, so that no site of an aborted
+    or failed run leaves a record that reads like success."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"complete": reason is None, "incomplete_reason": reason, "wall_time": time.perf_counter() - start}
+    (run_dir / DONE_FILE).write_text(json.dumps(record))
+
+
 def main() -> None:
     args = site_args(DataBus().get_data(CONFIG_KEY))
     flare.init()
-    site = Site(args, flare.get_site_name(), Path.cwd(), flare.get_job_id())
+    run_dir = Site._run_dir(Path.cwd(), flare.get_job_id())
     start = time.perf_counter()
-    while flare.is_running():
-        model = flare.receive()
-        if model is None:
-            break
-        if flare.is_train():
-            flare.send(site.train_round(model))
-        elif flare.get_task_name() == PERSONALISE_TASK:
-            flare.send(site.personalise(model))
-        elif flare.get_task_name() == PASS_VALIDATION_TASK:
-            flare.send(site.validate_pass(model))
-        elif flare.is_evaluate():
-            flare.send(flare.FLModel(metrics=site.evaluate(model, site.test)))
-        elif flare.is_submit_model():
-            flare.send(flare.FLModel(params=site.shared_state(site.eval_personal)))
-    (site.run_dir / "done.json").write_text(json.dumps({"wall_time": time.perf_counter() - start}))
+    personalised = False
+    try:
+        site = Site(args, flare.get_site_name(), Path.cwd(), flare.get_job_id())
+        while flare.is_running():
+            model = flare.receive()
+            if model is None:
+                break
+            if flare.is_train():
+                flare.send(site.train_round(model))
+            elif flare.get_task_name() == PERSONALISE_TASK:
+                flare.send(site.personalise(model))
+                personalised = True
+            elif flare.get_task_name() == PASS_VALIDATION_TASK:
+                flare.send(site.validate_pass(model))
+            elif flare.is_evaluate():
+                flare.send(flare.FLModel(metrics=site.evaluate(model, site.test)))
+            elif flare.is_submit_model():
+                flare.send(flare.FLModel(params=site.shared_state(site.eval_personal)))
+    except BaseException as err:  # recorded, then raised as it was: FLARE reports it
+        _ended(run_dir, start, f"{type(err).__name__}: {err}")
+        raise
+    _ended(run_dir, start, None if personalised else "the job stopped before this site's final scoring (personalise)")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ sets ``BRATS_FL_THREADS`` to the machine's cores divided by the number of sites,
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from brats_fl.data.jsonfile import kind, read_json, shown
 
 ENV_VAR = "BRATS_FL_SITE_CONFIG"
 THREADS_VAR = "BRATS_FL_THREADS"
@@ -80,37 +81,87 @@ def find_config(workspace: Path | None = None) -> Path:
     raise FileNotFoundError(f"no site data configuration found; searched {searched} (set ${ENV_VAR})")
 
 
-def resolve(site: str, datalist_name: str | None = None, workspace: Path | None = None) -> SiteData:
-    """Resolve ``site``'s data root and datalist; raises a clear error for a bad or incomplete file."""
-    path = find_config(workspace)
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: site configuration is not valid JSON: {err}") from err
+class SiteConfigError(ValueError):
+    """A site configuration file that cannot be used; the message names the file and what is wrong."""
+
+
+def _values(path: Path, doc: object, site: str) -> dict:
+    """The settings of ``site`` (defaults, then its own), each of the right type; raises SiteConfigError."""
+    if not isinstance(doc, dict):
+        raise SiteConfigError(f"{path}: expected an object of settings, got {kind(doc)}")
     unknown = sorted(set(doc) - _KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(_KEYS)}")
-    values = {k: v for k, v in doc.items() if k != "sites"} | doc.get("sites", {}).get(site, {})
+        raise SiteConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(_KEYS)}")
+    sites = doc.get("sites", {})
+    if not isinstance(sites, dict) or not all(isinstance(v, dict) for v in sites.values()):
+        raise SiteConfigError(f"{path}: sites must be an object of per-site objects, got {shown(sites)}")
+    own = sites.get(site, {})
+    unknown = sorted(set(own) - (_KEYS - {"sites"}))
+    if unknown:
+        raise SiteConfigError(f"{path}: unknown key(s) {unknown} for {site}; known: {sorted(_KEYS - {'sites'})}")
+    values = {k: v for k, v in doc.items() if k != "sites"} | own
+    for key, value in values.items():
+        if key == "threads":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SiteConfigError(f"{path}: threads must be a whole number >= 1, got {shown(value)}")
+        elif not isinstance(value, str) or not value or "\0" in value:
+            raise SiteConfigError(f"{path}: {key} must be a path (a non-empty string), got {shown(value)}")
+    return values
+
+
+def _threads(values: dict) -> int | None:
+    """``BRATS_FL_THREADS`` where set, else the configuration's ``threads``."""
+    text = os.environ.get(THREADS_VAR)
+    if not text:
+        return values.get("threads")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"${THREADS_VAR}={text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and Path(name).name == name and name not in ("", "..") and "\0" not in name
+
+
+def resolve(site: str, datalist_name: str | None = None, workspace: Path | None = None) -> SiteData:
+    """Resolve ``site``'s data root and datalist; raises SiteConfigError naming the file for a bad or incomplete one
+    (FileNotFoundError for a data root or datalist that does not exist)."""
+    path = find_config(workspace)
+    if datalist_name is not None and not _plain_name(datalist_name):
+        # the name comes from the job, which travels to every site: it names a datalist, never a path elsewhere
+        raise ValueError(f"the job's datalist {shown(datalist_name)} is not a plain datalist name (such as site-All)")
+    try:
+        doc = read_json(path)
+    except ValueError as err:
+        raise SiteConfigError(f"{path}: site configuration {err}") from err
+    values = _values(path, doc, site)
     if "data_root" not in values:
-        raise ValueError(f"{path}: no data_root for {site}")
+        raise SiteConfigError(f"{path}: no data_root for {site}")
     base = path.parent
 
-    def rel(value: str) -> Path:
-        return (base / value).resolve()
+    def rel(key: str) -> Path:
+        try:
+            found = (base / values[key]).resolve()
+            found.exists()  # a name too long for the file system fails here
+        except (OSError, RuntimeError) as err:  # RuntimeError: a loop of symbolic links (Python 3.11)
+            raise SiteConfigError(f"{path}: {key} {shown(values[key])} cannot be resolved: {err}") from err
+        return found
 
+    data_root = rel("data_root")
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"{path}: data_root {data_root} of {site} is not a folder")
     if "datalist" in values:
-        datalist = rel(values["datalist"])
+        datalist = rel("datalist")
     elif "datalist_dir" in values:
-        datalist = rel(values["datalist_dir"]) / f"{datalist_name or site}.json"
+        datalist = rel("datalist_dir") / f"{datalist_name or site}.json"
         if not datalist.is_file():
             known = sorted(f.stem for f in datalist.parent.glob("*.json"))
             name = datalist_name or site
             raise FileNotFoundError(f"{path}: no datalist for {name} in {datalist.parent}; it holds {known}")
     else:
-        raise ValueError(f"{path}: neither datalist nor datalist_dir for {site}")
-    threads = int(os.environ.get(THREADS_VAR) or 0) or values.get("threads")
+        raise SiteConfigError(f"{path}: neither datalist nor datalist_dir for {site}")
+    threads = _threads(values)
     workspace = Path(workspace or Path.cwd())
-    state_dir = rel(values["state_dir"]) / site if "state_dir" in values else workspace / "brats_fl_state"
-    data_root = rel(values["data_root"])
-    cache_dir = rel(values["cache_dir"]) if "cache_dir" in values else None
+    state_dir = rel("state_dir") / site if "state_dir" in values else workspace / "brats_fl_state"
+    cache_dir = rel("cache_dir") if "cache_dir" in values else None
     return SiteData(site, data_root, datalist, threads=threads, state_dir=state_dir, source=path, cache_dir=cache_dir)
