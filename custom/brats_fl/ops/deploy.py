@@ -170,16 +170,26 @@ def _descendants(pids: list[int]) -> list[psutil.Process]:
 
 
 def kill_processes(pids: list[int], timeout: float = 30, hard: bool = False) -> None:
-    """Stop ``pids`` and their descendants: SIGTERM (SIGKILL if ``hard``), then SIGKILL after ``timeout``."""
+    """Stop ``pids`` and their descendants: SIGTERM (SIGKILL if ``hard``), then SIGKILL after ``timeout``.
+
+    A process stopped by SIGSTOP (a hung site, :meth:`System.hang`) is continued after the signal, which it
+    would otherwise handle only when continued."""
     procs = _descendants(pids)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
+            proc.resume()
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=10)
+
+
+def _cmdline_has(proc: psutil.Process, text: str) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(text in part for part in proc.cmdline())
+    return False
 
 
 @dataclass
@@ -286,6 +296,29 @@ class System:
     def kill(self, name: str) -> None:
         """Kill a participant at once (SIGKILL, with its job processes): a site that dies."""
         kill_processes([self.processes.pop(name).pid], hard=True)
+
+    def job_processes(self, name: str, job_id: str) -> list[psutil.Process]:
+        """The processes participant ``name`` runs job ``job_id`` in: FLARE starts one job process per job below
+        the participant's process (``worker_process`` at a site), which fetches the job's tasks and runs them."""
+        procs = _descendants([self.processes[name].pid])
+        jobs = [p for p in procs if _cmdline_has(p, job_id)]
+        return _descendants([p.pid for p in jobs])
+
+    def hang(self, name: str, job_id: str) -> list[psutil.Process]:
+        """Stop participant ``name``'s job processes of ``job_id`` with SIGSTOP: a hung site. Its own process keeps
+        its connection and its heartbeat, so the server never deems it dead; :meth:`unhang` continues them."""
+        procs = self.job_processes(name, job_id)
+        if not procs:
+            raise RuntimeError(f"{name} runs no process of job {job_id}\n{self.logs()}")
+        for proc in procs:
+            proc.suspend()
+        return procs
+
+    def unhang(self, procs: list[psutil.Process]) -> None:
+        """Continue processes that :meth:`hang` stopped (SIGCONT), those still there."""
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()
 
     def stop(self, timeout: float = 30) -> None:
         """Stop every process this object started, and the job processes below them."""
