@@ -96,13 +96,23 @@ def _run(command: list[str], env: dict[str, str] | None = None, timeout: float =
 
 def provision(project_file: Path, workspace: Path) -> Path:
     """``nvflare provision -p project_file -w workspace``, with the server's kit allowing brats-fl's classes (each
-    site allows them when it installs its data configuration); returns the folder of the new startup kits."""
+    site allows them when it installs its data configuration) and keeping its jobs in its own folder; returns the
+    folder of the new startup kits.
+
+    FLARE's provisioned server keeps every job it is sent in ``/tmp/nvflare/jobs-storage``, shared by every server
+    provisioned on the machine: each lists the others' jobs, and may schedule a job submitted to another. The kit's
+    ``local/resources.json`` moves that store, and the snapshots, into ``<server kit>/jobs-storage`` and
+    ``snapshot-storage``, with FLARE's own helper, the one its POC uses."""
+    from nvflare.lighter.utils import update_storage_locations
+
     doc = yaml.safe_load(Path(project_file).read_text())
     _run(["nvflare", "provision", "-p", str(project_file), "-w", str(workspace)])
     kits = latest_kits(Path(workspace) / doc["name"])
     for participant in doc["participants"]:
         if participant["type"] == "server":
-            install_policy(kits / participant["name"])
+            kit = (kits / participant["name"]).resolve()
+            update_storage_locations(local_dir=str(kit / "local"), workspace=str(kit))
+            install_policy(kit)
     return kits
 
 
