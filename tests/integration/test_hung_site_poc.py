@@ -22,11 +22,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 from brats_fl.data.layout import find_cases
 from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.export import export_jobs
 from brats_fl.ops import deploy
+from brats_fl.seg.model import fingerprint
 from brats_fl.server.screening import RECORD_FILE
 from brats_fl.server.sequential import VISITS_FILE
 from conftest import tiny_params
@@ -136,8 +138,10 @@ def test_the_cyclic_job_skips_the_hung_site_after_its_pick_up_timeout(poc: deplo
     visits = {v["site"]: v for v in only_pass["visits"]}
     assert [visits[s]["status"] for s in SITES] == ["trained", "trained", "skipped"]
     assert visits[HUNG]["reason"] == f"did not pick up the model within {PICK_UP} s"
-    # the model went on unchanged: the final model is what site-2 returned
+    # the model went on unchanged: site-3 was offered what site-2 returned, and that is the final model
     assert visits[HUNG]["received"] == visits["site-2"]["returned"]
+    final = folder / "workspace" / "app_server" / "FL_global_model.pt"
+    assert fingerprint(torch.load(final, map_location="cpu", weights_only=False)["model"]) == visits[HUNG]["received"]
     print(f"cyclic: site-3's visit skipped after {visits[HUNG]['seconds']} s (pick-up timeout {PICK_UP} s)")
     assert PICK_UP <= visits[HUNG]["seconds"] <= PICK_UP + SLACK
 
