@@ -1,18 +1,23 @@
 """Real FLARE deployments on loopback: a provisioned project with mTLS, and a POC (no mocks).
 
 Every test starts the server and the sites as separate processes from their startup kits, talks to the
-server through an admin startup kit (FLARE's session API) and stops every process it started, by process
-id, in ``finally`` (``System.__exit__``), whatever happens.
+server through an admin startup kit (FLARE's session API, or FLARE's interactive admin console through a
+pseudo-terminal, as an administrator types it) and stops every process it started, by process id, in
+``finally`` (``System.__exit__``), whatever happens. The provisioned project of the first two tests is
+started once for both (``deployment``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pexpect
 import pytest
 import torch
 from brats_fl.data.layout import find_cases
@@ -63,6 +68,20 @@ def bundled(job: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def env(tmp_path: Path) -> dict[str, str]:
     """A private HOME, so that FLARE's startup-kit registry (~/.nvflare) of this machine is left alone."""
     return dict(os.environ) | {"HOME": str(tmp_path / "home")}
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    tiny_phantom: Path, lists: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[deploy.System, Path]]:
+    """A provisioned project (mTLS) of a server and two sites with their data, started for the module's tests."""
+    root = tmp_path_factory.mktemp("deployment")
+    kits = _project(root, "brats_hospitals", SITES)
+    for site in SITES:
+        deploy.install_site_config(kits / site, tiny_phantom, lists, threads=1)
+    with deploy.System(kits, "localhost", ADMIN, env=dict(os.environ) | {"HOME": str(root / "home")}) as system:
+        system.start_all(SITES, timeout=240)
+        yield system, kits
 
 
 def _project(tmp_path: Path, name: str, sites: list[str], admins: dict[str, str] | None = None, port: int = 0) -> Path:
@@ -116,20 +135,99 @@ def _check_resumed(kits: Path, job_id: str, checkpoint: Path, before: str, rnd: 
 
 
 @pytest.mark.slow
-def test_provisioned_project_runs_a_job_submitted_with_the_admin_kit(tiny_phantom, lists, job, tmp_path, env):
-    kits = _project(tmp_path, "brats_hospitals", SITES)
-    for site in SITES:
-        deploy.install_site_config(kits / site, tiny_phantom, lists, threads=1)
+def test_provisioned_project_runs_a_job_submitted_with_the_admin_kit(deployment, job, tmp_path):
+    system, kits = deployment
     assert (
         json.loads((kits / "localhost" / "startup" / "fed_server.json").read_text())["servers"][0][
             "connection_security"
         ]
         == "mtls"
     )
-    with deploy.System(kits, "localhost", ADMIN, env=env) as system:
-        system.start_all(SITES, timeout=240)
-        result = system.run_job(job, tmp_path / "results", timeout=900)
+    result = system.run_job(job, tmp_path / "results", timeout=900)
     _check_result(result, kits)
+
+
+class Console:
+    """FLARE's interactive admin console (the admin kit's ``startup/fl_admin.sh``) in a pseudo-terminal, typed to
+    as an administrator types: a line, then the console's answer up to its next prompt. ``transcript`` is the
+    session as it appeared on the terminal."""
+
+    PROMPT = "\n> "
+
+    def __init__(self, kit: Path, env: dict[str, str]):
+        self.child = pexpect.spawn(
+            "bash", [str(kit / "startup" / "fl_admin.sh")], cwd=str(kit), env=env, encoding="utf-8", timeout=120
+        )
+        self.transcript = ""
+
+    def _read(self, pattern: str) -> str:
+        self.child.expect_exact(pattern)
+        seen = self.child.before + self.child.after
+        self.transcript += seen
+        return seen
+
+    def login(self, user: str) -> str:
+        self._read("User Name: ")
+        self.child.sendline(user)
+        return self._read(self.PROMPT)
+
+    def type(self, line: str, confirm: str | None = None) -> str:
+        """Type ``line``; answer the console's confirmation question with ``confirm``; returns the answer."""
+        self.child.sendline(line)
+        if confirm is not None:
+            self._read("(y/N): ")
+            self.child.sendline(confirm)
+        return self._read(self.PROMPT)
+
+    def status(self, job_id: str) -> str:
+        """The status ``list_jobs`` shows for ``job_id``."""
+        found = re.search(rf"\|\s*{job_id}\s*\|[^|]*\|\s*(\S+)\s*\|", self.type("list_jobs"))
+        assert found, self.transcript[-2000:]
+        return found.group(1)
+
+    def wait_for(self, job_id: str, status: str, timeout: float = 600) -> str:
+        """Follow ``job_id`` with ``list_jobs`` until it shows ``status`` or has finished; returns what it shows."""
+        deadline = time.monotonic() + timeout
+        while (shown := self.status(job_id)) != status and not shown.startswith("FINISHED"):
+            assert time.monotonic() < deadline, f"{job_id} still {shown} after {timeout:.0f} s"
+            time.sleep(5)
+        return shown
+
+    def close(self) -> None:
+        self.child.sendline("bye")
+        self.child.expect(pexpect.EOF)
+        self.transcript += self.child.before
+        self.child.close()
+
+
+@pytest.mark.slow
+def test_the_admin_console_submits_follows_downloads_and_aborts_jobs(deployment, job, tmp_path):
+    """An administrator's session: log in, submit a job folder (from the kit's transfer/ folder, FLARE's upload
+    folder), submit it again, abort the second, follow both with list_jobs, download the first's result."""
+    system, kits = deployment
+    kit = kits / ADMIN
+    shutil.copytree(job, kit / "transfer" / job.name)
+    started = time.monotonic()
+    console = Console(kit, system.env)
+    try:
+        console.login(ADMIN)
+        first = re.search(r"Submitted job: (\S+)", console.type(f"submit_job {job.name}")).group(1)
+        second = re.search(r"Submitted job: (\S+)", console.type(f"submit_job {job.name}")).group(1)
+        assert console.wait_for(second, "RUNNING") == "RUNNING"
+        console.type(f"abort_job {second}", confirm="y")
+        assert console.wait_for(second, "FINISHED:ABORTED", timeout=120) == "FINISHED:ABORTED"
+        assert console.wait_for(first, "FINISHED:COMPLETED") == "FINISHED:COMPLETED"
+        console.type(f"download_job {first}")
+        console.close()
+    finally:
+        console.child.close(force=True)
+        (tmp_path / "console.txt").write_text(console.transcript)
+    print(f"admin console session: {time.monotonic() - started:.0f} s; transcript {tmp_path / 'console.txt'}")
+    # the result came down into the kit's transfer/ folder (FLARE's download folder), the job's whole server side
+    folder = kit / "transfer" / first
+    _check_result(deploy.JobResult(job_id=first, status="FINISHED:COMPLETED", folder=folder), kits)
+    record = json.loads((folder / "workspace" / "brats_fl_run.json").read_text())
+    assert record["job_id"] == first, record
 
 
 @pytest.mark.slow
@@ -253,3 +351,9 @@ def test_committed_project_provisions_three_hospitals_with_mtls(tmp_path: Path):
         assert policy["lead"]["byoc"] == "any" and policy["org_admin"]["byoc"] == "none"
     admins = {p.parents[1].name for p in kits.glob("*/startup/fed_admin.json")}
     assert len(admins) == 4
+    # the server keeps its jobs in its own kit, not in FLARE's /tmp/nvflare shared by every server on the machine
+    (server,) = [p.parents[1] for p in kits.glob("*/startup/fed_server.json")]
+    resources = json.loads((server / "local" / "resources.json").read_text())
+    (manager,) = [c for c in resources["components"] if c["id"] == "job_manager"]
+    assert manager["args"]["uri_root"] == str((server / "jobs-storage").resolve())
+    assert "brats_fl." in resources["class_allow_list"]

@@ -20,7 +20,7 @@ ROUND_WAIT, DELAY = 5, 10
 
 @pytest.mark.parametrize(
     "changes",
-    [{"min_responses": 0}, {"min_responses": 4}, {"round_wait": -1}, {"delays": {"site-3": -1}}],
+    [{"min_responses": 0}, {"min_responses": 4}, {"round_wait": -1}, {"round_timeout": 0}, {"delays": {"site-3": -1}}],
 )
 def test_straggler_parameters_are_range_checked(changes: dict):
     with pytest.raises(ValueError, match="job parameter out of range"):
@@ -28,9 +28,18 @@ def test_straggler_parameters_are_range_checked(changes: dict):
 
 
 @pytest.mark.parametrize("job", ["brats_cyclic", "brats_hyperseg_conv"])
-def test_jobs_with_their_own_controller_refuse_min_responses(job: str):
-    with pytest.raises(ValueError, match="runs its own controller; min_responses is for the FedAvg-based jobs"):
-        build(job, JobParams(min_responses=2))
+@pytest.mark.parametrize("key", ["min_responses", "round_timeout"])
+def test_jobs_with_their_own_controller_refuse_min_responses(job: str, key: str):
+    with pytest.raises(ValueError, match=f"runs its own controller; {key} is for the FedAvg-based jobs"):
+        build(job, JobParams(**{key: 2}))
+
+
+@pytest.mark.parametrize("job", ["brats_fedavg", "brats_fedadam", "brats_segviz_fedbn"])
+def test_a_round_timeout_reaches_the_controller_as_its_task_timeout(job: str, tmp_path: Path):
+    (folder,) = export_jobs(tmp_path, [job], JobParams(round_timeout=90))
+    config = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
+    # one workflow, the training controller, ends its rounds after 90 s
+    assert [w["args"]["round_timeout"] for w in config["workflows"] if "round_timeout" in w["args"]] == [90]
 
 
 def test_segviz_rounds_take_the_deadline_too(tmp_path: Path):

@@ -123,7 +123,9 @@ class _Job:
 
     Stragglers (docs/deployment.md, ``brats_fl.server.fedavg``): a FedAvg job's round waits for every site
     unless ``min_responses`` is set; then it closes ``round_wait`` seconds after that many sites have answered,
-    with the updates that came, and the job stops if a round ends with fewer answers. ``delays`` is a drill,
+    with the updates that came, and the job stops if a round ends with fewer answers. ``round_timeout`` ends a round
+    that many seconds after it began whoever has answered (a site whose process hangs): short of ``min_responses``
+    answers (of every site, without it) the job stops, naming the sites. ``delays`` is a drill,
     ``{"site-3": 20}``: that site holds each training update 20 s before sending it.
     """
 
@@ -237,6 +239,7 @@ def _fedavg(
     recipe = (recipe_class or DeadlineFedAvgRecipe)(
         min_responses=min(params.min_responses, sites) if params.min_responses else None,
         round_wait=params.round_wait,
+        round_timeout=params.round_timeout or 0,
         resume=bool(params.resume_from),
         controller=(controller[0], controller[1] | (params.round_lr() if federated else {})),
         name=name,
@@ -268,6 +271,7 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
         *,
         min_responses: int | None,
         round_wait: int,
+        round_timeout: int,
         resume: bool,
         controller: tuple[type[DeadlineFedAvg], dict[str, Any]],
         client: dict[str, Any],
@@ -276,6 +280,7 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
         # set before FedAvgRecipe's constructor, which calls _create_controller
         self.min_responses = min_responses
         self.round_wait = round_wait
+        self.round_timeout = round_timeout
         self.resume = resume
         self.controller = controller
         self.client = client
@@ -309,6 +314,7 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
             enable_tensor_disk_offload=self.enable_tensor_disk_offload,
             min_responses=self.min_responses,
             round_wait=self.round_wait,
+            round_timeout=self.round_timeout,
             resume=self.resume,
             **args,
             **self._get_controller_kwargs(),
@@ -417,8 +423,10 @@ class ControllerRecipe(Recipe):
     ):
         if params.transfer != "full":
             raise ValueError(f"{name}: sites return whole models; transfer must be 'full', not {params.transfer!r}")
-        if params.min_responses is not None and not isinstance(controller, DeadlineFedAvg):
-            raise ValueError(f"{name} runs its own controller; min_responses is for the FedAvg-based jobs")
+        if not isinstance(controller, DeadlineFedAvg):
+            for key in ("min_responses", "round_timeout"):
+                if getattr(params, key) is not None:
+                    raise ValueError(f"{name} runs its own controller; {key} is for the FedAvg-based jobs")
         # no model selector: what a site reports is not always the score of the model the server keeps
         job = BaseFedJob(name=name, min_clients=params.sites, key_metric="")
         persistor = PTModel(
@@ -532,6 +540,7 @@ def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
         aggregator=aggregator,
         min_responses=params.min_responses,
         round_wait=params.round_wait,
+        round_timeout=params.round_timeout or 0,
         resume=bool(params.resume_from),
         **params.round_lr(),
     )

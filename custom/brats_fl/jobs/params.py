@@ -235,6 +235,12 @@ PARAMS: tuple[Param, ...] = (
                   uses="deadline"),
     Param("round_wait", int, 0, "with --min-responses: seconds to wait for the other sites once that many answered",
           rule="round_wait >= 0 seconds", check=lambda v: v >= 0, flag="--round-wait", uses="deadline"),
+    # FLARE's FedAvg waits for ever on a site that stays connected but stops answering (a hung process): its
+    # heartbeat keeps the site alive, so nothing else ends the round (docs/deployment.md, "A hung site")
+    Param("round_timeout", int, None, "seconds a round waits at most for the sites' answers; a round that ends short "
+          "of --min-responses (without it: of any site) stops the job, naming the sites that did not answer",
+          rule="round_timeout >= 1 seconds", check=_positive, flag="--round-timeout", uses="deadline",
+          unset="none: as long as it takes"),
     Param("delays", dict, {}, "drill: {site: seconds each training update is held}", rule="delays >= 0 seconds",
           check=lambda d: min(d.values(), default=0) >= 0),
     Param("audit", bool, False, "every site keeps a copy of each model it receives and sends", site="audit"),

@@ -96,13 +96,23 @@ def _run(command: list[str], env: dict[str, str] | None = None, timeout: float =
 
 def provision(project_file: Path, workspace: Path) -> Path:
     """``nvflare provision -p project_file -w workspace``, with the server's kit allowing brats-fl's classes (each
-    site allows them when it installs its data configuration); returns the folder of the new startup kits."""
+    site allows them when it installs its data configuration) and keeping its jobs in its own folder; returns the
+    folder of the new startup kits.
+
+    FLARE's provisioned server keeps every job it is sent in ``/tmp/nvflare/jobs-storage``, shared by every server
+    provisioned on the machine: each lists the others' jobs, and may schedule a job submitted to another. The kit's
+    ``local/resources.json`` moves that store, and the snapshots, into ``<server kit>/jobs-storage`` and
+    ``snapshot-storage``, with FLARE's own helper, the one its POC uses."""
+    from nvflare.lighter.utils import update_storage_locations
+
     doc = yaml.safe_load(Path(project_file).read_text())
     _run(["nvflare", "provision", "-p", str(project_file), "-w", str(workspace)])
     kits = latest_kits(Path(workspace) / doc["name"])
     for participant in doc["participants"]:
         if participant["type"] == "server":
-            install_policy(kits / participant["name"])
+            kit = (kits / participant["name"]).resolve()
+            update_storage_locations(local_dir=str(kit / "local"), workspace=str(kit))
+            install_policy(kit)
     return kits
 
 
@@ -170,16 +180,26 @@ def _descendants(pids: list[int]) -> list[psutil.Process]:
 
 
 def kill_processes(pids: list[int], timeout: float = 30, hard: bool = False) -> None:
-    """Stop ``pids`` and their descendants: SIGTERM (SIGKILL if ``hard``), then SIGKILL after ``timeout``."""
+    """Stop ``pids`` and their descendants: SIGTERM (SIGKILL if ``hard``), then SIGKILL after ``timeout``.
+
+    A process stopped by SIGSTOP (a hung site, :meth:`System.hang`) is continued after the signal, which it
+    would otherwise handle only when continued."""
     procs = _descendants(pids)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
+            proc.resume()
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=10)
+
+
+def _cmdline_has(proc: psutil.Process, text: str) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(text in part for part in proc.cmdline())
+    return False
 
 
 @dataclass
@@ -286,6 +306,29 @@ class System:
     def kill(self, name: str) -> None:
         """Kill a participant at once (SIGKILL, with its job processes): a site that dies."""
         kill_processes([self.processes.pop(name).pid], hard=True)
+
+    def job_processes(self, name: str, job_id: str) -> list[psutil.Process]:
+        """The processes participant ``name`` runs job ``job_id`` in: FLARE starts one job process per job below
+        the participant's process (``worker_process`` at a site), which fetches the job's tasks and runs them."""
+        procs = _descendants([self.processes[name].pid])
+        jobs = [p for p in procs if _cmdline_has(p, job_id)]
+        return _descendants([p.pid for p in jobs])
+
+    def hang(self, name: str, job_id: str) -> list[psutil.Process]:
+        """Stop participant ``name``'s job processes of ``job_id`` with SIGSTOP: a hung site. Its own process keeps
+        its connection and its heartbeat, so the server never deems it dead; :meth:`unhang` continues them."""
+        procs = self.job_processes(name, job_id)
+        if not procs:
+            raise RuntimeError(f"{name} runs no process of job {job_id}\n{self.logs()}")
+        for proc in procs:
+            proc.suspend()
+        return procs
+
+    def unhang(self, procs: list[psutil.Process]) -> None:
+        """Continue processes that :meth:`hang` stopped (SIGCONT), those still there."""
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.resume()
 
     def stop(self, timeout: float = 30) -> None:
         """Stop every process this object started, and the job processes below them."""

@@ -9,6 +9,8 @@ once ``min_responses`` sites have answered and ``wait_time_after_min_received`` 
 ``DeadlineFedAvg`` passes ``min_responses`` and ``round_wait`` through, and refuses to average a round that
 ended with fewer answers than that, which FLARE would otherwise average without a word: its task also ends
 when the sites it waits for are deemed dead, and it counts an error reply it chose to ignore as an answer.
+``round_timeout`` bounds the whole round, FLARE's task timeout: a site whose job process hangs while its client
+process keeps sending heartbeats is never deemed dead, so without it a round that needs that site waits for ever.
 
 A late update never reaches a later round (FLARE 2.9, checked in the simulator by ``tests/test_stragglers.py``):
 
@@ -47,13 +49,15 @@ def shortfall(targets: list[str], answered: set[str], needed: int) -> str | None
 
 
 class DeadlineFedAvg(FedAvg):
-    """FLARE's FedAvg whose round closes ``round_wait`` seconds after ``min_responses`` sites have answered, and
-    which can continue an interrupted run (``brats_fl.jobs.resume``).
+    """FLARE's FedAvg whose round closes ``round_wait`` seconds after ``min_responses`` sites have answered, or
+    ``round_timeout`` seconds after it began, and which can continue an interrupted run (``brats_fl.jobs.resume``).
 
     Args:
         min_responses: sites that must answer a round; None: every sampled site (FLARE's FedAvg).
         round_wait: seconds to keep waiting for the other sites once ``min_responses`` have answered; a site
             that answers later is left out of the round, and its update is dropped.
+        round_timeout: seconds after which a round ends whoever has answered (0: no limit); a round that ends short
+            of ``min_responses`` answers (of every site without it) stops the job, naming the sites missing.
         resume: the persistor's initial checkpoint is an interrupted run's last global model: start after the
             round it records, and run only the rounds left of ``num_rounds``.
         lr, lr_schedule: the sites' initial learning rate and its schedule over the job's rounds; each round's
@@ -66,6 +70,7 @@ class DeadlineFedAvg(FedAvg):
         *args,
         min_responses: int | None = None,
         round_wait: int = 0,
+        round_timeout: int = 0,
         resume: bool = False,
         lr: float | None = None,
         lr_schedule: str = "constant",
@@ -74,11 +79,15 @@ class DeadlineFedAvg(FedAvg):
         # *args and **kwargs let FLARE's job export find FedAvg's arguments too; it reads each argument back from
         # the attribute of the same name
         super().__init__(*args, **kwargs)
-        if (min_responses is not None and min_responses < 1) or round_wait < 0:
-            raise ValueError(f"need min_responses >= 1 and round_wait >= 0, got {min_responses} and {round_wait}")
+        if (min_responses is not None and min_responses < 1) or round_wait < 0 or round_timeout < 0:
+            raise ValueError(
+                "need min_responses >= 1, round_wait >= 0 and round_timeout >= 0, got "
+                f"{min_responses}, {round_wait} and {round_timeout}"
+            )
         check_schedule(lr, lr_schedule)
         self.min_responses = min_responses
         self.round_wait = round_wait
+        self.round_timeout = round_timeout
         self.resume = resume
         self.lr = lr
         self.lr_schedule = lr_schedule
@@ -104,10 +113,10 @@ class DeadlineFedAvg(FedAvg):
         timeout: int = 0,
         callback: Callable[[FLModel], bool] | None = None,
     ) -> None:
-        """The round's task, carrying the round's learning rate, ending as ``min_responses`` and ``round_wait`` say;
-        notes which sites answered.
+        """The round's task, carrying the round's learning rate, ending as ``min_responses``, ``round_wait`` and
+        ``round_timeout`` say; notes which sites answered.
 
-        FedAvg.run gives no ``min_responses``: the controller's own applies unless a caller gives one."""
+        FedAvg.run gives no ``min_responses`` nor ``timeout``: the controller's own apply unless a caller gives them."""
         if data is not None:
             # a resumed run's num_rounds counts the rounds left; the schedule is over the whole job's rounds
             set_round_lr(data, self.lr, self.lr_schedule, self.current_round, self.start_round + self.num_rounds)
@@ -127,7 +136,7 @@ class DeadlineFedAvg(FedAvg):
             data=data,
             targets=targets,
             min_responses=wanted,
-            timeout=timeout,
+            timeout=timeout or self.round_timeout,
             wait_time_after_min_received=self.round_wait,
             blocking=False,
             callback=note_answer if callback else None,
@@ -136,13 +145,14 @@ class DeadlineFedAvg(FedAvg):
     def _get_aggregated_result(self) -> FLModel:
         # FedAvg.run calls this once the round's task has ended, before anything is averaged
         why = shortfall(self._targets, self._answered, self._needed)
+        limit = f" (round_timeout {self.round_timeout} s)" if self.round_timeout else ""
         if why:
-            raise RuntimeError(f"round {self.current_round}: {why}")
+            raise RuntimeError(f"round {self.current_round}: {why}{limit}")
         missing = sorted(set(self._targets) - self._answered)
         if missing:
             self.warning(
                 f"round {self.current_round} closed with {sorted(self._answered)}; left out {missing}, without a "
-                f"usable answer {self.round_wait} s after {self._needed} sites had answered"
+                f"usable answer {self.round_wait} s after {self._needed} sites had answered{limit}"
             )
         return super()._get_aggregated_result()
 
