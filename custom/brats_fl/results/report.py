@@ -22,6 +22,7 @@ from brats_fl.data.labels import DISPLAY_ORDER
 from brats_fl.seg.inference import SITE_MODEL
 from brats_fl.seg.model import state_bytes
 from brats_fl.server.personalise import RESULTS_FILE
+from brats_fl.server.privacy import read_ledger, summarise
 from brats_fl.server.run_record import RUN_RECORD
 from brats_fl.server.sequential import VISITS_FILE
 
@@ -137,6 +138,7 @@ def summarise_run(folder: Path) -> dict:
         "sites": len(sites),
         "rounds": args.rounds if args else max((len(t.get("train_loss", [])) for t in curves.values()), default=None),
         "wall_time": _wall_time(run, record),
+        "privacy": summarise(read_ledger(run)),
         "record": record,
         "client_args": vars(args) if args else None,
         "site_records": site_records,
@@ -244,7 +246,7 @@ LESION_COLUMNS = ("lesion_dice_mean", "lesion_hd95_mean")
 REPORT_COLUMNS = [
     "run", "algorithm", "partition", "sites", "rounds",
     *(k for k, _ in _COLUMNS), *LESION_COLUMNS,
-    "worst_site", "worst_site_dice_mean", "client_loss", "bytes_sent_per_site_per_round", "wall_time_s",
+    "worst_site", "worst_site_dice_mean", "client_loss", "bytes_sent_per_site_per_round", "wall_time_s", "privacy",
 ]  # fmt: skip
 _HEADERS = dict(_COLUMNS) | {
     "lesion_dice_mean": "lesion-wise Dice mean",
@@ -254,6 +256,7 @@ _HEADERS = dict(_COLUMNS) | {
     "client_loss": "client loss",
     "bytes_sent_per_site_per_round": "bytes/site/round",
     "wall_time_s": "wall time (s)",
+    "privacy": "privacy (per site)",
 }
 
 
@@ -273,6 +276,7 @@ def report_row(label: str, summary: dict) -> dict:
         "client_loss": summary["client_train_loss"],
         "bytes_sent_per_site_per_round": summary["bytes_sent_per_round"],
         "wall_time_s": summary["wall_time"],
+        "privacy": summary["privacy"]["guarantee"],
     }
 
 
@@ -479,6 +483,7 @@ def _run_facts(summary: dict) -> dict:
         or "not recorded",
         "code sha256": record.get("code_sha256") or "not recorded",
         "wall time (s)": format_value("wall_time_s", summary["wall_time"]) or "not recorded",
+        "privacy (per site, from the ledger)": summary["privacy"]["guarantee"],
     }
 
 
