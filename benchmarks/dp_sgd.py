@@ -5,7 +5,8 @@
 
 ``dice`` writes a small phantom cohort (3 scanner sites), then runs ``brats_fedavg`` in FLARE's simulator without
 privacy and with DP-SGD at each epsilon (delta 1e-5), for each seed, and prints the pooled test Dice (mean of WT, TC,
-ET) and the epsilon each run's privacy ledger recorded. Finished runs are kept and reused. ``step`` times optimiser
+ET) and the epsilon each run's privacy ledger recorded (FLARE's simulator logs to the standard output too: the JSON
+is also written to ``<out>/dp_dice.json``). Finished runs are kept and reused. ``step`` times optimiser
 steps of the U-Net with and without DP-SGD, each in its own process so that its peak memory (resident set on a CPU,
 torch's peak allocation on a GPU) is its own. Both print JSON with the date and the machine.
 """
@@ -174,7 +175,10 @@ def main() -> None:
     if args.what == "step-one":
         print(json.dumps(_step_cost(args.mode, args.channels, args.patch, args.batch, args.steps)))
         return
-    print(json.dumps(dice(args) if args.what == "dice" else step(args), indent=1))
+    result = dice(args) if args.what == "dice" else step(args)
+    if args.what == "dice":
+        (args.out / "dp_dice.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
