@@ -134,3 +134,19 @@ def test_dp_refuses_hooks_that_escape_clipping():
     loader = DataLoader(_cases(2), batch_size=2)
     with pytest.raises(ValueError, match="escapes"):
         trainer.train_epochs(loader, 1, extra_loss=lambda m: sum(p.sum() for p in m.parameters()) * 0)
+
+
+def test_fine_tuning_under_dp_moves_only_the_trainable_layers_and_is_accounted():
+    """Fine-tuning (``_ft`` jobs) freezes layers; DP-SGD then clips and noises the trainable ones alone, and counts
+    the steps."""
+    trainer = _dp_trainer(total_epochs=2, batch_size=4)
+    loader = DataLoader(_cases(4), batch_size=4)
+    trainer.train_epochs(loader, 1)
+    frozen = {n for n, _ in trainer.model.named_parameters() if not n.startswith("net.model.2")}
+    for name, p in trainer.model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_epochs(loader, 1)
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and not changed & frozen
+    assert trainer.dp.spent()["steps"] == 2
