@@ -83,7 +83,9 @@ def test_svt_sends_a_sparse_noisy_difference(sim_data: Path, tmp_path: Path):
     """FLARE's SVT filter on the sites' updates: what left each site is a difference with at most a tenth of
     its entries non-zero, so the global model moves in at most three tenths of its weights, where each
     site's own update changed nearly all of them."""
-    params = tiny_params(rounds=1, transfer="diff", privacy="svt", audit_transfer=True, audit=True, **TINY)
+    params = tiny_params(
+        rounds=1, transfer="diff", privacy="svt", cross_site="global", audit_transfer=True, audit=True, **TINY
+    )
     run = run_simulation("brats_fedavg", params, sim_data, tmp_path)
     for site in SITES:
         (train,) = [r for r in _rows(run, site) if r["task"] == "train"]
@@ -111,6 +113,7 @@ def test_float16_transfer_halves_the_bytes_and_keeps_excluded_layers_home(sim_da
         quantize="float16",
         privacy="exclude",
         privacy_args={"exclude_vars": r"^net\.model\.0\."},
+        cross_site="global",
         audit_transfer=True,
         audit=True,
         **TINY,

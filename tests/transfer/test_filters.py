@@ -37,13 +37,19 @@ def _client_chains(job: Path, kind: str) -> dict[tuple[str, ...], list[str]]:
     "changes",
     [
         {"privacy": "gaussian"},
-        {"privacy": "svt"},  # reads updates as differences: needs transfer diff
-        {"privacy": "percentile", "transfer": "diff", "privacy_args": {"percentile": 120}},
-        {"privacy": "svt", "transfer": "diff", "privacy_args": {"fraction": 0}},
-        {"privacy": "svt", "transfer": "diff", "privacy_args": {"sigma": 1.0}},
-        {"privacy": "exclude"},
+        {"privacy": "svt", "cross_site": "global"},  # reads updates as differences: needs transfer diff
+        {"privacy": "percentile", "transfer": "diff", "privacy_args": {"percentile": 120}, "cross_site": "global"},
+        {"privacy": "svt", "transfer": "diff", "privacy_args": {"fraction": 0}, "cross_site": "global"},
+        {"privacy": "svt", "transfer": "diff", "privacy_args": {"sigma": 1.0}, "cross_site": "global"},
+        {"privacy": "exclude", "cross_site": "none"},
         {"privacy_args": {"fraction": 0.1}},
         {"quantize": "int3"},
+        # a site's whole model for cross-site evaluation would pass no filter
+        {"privacy": "percentile", "transfer": "diff"},
+        {"privacy": "exclude", "privacy_args": {"exclude_vars": "^net"}},
+        {"dp_delta": 1e-6},  # DP-SGD's, without DP-SGD
+        {"dp_epsilon": 8.0, "amp": "on"},
+        {"dp_epsilon": 0},
     ],
 )
 def test_transfer_parameters_are_checked(changes: dict):
@@ -57,6 +63,7 @@ def test_filters_act_in_order_on_every_task(tmp_path: Path):
     params = JobParams(
         transfer="diff",
         privacy="svt",
+        cross_site="global",
         quantize="float16",
         audit_transfer=True,
         faults={"site-2": ["nan"]},
@@ -74,12 +81,16 @@ def test_filters_act_in_order_on_every_task(tmp_path: Path):
         others: ["TransferManifest", "Dequantizer"],
     }
     server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
-    for kind, name in (("task_data_filters", "Quantizer"), ("task_result_filters", "Dequantizer")):
-        assert [f["path"].rsplit(".", 1)[1] for c in server[kind] for f in c["filters"]] == [name]
+    for kind, names in (
+        ("task_data_filters", ["Quantizer"]),
+        ("task_result_filters", ["Dequantizer", "PrivacyLedger"]),
+    ):
+        assert [f["path"].rsplit(".", 1)[1] for c in server[kind] for f in c["filters"]] == names
 
 
 def test_default_job_screens_updates_and_adds_no_filter(tmp_path: Path):
-    params = JobParams(channels=(8, 16, 32), privacy="exclude", privacy_args={"exclude_vars": r"^net\.model\.0\."})
+    exclude = {"privacy": "exclude", "privacy_args": {"exclude_vars": r"^net\.model\.0\."}, "cross_site": "global"}
+    params = JobParams(channels=(8, 16, 32), **exclude)
     job = export_jobs(tmp_path, ["brats_fedavg"], params)[0]
     # FLARE's job export cannot write a compiled regular expression back: the filter gets the matching keys
     (chain,) = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())["task_result_filters"]

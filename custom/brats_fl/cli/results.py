@@ -20,7 +20,7 @@ _WAYS = ("sent", "received")
 def _cmd_table(args: argparse.Namespace) -> None:
     from brats_fl.results.report import INCOMPLETE, format_table, refuse_incomplete, summarise_run
 
-    columns = ("client_loss", "worst_site_dice", "MB_sent_per_round", "MB_sent", "MB_received", "minutes")
+    columns = ("client_loss", "worst_site_dice", "MB_sent_per_round", "MB_sent", "MB_received", "minutes", "privacy")
     rows, incomplete = [], []
     for run in args.runs:
         summary = summarise_run(run)
@@ -35,6 +35,8 @@ def _cmd_table(args: argparse.Namespace) -> None:
             # per site over the whole training, mean over sites
             **{f"MB_{way}": sum(t[way] for t in traffic.values()) / len(traffic) / 2**20 for way in _WAYS},
             "minutes": wall / 60 if wall else None,
+            # the ledger's epsilon per site (brats_fl.server.privacy)
+            "privacy": summary["privacy"]["guarantee"],
         }
         name = f"{summary['job']} ({Path(run).name})" + ("" if summary["complete"] else INCOMPLETE)
         if args.per_site:

@@ -36,13 +36,15 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 
 from brats_fl.drills.faults import FAULTS, FaultInjection
 from brats_fl.drills.slow import SlowSite
-from brats_fl.jobs.params import DEFAULT_NORM, HYPERNETWORK, PARAMS, TASK_TIMEOUT, Param, unused
+from brats_fl.jobs.params import DEFAULT_NORM, HYPERNETWORK, KINDS, PARAMS, TASK_TIMEOUT, Param, by_name, unused
+from brats_fl.seg.dp import check_dp_model
 from brats_fl.seg.model import BratsUNet, check_norm
 from brats_fl.seg.trainer import TrainConfig
 from brats_fl.server.fedavg import DeadlineFedAvg
 from brats_fl.server.fedopt import FedOptController
 from brats_fl.server.hyperseg import VARIANTS, HyperSegController
 from brats_fl.server.personalise import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
+from brats_fl.server.privacy import PrivacyLedger, check_budget, projected_epsilon
 from brats_fl.server.run_record import RunRecord
 from brats_fl.server.screening import ScreenedAggregator, expected_shapes
 from brats_fl.server.segviz import SegVizFedAvg, TaskHeadAggregator, head_keys
@@ -154,6 +156,15 @@ class _Job:
 
     def _check_privacy(self) -> None:
         name, args = self.privacy, self.privacy_args
+        if self.dp_epsilon is None:
+            unset = self.dp_delta == by_name("dp_delta").default and self.dp_clip == by_name("dp_clip").default
+            _require(unset, "dp_epsilon with dp_delta or dp_clip: they are DP-SGD's")
+        else:
+            _require(self.amp != "on", "amp off or auto with DP-SGD, which clips per-case gradients in full precision")
+        # a site's answer to cross-site evaluation is its whole model, which no wire filter can filter and keep
+        # scorable: under a filter, only DP-SGD (whose guarantee covers every model a site trains) may send it
+        whole = f"cross_site global or none with privacy {name!r}: 'all' sends each site's whole model, unfiltered"
+        _require(name == "none" or self.cross_site != "all", whole)
         if name == "none":
             _require(not args, f"no privacy_args without a privacy filter, got {args}")
             return
@@ -335,6 +346,11 @@ def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) 
     Privacy acts on training updates only, as in FLARE's examples: a site's model submitted for cross-site
     evaluation must stay whole to be scored elsewhere.
     """
+    entries = sum(v.numel() for v in model.state_dict().values())
+    projected = projected_epsilon(params.privacy, params.privacy_args, params.dp_epsilon, params.rounds, entries)
+    check_budget(params.privacy_budget, projected, _mechanisms(params))
+    if params.dp_epsilon is not None:
+        check_dp_model(model.norm)
     quantize = params.quantize != "none"
     if quantize:
         # bitsandbytes, which FLARE's quantisation filters import, is needed only by a job that quantises
@@ -361,6 +377,19 @@ def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) 
             recipe.add_client_input_filter(f, tasks=tasks)
         for f in outgoing:
             recipe.add_client_output_filter(f, tasks=tasks)
+    # every job's server keeps the privacy ledger of the sites' training and personalisation results. FLARE allows one
+    # filter chain per set of tasks, and a chain of several tasks is exported in the order of a Python set (which
+    # changes from run to run): one chain per task, unless the dequantiser already chains every task
+    ledger = (params.privacy, params.privacy_budget)
+    for tasks in [[TRAIN_TASK, *OTHER_TASKS]] if quantize else [[TRAIN_TASK], [PERSONALISE_TASK]]:
+        recipe.add_server_input_filter(PrivacyLedger(*ledger), tasks=tasks)
+
+
+def _mechanisms(params: JobParams) -> str:
+    """The job's privacy mechanisms in words, for a refusal."""
+    parts = [f"DP-SGD at epsilon {params.dp_epsilon:g}"] if params.dp_epsilon is not None else []
+    parts += [f"privacy {params.privacy!r}"] if params.privacy != "none" or not parts else []
+    return " with ".join(parts)
 
 
 def _privacy_filter(params: JobParams, model: BratsUNet) -> Filter:
@@ -709,10 +738,10 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
 }
 #: the kinds of parameter each job uses besides those every job does (``brats_fl.jobs.params.KINDS``); an option of
 #: another kind set for it is refused before anything runs (``refuse_unused``)
-_FEDAVG = frozenset({"personal", "deadline", "screened"})
+_FEDAVG = frozenset({"personal", "deadline", "screened", "dpsgd"})
 USES: dict[str, frozenset[str]] = {
-    "brats_central": frozenset({"screened", "deadline"}),
-    "brats_local": frozenset({"screened", "deadline"}),
+    "brats_central": frozenset({"screened", "deadline", "dpsgd"}),
+    "brats_local": frozenset({"screened", "deadline", "dpsgd"}),
     "brats_fedavg": _FEDAVG,
     "brats_fedper": _FEDAVG,
     "brats_fedbn": _FEDAVG,
@@ -723,14 +752,15 @@ USES: dict[str, frozenset[str]] = {
     "brats_hyperseg_conv": frozenset({"screened", "hypernetwork"}),
     "brats_hyperseg_conv_bn": frozenset({"screened", "hypernetwork"}),
     "brats_hyperseg_conv_bn_emb": frozenset({"screened", "hypernetwork"}),
-    "brats_segviz_fedavg": _FEDAVG | {"finetune", "sampling"},
-    "brats_segviz_fedbn": _FEDAVG | {"finetune", "sampling"},
+    # SegViz's loss normalises over a batch's annotated regions, which couples the cases: no DP-SGD
+    "brats_segviz_fedavg": (_FEDAVG - {"dpsgd"}) | {"finetune", "sampling"},
+    "brats_segviz_fedbn": (_FEDAVG - {"dpsgd"}) | {"finetune", "sampling"},
     "brats_segviz_local": frozenset({"screened", "deadline"}),
     "brats_segviz_central": frozenset({"screened", "deadline"}),
-    "brats_fedadam": frozenset({"screened", "deadline", "fedopt", "fedopt_beta2"}),
-    "brats_fedyogi": frozenset({"screened", "deadline", "fedopt", "fedopt_beta2"}),
-    "brats_fedadagrad": frozenset({"screened", "deadline", "fedopt"}),
-    "brats_fedprox": _FEDAVG | {"fedprox"},
+    "brats_fedadam": frozenset({"screened", "deadline", "fedopt", "fedopt_beta2", "dpsgd"}),
+    "brats_fedyogi": frozenset({"screened", "deadline", "fedopt", "fedopt_beta2", "dpsgd"}),
+    "brats_fedadagrad": frozenset({"screened", "deadline", "fedopt", "dpsgd"}),
+    "brats_fedprox": (_FEDAVG - {"dpsgd"}) | {"fedprox"},
     "brats_scaffold": frozenset(),  # FLARE's Scaffold controller aggregates unscreened
     "brats_ditto": frozenset({"screened", "deadline", "ditto"}),
 }
@@ -761,4 +791,7 @@ def refuse_unused(name: str, values: dict[str, Any]) -> None:
 
 def build(name: str, params: JobParams | None = None) -> Recipe:
     _known(name)
-    return JOBS[name](params or JobParams())
+    params = params or JobParams()
+    if params.dp_epsilon is not None and "dpsgd" not in USES[name]:
+        raise ValueError(f"{name} does not train with DP-SGD ({KINDS['dpsgd']}); leave dp_epsilon out")
+    return JOBS[name](params)

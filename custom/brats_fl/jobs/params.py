@@ -31,6 +31,7 @@ KINDS = {
     "fedopt_beta2": "FedAdam and FedYogi",
     "fedprox": "brats_fedprox",
     "ditto": "brats_ditto",
+    "dpsgd": "jobs whose sites may train with DP-SGD (central, local, FedAvg, FedPer, FedBN, their _ft, FedOpt)",
 }
 #: the U-Net's normalisation layers (``brats_fl.seg.model.NORMS``); FedBN's jobs take batch norm, whose running
 #: statistics their papers keep at the site, every other job ``DEFAULT_NORM`` (``brats_fl.jobs.catalogue``)
@@ -226,6 +227,20 @@ PARAMS: tuple[Param, ...] = (
     Param("privacy_args", dict, {}, "arguments of the privacy filter, e.g. fraction=0.1 epsilon=0.1",
           flag="--privacy-arg", nargs="+", metavar="KEY=VALUE", item=key_value,
           from_cli=dict),
+    # DP-SGD at the sites (brats_fl.seg.dp): delta 1e-5 is below 1/n for any hospital's number of cases; a clip of 1
+    # is Opacus's examples' and the DP-SGD literature's usual start (Abadi et al. tune it over 1-10)
+    Param("dp_epsilon", float, None, "DP-SGD at every site: the epsilon each training case is protected with over the "
+          "whole job, at dp_delta (noise calibrated by Opacus's RDP accountant; docs/privacy.md)",
+          rule="0 < dp_epsilon <= 1000", check=lambda v: _number(v) and 0 < v <= 1000, flag="--dp-epsilon",
+          site="dp_epsilon", uses="dpsgd", unset="none: no DP-SGD"),
+    Param("dp_delta", float, 1e-5, "DP-SGD: the delta of the guarantee", rule="0 < dp_delta < 0.01",
+          check=lambda v: _number(v) and 0 < v < 0.01, flag="--dp-delta", site="dp_delta", uses="dpsgd"),
+    Param("dp_clip", float, 1.0, "DP-SGD: each training case's gradient is clipped to this L2 norm",
+          rule="dp_clip > 0", check=lambda v: _number(v) and v > 0, flag="--dp-clip", site="dp_clip", uses="dpsgd"),
+    Param("privacy_budget", float, None, "refuse to start, or stop, a job whose epsilon per site would exceed this "
+          "(a job without a differentially private mechanism has no finite epsilon)",
+          rule="privacy_budget > 0", check=lambda v: _number(v) and v > 0, flag="--privacy-budget",
+          unset="none: no budget"),
     Param("quantize", str, "none", "FLARE quantisation of the models on the wire",
           rule=f"quantize none or one of {list(QUANTIZATION_NAMES)}", choices=("none", *QUANTIZATION_NAMES),
           flag="--quantize"),

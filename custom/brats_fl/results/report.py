@@ -22,6 +22,7 @@ from brats_fl.data.labels import DISPLAY_ORDER
 from brats_fl.seg.inference import SITE_MODEL
 from brats_fl.seg.model import state_bytes
 from brats_fl.server.personalise import RESULTS_FILE
+from brats_fl.server.privacy import read_ledger, summarise
 from brats_fl.server.run_record import RUN_RECORD, run_completion
 from brats_fl.server.sequential import VISITS_FILE
 
@@ -148,6 +149,7 @@ def summarise_run(folder: Path) -> dict:
         "sites": len(sites),
         "rounds": args.rounds if args else max((len(t.get("train_loss", [])) for t in curves.values()), default=None),
         "wall_time": _wall_time(run, record),
+        "privacy": summarise(read_ledger(run)),
         "record": record,
         "client_args": vars(args) if args else None,
         "site_records": site_records,
@@ -269,7 +271,7 @@ LESION_COLUMNS = ("lesion_dice_mean", "lesion_hd95_mean")
 REPORT_COLUMNS = [
     "run", "algorithm", "partition", "sites", "rounds",
     *(k for k, _ in _COLUMNS), *LESION_COLUMNS,
-    "worst_site", "worst_site_dice_mean", "client_loss", "bytes_sent_per_site_per_round", "wall_time_s",
+    "worst_site", "worst_site_dice_mean", "client_loss", "bytes_sent_per_site_per_round", "wall_time_s", "privacy",
 ]  # fmt: skip
 _HEADERS = dict(_COLUMNS) | {
     "lesion_dice_mean": "lesion-wise Dice mean",
@@ -279,6 +281,7 @@ _HEADERS = dict(_COLUMNS) | {
     "client_loss": "client loss",
     "bytes_sent_per_site_per_round": "bytes/site/round",
     "wall_time_s": "wall time (s)",
+    "privacy": "privacy (per site)",
 }
 
 
@@ -298,6 +301,7 @@ def report_row(label: str, summary: dict) -> dict:
         "client_loss": summary["client_train_loss"],
         "bytes_sent_per_site_per_round": summary["bytes_sent_per_round"],
         "wall_time_s": summary["wall_time"],
+        "privacy": summary["privacy"]["guarantee"],
     }
 
 
@@ -510,6 +514,7 @@ def _run_facts(summary: dict) -> dict:
         "code sha256": record.get("code_sha256") or "not recorded",
         "wall time (s)": format_value("wall_time_s", summary["wall_time"]) or "not recorded",
         "complete": "yes" if summary["complete"] else f"no: {summary['incomplete_reason']}",
+        "privacy (per site, from the ledger)": summary["privacy"]["guarantee"],
     }
 
 

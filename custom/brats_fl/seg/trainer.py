@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from brats_fl.data.loading import ANNOTATED, AXIS_LABELS, BRATS_ORIENTATION, train_loader
 from brats_fl.jobs.params import by_name
+from brats_fl.seg.dp import DPSGD, check_dp_model
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.model import BratsUNet, build_model
 from brats_fl.seg.postprocess import drop_small_et
@@ -110,6 +111,12 @@ class TrainConfig:
     #: a region a case's site did not annotate: ``ignore`` it in the loss (SegViz), or take it as
     #: ``background`` (naive pooling of partial labels, the SegViz paper's lower bound)
     partial_labels: str = "ignore"
+    #: DP-SGD (``brats_fl.seg.dp``): the (epsilon, delta) every training case is protected with over ``dp_epochs``
+    #: epochs (None: ``total_epochs``), each case's gradient clipped to ``dp_clip``; None: no DP-SGD
+    dp_epsilon: float | None = None
+    dp_delta: float = by_name("dp_delta").default
+    dp_clip: float = by_name("dp_clip").default
+    dp_epochs: int | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -159,6 +166,12 @@ class TrainConfig:
                 f"partial_labels must be ignore or background, got {self.partial_labels!r}",
             ),
         ]
+        if self.dp_epsilon is not None:
+            check_dp_model(self.model.get("norm", "instance"))
+            checks += [
+                (self.samples_per_case == 1, "DP-SGD draws one patch per case: samples_per_case must be 1"),
+                (self.amp != "on", "DP-SGD clips per-case gradients in full precision: amp must be off or auto"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -166,6 +179,8 @@ class TrainConfig:
         by_name("fg_ratio").validate(self.fg_ratio)
         by_name("spacing").validate(self.spacing)
         by_name("amp").validate(self.amp)
+        for name in ("dp_epsilon", "dp_delta", "dp_clip"):
+            by_name(name).validate(getattr(self, name))
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -197,6 +212,10 @@ def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig
         values["model"] = {**values.get("model", {}), "norm": args.norm}
     if args.partial_labels:
         values["partial_labels"] = args.partial_labels
+    if getattr(args, "dp_epsilon", None) is not None:
+        # a case is drawn whole or not at all (one patch of it), and fine-tuning is training too
+        values |= {"dp_epsilon": args.dp_epsilon, "dp_delta": args.dp_delta, "dp_clip": args.dp_clip}
+        values |= {"samples_per_case": 1, "dp_epochs": total_epochs + (args.finetune_epochs or 0)}
     return TrainConfig.from_dict(values)
 
 
@@ -282,6 +301,13 @@ class Trainer:
         # sigmoid per region: WT, TC and ET overlap, so they are three binary problems, not one softmax
         self.loss_fn = RegionLoss(with_ce=config.loss == "dice_ce")
         self.epochs_done = 0
+        #: DP-SGD, set up at the first training call, which tells how many cases the site has (``_private``)
+        self.dp: DPSGD | None = None
+        self._dp_state: dict | None = None
+        if config.dp_epsilon is not None:
+            # Opacus clips per-case gradients in full precision
+            self.amp_dtype = None
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
 
     def epoch_lr(self, epoch: int) -> float:
         """The rate of epoch ``epoch`` (from 0) when no one else gives one: ``lr``, poly-decayed over
@@ -309,21 +335,27 @@ class Trainer:
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        dp = self._private(loader, extra_loss is not None or after_step is not None)
         self.model.train()
-        steps, total, extra_total, start = 0, 0.0, 0.0, time.perf_counter()
+        steps, empty, total, extra_total, start = 0, 0, 0.0, 0.0, time.perf_counter()
         rates: list[float] = []
         for _ in range(epochs):
             rates.append(self.epoch_lr(self.epochs_done) if lr is None else lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = rates[-1]
-            for batch in loader:
+            for batch in dp.batches(loader) if dp else loader:
+                if batch is None:  # an empty Poisson draw: a step of noise alone
+                    dp.empty_step()
+                    steps, empty = steps + 1, empty + 1
+                    continue
                 image = batch["image"].to(self.device)
                 label = batch["label"].to(self.device).float()
                 # the pipeline has zeroed unannotated regions; "background" trains on those zeros
                 annotated = None if self.config.partial_labels == "background" else batch[ANNOTATED]
-                self.optimizer.zero_grad(set_to_none=True)
+                # DP-SGD's optimiser clears the per-case gradients too
+                (dp.optimizer if dp else self.optimizer).zero_grad(set_to_none=True)
                 with self.autocast():
-                    logits = self.model(image)
+                    logits = (dp.module if dp else self.model)(image)
                 # the loss in full precision: Dice's sums over a patch lose too much in 16 bits
                 loss = self.loss_fn(logits.float(), label, annotated)
                 objective = loss
@@ -331,9 +363,13 @@ class Trainer:
                     extra = extra_loss(self.model)
                     objective = loss + extra
                     extra_total += float(extra.detach())
-                self.scaler.scale(objective).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                if dp:
+                    objective.backward()
+                    dp.step()
+                else:
+                    self.scaler.scale(objective).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                 if after_step is not None:
                     after_step(self.model, self.optimizer.param_groups[0]["lr"])
                 total += float(loss.detach())
@@ -343,8 +379,10 @@ class Trainer:
             self.epochs_done += 1
             if max_steps is not None and steps >= max_steps:
                 break
+        if dp:
+            dp.train(False)
         stats = {
-            "train_loss": total / max(steps, 1),
+            "train_loss": total / max(steps - empty, 1),
             "steps": float(steps),
             "train_time": time.perf_counter() - start,
             "lr": rates[0],
@@ -352,7 +390,34 @@ class Trainer:
         }
         if extra_loss is not None:
             stats["extra_loss"] = extra_total / max(steps, 1)
+        if dp:
+            stats["dp_empty_steps"] = float(empty)
         return stats
+
+    def _private(self, loader: DataLoader, hooks: bool) -> DPSGD | None:
+        """The trainer's DP-SGD (``brats_fl.seg.dp``) when the configuration asks for it, set up on the first call
+        from the number of cases ``loader`` holds; None without DP-SGD. A hook's term of the objective (FedProx) or
+        change after a step (SCAFFOLD) would bypass the per-case clipping, and is refused."""
+        c = self.config
+        if c.dp_epsilon is None:
+            return None
+        if hooks:
+            raise ValueError("DP-SGD clips each case's gradient; an extra loss term or an after-step change escapes it")
+        if self.dp is None:
+            self.dp = DPSGD(
+                self.model,
+                self.optimizer,
+                epsilon=c.dp_epsilon,
+                delta=c.dp_delta,
+                max_grad_norm=c.dp_clip,
+                cases=len(loader.dataset),
+                batch_size=c.batch_size,
+                epochs=c.dp_epochs or c.total_epochs,
+            )
+            if self._dp_state is not None:
+                self.dp.load_state_dict(self._dp_state)
+        self.dp.train(True)
+        return self.dp
 
     def _sliding(self, image: torch.Tensor) -> torch.Tensor:
         """Logits of a batch (B, 4, X, Y, Z) on its own grid, by Gaussian-weighted sliding windows of the patch."""
@@ -437,12 +502,20 @@ class Trainer:
     def state_dict(self) -> dict:
         """What training needs besides the weights to go on where it stopped: optimiser moments and the epoch the
         learning-rate schedule has reached."""
-        return {"optimizer": self.optimizer.state_dict(), "epochs_done": self.epochs_done}
+        state = {"optimizer": self.optimizer.state_dict(), "epochs_done": self.epochs_done}
+        if self.dp is not None or self._dp_state is not None:
+            state["dp"] = self.dp.state_dict() if self.dp is not None else self._dp_state
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Go on from ``state_dict()``'s result (the weights are loaded separately)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.epochs_done = int(state["epochs_done"])
+        if "dp" in state:
+            # the accountant goes on from every step the site took before, whenever DP-SGD is set up
+            self._dp_state = state["dp"]
+            if self.dp is not None:
+                self.dp.load_state_dict(self._dp_state)
 
     def save(self, path: Path, **meta) -> None:
         """Save weights with the model config and the spacing it was trained at, so that ``load_model`` and

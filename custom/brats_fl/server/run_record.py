@@ -25,6 +25,7 @@ from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 
+from brats_fl.server.privacy import read_ledger, summarise
 from brats_fl.version import mismatch, running
 
 RUN_RECORD = "brats_fl_run.json"
@@ -151,6 +152,8 @@ class RunRecord(FLComponent):
             "git": git_state([Path(__file__).resolve().parent, Path(os.environ.get("PWD", ".")), Path.cwd()]),
             "code_sha256": running()["code_sha256"],
             "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+            # what each site's privacy mechanisms guarantee, from the ledger (brats_fl.server.privacy)
+            "privacy": summarise(read_ledger(run_dir)),
         }
         path = run_dir / RUN_RECORD
         path.write_text(json.dumps(record, indent=1))

@@ -50,6 +50,7 @@ from brats_fl.seg.model import fingerprint, parameter_groups, save_whole, state_
 from brats_fl.seg.postprocess import choose_et_min_volume
 from brats_fl.seg.trainer import FINETUNE_SHARE, Trainer, config_from_args, make_train_loader
 from brats_fl.server.personalise import PERSONALISE_TASK, personal_keys
+from brats_fl.server.privacy import PRIVACY_META
 from brats_fl.server.schedule import ROUND_LR
 from brats_fl.server.segviz import ANNOTATED_META, head_keys
 from brats_fl.server.sequential import PASS_VALIDATION_TASK
@@ -222,12 +223,15 @@ class Site:
         fedprox = FedProx.from_task(model, self.trainer.model)
         c_global = self._scaffold_start(model)
         after_step = self.scaffold.after_step if self.scaffold and c_global is not None else None
+        before = self._dp_steps()
         stats = self.trainer.train_epochs(
             self.train, self.args.local_epochs, lr=lr, extra_loss=fedprox, after_step=after_step
         )
-        extra_meta = {}
+        extra_meta = self._privacy_meta(before)
+        if extra_meta:
+            algorithm["privacy"] = extra_meta[PRIVACY_META]
         if self.scaffold and c_global is not None:
-            extra_meta = self.scaffold.finish_round(self.trainer.model, self.trainer.optimizer.param_groups[0]["lr"])
+            extra_meta |= self.scaffold.finish_round(self.trainer.model, self.trainer.optimizer.param_groups[0]["lr"])
             algorithm["scaffold"] = self._controls_record(rnd, c_global, extra_meta)
         if fedprox:
             algorithm["fedprox"] = {"mu": fedprox.mu, "proximal_term": stats["extra_loss"]}
@@ -262,6 +266,14 @@ class Site:
                 **extra_meta,
             },
         )
+
+    def _dp_steps(self) -> int:
+        return self.trainer.dp.steps() if self.trainer.dp else 0
+
+    def _privacy_meta(self, before: int) -> dict:
+        """What DP-SGD has spent at this site, in all and since ``before`` steps, for the server's privacy ledger
+        (``brats_fl.server.privacy``) and this site's rounds.jsonl; nothing without DP-SGD."""
+        return {PRIVACY_META: self.trainer.dp.spent(since=before)} if self.trainer.dp else {}
 
     def _scaffold_start(self, model: flare.FLModel) -> dict[str, torch.Tensor] | None:
         """The server's SCAFFOLD control variate, taken from a training task that carries one (None if it does not);
@@ -300,17 +312,24 @@ class Site:
         self.load_global(model.params, self.personal)
         federated = self._snapshot()
         epochs = self.args.finetune_epochs
+        privacy: dict = {}
         if epochs:
             self._score_and_keep("before_finetune", epochs=0)
             trained = self._finetuned_keys()
             for key, param in self.trainer.model.named_parameters():
                 param.requires_grad_(key in trained)
+            before = self._dp_steps()
             self.trainer.train_epochs(self.train, epochs, lr=self.finetune_lr)
             for param in self.trainer.model.parameters():
                 param.requires_grad_(True)
+            # fine-tuning under DP-SGD spends epsilon too: the ledger records it
+            privacy = self._privacy_meta(before)
+            if privacy:
+                self.record["finetune_privacy"] = privacy[PRIVACY_META]
+                self._write_record()
         metrics = self._score_and_keep("personalised", epochs=epochs)
         self.trainer.model.load_state_dict(federated)
-        return flare.FLModel(metrics=_scalars(metrics))
+        return flare.FLModel(metrics=_scalars(metrics), meta=privacy)
 
     def _finetuned_keys(self) -> set[str]:
         scope = self.args.finetune_scope
