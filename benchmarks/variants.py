@@ -36,6 +36,8 @@ from brats_fl.seg.trainer import TrainConfig
 VARIANTS: dict[str, tuple[str, dict]] = {
     # as many rounds as centralized training takes sequential steps at 10 epochs (3 equal sites: 3x the rounds)
     "fedavg_r30": ("brats_fedavg", {"rounds": 30}),
+    # centralized training as long: whether central gains from the 3x epochs too
+    "central_r30": ("brats_central", {"rounds": 30}),
     # Adam's rate times the number of sites: each round's averaged update moves as far as central's three steps
     "fedavg_lr9e-3": ("brats_fedavg", {"lr": 9e-3}),
     # the same epochs per case in fewer, longer rounds: tells whether averaging often is what costs

@@ -146,7 +146,9 @@ payload_change = st.one_of(
     st.tuples(st.just("poison"), st.floats(0, 1), st.sampled_from([float("nan"), float("inf"), -float("inf"), 3e38])),
     st.tuples(st.just("append"), st.binary(min_size=1, max_size=4096)),
     st.tuples(st.just("replace"), st.binary(max_size=512)),
-    st.tuples(st.just("uncompressed"),),
+    st.tuples(
+        st.just("uncompressed"),
+    ),
 )
 changes = st.lists(st.tuples(st.sampled_from(KINDS), st.one_of(header_change, payload_change)), min_size=1, max_size=3)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -141,6 +142,11 @@ def _cache_files(folder: Path) -> set[str]:
     return {p.name for p in folder.glob("*.pt")}
 
 
+def _written(folder: Path) -> dict[str, int]:
+    """Each cache file and when it was written: a file that could not be read back is deleted and written again."""
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.pt")}
+
+
 def test_the_disk_cache_is_reused_only_for_the_same_files_and_pipeline(good_cohort: Path, tmp_path: Path):
     items, cache = _items(good_cohort)[:2], tmp_path / "cache"
 
@@ -149,10 +155,20 @@ def test_the_disk_cache_is_reused_only_for_the_same_files_and_pipeline(good_coho
         return [b["image"] for b in loader]
 
     first = batches(None, cache)
-    written = _cache_files(cache)
+    written = _written(cache)
     assert len(written) == len(items)
-    again = batches(None, cache)  # read back from disk: the same batches as computed, and no new file
-    assert _cache_files(cache) == written
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MONAI warns of a cache file it cannot read, then recomputes it
+        again = batches(None, cache)  # read back from disk: the same batches as computed, no file written again
+    assert _written(cache) == written
+    eval_loader(items, cache)
+    evaluation = _written(cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eval_loader(items, cache)  # evaluation's cases (MetaTensors with their affines) read back too
+    assert _written(cache) == evaluation
+    for name in set(evaluation) - set(written):
+        (cache / name).unlink()
     for a, b, c in zip(first, again, batches(None, None), strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
     batches(2.0, cache)  # another spacing is another pipeline

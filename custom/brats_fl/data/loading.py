@@ -16,8 +16,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import (
     Compose,
@@ -37,6 +38,7 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 
 from brats_fl.data.checks import BRATS_GRID
 from brats_fl.data.labels import REGIONS, annotation_mask, labels_to_regions
@@ -206,11 +208,29 @@ def _pipeline_hash(settings: dict):
     return transform_hash
 
 
+#: what a cached case holds besides tensors: MONAI's MetaTensor, its numpy metadata (arrays of any NIfTI datatype)
+#: and MONAI's metadata keys. PersistentDataset reads its files with ``torch.load(weights_only=True)``, which refuses
+#: every other type: without these allowed, each read failed, was taken for a corrupt file and recomputed, so a disk
+#: cache saved nothing. Allowing these data types keeps the safe loader, where ``weights_only=False`` would unpickle
+#: anything a file in the cache folder holds.
+_CACHED_TYPES = [
+    MetaTensor,
+    np._core.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    *(getattr(np.dtypes, name) for name in np.dtypes.__all__),
+    MetaKeys,
+    SpaceKeys,
+    TraceKeys,
+]
+
+
 def _source(items: list[dict], cached: list, cache_dir: Path | None, settings: dict) -> Dataset:
     """``items`` through the deterministic ``cached`` steps: from ``cache_dir`` on disk when a site has one
     (written on first use), else computed."""
     if cache_dir is None:
         return Dataset(items, Compose(cached))
+    torch.serialization.add_safe_globals(_CACHED_TYPES)
     return PersistentDataset(
         items,
         Compose(cached),
