@@ -1,7 +1,7 @@
 """Many sites and long runs: a 16-site FedAvg in FLARE's simulator, and resident memory over a 200-round POC.
 
-    python benchmarks/long_run.py sites [--sites 16] [--rounds 3] [--out runs/long_run]
-    python benchmarks/long_run.py memory [--rounds 200] [--sites 2] [--out runs/long_run] \
+    python benchmarks/long_run.py [--out runs/long_run] sites [--sites 16] [--rounds 3]
+    python benchmarks/long_run.py [--out runs/long_run] memory [--rounds 200] [--sites 2] [--from 20] \
         [--figure docs/figures/long_run_rss.png]
 
 Both run ``brats_fedavg`` with a tiny U-Net (channels 4-8-16, 16³ patches, one local epoch of one training case per
