@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from brats_fl.cli.main import main
-from brats_fl.jobs.catalogue import JOBS, JobParams, build
+from brats_fl.jobs.catalogue import JOBS, MEMORY_GC_ROUNDS, JobParams, build
 from brats_fl.jobs.export import export_jobs
 from brats_fl.jobs.resume import RESUME_FILE
 from brats_fl.server.fedavg import rounds_left
@@ -124,6 +124,17 @@ def test_committed_jobs_are_configuration_naming_the_installed_package():
         texts = "".join(p.read_text() for p in (job / "app" / "config").glob("*.json"))
         for path in re.findall(r'"path": "([\w.]+)"', texts):
             assert allowed(path, policy), (job.name, path)
+
+
+def test_every_job_cleans_memory_every_round_at_its_sites_and_fedavg_at_its_server():
+    """FLARE's per-round memory cleanup, which held a 200-round POC run's memory (docs/benchmarks.md)."""
+    for job in sorted((REPO / "jobs").iterdir()):
+        client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+        (executor,) = [e["executor"] for e in client["executors"]]
+        assert executor["args"]["memory_gc_rounds"] == MEMORY_GC_ROUNDS, job
+    server = json.loads((REPO / "jobs" / "brats_fedavg" / "app" / "config" / "config_fed_server.json").read_text())
+    (controller,) = [c for c in server["workflows"] if c["path"] == "brats_fl.server.fedavg.DeadlineFedAvg"]
+    assert controller["args"]["memory_gc_rounds"] == MEMORY_GC_ROUNDS
 
 
 def test_bundled_jobs_carry_the_package_and_stay_out_of_the_repository(tmp_path: Path):

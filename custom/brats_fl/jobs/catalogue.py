@@ -57,6 +57,10 @@ from brats_fl.version import running
 KEY_METRIC = "dice_mean"
 #: the package every site and the server have installed; jobs name its components and carry no code of it
 PACKAGE = "brats_fl"
+#: FLARE's memory cleanup (gc.collect, then glibc's malloc_trim) every round: at each site after it sends, and at the
+#: server of the FedAvg-based jobs after it aggregates. Without it a site's job process grew 10 % from round 20 to 200
+#: of a POC run (docs/benchmarks.md, "Many sites, long runs"); it costs milliseconds, against minutes of training
+MEMORY_GC_ROUNDS = 1
 #: local epochs of the _ft jobs after federated training
 FINETUNE_EPOCHS = 2
 #: every task a site answers. FLARE looks a filter up by exact task name (a filter's default task "*" matches
@@ -265,6 +269,7 @@ def _fedavg(
         key_metric=KEY_METRIC,
         key_metric_mode="max",
         aggregator=screen,
+        server_memory_gc_rounds=MEMORY_GC_ROUNDS,
         **recipe_args,
     )
     _with_transfer_filters(recipe, params, model)
@@ -301,7 +306,12 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
     def _create_client_runner(self, site_config: dict) -> SiteExecutor:
         # the installed package's executor in place of FLARE's ScriptRunner, which would copy a script into the
         # job's custom/ folder (brats_fl.site.executor says why); ``train_script`` above only names its module
-        return SiteExecutor(self.client, expects=running(), transfer=self.params_transfer_type.value.lower())
+        return SiteExecutor(
+            self.client,
+            expects=running(),
+            transfer=self.params_transfer_type.value.lower(),
+            memory_gc_rounds=MEMORY_GC_ROUNDS,
+        )
 
     def _create_controller(
         self, persistor_id: str, model_params: dict | None, model_aggregator: ModelAggregator | None
@@ -464,7 +474,7 @@ class ControllerRecipe(Recipe):
         job.comp_ids.update(job.to_server(persistor, id="persistor"))
         job.to_server(controller, id="controller_" + name.removeprefix("brats_"))
         job.set_app_packages([PACKAGE])
-        job.to_clients(SiteExecutor(client | {"job": name}, expects=running()))
+        job.to_clients(SiteExecutor(client | {"job": name}, expects=running(), memory_gc_rounds=MEMORY_GC_ROUNDS))
         super().__init__(job)
         _with_transfer_filters(self, params, model or params.model())
 

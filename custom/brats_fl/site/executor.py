@@ -37,20 +37,25 @@ class SiteExecutor(ClientAPIExecutor):
 
     ``expects`` is what the job was exported from (``{"version": ..., "code_sha256": ...}``); a site running other
     code stops the job at its start, naming itself, both versions and the command that fixes it.
+    ``memory_gc_rounds``: FLARE's memory cleanup every that many rounds, after the site sends (0: never).
     """
 
-    def __init__(self, config: dict[str, Any], expects: dict[str, str], transfer: str = "full"):
+    def __init__(
+        self, config: dict[str, Any], expects: dict[str, str], transfer: str = "full", memory_gc_rounds: int = 0
+    ):
         super().__init__(
             execution_mode="in_process",
             task_script_path=str(CLIENT_SCRIPT),
             params_exchange_format=ExchangeFormat.PYTORCH,
             server_expected_format=ExchangeFormat.PYTORCH,
             params_transfer_type=TransferType(transfer.upper()),
+            memory_gc_rounds=memory_gc_rounds,
         )
         # kept under the constructor's names: FLARE's job export writes them back from these attributes
         self.config = config
         self.expects = expects
         self.transfer = transfer
+        self.memory_gc_rounds = memory_gc_rounds
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
