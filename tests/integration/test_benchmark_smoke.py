@@ -30,8 +30,12 @@ def test_ci_benchmark_runs_every_algorithm_and_resumes(tmp_path: Path, capsys):
         scores = section.split("### Scores", 1)[1].split("###", 1)[0]
         header = scores.strip().splitlines()[0]
         assert "Dice mean" in header and "HD95 mean (mm)" in header and "gap to central (Dice)" in header
-        names = [line.split("|")[1].strip() for line in scores.strip().splitlines()[2:] if line.startswith("|")]
+        rows = [line for line in scores.strip().splitlines()[2:] if line.startswith("|")]
+        names = [line.split("|")[1].strip() for line in rows]
         assert names == [a.removeprefix("brats_") for a in profile.algorithms] + [UNTRAINED]
+        # what each run's privacy ledger guarantees: nothing, for jobs without DP-SGD
+        assert "privacy (ledger)" in header
+        assert all("no differential-privacy guarantee" in line for line in rows[:-1])
         assert "[" in scores  # confidence intervals
         tests = section.split("### Paired tests", 1)[1]
         assert "p (Holm)" in tests and "verdict" in tests

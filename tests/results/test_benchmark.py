@@ -123,6 +123,8 @@ def _write_run(out: Path, partition: str, algorithm: str, seed: int, mean: float
         "machine": {"cpu": "test cpu", "cores": 2},
         "versions": {"brats-fl": "0"},
     }
+    if algorithm != "brats_local":  # a run of a brats-fl before the privacy ledger records none
+        summary["privacy"] = "epsilon 8, delta 1e-05 (dp-sgd)" if algorithm == "brats_fedprox" else "no guarantee"
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -168,6 +170,9 @@ def test_page_has_every_row_intervals_tests_and_curves(benchmark_dir: Path):
         assert low < estimate < high and estimate == pytest.approx(0.7, abs=0.02)
         gap = float(fedavg["gap to central (Dice)"].split()[0])
         assert gap == pytest.approx(-0.1, abs=0.01)
+        privacy = {row[0]: dict(zip(scores[0], row, strict=True))["privacy (ledger)"] for row in scores[1:]}
+        assert privacy == {"central": "no guarantee", "local": "not recorded", "fedavg": "no guarantee",
+                           "fedprox": "epsilon 8, delta 1e-05 (dp-sgd)", UNTRAINED: ""}  # fmt: skip
         tests = _table(section, "Paired tests")
         assert tests[0][-1] == "verdict"
         verdicts = {(r[0], r[1]): r[-1] for r in tests[1:]}

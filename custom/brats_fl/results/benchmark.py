@@ -223,6 +223,7 @@ def _with_means(site: str, row: dict) -> dict:
 def run_summary(run_dir: Path, spec: RunSpec, params: Any, wall_time: float) -> dict:
     """What the page needs of a finished run, and what makes it comparable with a run elsewhere: pooled and per-case
     scores, validation curves, traffic, the final global model's hashes, machine, versions and time."""
+    from brats_fl.results.privacy import ledger_summary
     from brats_fl.results.report import summarise_run
     from brats_fl.server.run_record import package_versions
 
@@ -238,6 +239,7 @@ def run_summary(run_dir: Path, spec: RunSpec, params: Any, wall_time: float) -> 
         "per_case": per_case_scores(summary),
         "val_dice": {site: tags.get(tag, []) for site, tags in summary["curves"].items()},
         "bytes_sent_per_site": sum(t["sent"] for t in traffic.values()) / len(traffic) if traffic else 0,
+        "privacy": ledger_summary(Path(summary["run"]))["guarantee"],
         "global_model": model_hashes(Path(summary["run"]) / "app_server" / "FL_global_model.pt"),
         "wall_time": wall_time,
         "machine": machine(),

@@ -69,11 +69,12 @@ def _scores_table(
     algorithms: dict[str, list[dict]], untrained: list[list[dict]], cases: list[str]
 ) -> tuple[list[str], list[list[str]]]:
     """A row per algorithm (and the untrained model): Dice and HD95 per region and lesion-wise (BraTS 2023) with CIs,
-    worst site, gap to centralized training with CI, bytes sent per site and wall time, each over the algorithm's
-    seeds."""
+    worst site, gap to centralized training with CI, bytes sent per site, what the privacy ledger guarantees (each
+    site's epsilon, or none) and wall time, each over the algorithm's seeds."""
     header = ["algorithm", "seeds", *(f"Dice {r}" for r in REGIONS), *(f"HD95 {r} (mm)" for r in REGIONS),
               "lesion-wise Dice mean", "lesion-wise HD95 mean (mm)",
-              "worst site (Dice)", "gap to central (Dice)", "MB sent per site", "wall time (s)"]  # fmt: skip
+              "worst site (Dice)", "gap to central (Dice)", "MB sent per site", "privacy (ledger)",
+              "wall time (s)"]  # fmt: skip
     central = algorithms.get(CENTRAL)
     central_dice = score_matrix(_per_seed([r["per_case"] for r in central], "dice_mean"), cases) if central else None
     rows = []
@@ -89,7 +90,7 @@ def _scores_table(
         for metric, digits in (("lesion_dice_mean", 3), ("lesion_hd95_mean", 2)):
             cells.append(_cell(bootstrap_ci(score_matrix(_per_seed(per_case, metric), cases)), digits))
         if seeds is None:
-            rows.append(cells + ["", "", "", ""])
+            rows.append(cells + ["", "", "", "", ""])
             continue
         worst = Counter(s["test"]["worst_site"] for s in seeds).most_common(1)[0][0]
         worst_dice = np.mean([s["test"]["worst_dice_mean"] for s in seeds])
@@ -97,7 +98,9 @@ def _scores_table(
         gap = _cell(bootstrap_ci(dice, central_dice)) if central_dice is not None and name != CENTRAL else ""
         sent = np.mean([s["bytes_sent_per_site"] for s in seeds]) / 2**20
         wall = np.mean([s["wall_time"] for s in seeds])
-        rows.append(cells + [f"{worst} ({worst_dice:.3f})", gap, f"{sent:.1f}", f"{wall:.0f}"])
+        # a run of a brats-fl without the ledger recorded none
+        privacy = "; ".join(sorted({s.get("privacy", "not recorded") for s in seeds}))
+        rows.append(cells + [f"{worst} ({worst_dice:.3f})", gap, f"{sent:.1f}", privacy, f"{wall:.0f}"])
     return header, rows
 
 
