@@ -11,7 +11,8 @@ the matrix's (``brats_fl.results.benchmark.run_summary``), written under ``<benc
 a finished variant is kept and skipped. ``table`` prints, per variant and reference, the epochs each training case is
 seen, the sequential optimiser steps (a site's steps per round times rounds: FedAvg's sites step in parallel, and
 averaging their updates is not a step more), pooled test Dice with its 95 % CI over seeds and cases, the paired
-difference to centralized training, what the privacy ledger recorded, and wall time, as JSON with
+difference (CI and Wilcoxon p) to centralized training with as many epochs per case and to the matrix's run of the
+same job, what the privacy ledger recorded, and wall time, as JSON with
 the date and machine.
 """
 
@@ -27,9 +28,10 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 from brats_fl.results import benchmark as bench
 from brats_fl.results.privacy import ledger_summary
-from brats_fl.results.stats import bootstrap_ci, score_matrix
+from brats_fl.results.stats import bootstrap_ci, score_matrix, wilcoxon_p
 from brats_fl.seg.trainer import TrainConfig
 
 #: variant -> (job, settings changed from the full profile's); every other setting is the profile's
@@ -90,27 +92,42 @@ def _steps(summary: dict) -> tuple[float, int]:
     return p["rounds"] * p["local_epochs"], p["rounds"] * p["local_epochs"] * steps_per_epoch
 
 
+def _interval(a, b=None) -> list[float]:
+    ci = bootstrap_ci(a, b)
+    return [round(ci.estimate, 3), round(ci.low, 3), round(ci.high, 3)]
+
+
+def _paired(a, b) -> dict:
+    """Difference of mean Dice ``a - b`` with its CI over seeds and cases, and the Wilcoxon p on per-case means."""
+    return {"difference": _interval(a, b), "p_wilcoxon": wilcoxon_p(np.nanmean(a, 0) - np.nanmean(b, 0))}
+
+
 def table(bench_dir: Path) -> dict:
-    """Every finished variant and reference: epochs, sequential steps, pooled Dice with its CI, gap to central."""
-    rows, central = {}, None
+    """Every finished variant and reference: epochs, sequential steps, pooled Dice with its CI, the paired difference
+    to centralized training with as many epochs per case, and to the matrix's run of the same job."""
+    found = {}
     for name in [*REFERENCES, *VARIANTS]:
         summaries = [json.loads((f / "summary.json").read_text()) for f in _folders(bench_dir, name)]
-        if not summaries:
-            continue
-        per_seed = [{r["case_id"]: r["dice_mean"] for r in s["per_case"]} for s in summaries]
-        cases = sorted(per_seed[0])
-        matrix = score_matrix(per_seed, cases)
-        if name == "central (matrix)":
-            central = matrix
+        if summaries:
+            per_seed = [{r["case_id"]: r["dice_mean"] for r in s["per_case"]} for s in summaries]
+            found[name] = (summaries, score_matrix(per_seed, sorted(per_seed[0])))
+    # centralized training at the profile's settings, by epochs per case
+    centrals = {_steps(found[n][0][0])[0]: found[n][1] for n in ("central (matrix)", "central_r30") if n in found}
+    references = {job: found[name][1] for name, job in REFERENCES.items() if name in found}
+    rows = {}
+    for name, (summaries, matrix) in found.items():
         epochs, steps = _steps(summaries[0])
-        dice = bootstrap_ci(matrix)
-        gap = bootstrap_ci(matrix, central) if central is not None and name != "central (matrix)" else None
+        central = centrals.get(epochs)
+        reference = references.get(summaries[0]["algorithm"])
         rows[name] = {
             "seeds": len(summaries),
             "epochs_per_case": epochs,
             "sequential_steps": steps,
-            "dice_mean": [round(dice.estimate, 3), round(dice.low, 3), round(dice.high, 3)],
-            "gap_to_central": [round(gap.estimate, 3), round(gap.low, 3), round(gap.high, 3)] if gap else None,
+            "dice_mean": _interval(matrix),
+            "to_central_same_epochs": _paired(matrix, central)
+            if central is not None and central is not matrix
+            else None,
+            "to_matrix_run": _paired(matrix, reference) if name in VARIANTS and reference is not None else None,
             "privacy": [ledger_summary(Path(s["run"]))["guarantee"] for s in summaries],
             "wall_time_s": round(sum(s["wall_time"] for s in summaries) / len(summaries)),
         }
