@@ -95,7 +95,8 @@ def rescore(bench_dir: Path, partitions: list[str]) -> dict:
             "cases": len(cases),
             "et_dice": interval(before),
             "et_dice_post": interval(after),
-            "et_dice_difference": interval(after, before),
+            # the same run with and without: seeds paired as well as cases
+            "et_dice_difference": interval(after - before),
             "p_wilcoxon": wilcoxon_p((after - before).mean(axis=0)),
             "et_hd95_mm": interval(matrix("hd95")),
             "et_hd95_post_mm": interval(matrix("hd95_post")),

@@ -52,10 +52,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 REFERENCES = {"central (matrix)": "brats_central", "fedavg (matrix)": "brats_fedavg"}
 
 
-def _folders(bench_dir: Path, name: str) -> list[Path]:
-    """The seed folders of a variant or of a matrix reference that hold a finished summary."""
+def _folders(bench_dir: Path, name: str, seeds: int) -> list[Path]:
+    """The folders of seeds 0 .. ``seeds`` - 1 of a variant or of a matrix reference that hold a finished summary:
+    the references compared on the variants' seeds only, although the matrix may have run more."""
     root = bench_dir / ("runs/iid/" + REFERENCES[name] if name in REFERENCES else f"variants/{name}")
-    return sorted(p.parent for p in root.glob("seed*/summary.json"))
+    return [root / f"seed{k}" for k in range(seeds) if (root / f"seed{k}" / "summary.json").is_file()]
 
 
 def _run(bench_dir: Path, variant: str, seed: int) -> None:
@@ -102,12 +103,12 @@ def _paired(a, b) -> dict:
     return {"difference": _interval(a, b), "p_wilcoxon": wilcoxon_p(np.nanmean(a, 0) - np.nanmean(b, 0))}
 
 
-def table(bench_dir: Path) -> dict:
+def table(bench_dir: Path, seeds: int) -> dict:
     """Every finished variant and reference: epochs, sequential steps, pooled Dice with its CI, the paired difference
     to centralized training with as many epochs per case, and to the matrix's run of the same job."""
     found = {}
     for name in [*REFERENCES, *VARIANTS]:
-        summaries = [json.loads((f / "summary.json").read_text()) for f in _folders(bench_dir, name)]
+        summaries = [json.loads((f / "summary.json").read_text()) for f in _folders(bench_dir, name, seeds)]
         if summaries:
             per_seed = [{r["case_id"]: r["dice_mean"] for r in s["per_case"]} for s in summaries]
             found[name] = (summaries, score_matrix(per_seed, sorted(per_seed[0])))
@@ -139,14 +140,14 @@ def main() -> None:
     parser.add_argument("command", choices=("run", "table"))
     parser.add_argument("--bench", type=Path, required=True, help="a full-profile benchmark folder")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 of each variant")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 of each variant (and of the references)")
     args = parser.parse_args()
     bench_dir = args.bench.resolve()
     if args.command == "run":
         for seed in range(args.seeds):
             for variant in args.variants:
                 _run(bench_dir, variant, seed)
-    print(json.dumps(table(bench_dir), indent=1))
+    print(json.dumps(table(bench_dir, args.seeds), indent=1))
 
 
 if __name__ == "__main__":
