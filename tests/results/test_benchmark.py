@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,7 @@ def benchmark_dir(tmp_path: Path) -> Path:
 def _table(md: str, title: str) -> list[list[str]]:
     """The rows of the first table after the heading ``title``."""
     lines = md.split(f"### {title}", 1)[1].strip().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("|")) :]  # after any text above it
     table = [line for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("|"))]]
     return [[c.strip() for c in line.strip("|").split("|")] for line in table if not line.startswith("|---")]
 
@@ -185,6 +187,22 @@ def test_page_has_every_row_intervals_tests_and_curves(benchmark_dir: Path):
     html = (benchmark_dir / "index.html").read_text()
     assert html.count("data:image/png;base64,") == 2
     assert "brats_fedprox0".ljust(64, "0") in md
+
+
+def test_paired_tests_use_the_seeds_every_algorithm_has(benchmark_dir: Path):
+    """FedAvg's seeds 1 and 2 score far lower than its seed 0; FedProx has seed 0 alone. Over FedAvg's three seeds
+    FedProx would look better; on the seed both have they are alike."""
+    for seed in (1, 2):
+        shutil.rmtree(RunSpec("iid", "brats_fedprox", seed).folder(benchmark_dir))
+        shutil.rmtree(RunSpec("iid", "brats_fedavg", seed).folder(benchmark_dir))
+        _write_run(benchmark_dir, "iid", "brats_fedavg", seed, 0.4)
+    section = write_page(benchmark_dir).read_text().split("## Partition: iid", 1)[1].split("## Partition:", 1)[0]
+    assert "On seed(s) 0, the seeds every algorithm of this partition has finished." in section
+    tests = _table(section, "Paired tests")
+    verdicts = {(r[0], r[1]): r[-1] for r in tests[1:]}
+    assert verdicts[("fedprox", "fedavg")] == "not separated"
+    scores = {row[0]: row[1] for row in _table(section, "Scores")[1:]}
+    assert scores["fedavg"] == "3" and scores["fedprox"] == "1"  # the scores keep every seed
 
 
 def test_page_is_rebuilt_from_what_is_there(benchmark_dir: Path):

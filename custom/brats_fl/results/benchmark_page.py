@@ -146,11 +146,17 @@ def partition_blocks(name: str, runs: list[dict], untrained: list[list[dict]], f
     for run in runs:
         algorithms.setdefault(run["algorithm"], []).append(run)
     cases = sorted({row["case_id"] for run in runs for row in run["per_case"]})
+    # the tests pair seeds as well as cases: an algorithm with more finished seeds than another is compared on the
+    # seeds both have, else seed-to-seed spread would pass for a difference between algorithms
+    common = sorted(set.intersection(*({s["seed"] for s in seeds} for seeds in algorithms.values())))
     per_case = {
-        alg: case_means(score_matrix(_per_seed([s["per_case"] for s in seeds], "dice_mean"), cases), cases)
+        alg: case_means(
+            score_matrix(_per_seed([s["per_case"] for s in seeds if s["seed"] in common], "dice_mean"), cases), cases
+        )
         for alg, seeds in algorithms.items()
     }
     comparisons = compare(per_case, [FEDAVG, CENTRAL])
+    seeds_text = f"On seed(s) {', '.join(map(str, common))}, the seeds every algorithm of this partition has finished."
     curves = {
         alg.removeprefix("brats_"): [list(np.nanmean(_padded(s["val_dice"]), axis=0)) for s in seeds]
         for alg, seeds in algorithms.items()
@@ -163,6 +169,7 @@ def partition_blocks(name: str, runs: list[dict], untrained: list[list[dict]], f
         ("h3", "Scores"),
         ("table", *_scores_table(algorithms, untrained, cases)),
         ("h3", "Paired tests"),
+        ("p", seeds_text),
         ("table", *_tests_table(comparisons)),
         ("p", sample_size_text(comparisons, len(cases))),
         ("h3", "Learning curves"),
