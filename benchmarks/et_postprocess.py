@@ -28,7 +28,7 @@ from brats_fl.results import benchmark as bench
 from brats_fl.results.stats import bootstrap_ci, score_matrix, wilcoxon_p
 from brats_fl.seg.inference import load_for_inference
 from brats_fl.seg.metrics import HD95_UNDEFINED
-from brats_fl.seg.postprocess import CANDIDATES, choose_et_min_volume, et_dice_at
+from brats_fl.seg.postprocess import CANDIDATES, choose_et_min_volume, et_dice_after, et_dice_at
 
 
 def _site_dirs(summary: dict) -> dict[str, Path]:
@@ -50,8 +50,7 @@ def _post(row: dict, threshold: float) -> tuple[float, float]:
     """A test case's ET Dice and HD95 had its predicted ET below ``threshold`` been cleared."""
     if row["volume_ET"] >= threshold:
         return row["dice_ET"], row["hd95_ET"]
-    empty_truth = row["volume_truth_ET"] == 0
-    return (1.0, 0.0) if empty_truth else (0.0, HD95_UNDEFINED)
+    return et_dice_after(row, threshold), 0.0 if row["volume_truth_ET"] == 0 else HD95_UNDEFINED
 
 
 def rescore(bench_dir: Path, partitions: list[str]) -> dict:

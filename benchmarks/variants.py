@@ -68,10 +68,7 @@ def _run(bench_dir: Path, variant: str, seed: int) -> None:
         return
     shutil.rmtree(folder, ignore_errors=True)  # what a killed run left cannot be told from a finished run's
     folder.mkdir(parents=True)
-    site_config = folder / "site_config.json"
-    partition = bench.prepare_partition("iid", bench_dir, profile)
-    doc = bench.site_data(partition) | {"state_dir": str(folder / "site_state"), "cache_dir": str(bench_dir / "cache")}
-    bench._write_json(site_config, doc)
+    site_config = bench.run_site_config(folder, bench.prepare_partition("iid", bench_dir, profile), bench_dir)
     params = dataclasses.replace(bench.job_params(profile, algorithm, seed), **changes)
     spec = bench.RunSpec("iid", algorithm, seed)
     process = multiprocessing.get_context("spawn").Process(

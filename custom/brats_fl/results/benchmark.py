@@ -171,6 +171,16 @@ def site_data(site_config: Path) -> dict[str, str]:
     return {key: str((Path(site_config).parent / doc[key]).resolve()) for key in ("data_root", "datalist_dir")}
 
 
+def run_site_config(folder: Path, partition_config: Path, out: Path) -> Path:
+    """A run's own site configuration in ``folder``: its partition's data, a state folder of its own (personal layers
+    kept for a restart, never shared by parallel seeds), and the benchmark's disk cache of decoded, cropped and
+    resampled cases, kept for every later run on the same files and pipeline."""
+    site_config = Path(folder) / "site_config.json"
+    doc = site_data(partition_config) | {"state_dir": str(Path(folder) / "site_state"), "cache_dir": str(out / "cache")}
+    _write_json(site_config, doc)
+    return site_config
+
+
 def _write_json(path: Path, doc: Any) -> None:
     """Whole or not at all: a temporary file beside it, then an atomic rename (a killed run leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,13 +422,7 @@ def run_benchmark(
             spec = todo.pop(0)
             folder = spec.folder(out)
             folder.mkdir(parents=True)
-            # each run its own site state (personal layers kept for a restart), so parallel seeds never share it
-            site_config = folder / "site_config.json"
-            # decoded, cropped and resampled cases kept on disk for every later run on the same files and pipeline
-            cache = {"cache_dir": str(out / "cache")}
-            _write_json(
-                site_config, site_data(configs[spec.partition]) | {"state_dir": str(folder / "site_state")} | cache
-            )
+            site_config = run_site_config(folder, configs[spec.partition], out)
             params = job_params(profile, spec.algorithm, spec.seed)
             process = context.Process(target=_run_one, args=(spec, params, site_config, folder, cores), daemon=False)
             process.start()

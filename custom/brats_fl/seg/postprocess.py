@@ -35,14 +35,17 @@ def drop_small_et(pred: torch.Tensor, spacing: Sequence[Sequence[float]] | None,
     return out
 
 
+def et_dice_after(row: dict, min_volume: float) -> float:
+    """A scored case's ET Dice (a ``brats_fl.seg.metrics.RegionMetrics.per_case`` row) had its predicted ET below
+    ``min_volume`` been cleared: a cleared case scores 1 where the truth has no ET and 0 where it has."""
+    if row["volume_ET"] >= min_volume:
+        return row["dice_ET"]
+    return 1.0 if row["volume_truth_ET"] == 0 else 0.0
+
+
 def et_dice_at(rows: Sequence[dict], min_volume: float) -> float:
-    """Mean ET Dice of per-case rows (``brats_fl.seg.metrics.RegionMetrics.per_case``) had ET below ``min_volume``
-    been cleared: a cleared case scores 1 where the truth has no ET and 0 where it has."""
-    scores = [
-        (1.0 if row["volume_truth_ET"] == 0 else 0.0) if row["volume_ET"] < min_volume else row["dice_ET"]
-        for row in rows
-        if "dice_ET" in row
-    ]
+    """Mean ET Dice of per-case rows had ET below ``min_volume`` been cleared (``et_dice_after``)."""
+    scores = [et_dice_after(row, min_volume) for row in rows if "dice_ET" in row]
     if not scores:
         raise ValueError("no case with an ET score to choose the ET threshold on")
     return float(np.mean(scores))
