@@ -186,8 +186,8 @@ PARAMS: tuple[Param, ...] = (
           "tumour smaller than this many mm³ becomes necrotic core (brats_fl.seg.postprocess); auto chooses it on the "
           "site's validation split", rule="et_min_volume none, auto or a volume >= 0 (mm³)", check=_et_setting,
           flag="--et-min-volume", site="et_min_volume"),
-    Param("amp", str, "auto", "mixed precision: auto is on with a GPU (float16 with loss scaling) and off on a CPU; on "
-          "uses bfloat16 on a CPU", choices=AMP_MODES, flag="--amp", site="amp"),
+    Param("amp", str, "auto", "mixed precision: auto is on with a GPU (bfloat16; float16 with loss scaling before "
+          "Ampere) and off on a CPU; on uses bfloat16 on a CPU", choices=AMP_MODES, flag="--amp", site="amp"),
     _at_least_one("batch_size", "patches per batch", default=2, flag="--batch", site="batch"),
     # nnU-Net oversamples foreground to one third; 0 would train on background alone
     Param("fg_ratio", float, 0.33, "share of training patches centred on tumour", rule="0 < fg_ratio <= 1",

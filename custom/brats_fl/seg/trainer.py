@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -265,12 +266,24 @@ def default_device() -> torch.device:
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast type of mixed precision ``mode`` on ``device``, None for full precision. A GPU runs float16 (with
-    loss scaling); a CPU runs bfloat16 when asked (``on``), which torch's CPU autocast supports, and full precision
-    by default, where bfloat16 is rarely faster."""
+    """The autocast type of mixed precision ``mode`` on ``device``, None for full precision.
+
+    A GPU runs bfloat16 where it has it (Ampere and later), float16 with loss scaling on older ones; a CPU runs
+    bfloat16 when asked (``on``), which torch's CPU autocast supports, and full precision by default, where bfloat16
+    is rarely faster. Not float16 where bfloat16 exists: on an H200 (``benchmarks/gpu_amp.py``, docs/benchmarks.md)
+    the default U-Net's float16 forward pass overflowed after 9 to 10 epochs in 2 of 3 seeds; the loss turned NaN,
+    loss scaling skipped every step until its scale reached 0, and the weights became NaN. bfloat16 has float32's
+    range, trained all three seeds and needs no loss scaling."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if device.type == "cuda" and not gpu_has_bfloat16(device):
+        return torch.float16
+    return torch.bfloat16
+
+
+def gpu_has_bfloat16(device: torch.device) -> bool:
+    """Whether the GPU computes in bfloat16 natively (compute capability 8.0, Ampere, or later)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 class Trainer:
@@ -283,9 +296,7 @@ class Trainer:
         set_determinism(seed=config.seed)
         self.device = device or default_device()
         self.model = (model or build_model(config.model)).to(self.device)
-        self.amp_dtype = amp_dtype(config.amp, self.device)
-        # float16 gradients underflow without scaling; bfloat16 has float32's range and needs none
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.use_precision(amp_dtype(config.amp, self.device))
         if config.optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
                 self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -306,8 +317,13 @@ class Trainer:
         self._dp_state: dict | None = None
         if config.dp_epsilon is not None:
             # Opacus clips per-case gradients in full precision
-            self.amp_dtype = None
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+            self.use_precision(None)
+
+    def use_precision(self, dtype: torch.dtype | None) -> None:
+        """Train and infer under autocast to ``dtype`` (None: full precision), with loss scaling for float16 alone:
+        its gradients underflow without it, while bfloat16 has float32's range. Starts a new loss scale."""
+        self.amp_dtype = dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
 
     def epoch_lr(self, epoch: int) -> float:
         """The rate of epoch ``epoch`` (from 0) when no one else gives one: ``lr``, poly-decayed over
@@ -340,6 +356,7 @@ class Trainer:
         steps, empty, total, extra_total, start = 0, 0, 0.0, 0.0, time.perf_counter()
         rates: list[float] = []
         for _ in range(epochs):
+            epoch_steps, finite_steps = 0, 0
             rates.append(self.epoch_lr(self.epochs_done) if lr is None else lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = rates[-1]
@@ -372,11 +389,13 @@ class Trainer:
                     self.scaler.update()
                 if after_step is not None:
                     after_step(self.model, self.optimizer.param_groups[0]["lr"])
-                total += float(loss.detach())
-                steps += 1
+                value = float(loss.detach())
+                total, finite_steps = total + value, finite_steps + math.isfinite(value)
+                steps, epoch_steps = steps + 1, epoch_steps + 1
                 if max_steps is not None and steps >= max_steps:
                     break
             self.epochs_done += 1
+            self._check_diverged(epoch_steps, finite_steps)
             if max_steps is not None and steps >= max_steps:
                 break
         if dp:
@@ -393,6 +412,18 @@ class Trainer:
         if dp:
             stats["dp_empty_steps"] = float(empty)
         return stats
+
+    def _check_diverged(self, steps: int, finite: int) -> None:
+        """Stop a training that has diverged, naming it, rather than send a NaN model on (to the server, or into a
+        results table as Dice 0). An epoch in which no step had a finite loss has not trained; float16 loss scaling
+        skips such steps and halves its scale each time, until the weights themselves turn NaN."""
+        weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if (steps and not finite) or not weights_finite:
+            what = f"{steps - finite} of {steps} steps gave a non-finite loss"
+            if not weights_finite:
+                what += " and the weights are no longer finite"
+            hint = "--amp off" if self.amp_dtype == torch.float16 else "a lower --lr"
+            raise FloatingPointError(f"training diverged in epoch {self.epochs_done}: {what}; try {hint}")
 
     def _private(self, loader: DataLoader, hooks: bool) -> DPSGD | None:
         """The trainer's DP-SGD (``brats_fl.seg.dp``) when the configuration asks for it, set up on the first call
