@@ -38,6 +38,7 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from monai.transforms.transform import Randomizable, Transform
 from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 
 from brats_fl.data.checks import BRATS_GRID
@@ -271,6 +272,59 @@ def train_loader(
     dataset.transform.set_random_state(seed=seed)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=max(1, batch_size // samples_per_case), shuffle=True, generator=generator)
+
+
+def sampling_state(loader: DataLoader) -> dict:
+    """Where ``loader`` (``train_loader``'s) stands in its random draws: the numpy generator of every random transform
+    in its pipeline (``_random_parts``) and its shuffling generator. Plain tensors and numbers, so that a site's state
+    file loads with ``torch.load(weights_only=True)``. Reading it draws nothing: a run that saves it samples the same.
+    """
+    parts = {}
+    for path, part in _random_parts(loader.dataset.transform):
+        kind, key, pos, has_gauss, cached = part.R.get_state()
+        parts[path] = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos)}
+        parts[path] |= {"has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {"transforms": parts, "generator": loader.generator.get_state()}
+
+
+def load_sampling_state(loader: DataLoader, state: dict) -> None:
+    """Put ``loader`` where ``sampling_state`` found it, so that it draws next what the loader it was read from drew
+    next: a resumed site samples round r's patches and order, not round 0's again. The pipelines must match."""
+    parts = dict(_random_parts(loader.dataset.transform))
+    if set(parts) != set(state["transforms"]):
+        raise ValueError(
+            f"the saved sampling state is of another pipeline: random transforms {sorted(state['transforms'])}, "
+            f"this loader's {sorted(parts)}"
+        )
+    for path, part in parts.items():
+        saved = state["transforms"][path]
+        key = saved["key"].numpy().astype(np.uint32)
+        # in place: a generator shared by two transforms stays shared
+        part.R.set_state((saved["kind"], key, saved["pos"], saved["has_gauss"], saved["cached_gaussian"]))
+    loader.generator.set_state(state["generator"])
+
+
+def _random_parts(obj: object, path: str = "transform", seen: set[int] | None = None) -> list[tuple[str, Randomizable]]:
+    """Every random transform in ``obj``, each named by its attribute path, in a fixed order: a Compose's own
+    generator, its transforms' and those of the transforms they hold (MONAI's ``RandCropByPosNegLabeld`` crops with
+    an inner ``RandCropByPosNegLabel`` that draws from a generator of its own)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    found = [(path, obj)] if isinstance(obj, Randomizable) else []
+    if isinstance(obj, list | tuple):
+        children = [(f"{path}.{i}", item) for i, item in enumerate(obj)]
+    elif isinstance(obj, dict):
+        children = [(f"{path}.{key}", item) for key, item in obj.items()]
+    elif isinstance(obj, Transform | Randomizable):
+        children = [(f"{path}.{name}", item) for name, item in vars(obj).items() if name != "R"]
+    else:
+        children = []
+    for child_path, child in children:
+        if isinstance(child, list | tuple | dict | Transform | Randomizable):
+            found += _random_parts(child, child_path, seen)
+    return found
 
 
 def eval_loader(items: list[dict], cache_dir: Path | None = None, spacing: float | None = None) -> DataLoader:

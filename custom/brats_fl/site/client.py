@@ -43,7 +43,7 @@ from nvflare.fuel.data_event.data_bus import DataBus
 from torch.utils.data import DataLoader
 
 from brats_fl.data.datalist import load_datalist
-from brats_fl.data.loading import eval_loader
+from brats_fl.data.loading import eval_loader, load_sampling_state, sampling_state
 from brats_fl.jobs import numerics
 from brats_fl.jobs.params import site_defaults
 from brats_fl.seg.model import fingerprint, parameter_groups, save_whole, state_bytes
@@ -154,10 +154,12 @@ class Site:
         return [str(p) for p in cleared]
 
     def _keep_state(self, rnd: int) -> None:
-        """Keep what this site needs to go on after round ``rnd``: its personal layers and its optimiser state.
-        Written whole or not at all (a site may die while writing); older rounds beyond ``KEEP_ROUNDS`` go."""
+        """Keep what this site needs to go on after round ``rnd`` as if it had never stopped: its personal layers, its
+        optimiser state and where its training loader stands in its random draws (patches, flips, order). Written
+        whole or not at all (a site may die while writing); older rounds beyond ``KEEP_ROUNDS`` go."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {"round": rnd, "personal": self.personal_state(), "trainer": self.trainer.state_dict()}
+        state["sampling"] = sampling_state(self.train)
         save_whole(state, self._state_file(rnd))
         for old in self._kept_rounds():
             if old <= rnd - KEEP_ROUNDS:
@@ -171,9 +173,9 @@ class Site:
             self._write_record()
 
     def _resume(self, rnd: int | None) -> dict:
-        """Continue at round ``rnd`` with the personal layers and optimiser state this site had after the last round
-        before it that it trained (``rnd - 1``, unless a job that samples its sites left this site out); ``None``:
-        after training, for a site that no round of the resumed job sampled."""
+        """Continue at round ``rnd`` with the personal layers, optimiser state and sampling state this site had after
+        the last round before it that it trained (``rnd - 1``, unless a job that samples its sites left this site
+        out); ``None``: after training, for a site that no round of the resumed job sampled."""
         kept = self._kept_rounds()
         before = [r for r in kept if rnd is None or r < rnd]
         if not before:
@@ -188,7 +190,11 @@ class Site:
             raise ValueError(f"{path}: holds other personal keys than this job's ({self.args.personal})")
         self.trainer.model.load_state_dict(state["personal"], strict=False)
         self.trainer.load_state_dict(state["trainer"])
-        return {"file": str(path), "round": before[-1], "personal": fingerprint(state["personal"])}
+        # a state kept before brats-fl saved it: the site then samples as at round 0 again, and says so
+        if sampled := "sampling" in state:
+            load_sampling_state(self.train, state["sampling"])
+        record = {"file": str(path), "round": before[-1], "personal": fingerprint(state["personal"])}
+        return record | {"sampling_restored": sampled}
 
     @functools.cached_property
     def test(self) -> DataLoader:
