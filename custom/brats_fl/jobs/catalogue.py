@@ -515,7 +515,8 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
 
     The hypernetwork generates learnable tensors only. The running statistics of the batch-norm layers whose scale
     and shift it generates (Conv + BN) are neither generated nor averaged: they stay at their site, as in FedBN
-    (personal selection ``stats``), and a resumed job's sites go on from the statistics they kept.
+    (personal selection ``stats``), and a resumed job's sites go on from the statistics they kept, with the optimiser
+    and sampling state they kept.
     """
     hn = params.hypernetwork
     model = params.model()
@@ -541,11 +542,9 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
         min_good=min(params.min_good, params.sites),
         **params.round_lr(),
     )
-    # the hypernetwork makes the sites' personal layers; a site resumes only the statistics it keeps
-    client = params.client_config() | {
-        "personal": "stats" if site_stats else "none",
-        "resume": bool(params.resume_from) and site_stats,
-    }
+    # the hypernetwork makes the sites' personal layers; a resumed site goes on from its optimiser, its sampling
+    # state and the statistics it keeps (``brats_fl.site.client``)
+    client = params.client_config() | {"personal": "stats" if site_stats else "none"}
     recipe = ControllerRecipe(name, params, controller, client)
     return _with_evaluation(recipe, params, personalise=False)
 

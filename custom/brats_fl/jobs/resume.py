@@ -86,10 +86,7 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
     bundle = {RESUME_FILE: checkpoint}
     _one(server["components"], (PERSISTOR,), server_path)["args"]["source_ckpt_file_full_name"] = RESUME_FILE
     if controller["path"] == HYPERSEG:
-        # the hypernetwork makes the sites' personal layers; sites that keep batch-norm statistics go back to them
         controller["args"]["resume_from"] = RESUME_FILE
-        config = _executor(client, client_path)["args"]["config"]
-        config["resume"] = config.get("personal", "none") != "none"
         bundle[HYPERNETWORK_FILE] = hypernetwork = checkpoint.parent / HYPERNETWORK_FILE
         if not hypernetwork.is_file():
             raise FileNotFoundError(f"{hypernetwork}: a HyperSeg job resumes with its hypernetwork")
@@ -97,8 +94,9 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
             raise ValueError(f"{hypernetwork}: the hypernetwork is of round {saved}, the global model of {done}")
     else:
         controller["args"]["resume"] = True
-        # a resumed job interrupted in its turn has this set already and only needs the newer checkpoint
-        _executor(client, client_path)["args"]["config"]["resume"] = True
+    # every site goes on from what it kept (optimiser, sampling state, personal layers or statistics); a resumed job
+    # interrupted in its turn has this set already and only needs the newer checkpoint
+    _executor(client, client_path)["args"]["config"]["resume"] = True
     shutil.copytree(job, out)
     for path, doc in ((server_path, server), (client_path, client)):
         (out / path.relative_to(job)).write_text(json.dumps(doc, indent=4))
