@@ -1,18 +1,20 @@
 """A job whose server dies mid-run and is resumed with ``brats-fl resume-job`` ends with the very models an
-uninterrupted run of it ends with (a POC, no mocks), for each family that resumes: FedAvg-type (FedPer), HyperSeg
-(Conv + BN: a server hypernetwork, batch-norm statistics kept at the sites) and SegViz.
+uninterrupted run of it ends with (a POC, no mocks), for each family that resumes: FedAvg-type (FedPer), FedOpt
+(FedAdam: the server optimiser's moments), HyperSeg (Conv + BN: a server hypernetwork, batch-norm statistics kept
+at the sites) and SegViz.
 
-One POC runs the three jobs at once, to their end: the reference. It then runs them again at once and kills the
+One POC runs the four jobs at once, to their end: the reference. It then runs them again at once and kills the
 server (SIGKILL, its job processes too) once every job has closed a round and none has closed its last; the server
 starts again, and each job is resumed from the last global model the dead server left on its disk (with the
-hypernetwork, for HyperSeg). Every site goes on from what it kept: personal layers or statistics, optimiser state,
-and where its training loader stood in its random draws (``brats_fl.data.loading.sampling_state``).
+hypernetwork for HyperSeg, the moments for FedAdam). Every site goes on from what it kept: personal layers or
+statistics, optimiser state, and where its training loader stood in its random draws
+(``brats_fl.data.loading.sampling_state``).
 
-Equal means bit for bit: the global model, HyperSeg's hypernetwork and every site's final models (its last trained
-one and its personalised one). That holds because every step is deterministic on the CPU at one thread per site, and
-with two sites each aggregation sums two terms, whose order cannot change a float sum (HyperSeg's controller sums
-the sites in the order their answers arrive; with three or more sites an exact comparison would need a fixed
-order).
+Equal means bit for bit: the global model, HyperSeg's hypernetwork, FedAdam's moments and every site's final models
+(its last trained one and its personalised one). That holds because every step is deterministic on the CPU at one
+thread per site, and with two sites each aggregation sums two terms, whose order cannot change a float sum
+(HyperSeg's controller sums the sites in the order their answers arrive; with three or more sites an exact
+comparison would need a fixed order).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from brats_fl.jobs.export import export_jobs
 from brats_fl.jobs.resume import checkpoint_round, resume_job
 from brats_fl.ops import deploy
 from brats_fl.seg.model import fingerprint
+from brats_fl.server.fedopt import STATE_FILE as SERVER_OPTIMIZER_FILE
 from brats_fl.server.hyperseg import STATE_FILE as HYPERNETWORK_FILE
 from conftest import tiny_params
 
 SITES = ["site-1", "site-2"]
-JOBS = ["brats_fedper", "brats_hyperseg_conv_bn", "brats_segviz_fedavg"]
+JOBS = ["brats_fedper", "brats_fedadam", "brats_hyperseg_conv_bn", "brats_segviz_fedavg"]
 #: three rounds: the server dies after a job's first or second round, and the resumed job has one or two to run
 TINY = tiny_params(rounds=3, local_epochs=1, sites=2, lr=3e-3, cross_site="none")
 #: the files a site keeps of its final models (``brats_fl.site.client``)
@@ -81,6 +84,9 @@ def _final_models(kits: Path, result: deploy.JobResult) -> dict[str, str]:
     found = {"global": fingerprint(_state(server / "FL_global_model.pt"))}
     if (server / HYPERNETWORK_FILE).is_file():
         found["hypernetwork"] = fingerprint(_state(server / HYPERNETWORK_FILE))
+    if (server / SERVER_OPTIMIZER_FILE).is_file():
+        moments = torch.load(server / SERVER_OPTIMIZER_FILE, map_location="cpu")["optimizer"]
+        found["server optimiser"] = fingerprint({f"{k}.{key}": v for k in ("m", "v") for key, v in moments[k].items()})
     for site in SITES:
         for name in SITE_MODELS:
             found[f"{site}/{name}"] = fingerprint(_state(kits / site / result.job_id / "brats_fl" / name))

@@ -28,10 +28,12 @@ def _configs(job: Path, checkpoint: str = "") -> list[dict]:
 
 
 def _checkpoint(folder: Path, rnd: int) -> Path:
-    """A server's global model as FLARE's persistor saves it, with the hypernetwork state HyperSeg keeps beside it."""
+    """A server's global model as FLARE's persistor saves it, with the hypernetwork state HyperSeg keeps beside it and
+    the moments FedOpt keeps."""
     folder.mkdir(parents=True)
     torch.save({"model": {"w": torch.ones(2)}, "meta_props": {"current_round": rnd}}, folder / "FL_global_model.pt")
     torch.save({"round": rnd}, folder / "hypernetwork.pt")
+    torch.save({"round": rnd}, folder / "server_optimizer.pt")
     return folder / "FL_global_model.pt"
 
 
@@ -54,7 +56,7 @@ def test_jobs_name_no_machine_path():
         assert str(REPO) not in text and "/home/" not in text and "/tmp/" not in text, path
 
 
-@pytest.mark.parametrize("job", ["brats_fedper", "brats_segviz_fedbn", "brats_hyperseg_conv_bn"])
+@pytest.mark.parametrize("job", ["brats_fedper", "brats_segviz_fedbn", "brats_hyperseg_conv_bn", "brats_fedyogi"])
 def test_resume_job_is_the_export_with_resume_from(job: str, tmp_path: Path, capsys):
     """`brats-fl resume-job` turns a submitted job folder into the one the definitions export with resume_from,
     with the checkpoint bundled into the job."""
@@ -80,8 +82,21 @@ def test_resume_job_refuses_what_cannot_resume(tmp_path: Path, capsys):
     checkpoint = _checkpoint(tmp_path / "server", 1)
     cyclic = export_jobs(tmp_path, ["brats_cyclic"])[0]
     assert main(["resume-job", str(cyclic), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")])
-    assert "cannot resume (the sequential jobs cannot)" in capsys.readouterr().err
+    assert "the sequential jobs (cyclic, swt) cannot resume: the server saves the travelling model once per pass" in (
+        capsys.readouterr().err
+    )
+    scaffold = export_jobs(tmp_path, ["brats_scaffold"])[0]
+    assert main(["resume-job", str(scaffold), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")])
+    why = "SCAFFOLD cannot resume: FLARE's Scaffold controller keeps the global control variate c in memory only"
+    assert why in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    ditto = export_jobs(tmp_path, ["brats_ditto"])[0]
+    assert main(["resume-job", str(ditto), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")])
+    assert "Ditto cannot resume: each site's personal model lives in the job's own folder" in capsys.readouterr().err
+    fedadam = export_jobs(tmp_path, ["brats_fedadam"])[0]
+    torch.save({"round": 0}, checkpoint.parent / "server_optimizer.pt")  # a server that died between the two saves
+    assert main(["resume-job", str(fedadam), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")])
+    assert "server_optimizer.pt: the server optimiser is of round 0, the global model of 1" in capsys.readouterr().err
     fedavg = export_jobs(tmp_path, ["brats_fedavg"])[0]
     broken = tmp_path / "broken.pt"
     broken.write_bytes(checkpoint.read_bytes()[:100])

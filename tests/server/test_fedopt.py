@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from brats_fl.cli.main import main
-from brats_fl.jobs.catalogue import JobParams, build
+from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.export import export_jobs
 from brats_fl.seg.model import BratsUNet
 from brats_fl.server.fedopt import ServerOptimizer, pseudo_gradient, server_update
@@ -95,6 +95,29 @@ def test_each_server_optimiser_follows_algorithm_2_across_rounds(rule: str):
     assert (v > 0.2**2 + 0.1**2) if rule == "adagrad" else (v < 0.2**2)
 
 
+@pytest.mark.parametrize("rule", ["adagrad", "yogi", "adam"])
+def test_a_server_optimiser_restored_from_its_saved_moments_steps_as_if_never_stopped(rule: str, tmp_path: Path):
+    """Two rounds in one go, or one round, the moments saved and loaded into a new optimiser, then the second: the
+    same model bit for bit (what a resumed FedOpt job's server does, ``FedOptController``)."""
+    x = {"w": torch.zeros(3), "b": torch.ones(2)}
+    deltas = [{"w": torch.tensor([0.1, -0.2, 0.3]), "b": torch.tensor([0.5, 0.0])}, {"w": torch.full((3,), 0.05)}]
+    deltas[1]["b"] = torch.tensor([-0.1, 0.2])
+    through = ServerOptimizer(rule, LR, B1, B2, TAU)
+    expected = through.step(through.step(x, deltas[0]), deltas[1])
+    first = ServerOptimizer(rule, LR, B1, B2, TAU)
+    after_one = first.step(x, deltas[0])
+    torch.save(first.state_dict(), tmp_path / "moments.pt")
+    resumed = ServerOptimizer(rule, LR, B1, B2, TAU)
+    resumed.load_state_dict(torch.load(tmp_path / "moments.pt"))
+    got = resumed.step(after_one, deltas[1])
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    fresh = ServerOptimizer(rule, LR, B1, B2, TAU).step(after_one, deltas[1])  # without the moments: another model
+    assert not all(torch.equal(fresh[k], expected[k]) for k in expected)
+    other = "adam" if rule != "adam" else "yogi"
+    with pytest.raises(ValueError, match=f"the saved moments are Fed{rule}'s, this job's optimiser is Fed{other}"):
+        ServerOptimizer(other, LR, B1, B2, TAU).load_state_dict(first.state_dict())
+
+
 def test_three_server_optimisers_differ_and_refuse_bad_settings():
     finals = {rule: _algorithm_2(rule, [0.2, -0.1, 0.001]) for rule in ("adagrad", "yogi", "adam")}
     assert len({round(v, 9) for v in finals.values()}) == 3
@@ -122,8 +145,12 @@ def test_fedopt_jobs_step_the_model_parameters_with_the_schema_settings(job: str
     assert controller["aggregator"]["path"] == "brats_fl.server.screening.ScreenedAggregator"
     paths = {c["path"] for c in config["components"] + config["workflows"]}
     assert {"brats_fl.server.run_record.RunRecord", "brats_fl.server.personalise.PersonalisedEvaluation"} <= paths
-    with pytest.raises(ValueError, match="cannot resume"):
-        build(job, JobParams(resume_from="/x/FL_global_model.pt"))
+    # a resumed job's server optimiser goes on from the moments saved beside the checkpoint
+    assert "resume_from" not in controller
+    (resumed,) = export_jobs(tmp_path / "resumed", [job], JobParams(resume_from="/x/FL_global_model.pt"))
+    config = json.loads((resumed / "app" / "config" / "config_fed_server.json").read_text())
+    (again,) = [w["args"] for w in config["workflows"] if w["path"] == "brats_fl.server.fedopt.FedOptController"]
+    assert (again["resume"], again["resume_from"]) == (True, "/x/FL_global_model.pt")
     for bad in ({"server_lr": 0}, {"beta1": 1.0}, {"beta2": -0.1}, {"tau": 0}):
         with pytest.raises(ValueError, match="job parameter out of range"):
             JobParams(**bad)

@@ -660,8 +660,6 @@ def fedbn_ft(params: JobParams) -> FedAvgRecipe:
 def _fedopt(name: str, params: JobParams, rule: str) -> FedAvgRecipe:
     """FedOpt (Reddi et al. 2021): FedAvg's rounds, screening and evaluation, the averaged update taken as a
     pseudo-gradient for a server step of ``rule`` on the model's parameters; running statistics averaged."""
-    if params.resume_from:
-        raise ValueError(f"{name}: cannot resume yet (the server optimiser's moments are not saved); omit resume_from")
     model = params.model()
     server = {
         "server_optimizer": rule,
@@ -669,6 +667,8 @@ def _fedopt(name: str, params: JobParams, rule: str) -> FedAvgRecipe:
         "server_lr": params.server_lr,
         "beta1": params.beta1,
         "tau": params.tau,
+        # a resumed job's server optimiser goes on from the moments saved beside its last global model
+        "resume_from": params.resume_from,
     }
     if rule != "adagrad":
         server["beta2"] = params.beta2

@@ -35,16 +35,40 @@ import torch
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
 from brats_fl.server.fedavg import rounds_left
+from brats_fl.server.fedopt import STATE_FILE as SERVER_OPTIMIZER_FILE
 from brats_fl.server.hyperseg import STATE_FILE as HYPERNETWORK_FILE
 from brats_fl.server.hyperseg import HyperSegController
 
 #: the server's last global model, as the resumed job carries it in its custom folder
 RESUME_FILE = "resume_global_model.pt"
-#: the controllers that continue after the checkpoint's round when given ``resume``
-RESUMING = ("brats_fl.server.fedavg.DeadlineFedAvg", "brats_fl.server.segviz.SegVizFedAvg")
+FEDOPT = "brats_fl.server.fedopt.FedOptController"
 HYPERSEG = "brats_fl.server.hyperseg.HyperSegController"
+#: the controllers that continue after the checkpoint's round when given ``resume``
+RESUMING = ("brats_fl.server.fedavg.DeadlineFedAvg", "brats_fl.server.segviz.SegVizFedAvg", FEDOPT)
+#: the server state, saved beside the global model after every round, that a controller resumes with too
+SERVER_STATE = {HYPERSEG: HYPERNETWORK_FILE, FEDOPT: SERVER_OPTIMIZER_FILE}
+#: why the jobs of a controller cannot resume: the state a server restart loses
+CANNOT_RESUME = {
+    "brats_fl.server.sequential.SequentialTransfer": (
+        "the sequential jobs (cyclic, swt) cannot resume: the server saves the travelling model once per pass, not "
+        "after each visit, and keeps the visit order's random generator and the screen's record of earlier visits "
+        "(the median update norm it compares with) in memory only"
+    ),
+    "nvflare.app_common.workflows.scaffold.Scaffold": (
+        "SCAFFOLD cannot resume: FLARE's Scaffold controller keeps the global control variate c in memory only, and "
+        "each site keeps its own c_i in its process only (brats_fl.site.algorithms.Scaffold); a restarted job would "
+        "start both at zero"
+    ),
+}
 PERSISTOR = "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"
 EXECUTOR = "brats_fl.site.executor.SiteExecutor"
+
+#: Ditto's controller is FedAvg's, which resumes; its sites' state is what is lost
+DITTO_CANNOT = (
+    "Ditto cannot resume: each site's personal model lives in the job's own folder (FLARE's PTDittoHelper) and its "
+    "optimiser in the site's process; neither is kept with the site's state, so a resumed site would start its "
+    "personal model again from the global one"
+)
 
 
 def _config(job: Path, side: str) -> tuple[Path, dict]:
@@ -71,10 +95,15 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
         raise FileExistsError(f"{out}: already exists; choose a new folder for the resumed job")
     server_path, server = _config(job, "server")
     client_path, client = _config(job, "client")
+    controllers = [w["path"] for w in server["workflows"]]
+    for path in controllers:
+        if path in CANNOT_RESUME:
+            raise ValueError(f"{job}: {CANNOT_RESUME[path]}")
+    if _executor(client, client_path)["args"]["config"].get("ditto_lambda") is not None:
+        raise ValueError(f"{job}: {DITTO_CANNOT}")
     found = [w for w in server["workflows"] if w["path"] in (*RESUMING, HYPERSEG)]
     if len(found) != 1:
-        controllers = [w["path"] for w in server["workflows"]]
-        raise ValueError(f"{job}: its controllers {controllers} cannot resume (the sequential jobs cannot)")
+        raise ValueError(f"{job}: its controllers {controllers} cannot resume (none of {[*RESUMING, HYPERSEG]})")
     controller = found[0]
     # FLARE's export leaves out an argument at its default: the controller's own default is the job's
     base = HyperSegController if controller["path"] == HYPERSEG else BaseFedAvg
@@ -85,15 +114,18 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
         raise ValueError(f"{checkpoint}: {err}") from err
     bundle = {RESUME_FILE: checkpoint}
     _one(server["components"], (PERSISTOR,), server_path)["args"]["source_ckpt_file_full_name"] = RESUME_FILE
-    if controller["path"] == HYPERSEG:
-        controller["args"]["resume_from"] = RESUME_FILE
-        bundle[HYPERNETWORK_FILE] = hypernetwork = checkpoint.parent / HYPERNETWORK_FILE
-        if not hypernetwork.is_file():
-            raise FileNotFoundError(f"{hypernetwork}: a HyperSeg job resumes with its hypernetwork")
-        if (saved := torch.load(hypernetwork, map_location="cpu")["round"]) != done:
-            raise ValueError(f"{hypernetwork}: the hypernetwork is of round {saved}, the global model of {done}")
-    else:
+    if controller["path"] != HYPERSEG:
         controller["args"]["resume"] = True
+    if controller["path"] in SERVER_STATE:
+        # the controller finds its state beside the checkpoint it is told to resume from
+        controller["args"]["resume_from"] = RESUME_FILE
+        name = SERVER_STATE[controller["path"]]
+        bundle[name] = state = checkpoint.parent / name
+        what = "hypernetwork" if controller["path"] == HYPERSEG else "server optimiser"
+        if not state.is_file():
+            raise FileNotFoundError(f"{state}: a job of {controller['path']} resumes with its {what} state")
+        if (saved := torch.load(state, map_location="cpu")["round"]) != done:
+            raise ValueError(f"{state}: the {what} is of round {saved}, the global model of {done}")
     # every site goes on from what it kept (optimiser, sampling state, personal layers or statistics); a resumed job
     # interrupted in its turn has this set already and only needs the newer checkpoint
     _executor(client, client_path)["args"]["config"]["resume"] = True

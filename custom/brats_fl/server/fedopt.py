@@ -33,15 +33,19 @@ deadline, the screening aggregator and FLARE's persistor and model selection.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
+from brats_fl.seg.model import save_whole
 from brats_fl.server.fedavg import DeadlineFedAvg
 
 #: the server optimisers of Algorithm 2, by the name of the job's rule for v_t
 RULES = ("adagrad", "yogi", "adam")
+#: the server optimiser's moments after the last round, beside the global model in the server's app folder
+STATE_FILE = "server_optimizer.pt"
 
 
 class ServerOptimizer:
@@ -55,6 +59,15 @@ class ServerOptimizer:
         self.rule, self.lr, self.beta1, self.beta2, self.tau = rule, lr, beta1, beta2, tau
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        """The moments m and v of every key (float64), and the rule they belong to."""
+        return {"rule": self.rule, "m": dict(self.m), "v": dict(self.v)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["rule"] != self.rule:
+            raise ValueError(f"the saved moments are Fed{state['rule']}'s, this job's optimiser is Fed{self.rule}")
+        self.m, self.v = dict(state["m"]), dict(state["v"])
 
     def step(self, x: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """x_{t+1} for every key of ``delta``, from the current ``x`` and the round's averaged update ``delta``."""
@@ -113,6 +126,9 @@ class FedOptController(DeadlineFedAvg):
         server_lr, beta1, beta2, tau: η, β1, β2 (unused by adagrad) and τ of Algorithm 2.
         parameter_keys: the model's parameters (``model.named_parameters()``), which take the step; every other
             key is averaged.
+        resume_from: with ``resume``, the interrupted run's last global model; the optimiser's moments of the same
+            round (``STATE_FILE``, saved after every round) lie beside it. Relative: bundled into the job's custom
+            folder (``brats_fl.jobs.resume``).
     """
 
     def __init__(
@@ -124,6 +140,7 @@ class FedOptController(DeadlineFedAvg):
         beta1: float = 0.9,
         beta2: float = 0.99,
         tau: float = 1e-3,
+        resume_from: str | None = None,
         **kwargs,
     ):
         # attributes named as the arguments: FLARE's job export reads them back
@@ -131,7 +148,28 @@ class FedOptController(DeadlineFedAvg):
         self.server_optimizer = server_optimizer
         self.parameter_keys = list(parameter_keys)
         self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        self.resume_from = resume_from
         self._optimizer = ServerOptimizer(server_optimizer, server_lr, beta1, beta2, tau)
+
+    def load_model(self) -> FLModel:
+        """The initial model; when resuming, the optimiser's moments of the round it closed come back too."""
+        model = super().load_model()
+        if self.resume and model is not None:
+            self._restore(self.start_round - 1)
+        return model
+
+    def _restore(self, done: int) -> None:
+        if not self.resume_from:
+            raise ValueError("asked to resume FedOpt without resume_from: its server optimiser's moments are needed")
+        path = Path(self.resume_from)
+        path = (path if path.is_absolute() else Path(self.get_app_dir()) / "custom" / path).parent / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: asked to resume, but no server optimiser state was saved there")
+        state = torch.load(path, map_location="cpu")
+        if state["round"] != done:
+            raise ValueError(f"{path}: the server optimiser is of round {state['round']}, the global model of {done}")
+        self._optimizer.load_state_dict(state["optimizer"])
+        self.info(f"resuming Fed{self.server_optimizer} with its moments of round {done} from {path}")
 
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         delta = pseudo_gradient(model.params, aggr_result.params, aggr_result.params_type == ParamsType.DIFF)
@@ -141,6 +179,10 @@ class FedOptController(DeadlineFedAvg):
             f"round {self.current_round}: Fed{self.server_optimizer} step on {stepped} parameters, "
             f"{len(delta) - stepped} other keys averaged"
         )
+        # the moments first: a server that dies between the two saves leaves them a round ahead of the global model,
+        # which a resumption refuses
+        state = {"round": self.current_round, "optimizer": self._optimizer.state_dict()}
+        save_whole(state, Path(self.get_app_dir()) / STATE_FILE)
         new = FLModel(params=params, params_type=ParamsType.FULL, meta=aggr_result.meta, metrics=aggr_result.metrics)
         # FedAvg's own update: the new model becomes the global one in FLARE's context, for persistor and screening
         return super().update_model(model, new)
