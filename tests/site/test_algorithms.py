@@ -110,3 +110,25 @@ def test_ditto_keeps_a_personal_model_pulled_towards_the_global_one(tmp_path: Pa
     second = _state(personal.model)
     assert _distance(second, first, first) < _distance(second, _state(other), first)
     assert ditto.epoch_global == 2
+
+
+def test_a_restarted_site_goes_on_with_its_ditto_personal_model(tmp_path: Path):
+    """Two Ditto rounds in one go, or one round, the state kept (through a file, as a site keeps it), a new Ditto in
+    a new job folder (a resumed job) given it, then the second: the same personal model and optimiser bit for bit.
+    Without the state the new Ditto would start again from the global model."""
+    global_model = copy.deepcopy(tiny_trainer().model)
+    through = Ditto(tiny_trainer(), tmp_path / "through", 1.0, epochs=1)
+    for seed in (0, 1):
+        through.round(synthetic_batches(2, seed=seed), global_model)
+    stopped = Ditto(tiny_trainer(), tmp_path / "first job", 1.0, epochs=1)
+    stopped.round(synthetic_batches(2, seed=0), global_model)
+    torch.save(stopped.state_dict(), tmp_path / "kept.pt")
+    resumed = Ditto(tiny_trainer(), tmp_path / "resumed job", 1.0, epochs=1)
+    resumed.load_state_dict(torch.load(tmp_path / "kept.pt"))
+    resumed.round(synthetic_batches(2, seed=1), global_model)
+    assert all(torch.equal(v, _state(through.trainer.model)[k]) for k, v in _state(resumed.trainer.model).items())
+    assert resumed.epoch_global == through.epoch_global == 2
+    assert resumed.trainer.epochs_done == through.trainer.epochs_done == 2
+    afresh = Ditto(tiny_trainer(), tmp_path / "afresh", 1.0, epochs=1)
+    afresh.round(synthetic_batches(2, seed=1), global_model)
+    assert not all(torch.equal(v, _state(through.trainer.model)[k]) for k, v in _state(afresh.trainer.model).items())

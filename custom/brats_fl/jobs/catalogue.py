@@ -692,7 +692,10 @@ def fedadagrad(params: JobParams) -> FedAvgRecipe:
 
 def _no_resume(name: str, params: JobParams) -> None:
     if params.resume_from:
-        raise ValueError(f"{name}: cannot resume yet (its sites' algorithm state is not kept); start it anew")
+        raise ValueError(
+            f"{name}: cannot resume yet (FLARE's Scaffold controller keeps the global control variate in memory "
+            "only, and each site its own in its process only); start it anew"
+        )
 
 
 def fedprox(params: JobParams) -> FedAvgRecipe:
@@ -716,7 +719,6 @@ def scaffold(params: JobParams) -> Recipe:
 def ditto(params: JobParams) -> FedAvgRecipe:
     """Ditto: FedAvg of the global model, and at each site a personal model pulled towards it, which is what the site
     scores on its own test split after training (``brats_fl.site.algorithms``)."""
-    _no_resume("brats_ditto", params)
     site = {"ditto_lambda": params.ditto_lambda, "personal_epochs": params.personal_epochs}
     return _fedavg("brats_ditto", params, params.sites, site=site)
 

@@ -63,13 +63,6 @@ CANNOT_RESUME = {
 PERSISTOR = "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"
 EXECUTOR = "brats_fl.site.executor.SiteExecutor"
 
-#: Ditto's controller is FedAvg's, which resumes; its sites' state is what is lost
-DITTO_CANNOT = (
-    "Ditto cannot resume: each site's personal model lives in the job's own folder (FLARE's PTDittoHelper) and its "
-    "optimiser in the site's process; neither is kept with the site's state, so a resumed site would start its "
-    "personal model again from the global one"
-)
-
 
 def _config(job: Path, side: str) -> tuple[Path, dict]:
     paths = list(job.glob(f"*/config/config_fed_{side}.json"))
@@ -99,8 +92,6 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
     for path in controllers:
         if path in CANNOT_RESUME:
             raise ValueError(f"{job}: {CANNOT_RESUME[path]}")
-    if _executor(client, client_path)["args"]["config"].get("ditto_lambda") is not None:
-        raise ValueError(f"{job}: {DITTO_CANNOT}")
     found = [w for w in server["workflows"] if w["path"] in (*RESUMING, HYPERSEG)]
     if len(found) != 1:
         raise ValueError(f"{job}: its controllers {controllers} cannot resume (none of {[*RESUMING, HYPERSEG]})")

@@ -138,6 +138,19 @@ class Ditto(PTDittoHelper):
         self.epoch_global += self.model_epochs
         return stats
 
+    def state_dict(self) -> dict:
+        """What a resumed site needs to go on with this personal model: its weights, its optimiser and epochs."""
+        weights = {k: v.detach().cpu() for k, v in self.trainer.model.state_dict().items()}
+        return {"model": weights, "trainer": self.trainer.state_dict(), "epoch": self.epoch_global}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on from ``state_dict()``'s result: the next ``round`` trains the restored personal model, not the
+        global one (FLARE's helper reads it back from this job's folder)."""
+        self.trainer.model.load_state_dict(state["model"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.epoch_global = int(state["epoch"])
+        self.save_model()
+
     def round(
         self, train_loader: DataLoader, model_global: torch.nn.Module, lr: float | None = None
     ) -> dict[str, float]:

@@ -160,6 +160,8 @@ class Site:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {"round": rnd, "personal": self.personal_state(), "trainer": self.trainer.state_dict()}
         state["sampling"] = sampling_state(self.train)
+        if self.ditto:
+            state["ditto"] = self.ditto.state_dict()
         save_whole(state, self._state_file(rnd))
         for old in self._kept_rounds():
             if old <= rnd - KEEP_ROUNDS:
@@ -193,6 +195,10 @@ class Site:
         # a state kept before brats-fl saved it: the site then samples as at round 0 again, and says so
         if sampled := "sampling" in state:
             load_sampling_state(self.train, state["sampling"])
+        if self.ditto:
+            if "ditto" not in state:
+                raise ValueError(f"{path}: holds no Ditto personal model, which this job's sites go on with")
+            self.ditto.load_state_dict(state["ditto"])
         record = {"file": str(path), "round": before[-1], "personal": fingerprint(state["personal"])}
         return record | {"sampling_restored": sampled}
 
