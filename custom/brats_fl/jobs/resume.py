@@ -7,9 +7,12 @@ disk is enough to go on, though:
 
 - the server: FLARE's persistor saves the global model after every round, with the round it closed
   (``meta_props["current_round"]``), as ``<server workspace>/<job id>/app_server/FL_global_model.pt``;
-- every site: its personal layers and optimiser state after each round (``brats_fl.site.client``), in its state folder
-  under the job's name. A site keeps two rounds: the server can die after a site has trained round r + 1 but
-  before it has averaged that round, and the global model it kept is then of round r.
+- the server state a controller keeps beside it, saved after every round before the global model: HyperSeg's
+  hypernetwork (``brats_fl.server.hyperseg``), FedOpt's moments (``brats_fl.server.fedopt``);
+- every site: its personal layers, optimiser state, Ditto's personal model and the sampling state of its training
+  loader after each round (``brats_fl.site.client``), in its state folder under the job's name. A site keeps two
+  rounds: the server can die after a site has trained round r + 1 but before it has averaged that round, and the
+  global model it kept is then of round r.
 
 ``resume_job`` turns the job folder that was submitted into the job that continues it: the same folder, with that
 checkpoint bundled into the job (``custom/resume_global_model.pt``, read by FLARE's persistor as a relative
@@ -19,8 +22,9 @@ is left), and every site told to continue from the state it kept (``--resume``).
 server's disk (the job's folder stays there when the server process dies) or, for a job that ended, from its
 downloaded result (``workspace/app_server/FL_global_model.pt``). Apart from the bundled file, the result is the
 folder ``export_jobs`` writes for the same parameters with ``resume_from`` set (``tests/test_jobs.py`` checks that).
-The HyperSeg jobs bundle the hypernetwork's state too (``brats_fl.server.hyperseg``); the sequential jobs
-cannot resume.
+The HyperSeg and FedOpt jobs bundle their server state too, and the resumed job ends with the model an
+uninterrupted run ends with (``tests/integration/test_resume_poc.py``). The sequential jobs and SCAFFOLD cannot
+resume; ``CANNOT_RESUME`` says why.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ annotates. ``all`` makes the local-only baseline, where every site trains alone;
 cross-site evaluation receives each site's whole model, since that is what the baseline compares. The
 site's data comes from its own configuration (``brats_fl.site.config``), never from the job. What the
 site records stays at the site: ``<job id>/brats_fl/`` in its workspace for this run, and in its state folder
-(see ``brats_fl.site.config``) what a resumed job needs: after every round, the personal layers and the optimiser
-state, kept for the last ``KEEP_ROUNDS`` rounds (``brats_fl.jobs.resume`` says why two).
+(see ``brats_fl.site.config``) what a resumed job needs: after every round, the personal layers, the optimiser
+state, Ditto's personal model and the training loader's sampling state, kept for the last ``KEEP_ROUNDS`` rounds
+(``brats_fl.jobs.resume`` says why two).
 """
 
 from __future__ import annotations
