@@ -40,7 +40,7 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from brats_fl.seg.model import save_whole
-from brats_fl.server.fedavg import DeadlineFedAvg
+from brats_fl.server.fedavg import DeadlineFedAvg, resume_folder
 
 #: the server optimisers of Algorithm 2, by the name of the job's rule for v_t
 RULES = ("adagrad", "yogi", "adam")
@@ -161,8 +161,7 @@ class FedOptController(DeadlineFedAvg):
     def _restore(self, done: int) -> None:
         if not self.resume_from:
             raise ValueError("asked to resume FedOpt without resume_from: its server optimiser's moments are needed")
-        path = Path(self.resume_from)
-        path = (path if path.is_absolute() else Path(self.get_app_dir()) / "custom" / path).parent / STATE_FILE
+        path = resume_folder(self.get_app_dir(), self.resume_from) / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: asked to resume, but no server optimiser state was saved there")
         state = torch.load(path, map_location="cpu")

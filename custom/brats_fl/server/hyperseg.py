@@ -41,6 +41,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from torch import nn
 
 from brats_fl.seg.model import save_whole
+from brats_fl.server.fedavg import resume_folder
 from brats_fl.server.personalise import PERSONALISE_TASK, RESULTS_FILE
 from brats_fl.server.schedule import check_schedule, set_round_lr
 from brats_fl.server.screening import check_settings, expected_shapes, record_round, screen_updates
@@ -296,8 +297,7 @@ class HyperSegController(ModelController):
     def _resume_folder(self) -> Path:
         """Where the checkpoint to resume from lies: a relative ``resume_from`` was bundled into the job's custom
         folder (``brats_fl.jobs.resume``), as FLARE's persistor reads a relative checkpoint."""
-        path = Path(self.resume_from)
-        return (path if path.is_absolute() else Path(self.get_app_dir()) / "custom" / path).parent
+        return resume_folder(self.get_app_dir(), self.resume_from)
 
     def _restore(self, path: Path, done: int | None) -> int:
         """Continue after round ``done``, the global model's, with the hypernetwork and optimiser as they were."""
