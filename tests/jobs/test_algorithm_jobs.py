@@ -23,7 +23,7 @@ def test_exported_algorithm_jobs_carry_their_parameters(tmp_path: Path):
     (controller,) = [w for w in _config(fedprox, "server")["workflows"] if w["id"] == "controller"]
     assert controller["path"] == "brats_fl.server.fedavg.DeadlineFedAvg" and controller["args"]["fedprox_mu"] == 0.3
     paths = [w["path"] for w in _config(scaffold, "server")["workflows"]]
-    assert paths[0] == "nvflare.app_common.workflows.scaffold.Scaffold"
+    assert paths[0] == "brats_fl.server.scaffold.ResumableScaffold"
     (executor,) = _config(ditto, "client")["executors"]
     site = site_args(executor["executor"]["args"]["config"])
     assert (site.ditto_lambda, site.personal_epochs, site.personal) == (0.2, 2, "none")
@@ -53,12 +53,12 @@ def test_options_an_algorithm_job_does_not_use_are_refused(job: str, option: str
     assert f"{job} does not use {option}" in capsys.readouterr().err
 
 
-def test_algorithm_parameters_out_of_range_and_resuming_are_refused():
+def test_algorithm_parameters_out_of_range_are_refused_and_every_algorithm_resumes():
     refuse_unused("brats_fedprox", {"mu": 0.1})
     refuse_unused("brats_ditto", {"ditto_lambda": 1.0, "personal_epochs": 2})
     for bad in ({"mu": 0.0}, {"mu": -1.0}, {"ditto_lambda": -0.1}, {"personal_epochs": 0}):
         with pytest.raises(ValueError, match="out of range"):
             JobParams(**bad)
-    with pytest.raises(ValueError, match="cannot resume yet .FLARE's Scaffold controller keeps the global control"):
-        build("brats_scaffold", JobParams(resume_from="/server/FL_global_model.pt"))
-    build("brats_ditto", JobParams(resume_from="/server/FL_global_model.pt"))  # its sites keep the personal model
+    # the sites keep Ditto's personal model and SCAFFOLD's c_i, the server c (brats_fl.server.scaffold)
+    for job in ("brats_ditto", "brats_scaffold"):
+        build(job, JobParams(resume_from="/server/FL_global_model.pt"))

@@ -16,6 +16,7 @@ from brats_fl.jobs.catalogue import JOBS, MEMORY_GC_ROUNDS, JobParams, build
 from brats_fl.jobs.export import export_jobs
 from brats_fl.jobs.resume import RESUME_FILE
 from brats_fl.server.fedavg import rounds_left
+from brats_fl.server.sequential import SEQUENTIAL_META
 from brats_fl.version import mismatch, running
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +35,16 @@ def _checkpoint(folder: Path, rnd: int) -> Path:
     torch.save({"model": {"w": torch.ones(2)}, "meta_props": {"current_round": rnd}}, folder / "FL_global_model.pt")
     torch.save({"round": rnd}, folder / "hypernetwork.pt")
     torch.save({"round": rnd}, folder / "server_optimizer.pt")
+    torch.save({"round": rnd}, folder / "scaffold_controls.pt")
+    return folder / "FL_global_model.pt"
+
+
+def _sequential_checkpoint(folder: Path, closed: int, visited: int) -> Path:
+    """A sequential job's travelling model as its server saves it after a visit (``brats_fl.server.sequential``)."""
+    folder.mkdir(parents=True)
+    where = {"pass": closed + 1, "visited": visited, "norms": [], "record": "{}"}
+    meta = {"current_round": closed, SEQUENTIAL_META: where}
+    torch.save({"model": {"w": torch.ones(2)}, "meta_props": meta}, folder / "FL_global_model.pt")
     return folder / "FL_global_model.pt"
 
 
@@ -56,7 +67,9 @@ def test_jobs_name_no_machine_path():
         assert str(REPO) not in text and "/home/" not in text and "/tmp/" not in text, path
 
 
-@pytest.mark.parametrize("job", ["brats_fedper", "brats_segviz_fedbn", "brats_hyperseg_conv_bn", "brats_fedyogi"])
+@pytest.mark.parametrize(
+    "job", ["brats_fedper", "brats_segviz_fedbn", "brats_hyperseg_conv_bn", "brats_fedyogi", "brats_scaffold"]
+)
 def test_resume_job_is_the_export_with_resume_from(job: str, tmp_path: Path, capsys):
     """`brats-fl resume-job` turns a submitted job folder into the one the definitions export with resume_from,
     with the checkpoint bundled into the job."""
@@ -78,17 +91,34 @@ def test_resume_job_is_the_export_with_resume_from(job: str, tmp_path: Path, cap
     assert (tmp_path / "again" / "app" / "custom" / RESUME_FILE).read_bytes() == newer.read_bytes()
 
 
+def test_resume_job_continues_a_sequential_job_after_its_last_visit(tmp_path: Path, capsys):
+    """A sequential job resumes from the travelling model its server saved after the last visit, mid-pass too; a
+    checkpoint that records no visits is refused."""
+    cyclic = export_jobs(tmp_path / "submitted", ["brats_cyclic"])[0]
+    checkpoint = _sequential_checkpoint(tmp_path / "server", closed=-1, visited=2)
+    resumed = tmp_path / "resumed"
+    assert main(["resume-job", str(cyclic), "--checkpoint", str(checkpoint), "--out", str(resumed)]) == 0
+    assert "after visit 2 of pass 0, every site" in capsys.readouterr().out
+    expected = export_jobs(tmp_path / "expected", ["brats_cyclic"], params=JobParams(resume_from=str(checkpoint)))[0]
+    assert _configs(resumed) == _configs(expected, str(checkpoint))
+    workflows = json.loads((resumed / "app" / "config" / "config_fed_server.json").read_text())["workflows"]
+    (controller,) = [w for w in workflows if w["path"] == "brats_fl.server.sequential.SequentialTransfer"]
+    assert controller["args"]["resume"] is True
+    plain = _checkpoint(tmp_path / "fedavg_server", 0)
+    assert main(["resume-job", str(cyclic), "--checkpoint", str(plain), "--out", str(tmp_path / "x")])
+    assert f"{plain}: not a sequential job's checkpoint (it records no visits)" in capsys.readouterr().err
+    last = _sequential_checkpoint(tmp_path / "ended", closed=1, visited=0)
+    assert main(["resume-job", str(cyclic), "--checkpoint", str(last), "--out", str(tmp_path / "x")])
+    assert "nothing to resume: the checkpoint closed round 1, the last of the job's 2" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_resume_job_refuses_what_cannot_resume(tmp_path: Path, capsys):
     checkpoint = _checkpoint(tmp_path / "server", 1)
-    cyclic = export_jobs(tmp_path, ["brats_cyclic"])[0]
-    assert main(["resume-job", str(cyclic), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")])
-    assert "the sequential jobs (cyclic, swt) cannot resume: the server saves the travelling model once per pass" in (
-        capsys.readouterr().err
-    )
     scaffold = export_jobs(tmp_path, ["brats_scaffold"])[0]
+    torch.save({"round": 2}, checkpoint.parent / "scaffold_controls.pt")  # c saved, the global model not yet
     assert main(["resume-job", str(scaffold), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")])
-    why = "SCAFFOLD cannot resume: FLARE's Scaffold controller keeps the global control variate c in memory only"
-    assert why in capsys.readouterr().err
+    assert "scaffold_controls.pt: the control variate is of round 2, the global model of 1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     fedadam = export_jobs(tmp_path, ["brats_fedadam"])[0]
     torch.save({"round": 0}, checkpoint.parent / "server_optimizer.pt")  # a server that died between the two saves

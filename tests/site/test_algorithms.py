@@ -90,6 +90,34 @@ def test_scaffold_corrects_each_step_and_updates_the_site_control_variate():
         scaffold.after_step(corrected.model, lr)
 
 
+def test_a_site_resumes_scaffold_with_the_control_variate_it_kept():
+    """A site's c_i survives a restart: a new Scaffold given the kept state corrects the next round's steps exactly as
+    the one that kept it; a c_i of another model is refused."""
+    lr, meta = 1e-2, None
+    trainers = [tiny_trainer(lr=lr) for _ in range(2)]
+    kept = Scaffold(trainers[0].model)
+    for c in (0.5, 0.2):  # two rounds, so that c_i is no longer zero
+        meta = {AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL: _controls(trainers[0].model, c)}
+        kept.start_round(meta, trainers[0].model)
+        trainers[0].train_epochs(synthetic_batches(1), after_step=kept.after_step)
+        kept.finish_round(trainers[0].model, lr)
+    state = kept.state_dict()
+    assert any(float(v.abs().max()) > 0 for v in state.values())
+    trainers[1].model.load_state_dict(trainers[0].model.state_dict())
+    trainers[1].load_state_dict(copy.deepcopy(trainers[0].state_dict()))  # the optimiser's moments, as a site keeps
+    resumed = Scaffold(trainers[1].model)
+    resumed.load_state_dict(state)
+    deltas = []
+    for scaffold, trainer in zip((kept, resumed), trainers, strict=True):
+        scaffold.start_round(meta, trainer.model)
+        trainer.train_epochs(synthetic_batches(1), after_step=scaffold.after_step)
+        deltas.append(scaffold.finish_round(trainer.model, lr)[AlgorithmConstants.SCAFFOLD_CTRL_DIFF])
+    assert all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
+    other = tiny_trainer(model={"channels": [2, 4], "strides": [2], "num_res_units": 1, "init_seed": 0}).model
+    with pytest.raises(ValueError, match="does not fit this job's model"):
+        Scaffold(other).load_state_dict(state)
+
+
 def test_ditto_keeps_a_personal_model_pulled_towards_the_global_one(tmp_path: Path):
     """The personal model starts from the first global model, then goes on from itself, not from each new global
     model; a larger lambda keeps it nearer the global model; it is kept in the site's folder."""

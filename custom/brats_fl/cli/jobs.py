@@ -72,10 +72,11 @@ def _differs(cmp: filecmp.dircmp) -> bool:
 
 
 def _cmd_resume_job(args: argparse.Namespace) -> int:
-    from brats_fl.jobs.resume import resume_job
+    from brats_fl.jobs.resume import resume_job, resumes_after
 
-    out, done = resume_job(args.job, args.checkpoint, args.out)
-    print(f"wrote {out}: submit it to continue {args.job.name} after round {done}, every site from the state it kept")
+    out, _ = resume_job(args.job, args.checkpoint, args.out)
+    where = resumes_after(args.checkpoint)
+    print(f"wrote {out}: submit it to continue {args.job.name} after {where}, every site from the state it kept")
     return 0
 
 

@@ -23,7 +23,6 @@ from nvflare.app_common.widgets.validation_json_generator import ValidationJsonG
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.model_controller import ModelController
-from nvflare.app_common.workflows.scaffold import Scaffold
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.job_config.model import PTModel
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
@@ -46,6 +45,7 @@ from brats_fl.server.hyperseg import VARIANTS, HyperSegController
 from brats_fl.server.personalise import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
 from brats_fl.server.privacy import PrivacyLedger, check_budget, projected_epsilon
 from brats_fl.server.run_record import RunRecord
+from brats_fl.server.scaffold import ResumableScaffold
 from brats_fl.server.screening import ScreenedAggregator, expected_shapes
 from brats_fl.server.segviz import SegVizFedAvg, TaskHeadAggregator, head_keys
 from brats_fl.server.sequential import PASS_VALIDATION_TASK, SequentialTransfer
@@ -481,8 +481,6 @@ class ControllerRecipe(Recipe):
 
 def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
     """The model visits one site after the other, ``passes`` times (see ``brats_fl.server.sequential``)."""
-    if params.resume_from:
-        raise ValueError(f"{name}: a sequential job cannot resume yet; start it without resume_from")
     if params.min_good != 1:
         raise ValueError(f"{name}: min_good is for jobs that average a round; a visit's update is screened alone")
     epochs = params.visit_epochs or max(1, params.rounds * params.local_epochs // passes)
@@ -494,6 +492,7 @@ def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
         assignment_timeout=params.assignment_timeout,
         visit_timeout=params.visit_timeout,
         norm_ratio=params.norm_ratio,
+        resume=bool(params.resume_from),
         **params.round_lr(),
     )
     client = params.client_config() | {"rounds": passes, "local_epochs": epochs}
@@ -690,14 +689,6 @@ def fedadagrad(params: JobParams) -> FedAvgRecipe:
     return _fedopt("brats_fedadagrad", params, "adagrad")
 
 
-def _no_resume(name: str, params: JobParams) -> None:
-    if params.resume_from:
-        raise ValueError(
-            f"{name}: cannot resume yet (FLARE's Scaffold controller keeps the global control variate in memory "
-            "only, and each site its own in its process only); start it anew"
-        )
-
-
 def fedprox(params: JobParams) -> FedAvgRecipe:
     """FedProx: FedAvg whose sites add mu/2 ||w - w_global||^2 to their loss (``brats_fl.site.algorithms``)."""
     personal = params.personal or "none"
@@ -709,10 +700,11 @@ def fedprox(params: JobParams) -> FedAvgRecipe:
 def scaffold(params: JobParams) -> Recipe:
     """SCAFFOLD: FLARE's ``Scaffold`` controller averages the models and the sites' control variates; each site
     corrects its steps by them (``brats_fl.site.algorithms``). FLARE's controller aggregates by itself, so the FedAvg
-    jobs' screening of updates and deadlines do not apply; it keeps its control variate in memory only, hence no
-    resuming."""
-    _no_resume("brats_scaffold", params)
-    controller = Scaffold(num_clients=params.sites, num_rounds=params.rounds, persistor_id="persistor")
+    jobs' screening of updates and deadlines do not apply. A resumed job's server goes on from the control variate
+    saved beside its last global model (``brats_fl.server.scaffold``), each site from its own."""
+    controller = ResumableScaffold(
+        num_clients=params.sites, num_rounds=params.rounds, persistor_id="persistor", resume_from=params.resume_from
+    )
     return _with_evaluation(ControllerRecipe("brats_scaffold", params, controller, params.client_config()), params)
 
 

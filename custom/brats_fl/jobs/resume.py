@@ -8,23 +8,25 @@ disk is enough to go on, though:
 - the server: FLARE's persistor saves the global model after every round, with the round it closed
   (``meta_props["current_round"]``), as ``<server workspace>/<job id>/app_server/FL_global_model.pt``;
 - the server state a controller keeps beside it, saved after every round before the global model: HyperSeg's
-  hypernetwork (``brats_fl.server.hyperseg``), FedOpt's moments (``brats_fl.server.fedopt``);
-- every site: its personal layers, optimiser state, Ditto's personal model and the sampling state of its training
-  loader after each round (``brats_fl.site.client``), in its state folder under the job's name. A site keeps two
-  rounds: the server can die after a site has trained round r + 1 but before it has averaged that round, and the
-  global model it kept is then of round r.
+  hypernetwork (``brats_fl.server.hyperseg``), FedOpt's moments (``brats_fl.server.fedopt``), SCAFFOLD's global
+  control variate (``brats_fl.server.scaffold``); the sequential jobs save the travelling model after every visit,
+  with where the job stands in its meta (``brats_fl.server.sequential``);
+- every site: its personal layers, optimiser state, Ditto's personal model, SCAFFOLD's c_i and the sampling state
+  of its training loader after each round (``brats_fl.site.client``), in its state folder under the job's name. A
+  site keeps two rounds: the server can die after a site has trained round r + 1 but before it has averaged that
+  round, and the global model it kept is then of round r.
 
 ``resume_job`` turns the job folder that was submitted into the job that continues it: the same folder, with that
 checkpoint bundled into the job (``custom/resume_global_model.pt``, read by FLARE's persistor as a relative
-checkpoint, so the job works in the simulator, a POC and a provisioned deployment alike), the FedAvg controller told
+checkpoint, so the job works in the simulator, a POC and a provisioned deployment alike), the controller told
 to start after the checkpoint's round (``DeadlineFedAvg(resume=True)``, which stops with a clear error if no round
-is left), and every site told to continue from the state it kept (``--resume``). The checkpoint comes from the
-server's disk (the job's folder stays there when the server process dies) or, for a job that ended, from its
-downloaded result (``workspace/app_server/FL_global_model.pt``). Apart from the bundled file, the result is the
-folder ``export_jobs`` writes for the same parameters with ``resume_from`` set (``tests/test_jobs.py`` checks that).
-The HyperSeg and FedOpt jobs bundle their server state too, and the resumed job ends with the model an
-uninterrupted run ends with (``tests/integration/test_resume_poc.py``). The sequential jobs and SCAFFOLD cannot
-resume; ``CANNOT_RESUME`` says why.
+is left; a sequential job after the checkpoint's visit), and every site told to continue from the state it kept
+(``--resume``). The checkpoint comes from the server's disk (the job's folder stays there when the server process
+dies) or, for a job that ended, from its downloaded result (``workspace/app_server/FL_global_model.pt``). Apart
+from the bundled files, the result is the folder ``export_jobs`` writes for the same parameters with
+``resume_from`` set (``tests/jobs/test_catalogue.py`` checks that). The HyperSeg, FedOpt and SCAFFOLD jobs bundle
+their server state too. Every family resumes, and the resumed job ends with the model an uninterrupted run ends
+with (``tests/integration/test_resume_poc.py``).
 """
 
 from __future__ import annotations
@@ -42,27 +44,30 @@ from brats_fl.server.fedavg import rounds_left
 from brats_fl.server.fedopt import STATE_FILE as SERVER_OPTIMIZER_FILE
 from brats_fl.server.hyperseg import STATE_FILE as HYPERNETWORK_FILE
 from brats_fl.server.hyperseg import HyperSegController
+from brats_fl.server.scaffold import STATE_FILE as SCAFFOLD_FILE
+from brats_fl.server.sequential import SEQUENTIAL_META
 
 #: the server's last global model, as the resumed job carries it in its custom folder
 RESUME_FILE = "resume_global_model.pt"
 FEDOPT = "brats_fl.server.fedopt.FedOptController"
 HYPERSEG = "brats_fl.server.hyperseg.HyperSegController"
-#: the controllers that continue after the checkpoint's round when given ``resume``
-RESUMING = ("brats_fl.server.fedavg.DeadlineFedAvg", "brats_fl.server.segviz.SegVizFedAvg", FEDOPT)
+SCAFFOLD = "brats_fl.server.scaffold.ResumableScaffold"
+SEQUENTIAL = "brats_fl.server.sequential.SequentialTransfer"
+#: the controllers that resume: True for those told ``resume`` (that start after the checkpoint's round), False for
+#: those that find their state through ``resume_from`` alone
+RESUMING = {
+    "brats_fl.server.fedavg.DeadlineFedAvg": True,
+    "brats_fl.server.segviz.SegVizFedAvg": True,
+    SEQUENTIAL: True,
+    FEDOPT: True,
+    HYPERSEG: False,
+    SCAFFOLD: False,
+}
 #: the server state, saved beside the global model after every round, that a controller resumes with too
-SERVER_STATE = {HYPERSEG: HYPERNETWORK_FILE, FEDOPT: SERVER_OPTIMIZER_FILE}
-#: why the jobs of a controller cannot resume: the state a server restart loses
-CANNOT_RESUME = {
-    "brats_fl.server.sequential.SequentialTransfer": (
-        "the sequential jobs (cyclic, swt) cannot resume: the server saves the travelling model once per pass, not "
-        "after each visit, and keeps the visit order's random generator and the screen's record of earlier visits "
-        "(the median update norm it compares with) in memory only"
-    ),
-    "nvflare.app_common.workflows.scaffold.Scaffold": (
-        "SCAFFOLD cannot resume: FLARE's Scaffold controller keeps the global control variate c in memory only, and "
-        "each site keeps its own c_i in its process only (brats_fl.site.algorithms.Scaffold); a restarted job would "
-        "start both at zero"
-    ),
+SERVER_STATE = {
+    HYPERSEG: (HYPERNETWORK_FILE, "hypernetwork"),
+    FEDOPT: (SERVER_OPTIMIZER_FILE, "server optimiser"),
+    SCAFFOLD: (SCAFFOLD_FILE, "control variate"),
 }
 PERSISTOR = "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"
 EXECUTOR = "brats_fl.site.executor.SiteExecutor"
@@ -84,7 +89,8 @@ def _one(items: list[dict], paths: tuple[str, ...], where: Path) -> dict:
 
 def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
     """Write into ``out`` the job that continues ``job`` after the round its server's last global model,
-    ``checkpoint`` (a file on this machine), closed; returns the folder and that round. ``job`` may itself be a
+    ``checkpoint`` (a file on this machine), closed (a sequential job: after its last visit); returns the folder and
+    that round. ``job`` may itself be a
     resumed job. ``out`` must not exist: nothing is overwritten."""
     job, checkpoint, out = Path(job), Path(checkpoint), Path(out)
     done = checkpoint_round(checkpoint)
@@ -93,12 +99,9 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
     server_path, server = _config(job, "server")
     client_path, client = _config(job, "client")
     controllers = [w["path"] for w in server["workflows"]]
-    for path in controllers:
-        if path in CANNOT_RESUME:
-            raise ValueError(f"{job}: {CANNOT_RESUME[path]}")
-    found = [w for w in server["workflows"] if w["path"] in (*RESUMING, HYPERSEG)]
+    found = [w for w in server["workflows"] if w["path"] in RESUMING]
     if len(found) != 1:
-        raise ValueError(f"{job}: its controllers {controllers} cannot resume (none of {[*RESUMING, HYPERSEG]})")
+        raise ValueError(f"{job}: its controllers {controllers} cannot resume (none of {list(RESUMING)})")
     controller = found[0]
     # FLARE's export leaves out an argument at its default: the controller's own default is the job's
     base = HyperSegController if controller["path"] == HYPERSEG else BaseFedAvg
@@ -107,16 +110,17 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
         rounds_left({"current_round": done}, total)
     except ValueError as err:
         raise ValueError(f"{checkpoint}: {err}") from err
+    if controller["path"] == SEQUENTIAL and SEQUENTIAL_META not in _meta(checkpoint):
+        raise ValueError(f"{checkpoint}: not a sequential job's checkpoint (it records no visits)")
     bundle = {RESUME_FILE: checkpoint}
     _one(server["components"], (PERSISTOR,), server_path)["args"]["source_ckpt_file_full_name"] = RESUME_FILE
-    if controller["path"] != HYPERSEG:
+    if RESUMING[controller["path"]]:
         controller["args"]["resume"] = True
     if controller["path"] in SERVER_STATE:
         # the controller finds its state beside the checkpoint it is told to resume from
         controller["args"]["resume_from"] = RESUME_FILE
-        name = SERVER_STATE[controller["path"]]
+        name, what = SERVER_STATE[controller["path"]]
         bundle[name] = state = checkpoint.parent / name
-        what = "hypernetwork" if controller["path"] == HYPERSEG else "server optimiser"
         if not state.is_file():
             raise FileNotFoundError(f"{state}: a job of {controller['path']} resumes with its {what} state")
         if (saved := torch.load(state, map_location="cpu")["round"]) != done:
@@ -140,13 +144,27 @@ def _executor(client: dict, where: Path) -> dict:
     return _one([e["executor"] for e in client["executors"]], (EXECUTOR,), where)
 
 
-def checkpoint_round(checkpoint: Path) -> int:
-    """The round a server's saved global model closed; a clear error for anything else."""
+def _meta(checkpoint: Path) -> dict:
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"{checkpoint}: not a readable checkpoint ({err})") from err
-    done = (saved.get("meta_props") or {}).get("current_round") if isinstance(saved, dict) else None
+    meta = saved.get("meta_props") if isinstance(saved, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def checkpoint_round(checkpoint: Path) -> int:
+    """The round a server's saved global model closed (-1: a sequential job saved mid-way through its first pass);
+    a clear error for anything else."""
+    done = _meta(checkpoint).get("current_round")
     if not isinstance(done, int):
         raise ValueError(f"{checkpoint}: records no completed round; is it a FLARE server's FL_global_model.pt?")
     return done
+
+
+def resumes_after(checkpoint: Path) -> str:
+    """Where a job resumed from ``checkpoint`` goes on, in words: after a round, or a sequential job's visit."""
+    where = _meta(checkpoint).get(SEQUENTIAL_META)
+    if isinstance(where, dict):
+        return f"visit {where['visited']} of pass {where['pass']}"
+    return f"round {checkpoint_round(checkpoint)}"

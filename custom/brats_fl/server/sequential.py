@@ -21,6 +21,14 @@ The learning rate decays per visit (``brats_fl.server.schedule``): a sequential 
 after the other, so its "round" in the poly schedule is a visit, the step at which the server hands the model on.
 Visit v of pass p with S sites is step p * S + v of passes * S; a skipped visit keeps its step, so the schedule
 never depends on who answered. Decaying per pass instead would keep single weight transfer (one pass) at lr0.
+
+A job can continue after its server died (``brats_fl.jobs.resume``). The travelling model is the job's global model,
+so FLARE's persistor saves it after every visit, not once per pass: its meta holds the last pass closed
+(``current_round``, what ``resume-job`` reads as for every job) and, under ``SEQUENTIAL_META``, where the next visit
+stands (pass, visits done in it), the screen's update norms and the visit record. ``resume`` continues from there;
+the visit order of a shuffled job is drawn again from its seed, pass by pass, so it is the order the interrupted run
+had. The visit that was running when the server died is run again, at a site that goes on from the state it kept
+before that visit (``brats_fl.site.client``).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.cyclic import Cyclic
 
@@ -46,6 +55,8 @@ from brats_fl.server.screening import check_settings, expected_shapes, screen_up
 PASS_VALIDATION_TASK = "validate_pass"
 VISITS_FILE = Path("sequential") / "visits.json"
 ORDERS = ("fixed", "shuffle")
+#: the key of the global model's meta that says where a sequential job stands (see the module's docstring)
+SEQUENTIAL_META = "sequential"
 
 
 class SequentialTransfer(Cyclic):
@@ -54,7 +65,8 @@ class SequentialTransfer(Cyclic):
     ``assignment_timeout`` bounds how long a site may take to pick up its visit (a site that is down or still
     loading its data), and ``visit_timeout`` how long it may then train (a site that hangs); both in seconds,
     with defaults meant for 3D training on CPU, where FLARE's 10 s task-assignment timeout would skip every site
-    still caching its cases.
+    still caching its cases. ``resume``: the persistor's initial checkpoint is an interrupted run's last saved
+    travelling model; go on from the visit after it.
     """
 
     def __init__(
@@ -68,6 +80,7 @@ class SequentialTransfer(Cyclic):
         ignore_result_error: bool = True,
         lr: float | None = None,
         lr_schedule: str = "constant",
+        resume: bool = False,
         **kwargs,
     ):
         # by default a site's failed visit or validation is logged and skipped, never a reason to stop the job
@@ -85,36 +98,76 @@ class SequentialTransfer(Cyclic):
         check_schedule(lr, lr_schedule)
         self.lr = lr
         self.lr_schedule = lr_schedule
+        self.resume = resume
         self._returned: Shareable | None = None
         #: the screen's measures: the model's keys and shapes, the update norms of the visits it kept so far
         self._expected: dict[str, list[int]] = {}
         self._norms: list[float] = []
 
     def run(self) -> None:
-        model = self.load_model()
+        loaded = self.load_model()
+        # the sites get the weights and the visit's rate; a resumed job's checkpoint meta stays on the server
+        model = FLModel(params=loaded.params, params_type=loaded.params_type)
         self._expected = expected_shapes(model.params)
         sites = sorted(self.sample_clients())
-        rng = random.Random(self.seed)
         record: dict = {"order": self.order, "sites": sites, "passes": [], "bytes": {}}
-        for rnd in range(self.start_round, self.start_round + self.num_rounds):
+        first, visited = self.start_round, 0
+        if self.resume:
+            first, visited, record = self._resume_point(loaded, sites)
+        rng = random.Random(self.seed)
+        total = self.start_round + self.num_rounds
+        for rnd in range(self.start_round, total):
             order = list(sites)
             if self.order == "shuffle":
                 rng.shuffle(order)
-            self.info(f"pass {rnd}: visiting {order}")
-            entry: dict = {"pass": rnd, "order": order, "visits": []}
-            record["passes"].append(entry)
-            for position, site in enumerate(order):
-                steps = (self.start_round + self.num_rounds) * len(sites)
-                set_round_lr(model, self.lr, self.lr_schedule, rnd * len(sites) + position, steps)
+            if rnd < first:  # a resumed job draws the orders of the passes it has done, and goes on
+                continue
+            if record["passes"] and record["passes"][-1]["pass"] == rnd:
+                entry = record["passes"][-1]
+            else:
+                self.info(f"pass {rnd}: visiting {order}")
+                entry = {"pass": rnd, "order": order, "visits": []}
+                record["passes"].append(entry)
+            for position in range(visited, len(order)):
+                site = order[position]
+                set_round_lr(model, self.lr, self.lr_schedule, rnd * len(sites) + position, total * len(sites))
                 model, visit = self._visit(model, site, rnd, record["bytes"])
                 entry["visits"].append(visit)
                 self._write(record)
-            self.save_model(model)
+                self._checkpoint(model, rnd - 1, rnd, position + 1, record)
+            visited = 0
             trained = [v["site"] for v in entry["visits"] if v["status"] == "trained"]
             entry["validation"] = self._validate(model, trained, record["bytes"]) if trained else {}
             self._write(record)
+            self._checkpoint(model, rnd, rnd + 1, 0, record)
             self._maybe_cleanup_memory()
         self.info("sequential transfer finished")
+
+    def _checkpoint(self, model: FLModel, closed: int, next_pass: int, visited: int, record: dict) -> None:
+        """Save the travelling model with FLARE's persistor, as the job's global model, with where the job stands:
+        ``closed`` the last pass done and scored, ``visited`` the visits done of pass ``next_pass``."""
+        where = {"pass": next_pass, "visited": visited, "norms": list(self._norms), "record": json.dumps(record)}
+        meta = {AppConstants.CURRENT_ROUND: closed, SEQUENTIAL_META: where}
+        self.save_model(FLModel(params=model.params, params_type=model.params_type, meta=meta))
+
+    def _resume_point(self, model: FLModel, sites: list[str]) -> tuple[int, int, dict]:
+        """The pass and the visits done in it that a resumed job goes on from, and the record so far, from the
+        initial checkpoint's meta (the interrupted run's last saved travelling model)."""
+        where = (model.meta or {}).get(SEQUENTIAL_META)
+        if not isinstance(where, dict):
+            raise ValueError("asked to resume, but the initial checkpoint is not a sequential job's (no visit record)")
+        record = json.loads(where["record"])
+        if record["sites"] != sites or record["order"] != self.order:
+            raise ValueError(
+                f"asked to resume a job of sites {record['sites']} in {record['order']} order as one of sites "
+                f"{sites} in {self.order} order"
+            )
+        if where["pass"] >= self.start_round + self.num_rounds:
+            raise ValueError(f"nothing to resume: the checkpoint closed pass {where['pass'] - 1}, the job's last")
+        self._norms = [float(n) for n in where["norms"]]
+        record.setdefault("resumed", []).append({"pass": where["pass"], "visited": where["visited"]})
+        self.info(f"resuming at pass {where['pass']} after {where['visited']} of its visits")
+        return where["pass"], where["visited"], record
 
     def _visit(self, model: FLModel, site: str, rnd: int, traffic: dict) -> tuple[FLModel, dict]:
         """Send ``model`` to ``site`` and wait; returns the model the next site gets and what happened."""

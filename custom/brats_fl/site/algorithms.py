@@ -84,6 +84,16 @@ class Scaffold:
         self._reference = frozen_copy(model)
         return {k: torch.as_tensor(v) for k, v in received.items()}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``c_i``, which a resumed site goes on with (``brats_fl.site.client``)."""
+        return {k: v.clone() for k, v in self.helper.c_local.state_dict().items()}
+
+    def load_state_dict(self, c_local: dict[str, torch.Tensor]) -> None:
+        expected = self.helper.c_local.state_dict()
+        if {k: v.shape for k, v in c_local.items()} != {k: v.shape for k, v in expected.items()}:
+            raise ValueError("SCAFFOLD: the kept control variate c_i does not fit this job's model")
+        self.helper.c_local.load_state_dict(c_local)
+
     def after_step(self, model: torch.nn.Module, lr: float) -> None:
         """The training loop's ``after_step``: ``w <- w - lr (c - c_i)``."""
         c_global, c_local = self._round_controls()

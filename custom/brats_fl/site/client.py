@@ -23,8 +23,8 @@ cross-site evaluation receives each site's whole model, since that is what the b
 site's data comes from its own configuration (``brats_fl.site.config``), never from the job. What the
 site records stays at the site: ``<job id>/brats_fl/`` in its workspace for this run, and in its state folder
 (see ``brats_fl.site.config``) what a resumed job needs: after every round, the personal layers, the optimiser
-state, Ditto's personal model and the training loader's sampling state, kept for the last ``KEEP_ROUNDS`` rounds
-(``brats_fl.jobs.resume`` says why two).
+state, Ditto's personal model, SCAFFOLD's c_i and the training loader's sampling state, kept for the last
+``KEEP_ROUNDS`` rounds (``brats_fl.jobs.resume`` says why two).
 """
 
 from __future__ import annotations
@@ -163,6 +163,8 @@ class Site:
         state["sampling"] = sampling_state(self.train)
         if self.ditto:
             state["ditto"] = self.ditto.state_dict()
+        if self.scaffold:
+            state["scaffold"] = self.scaffold.state_dict()
         save_whole(state, self._state_file(rnd))
         for old in self._kept_rounds():
             if old <= rnd - KEEP_ROUNDS:
@@ -179,6 +181,8 @@ class Site:
         """Continue at round ``rnd`` with the personal layers, optimiser state and sampling state this site had after
         the last round before it that it trained (``rnd - 1``, unless a job that samples its sites left this site
         out); ``None``: after training, for a site that no round of the resumed job sampled."""
+        if rnd == 0:  # a sequential job resumed in its first pass, at a site not yet visited in it
+            return {"round": None, "fresh": "no round comes before round 0: starts as an uninterrupted run does"}
         kept = self._kept_rounds()
         before = [r for r in kept if rnd is None or r < rnd]
         if not before:
@@ -200,6 +204,9 @@ class Site:
             if "ditto" not in state:
                 raise ValueError(f"{path}: holds no Ditto personal model, which this job's sites go on with")
             self.ditto.load_state_dict(state["ditto"])
+        if "scaffold" in state:  # SCAFFOLD's own control variate c_i, which a site keeps for the whole job
+            self.scaffold = Scaffold(self.trainer.model)
+            self.scaffold.load_state_dict(state["scaffold"])
         record = {"file": str(path), "round": before[-1], "personal": fingerprint(state["personal"])}
         return record | {"sampling_restored": sampled}
 

@@ -1,0 +1,64 @@
+"""SCAFFOLD's server (Karimireddy et al., ICML 2020): FLARE's ``Scaffold`` controller, able to continue an
+interrupted run.
+
+The algorithm is FLARE 2.9's, unchanged: each round it sends the global model with the global control variate c,
+averages the returned models and the sites' changes of their own variates c_i (weighted by training cases), and
+adds that average to c (the sites' side: ``brats_fl.site.algorithms.Scaffold``). FLARE keeps c in memory only, so a
+server restart would begin again at c = 0 while the sites' c_i went on. ``ResumableScaffold`` saves c after every
+round, before the global model (a server that dies between the two saves leaves c a round ahead, which
+``brats_fl.jobs.resume`` refuses), and with ``resume_from`` starts after the checkpoint's round with c of that round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.workflows.scaffold import Scaffold
+
+from brats_fl.seg.model import save_whole
+from brats_fl.server.fedavg import resume_folder, rounds_left
+
+#: the global control variate c after the last round, beside the global model in the server's app folder
+STATE_FILE = "scaffold_controls.pt"
+
+
+class ResumableScaffold(Scaffold):
+    """FLARE's ``Scaffold``, which saves c every round and resumes with it.
+
+    Args:
+        resume_from: the interrupted run's last global model (the persistor's initial checkpoint); c of the same
+            round (``STATE_FILE``) lies beside it. Relative: bundled into the job's custom folder
+            (``brats_fl.jobs.resume``). None: a run from the start, c = 0.
+    """
+
+    def __init__(self, *args, resume_from: str | None = None, **kwargs):
+        # attributes named as the arguments: FLARE's job export reads them back
+        super().__init__(*args, **kwargs)
+        self.resume_from = resume_from
+
+    def initialize(self, fl_ctx) -> None:
+        super().initialize(fl_ctx)  # loads the initial model and sets c = 0
+        if self.resume_from and self.model is not None:
+            self.start_round, self.num_rounds = rounds_left(self.model.meta, self.num_rounds)
+            self.model.start_round, self.model.total_rounds = self.start_round, self.num_rounds
+            self._global_ctrl_weights = self._restore(self.start_round - 1)
+            self.info(f"resuming: rounds {self.start_round} to {self.start_round + self.num_rounds - 1} are left")
+
+    def _restore(self, done: int) -> dict[str, torch.Tensor]:
+        path = resume_folder(self.get_app_dir(), self.resume_from) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: asked to resume SCAFFOLD, but no global control variate was saved there")
+        state = torch.load(path, map_location="cpu")
+        if state["round"] != done:
+            raise ValueError(f"{path}: the control variate is of round {state['round']}, the global model of {done}")
+        if set(state["controls"]) != set(self._global_ctrl_weights):
+            raise ValueError(f"{path}: its control variate has other keys than the job's model")
+        return dict(state["controls"])
+
+    def save_model(self, model: FLModel) -> None:
+        """c first, then FLARE's persistor saves the global model (FLARE's ``Scaffold`` updates c before saving)."""
+        controls = {k: torch.as_tensor(v).clone() for k, v in self._global_ctrl_weights.items()}
+        save_whole({"round": self.current_round, "controls": controls}, Path(self.get_app_dir()) / STATE_FILE)
+        super().save_model(model)
