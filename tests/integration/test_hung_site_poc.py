@@ -6,7 +6,8 @@ over its open connection, so the server never deems site-3 dead (it stays connec
 job's own limits end the wait. Stopping the client process as well would make a dead site once the heartbeat
 timeout has passed, which ``test_deploy.py`` covers with a killed site.
 
-One POC runs three jobs in turn: FedAvg with a quorum closes its rounds without site-3; the cyclic job skips
+One POC runs three jobs in turn: FedAvg with a quorum closes its rounds without site-3, and its evaluation after
+training leaves site-3 out after ``eval_timeout``; the cyclic job skips
 site-3's visit after the pick-up timeout; FedAvg without a quorum but with a round timeout stops, naming site-3.
 Every test continues what it stopped (and ``System.stop`` stops what is left) whatever happens.
 """
@@ -29,6 +30,7 @@ from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.export import export_jobs
 from brats_fl.ops import deploy
 from brats_fl.seg.model import fingerprint
+from brats_fl.server.personalise import RESULTS_FILE as PERSONALISED_FILE
 from brats_fl.server.screening import RECORD_FILE
 from brats_fl.server.sequential import VISITS_FILE
 from conftest import tiny_params
@@ -37,8 +39,8 @@ SITES = ["site-1", "site-2", "site-3"]
 HUNG = "site-3"
 #: a round closes ROUND_WAIT s after 2 of the 3 sites have answered; without a quorum it ends after ROUND_TIMEOUT s
 ROUND_WAIT, ROUND_TIMEOUT = 3, 40
-#: a cyclic visit not picked up within PICK_UP s is skipped
-PICK_UP = 15
+#: a cyclic visit not picked up within PICK_UP s is skipped; the evaluation after training waits EVAL_TIMEOUT s
+PICK_UP, EVAL_TIMEOUT = 15, 30
 #: what the machine may add to a configured time (log lines, a busy 2-core machine)
 SLACK = 15
 TINY = tiny_params(rounds=2, local_epochs=1, sites=3, lr=3e-3, cross_site="none")
@@ -91,7 +93,7 @@ def _assigned(site: str) -> str:
 
 @pytest.mark.slow
 def test_fedavg_with_a_quorum_closes_its_rounds_without_the_hung_site(poc: deploy.System, tmp_path: Path):
-    job = _job(tmp_path, "brats_fedavg", min_responses=2, round_wait=ROUND_WAIT)
+    job = _job(tmp_path, "brats_fedavg", min_responses=2, round_wait=ROUND_WAIT, eval_timeout=EVAL_TIMEOUT)
     with poc.session() as sess:
         job_id = sess.submit_job(str(job))
         _wait_for(poc, job_id, _assigned(HUNG))  # site-3 has its round-0 task: it trains when it stops
@@ -100,14 +102,23 @@ def test_fedavg_with_a_quorum_closes_its_rounds_without_the_hung_site(poc: deplo
             closed = _wait_for(poc, job_id, "closed with ['site-1', 'site-2']; left out ['site-3']", TINY.rounds)
             # hung, not dead: the server still counts site-3 among its connected sites
             assert HUNG in poc.connected_sites()
+            # still hung at the evaluation after training, which scores the others and names site-3 after
+            # eval_timeout seconds
+            (evaluation,) = _wait_for(poc, job_id, "scheduled task personalise")
+            left_out = "no personalised test scores from ['site-3']"
+            (missing,) = _wait_for(poc, job_id, left_out, timeout=EVAL_TIMEOUT + 120)
         finally:
             poc.unhang(hung)
-        # continued, site-3 finds its round-0 task gone, drops its update, and joins the evaluation
         meta = sess.wait_for_job(job_id, timeout=600, poll_interval=2)
         folder = Path(sess.download_job_result(job_id, str(tmp_path / "result")))
     assert meta["status"] == "FINISHED:COMPLETED", meta
     rows = [json.loads(line) for line in (folder / "workspace" / RECORD_FILE).read_text().splitlines()]
     assert [(r["round"], sorted(r["averaged"])) for r in rows] == [(r, ["site-1", "site-2"]) for r in range(2)]
+    scores = json.loads((folder / "workspace" / PERSONALISED_FILE).read_text())
+    assert sorted(scores) == ["site-1", "site-2"]
+    waited = missing[0] - evaluation[0]
+    print(f"evaluation: site-3 named and left out {waited:.1f} s after it began (eval_timeout {EVAL_TIMEOUT} s)")
+    assert EVAL_TIMEOUT <= waited <= EVAL_TIMEOUT + SLACK
     # each round closed ROUND_WAIT s after its second answer, not later
     answers = _events(poc, job_id, "for task: name=train")
     for rnd, (closed_at, line) in enumerate(closed):

@@ -20,7 +20,8 @@ from brats_fl.site.config import ENV_VAR, THREADS_VAR, SiteConfigError, resolve
         ({"fg_ratio": 1.5}, "0 < fg_ratio <= 1"),
         ({"transfer": "half"}, "transfer full or diff"),
         ({"order": "random"}, "order one of"),
-        ({"visit_timeout": 0}, "positive assignment and visit timeouts"),
+        ({"visit_timeout": 0}, "visit_timeout > 0 .seconds."),
+        ({"eval_timeout": -5}, "eval_timeout > 0 .seconds."),
         ({"hypernetwork": HyperNetParams(warmup_rounds=20)}, "warmup_rounds < rounds"),
     ],
 )

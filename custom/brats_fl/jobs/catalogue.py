@@ -426,9 +426,10 @@ def _with_evaluation(recipe: Recipe, params: JobParams, personalise: bool = True
     # every site's SummaryWriter scalars arrive at the server's TensorBoard folder (tb_events/<site>)
     add_experiment_tracking(recipe, "tensorboard")
     if personalise:
-        recipe._job.to_server(PersonalisedEvaluation(timeout=TASK_TIMEOUT), id="personalised_evaluation")
+        recipe._job.to_server(PersonalisedEvaluation(timeout=params.eval_timeout), id="personalised_evaluation")
     if params.cross_site == "all":
-        add_cross_site_evaluation(recipe, submit_model_timeout=TASK_TIMEOUT, validation_timeout=TASK_TIMEOUT)
+        timeouts = {"submit_model_timeout": params.eval_timeout, "validation_timeout": params.eval_timeout}
+        add_cross_site_evaluation(recipe, **timeouts)
     elif params.cross_site == "global":
         # add_cross_site_evaluation's components (nvflare.recipe.utils), with the submit_model task left out
         locator = recipe._job.to_server(PTFileModelLocator(pt_persistor_id=recipe._job.comp_ids["persistor_id"]))
@@ -436,8 +437,8 @@ def _with_evaluation(recipe: Recipe, params: JobParams, personalise: bool = True
         evaluation = CrossSiteModelEval(
             model_locator_id=locator,
             submit_model_task_name="",
-            submit_model_timeout=TASK_TIMEOUT,
-            validation_timeout=TASK_TIMEOUT,
+            submit_model_timeout=params.eval_timeout,
+            validation_timeout=params.eval_timeout,
         )
         recipe._job.to_server(evaluation)
     # what the run was (configuration, seeds, versions, code, wall time), next to its results on the server

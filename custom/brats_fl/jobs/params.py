@@ -151,7 +151,7 @@ def _at_least_one(name: str, help_text: str, **kw: Any) -> Param:
 
 
 def _seconds(name: str, default: int, help_text: str, **kw: Any) -> Param:
-    rule = "positive assignment and visit timeouts (seconds)"
+    rule = f"{name} > 0 (seconds)"
     return Param(
         name, int, default, help_text, rule=rule, check=lambda v: v > 0, flag=f"--{name.replace('_', '-')}", **kw
     )
@@ -207,6 +207,9 @@ PARAMS: tuple[Param, ...] = (
           "submitted model (all), the server's models only (global), or nothing beyond each site's own final model "
           "(none)", rule=f"cross_site one of {list(CROSS_SITE)}",
           choices=CROSS_SITE, flag="--cross-site"),
+    _seconds("eval_timeout", TASK_TIMEOUT, "seconds the evaluation after training (each site's own test split, "
+             "cross-site evaluation) waits for a site's scores; a site that has not answered by then is named and "
+             "left out"),
     Param("transfer", str, "full", "what a site sends: its full weights or the diff to the received ones",
           rule="transfer full or diff", choices=("full", "diff"), flag="--transfer"),
     _at_least_one("passes", "trips around the sites", flag="--passes", uses="sequential"),
