@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -13,12 +14,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from brats_fl.data import loading
 from brats_fl.data.layout import MODALITIES, SEG, find_cases
 from brats_fl.data.loading import eval_loader, eval_transforms, train_loader
 from brats_fl.jobs.catalogue import JobParams, build
 from brats_fl.jobs.params import by_name
 from brats_fl.seg.inference import load_for_inference, predict_case, trained_spacing
 from brats_fl.seg.trainer import TrainConfig, Trainer
+from brats_fl.version import code_sha256
 from conftest import write_case
 from monai.transforms import Spacing
 
@@ -194,3 +197,23 @@ def test_validation_at_the_training_spacing_is_scored_there_without_resampling(t
     monkeypatch.setattr("brats_fl.seg.trainer.ResampleToMatch.__call__", lambda *a, **k: calls.append(a))
     assert trainer.infer_case(coarse["image"][0]).shape[1:] == coarse["image"].shape[2:]
     assert calls == []
+
+
+def test_the_cache_key_follows_the_data_code_not_the_rest_of_the_package(tmp_path: Path, monkeypatch):
+    """A change to training or the jobs keeps a benchmark's cache of decoded cases; a change to the data package's
+    code starts a new one."""
+    package = Path(loading.__file__).resolve().parents[1]
+    copy = Path(shutil.copytree(package, tmp_path / "brats_fl", ignore=shutil.ignore_patterns("__pycache__")))
+    monkeypatch.setattr(loading, "PIPELINE_CODE", copy / "data")
+
+    def key() -> bytes:
+        code_sha256.cache_clear()
+        return loading._pipeline_hash({"pipeline": "eval", "spacing": 2.0})([])
+
+    before = key()
+    with (copy / "seg" / "trainer.py").open("a") as fh:
+        fh.write("# a change to training\n")
+    assert key() == before
+    with (copy / "data" / "loading.py").open("a") as fh:
+        fh.write("# a change to the pipelines\n")
+    assert key() != before

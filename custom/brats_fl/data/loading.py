@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import monai
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset
@@ -44,7 +45,7 @@ from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 from brats_fl.data.checks import BRATS_GRID
 from brats_fl.data.labels import REGIONS, annotation_mask, labels_to_regions
 from brats_fl.data.layout import release
-from brats_fl.version import code_sha256
+from brats_fl.version import PACKAGE_DIR, code_sha256
 
 _FG, _BG = "label_fg_indices", "label_bg_indices"
 #: the orientation every BraTS release ships (``brats_fl.data.checks.BRATS_GRID``), in MONAI's spelling
@@ -54,6 +55,8 @@ BRATS_ORIENTATION = "".join(BRATS_GRID[1])
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 #: the item key of the per-region annotation mask (REGIONS order), see ``brats_fl.data.labels.annotation_mask``
 ANNOTATED = "annotated"
+#: the code the loading pipelines are made of, whose hash keys the disk cache (``_pipeline_hash``)
+PIPELINE_CODE = PACKAGE_DIR / "data"
 
 
 class HideUnannotatedd(MapTransform):
@@ -198,10 +201,12 @@ def _file_stamps(item: dict) -> bytes:
 
 
 def _pipeline_hash(settings: dict):
-    """``hash_transform`` for MONAI's PersistentDataset: the pipeline's settings and our package's code. MONAI's own
-    choices hash pickled transform objects or, failing JSON, their class names alone, which misses a changed
-    ``spacing``; the code hash makes any change to this module's pipelines start a new cache."""
-    text = json.dumps(settings | {"code": code_sha256()}, sort_keys=True)
+    """``hash_transform`` for MONAI's PersistentDataset: the pipeline's settings, the code of ``brats_fl.data`` (which
+    the pipelines are made of) and MONAI's version. MONAI's own choices hash pickled transform objects or, failing
+    JSON, their class names alone, which misses a changed ``spacing``; the code hash makes any change to the pipelines
+    start a new cache. Only the data package's code: a change to training or the jobs leaves the cache valid, where a
+    benchmark's cache of full-size cases takes about 10 GB a partition."""
+    text = json.dumps(settings | {"code": code_sha256(PIPELINE_CODE), "monai": monai.__version__}, sort_keys=True)
 
     def transform_hash(_transforms: list) -> bytes:
         return hashlib.sha256(text.encode()).hexdigest().encode()
