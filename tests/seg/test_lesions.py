@@ -88,3 +88,20 @@ def test_region_metrics_report_lesion_wise_scores_beside_the_voxel_wise_ones():
     plain = RegionMetrics()
     plain.update(torch.from_numpy(pred), torch.from_numpy(truth))
     assert not any(k.startswith("lesion") for k in plain.aggregate())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scoring_within_the_lesions_box_changes_nothing(seed: int, monkeypatch: pytest.MonkeyPatch):
+    """Lesions are scored in the box around prediction and truth (``_crop``); scored on the whole volume, as the
+    definition reads, every figure is the same, lesions at the volume's edge included."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    truth = ndimage.binary_dilation(rng.random((48, 40, 32)) > 0.999, iterations=3)
+    pred = ndimage.binary_dilation(truth ^ (rng.random(truth.shape) > 0.9997), iterations=1)
+    truth[24:] = False  # the truth in one half, with a lesion at the volume's edge; a false positive at another edge
+    truth[0, :3, :3] = pred[0, :3, :3] = pred[-2:, -2:, -4:] = True
+    boxed = lesion_scores(pred, truth, spacing=(1.0, 1.2, 1.5))
+    monkeypatch.setattr("brats_fl.seg.lesions._crop", lambda p, t, margin: (p, t))
+    whole = lesion_scores(pred, truth, spacing=(1.0, 1.2, 1.5))
+    assert boxed == whole and whole.lesions >= 2 and whole.false_positives >= 1

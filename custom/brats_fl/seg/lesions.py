@@ -87,6 +87,20 @@ def _dice(truth: np.ndarray, pred: np.ndarray) -> float:
     return 2.0 * np.count_nonzero(truth & pred) / (np.count_nonzero(truth) + np.count_nonzero(pred))
 
 
+def _crop(pred: np.ndarray, truth: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to the box around either's voxels, ``margin`` voxels wider on every side (within the volume).
+    Components, dilations by less than ``margin`` and distances are the same inside the box as in the whole volume,
+    and a tumour fills a small part of a brain: scoring a case's lesions on its whole 240 x 240 x 155 grid spent most
+    of the time dilating empty space."""
+    found = np.argwhere(pred | truth)
+    if not len(found):
+        return pred, truth
+    low = np.maximum(found.min(0) - margin, 0)
+    high = np.minimum(found.max(0) + margin + 1, pred.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    return pred[box], truth[box]
+
+
 def lesion_scores(
     pred: np.ndarray,
     truth: np.ndarray,
@@ -101,6 +115,7 @@ def lesion_scores(
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    pred, truth = _crop(pred, truth, margin=settings.dilation + 1)
     voxel = float(np.prod(spacing))
     predicted, _ = ndimage.label(pred, structure=_COMPONENTS)
     grouped, count = ndimage.label(
