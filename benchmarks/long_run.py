@@ -106,8 +106,11 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}"
 
 
-def rss_mib(proc: psutil.Process) -> float:
-    return proc.memory_info().rss / MIB
+def memory_mib(proc: psutil.Process) -> tuple[float, float]:
+    """Resident set (RSS) and unique set (USS: the pages no other process shares, what the process itself holds;
+    RSS also counts shared library pages as the process first touches them) in MiB."""
+    info = proc.memory_full_info()
+    return info.rss / MIB, info.uss / MIB
 
 
 def growth(series: dict[int, float], start: int, end: int) -> float:
@@ -256,8 +259,9 @@ def follow_rounds(system: deploy.System, job_id: str, rounds: int, start: float,
         at = time.time() - start
         for tag, proc in sorted(flare_processes(system).items()):
             with contextlib.suppress(psutil.Error):
+                rss, uss = memory_mib(proc)
                 rows.append({"round": seen + 1, "t_s": round(at, 1), "process": tag, "pid": proc.pid,
-                             "rss_mib": round(rss_mib(proc), 2)})  # fmt: skip
+                             "rss_mib": round(rss, 2), "uss_mib": round(uss, 2)})  # fmt: skip
     return rows
 
 
@@ -280,8 +284,10 @@ def write_curve(rows: list[dict], path: Path, start: int) -> None:
     plt.close(fig)
 
 
-def run_memory(out: Path, sites: int, rounds: int, start_round: int, figure: Path) -> dict:
-    """A POC of a server and ``sites`` sites running the job for ``rounds`` rounds; RSS per round and process."""
+def run_memory(out: Path, sites: int, rounds: int, start_round: int, figure: Path, arena_max: int | None) -> dict:
+    """A POC of a server and ``sites`` sites running the job for ``rounds`` rounds; RSS and USS per round and
+    process. ``arena_max``: glibc's ``MALLOC_ARENA_MAX`` for every FLARE process, None for the POC's default
+    (``brats_fl.ops.deploy``)."""
     if rounds <= start_round:
         raise ValueError(f"--rounds {rounds} must exceed --from {start_round}")
     names = [f"site-{k}" for k in range(1, sites + 1)]
@@ -291,6 +297,8 @@ def run_memory(out: Path, sites: int, rounds: int, start_round: int, figure: Pat
     job = export_jobs(root / "jobs", [JOB], params=tiny_params(rounds, sites))[0]
     # a private HOME, so that FLARE's startup-kit registry (~/.nvflare) of this machine is left alone
     env = dict(os.environ) | {"HOME": str(root / "home")}
+    if arena_max is not None:
+        env[deploy.ARENA_VAR] = str(arena_max)
     kits = deploy.poc_prepare(root / "workspace", sites, deploy.free_port(), env=env)
     for site in names:
         deploy.install_site_config(kits / site, data, lists, threads=1)
@@ -310,20 +318,22 @@ def run_memory(out: Path, sites: int, rounds: int, start_round: int, figure: Pat
     write_curve(rows, figure, start_round)
     per_process = {}
     for tag in sorted({r["process"] for r in rows}):
-        series = {r["round"]: r["rss_mib"] for r in rows if r["process"] == tag}
-        pids = {r["pid"] for r in rows if r["process"] == tag}
-        per_process[tag] = {
-            f"rss_mib_round_{start_round}": series.get(start_round),
-            f"rss_mib_round_{rounds}": series.get(rounds),
-            "max_rss_mib": max(series.values()),
-            "growth_pct": round(growth(series, start_round, rounds), 2)
-            if {start_round, rounds} <= series.keys()
-            else None,
-            "pids": sorted(pids),
-        }
+        mine = [r for r in rows if r["process"] == tag]
+        per_process[tag] = {"pids": sorted({r["pid"] for r in mine})}
+        for kind in ("rss", "uss"):
+            series = {r["round"]: r[f"{kind}_mib"] for r in mine}
+            per_process[tag] |= {
+                f"{kind}_mib_round_{start_round}": series.get(start_round),
+                f"{kind}_mib_round_{rounds}": series.get(rounds),
+                f"max_{kind}_mib": max(series.values()),
+                f"{kind}_growth_pct": round(growth(series, start_round, rounds), 2)
+                if {start_round, rounds} <= series.keys()
+                else None,
+            }
     result = {
         "sites": sites,
         "rounds": rounds,
+        "malloc_arena_max": env.get(deploy.ARENA_VAR, "per participant (brats_fl.ops.deploy.ARENAS)"),
         "job_id": job_id,
         "status": str(meta.get("status")),
         "wall_s_submit_to_end": round(wall, 1),
@@ -347,6 +357,9 @@ def main() -> None:
     memory.add_argument("--rounds", type=int, default=200)
     memory.add_argument("--from", dest="start_round", type=int, default=20, help="round growth is measured from")
     memory.add_argument("--figure", type=Path, default=None, help="the curve's PNG (default <out>/memory.png)")
+    memory.add_argument(
+        "--malloc-arena-max", dest="arena_max", type=int, default=None, help="MALLOC_ARENA_MAX for every FLARE process"
+    )
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -354,7 +367,8 @@ def main() -> None:
     if args.command == "sites":
         results = run_sites(out, args.sites, args.rounds)
     else:
-        results = run_memory(out, args.sites, args.rounds, args.start_round, args.figure or out / "memory.png")
+        figure = args.figure or out / "memory.png"
+        results = run_memory(out, args.sites, args.rounds, args.start_round, figure, args.arena_max)
     report = {
         "command": " ".join(["python", *sys.argv]),
         "date": datetime.date.today().isoformat(),

@@ -35,6 +35,11 @@ from brats_fl.site.config import ENV_VAR, LOCAL_FILE
 
 #: the POC's project administrator (``nvflare poc prepare``'s default user)
 POC_ADMIN = "admin@nvidia.com"
+#: glibc's limit on malloc arenas. Unset, a multi-threaded process may open 8 per core, each a heap that grows and
+#: is seldom given back; FLARE advises 4 at the server and 2 at a site (``nvflare.fuel.utils.memory_utils``), and
+#: ``System`` starts each participant so unless the environment sets it (docs/deployment.md, docs/benchmarks.md)
+ARENA_VAR = "MALLOC_ARENA_MAX"
+ARENAS = {"server": 4, "site": 2}
 #: processes started by ``brats-fl poc start``, so that ``brats-fl poc stop`` finds them again
 PIDS_FILE = "brats_fl_processes.json"
 #: builders of a provisioned project: kits, mTLS certificates and signed startup folders
@@ -233,10 +238,11 @@ class System:
         """Start one participant from its startup kit, in its own process group; returns its pid."""
         kit = self.kit(name)
         log = (kit / "console.log").open("ab")
+        arenas = ARENAS["server" if name == self.server else "site"]
         self.processes[name] = subprocess.Popen(
             ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
             cwd=kit,
-            env=self.env,
+            env={ARENA_VAR: str(arenas)} | self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
