@@ -184,6 +184,27 @@ def test_the_disk_cache_is_reused_only_for_the_same_files_and_pipeline(good_coho
     assert len(_cache_files(cache)) == 2 * len(items) + 1 + len(items)  # evaluation's pipeline is its own
 
 
+def test_a_cached_case_is_the_same_bits_whatever_the_thread_count_of_the_process_that_prepared_it(
+    tiny_phantom: Path,
+):
+    """A benchmark's runs share one disk cache, filled by whichever run comes first: centralized training with 2
+    threads or a site of a 3-site job with 1. z-scoring sums over the brain, which torch splits among threads; the
+    cases must come out the same either way, or the same seed trains another model depending on the order of runs."""
+    items = _items(tiny_phantom)[:2]
+    threads = torch.get_num_threads()
+    prepared = {}
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            evaluation = [b["image"] for b in eval_loader(items)]
+            training = [b["image"] for b in train_loader(items, (32, 32, 32), 2, 2, seed=3, fg_ratio=0.5)]
+            prepared[count] = evaluation + training
+            assert torch.get_num_threads() == count  # preparing a case leaves the process's own count alone
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(prepared[1], prepared[2], strict=True))
+
+
 def test_validation_at_the_training_spacing_is_scored_there_without_resampling(tmp_path: Path, monkeypatch):
     """The validation loader resamples image and label to the training spacing, so a round's validation never pays
     for resampling back; the test loader keeps each case's own grid."""

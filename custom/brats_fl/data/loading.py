@@ -231,15 +231,39 @@ _CACHED_TYPES = [
 ]
 
 
+class OneThread(Transform):
+    """``steps`` run with one torch thread, whatever the process's count. Written by hand: neither torch nor MONAI
+    has a scope for the thread count.
+
+    z-scoring sums over the brain, and torch splits a sum among its threads, so the same case came out of
+    preprocessing with other last bits in a process with 2 threads (centralized training on 2 cores) than in one with
+    1 (a site of a 3-site job). The disk cache is shared by every run of a benchmark: a FedAvg run trained on other
+    bits, and so gave another model from the same seed, depending on whether centralized training had filled the
+    cache before it (docs/benchmark.md, "The same seed on two machines"). Preprocessing is done once per case, so
+    one thread costs little."""
+
+    def __init__(self, steps: list):
+        self.steps = Compose(steps)
+
+    def __call__(self, data: dict) -> dict:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self.steps(data)
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _source(items: list[dict], cached: list, cache_dir: Path | None, settings: dict) -> Dataset:
-    """``items`` through the deterministic ``cached`` steps: from ``cache_dir`` on disk when a site has one
-    (written on first use), else computed."""
+    """``items`` through the deterministic ``cached`` steps, on one thread (``OneThread``): from ``cache_dir`` on
+    disk when a site has one (written on first use), else computed."""
+    steps = OneThread(cached)
     if cache_dir is None:
-        return Dataset(items, Compose(cached))
+        return Dataset(items, steps)
     torch.serialization.add_safe_globals(_CACHED_TYPES)
     return PersistentDataset(
         items,
-        Compose(cached),
+        steps,
         cache_dir=cache_dir,
         hash_func=_file_stamps,
         hash_transform=_pipeline_hash(settings),
