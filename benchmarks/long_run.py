@@ -333,7 +333,11 @@ def run_memory(out: Path, sites: int, rounds: int, start_round: int, figure: Pat
     result = {
         "sites": sites,
         "rounds": rounds,
-        "malloc_arena_max": env.get(deploy.ARENA_VAR, "per participant (brats_fl.ops.deploy.ARENAS)"),
+        # glibc's settings each participant ran with: the POC's (brats_fl.ops.deploy.ALLOCATOR) unless set here
+        "allocator": {
+            role: settings | {k: env[k] for k in (deploy.ARENA_VAR, deploy.MMAP_VAR) if k in env}
+            for role, settings in deploy.ALLOCATOR.items()
+        },
         "job_id": job_id,
         "status": str(meta.get("status")),
         "wall_s_submit_to_end": round(wall, 1),

@@ -1,6 +1,6 @@
-"""How ``brats_fl.ops.deploy.System`` starts a participant: with glibc's arena limit FLARE advises for its role,
-unless the environment sets one. A stand-in startup script records the environment it was given; FLARE itself is
-started by the POC tests (tests/integration)."""
+"""How ``brats_fl.ops.deploy.System`` starts a participant: with glibc's arena limit FLARE advises for its role, and
+at the server a fixed mmap threshold, unless the environment sets them. A stand-in startup script records the
+environment it was given; FLARE itself is started by the POC tests (tests/integration)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _kits(root: Path) -> Path:
     for name in ("server", "site-1"):
         startup = root / name / "startup"
         startup.mkdir(parents=True)
-        (startup / "sub_start.sh").write_text('echo "$MALLOC_ARENA_MAX" > arena.txt\n')
+        (startup / "sub_start.sh").write_text('echo "$MALLOC_ARENA_MAX $MALLOC_MMAP_THRESHOLD_" > arena.txt\n')
     return root
 
 
@@ -27,8 +27,15 @@ def _arenas(kits: Path, env: dict[str, str]) -> dict[str, str]:
     return {name: (kits / name / "arena.txt").read_text().strip() for name in ("server", "site-1")}
 
 
-@pytest.mark.parametrize(("env", "expected"), [({}, ("4", "2")), ({"MALLOC_ARENA_MAX": "8"}, ("8", "8"))])
-def test_each_participant_starts_with_flares_arena_limit_unless_the_environment_sets_one(
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, ("4 65536", "2")),
+        ({"MALLOC_ARENA_MAX": "8"}, ("8 65536", "8")),
+        ({"MALLOC_MMAP_THRESHOLD_": "131072"}, ("4 131072", "2 131072")),
+    ],
+)
+def test_each_participant_starts_with_its_allocator_settings_unless_the_environment_sets_them(
     tmp_path: Path, env: dict, expected: tuple[str, str]
 ):
     arenas = _arenas(_kits(tmp_path), {"PATH": "/usr/bin:/bin"} | env)

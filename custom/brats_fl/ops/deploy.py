@@ -36,10 +36,15 @@ from brats_fl.site.config import ENV_VAR, LOCAL_FILE
 #: the POC's project administrator (``nvflare poc prepare``'s default user)
 POC_ADMIN = "admin@nvidia.com"
 #: glibc's limit on malloc arenas. Unset, a multi-threaded process may open 8 per core, each a heap that grows and
-#: is seldom given back; FLARE advises 4 at the server and 2 at a site (``nvflare.fuel.utils.memory_utils``), and
-#: ``System`` starts each participant so unless the environment sets it (docs/deployment.md, docs/benchmarks.md)
+#: is seldom given back; FLARE advises 4 at the server and 2 at a site (``nvflare.fuel.utils.memory_utils``)
 ARENA_VAR = "MALLOC_ARENA_MAX"
-ARENAS = {"server": 4, "site": 2}
+#: glibc's size above which a block is mapped on its own and unmapped when freed. Unset, glibc raises it to the size
+#: of the largest block freed so far, so the server's process, which relays every model between the sites and the
+#: job, comes to keep those buffers in its heap, which fragments and grew 10-13 % over 200 rounds; fixed at 64 KiB it
+#: grew 4.4 % (docs/benchmarks.md). Only at the server: a site's training would map and unmap its tensors instead
+MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"
+#: glibc settings ``System`` starts each participant with, unless the environment sets them (docs/deployment.md)
+ALLOCATOR = {"server": {ARENA_VAR: "4", MMAP_VAR: "65536"}, "site": {ARENA_VAR: "2"}}
 #: processes started by ``brats-fl poc start``, so that ``brats-fl poc stop`` finds them again
 PIDS_FILE = "brats_fl_processes.json"
 #: builders of a provisioned project: kits, mTLS certificates and signed startup folders
@@ -238,11 +243,11 @@ class System:
         """Start one participant from its startup kit, in its own process group; returns its pid."""
         kit = self.kit(name)
         log = (kit / "console.log").open("ab")
-        arenas = ARENAS["server" if name == self.server else "site"]
+        allocator = ALLOCATOR["server" if name == self.server else "site"]
         self.processes[name] = subprocess.Popen(
             ["bash", str(kit / "startup" / "sub_start.sh"), "--once"],
             cwd=kit,
-            env={ARENA_VAR: str(arenas)} | self.env,
+            env=allocator | self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
