@@ -330,13 +330,13 @@ def run_memory(out: Path, sites: int, rounds: int, start_round: int, figure: Pat
                 if {start_round, rounds} <= series.keys()
                 else None,
             }
+    variables = {k for settings in deploy.ALLOCATOR.values() for k in settings}
     result = {
         "sites": sites,
         "rounds": rounds,
         # glibc's settings each participant ran with: the POC's (brats_fl.ops.deploy.ALLOCATOR) unless set here
         "allocator": {
-            role: settings | {k: env[k] for k in (deploy.ARENA_VAR, deploy.MMAP_VAR) if k in env}
-            for role, settings in deploy.ALLOCATOR.items()
+            role: settings | {k: env[k] for k in variables if k in env} for role, settings in deploy.ALLOCATOR.items()
         },
         "job_id": job_id,
         "status": str(meta.get("status")),

@@ -40,8 +40,8 @@ POC_ADMIN = "admin@nvidia.com"
 ARENA_VAR = "MALLOC_ARENA_MAX"
 #: glibc's size above which a block is mapped on its own and unmapped when freed. Unset, glibc raises it to the size
 #: of the largest block freed so far, so the server's process, which relays every model between the sites and the
-#: job, comes to keep those buffers in its heap, which fragments and grew 10-13 % over 200 rounds; fixed at 64 KiB it
-#: grew 4.4 % (docs/benchmarks.md). Only at the server: a site's training would map and unmap its tensors instead
+#: job, comes to keep those buffers in its heap, which fragments and grew 10-13 % over 200 rounds; fixed at 64 KiB at
+#: the server it grew 2.7 % (docs/benchmarks.md). Only at the server: a site's training would map and unmap its tensors
 MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"
 #: glibc settings ``System`` starts each participant with, unless the environment sets them (docs/deployment.md)
 ALLOCATOR = {"server": {ARENA_VAR: "4", MMAP_VAR: "65536"}, "site": {ARENA_VAR: "2"}}
