@@ -31,9 +31,9 @@ from brats_fl.seg.metrics import HD95_UNDEFINED
 from brats_fl.seg.postprocess import CANDIDATES, choose_et_min_volume, et_dice_after, et_dice_at
 
 
-def _site_dirs(summary: dict) -> dict[str, Path]:
+def _site_dirs(summary_file: Path) -> dict[str, Path]:
     """Each site's output folder of a run (beside the server's run folder in the simulator's workspace)."""
-    job_root = Path(summary["run"]).parents[1]
+    job_root = bench.server_run(summary_file).parents[1]
     return {p.parents[1].name: p for p in job_root.glob("site-*/simulate_job/brats_fl")}
 
 
@@ -60,7 +60,7 @@ def rescore(bench_dir: Path, partitions: list[str]) -> dict:
         summary = json.loads(path.read_text())
         if summary["partition"] not in partitions:
             continue
-        sites = _site_dirs(summary)
+        sites = _site_dirs(path)
         thresholds = {site: _threshold(d, summary["params"], bench_dir / "cache") for site, d in sites.items()}
         rows = [r for r in summary["per_case"] if "dice_ET" in r]
         post = [_post(r, thresholds[r["site"]]) for r in rows]

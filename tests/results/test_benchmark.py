@@ -34,8 +34,10 @@ def test_algorithms_are_the_catalogue_without_segviz():
 def test_matrix_follows_the_profile_and_its_restrictions():
     full = PROFILES["full"]
     runs = matrix(full)
-    assert len(runs) == (18 * 2 + 3 * 3) * 3
-    assert {r.algorithm for r in runs if r.partition == "quantity"} == {"brats_central", "brats_local", "brats_fedavg"}
+    assert len(runs) == (18 * 2 + 3 * 3 + 1) * 3
+    assert {r.algorithm for r in runs if r.partition == "label"} == {"brats_central", "brats_local", "brats_fedavg"}
+    assert {r.algorithm for r in runs if r.partition == "quantity"} == {
+        "brats_central", "brats_local", "brats_fedavg", "brats_fedper"}  # fmt: skip
     assert {r.algorithm for r in runs if r.partition == "mixed"} == set(ALGORITHMS)
     narrowed = matrix(full, algorithms=["brats_fedavg"], partitions=["iid"], seeds=2)
     assert narrowed == [RunSpec("iid", "brats_fedavg", 0), RunSpec("iid", "brats_fedavg", 1)]
@@ -104,6 +106,8 @@ def _rows(mean: float, seed: int, sites: int = 2) -> list[dict]:
         dice = {r: float(np.clip(mean + 0.1 * np.sin(i) + rng.normal(0, 0.01), 0, 1)) for r in ("WT", "TC", "ET")}
         row = {"site": f"site-{i % sites + 1}", "case_id": case, **{f"dice_{r}": v for r, v in dice.items()}}
         row |= {f"hd95_{r}": 10 * (1 - v) for r, v in dice.items()}
+        iou = {r: v / (2 - v) for r, v in dice.items()}
+        row |= {f"iou_{r}": v for r, v in iou.items()} | {"iou_mean": float(np.mean(list(iou.values())))}
         rows.append(row | {"dice_mean": float(np.mean(list(dice.values()))), "hd95_mean": 10 * (1 - row["dice_WT"])})
     return rows
 
@@ -124,8 +128,9 @@ def _write_run(out: Path, partition: str, algorithm: str, seed: int, mean: float
         "machine": {"cpu": "test cpu", "cores": 2},
         "versions": {"brats-fl": "0"},
     }
-    if algorithm != "brats_local":  # a run of a brats-fl before the privacy ledger records none
+    if algorithm != "brats_local":  # a run of a brats-fl before the privacy ledger and the client loss records none
         summary["privacy"] = "epsilon 8, delta 1e-05 (dp-sgd)" if algorithm == "brats_fedprox" else "no guarantee"
+        summary["client_train_loss"] = 0.1 * (seed + 1)
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -172,6 +177,10 @@ def test_page_has_every_row_intervals_tests_and_curves(benchmark_dir: Path):
         assert low < estimate < high and estimate == pytest.approx(0.7, abs=0.02)
         gap = float(fedavg["gap to central (Dice)"].split()[0])
         assert gap == pytest.approx(-0.1, abs=0.01)
+        estimate, low, high = _interval(fedavg["IoU mean"])
+        assert low < estimate < high and estimate == pytest.approx(0.7 / 1.3, abs=0.03)
+        losses = {row[0]: dict(zip(scores[0], row, strict=True))["client loss"] for row in scores[1:]}
+        assert losses == {"central": "0.200", "local": "", "fedavg": "0.200", "fedprox": "0.200", UNTRAINED: ""}
         privacy = {row[0]: dict(zip(scores[0], row, strict=True))["privacy (ledger)"] for row in scores[1:]}
         assert privacy == {"central": "no guarantee", "local": "not recorded", "fedavg": "no guarantee",
                            "fedprox": "epsilon 8, delta 1e-05 (dp-sgd)", UNTRAINED: ""}  # fmt: skip

@@ -85,7 +85,8 @@ PROFILES: dict[str, Profile] = {
     # the comparison to publish: cases on the BraTS grid (240x240x155 at 1 mm), trained at 2 mm as BraTS pipelines
     # train at lower resolution, scored on each case's own grid. 3 seeds of every algorithm on iid (no skew) and mixed
     # (every skew at once) is 108 runs; on the single-skew partitions the baselines and FedAvg (27 runs) say how much
-    # each skew costs, which is what the other algorithms claim to win back. Half the cases are test cases: 60 pooled
+    # each skew costs, which is what the other algorithms claim to win back, and FedPer joins them on quantity skew,
+    # the unequal partition of the BraTS FedPer report (reference 000). Half the cases are test cases: 60 pooled
     "full": Profile(
         name="full",
         algorithms=ALGORITHMS,
@@ -102,7 +103,7 @@ PROFILES: dict[str, Profile] = {
             "patch_size": (48, 48, 48),
             "channels": (16, 32, 64),
         },
-        only={p: BASELINES for p in ("quantity", "feature", "label")},
+        only={"quantity": (*BASELINES, "brats_fedper"), "feature": BASELINES, "label": BASELINES},
     ),
 }
 # what the test suite runs: the smoke profile on the fewest cases a partition takes (6 per site), with the two
@@ -210,6 +211,12 @@ def model_hashes(path: Path) -> dict[str, str]:
     return {"file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "weights_sha256": fingerprint(state)}
 
 
+def server_run(summary_file: Path) -> Path:
+    """The server's run folder of the run whose ``summary.json`` this is (the summary names it relative to itself)."""
+    summary_file = Path(summary_file)
+    return summary_file.parent / json.loads(summary_file.read_text())["run"]
+
+
 def per_case_scores(summary: dict) -> list[dict]:
     """Every test case's scores from the sites' ``personalised_test.json`` (the model each site ends with), with the
     site and the means over the regions the case was scored on."""
@@ -224,20 +231,22 @@ def _with_means(site: str, row: dict) -> dict:
     """A per-case row with its site and, per metric, the mean over the regions the case was scored on."""
     means = {
         f"{m}_mean": sum(vs) / len(vs)
-        for m in ("dice", "hd95", "lesion_dice", "lesion_hd95")
+        for m in ("dice", "iou", "hd95", "lesion_dice", "lesion_hd95")
         if (vs := [v for k, v in row.items() if k.startswith(f"{m}_")])
     }
     return {"site": site, **row, **means}
 
 
-def run_summary(run_dir: Path, spec: RunSpec, params: Any, wall_time: float) -> dict:
+def run_summary(run_dir: Path, folder: Path, spec: RunSpec, params: Any, wall_time: float) -> dict:
     """What the page needs of a finished run, and what makes it comparable with a run elsewhere: pooled and per-case
-    scores, validation curves, traffic, the final global model's hashes, machine, versions and time."""
+    scores, validation and training-loss curves, traffic, the final global model's hashes, machine, versions and time.
+    ``folder`` is where the summary goes; its server run folder is named relative to it (:func:`server_run`)."""
     from brats_fl.results.privacy import ledger_summary
     from brats_fl.results.report import summarise_run
     from brats_fl.server.run_record import package_versions
 
     summary = summarise_run(run_dir)
+    run = Path(summary["run"])
     tag = "pass_val_dice_mean" if spec.algorithm in ("brats_cyclic", "brats_swt") else "val_dice_mean"
     traffic = summary["traffic"]
     return {
@@ -248,14 +257,18 @@ def run_summary(run_dir: Path, spec: RunSpec, params: Any, wall_time: float) -> 
         "test_per_site": summary["test_per_site"],
         "per_case": per_case_scores(summary),
         "val_dice": {site: tags.get(tag, []) for site, tags in summary["curves"].items()},
+        # the sites' training loss per round (client side) and its mean over sites in the last round
+        "train_loss": {site: tags.get("train_loss", []) for site, tags in summary["curves"].items()},
+        "client_train_loss": summary["client_train_loss"],
         "bytes_sent_per_site": sum(t["sent"] for t in traffic.values()) / len(traffic) if traffic else 0,
-        "privacy": ledger_summary(Path(summary["run"]))["guarantee"],
-        "global_model": model_hashes(Path(summary["run"]) / "app_server" / "FL_global_model.pt"),
+        "privacy": ledger_summary(run)["guarantee"],
+        "global_model": model_hashes(run / "app_server" / "FL_global_model.pt"),
         "wall_time": wall_time,
         "machine": machine(),
         "versions": package_versions(),
         "params": asdict(params),
-        "run": summary["run"],
+        # relative to the run's folder: a summary names no path of the machine it ran on, so it can be published
+        "run": os.path.relpath(run, folder),
     }
 
 
@@ -269,7 +282,7 @@ def _run_one(spec: RunSpec, params: Any, site_config: Path, folder: Path, cores:
     os.close(fd)
     start = time.perf_counter()
     run_dir = run_simulation(spec.algorithm, params, site_config, folder / "workspace", cores=cores)
-    _write_json(folder / "summary.json", run_summary(run_dir, spec, params, time.perf_counter() - start))
+    _write_json(folder / "summary.json", run_summary(run_dir, folder, spec, params, time.perf_counter() - start))
 
 
 def untrained_scores(site_config: Path, profile: Profile, cache_dir: Path | None = None) -> dict:

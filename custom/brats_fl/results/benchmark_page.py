@@ -72,8 +72,8 @@ def _scores_table(
     worst site, gap to centralized training with CI, bytes sent per site, what the privacy ledger guarantees (each
     site's epsilon, or none) and wall time, each over the algorithm's seeds."""
     header = ["algorithm", "seeds", *(f"Dice {r}" for r in REGIONS), *(f"HD95 {r} (mm)" for r in REGIONS),
-              "lesion-wise Dice mean", "lesion-wise HD95 mean (mm)",
-              "worst site (Dice)", "gap to central (Dice)", "MB sent per site", "privacy (ledger)",
+              "IoU mean", "lesion-wise Dice mean", "lesion-wise HD95 mean (mm)",
+              "worst site (Dice)", "gap to central (Dice)", "client loss", "MB sent per site", "privacy (ledger)",
               "wall time (s)"]  # fmt: skip
     central = algorithms.get(CENTRAL)
     central_dice = score_matrix(_per_seed([r["per_case"] for r in central], "dice_mean"), cases) if central else None
@@ -87,10 +87,10 @@ def _scores_table(
             for region in REGIONS:
                 matrix = score_matrix(_per_seed(per_case, f"{metric}_{region}"), cases)
                 cells.append(_cell(bootstrap_ci(matrix), digits))
-        for metric, digits in (("lesion_dice_mean", 3), ("lesion_hd95_mean", 2)):
+        for metric, digits in (("iou_mean", 3), ("lesion_dice_mean", 3), ("lesion_hd95_mean", 2)):
             cells.append(_cell(bootstrap_ci(score_matrix(_per_seed(per_case, metric), cases)), digits))
         if seeds is None:
-            rows.append(cells + ["", "", "", "", ""])
+            rows.append(cells + ["", "", "", "", "", ""])
             continue
         worst = Counter(s["test"]["worst_site"] for s in seeds).most_common(1)[0][0]
         worst_dice = np.mean([s["test"]["worst_dice_mean"] for s in seeds])
@@ -100,7 +100,11 @@ def _scores_table(
         wall = np.mean([s["wall_time"] for s in seeds])
         # a run of a brats-fl without the ledger recorded none
         privacy = "; ".join(sorted({s.get("privacy", "not recorded") for s in seeds}))
-        rows.append(cells + [f"{worst} ({worst_dice:.3f})", gap, f"{sent:.1f}", privacy, f"{wall:.0f}"])
+        # the sites' mean training loss in the last round (BraTS FedPer report's "client loss"); runs of a brats-fl
+        # before it was recorded have none
+        losses = [s["client_train_loss"] for s in seeds if s.get("client_train_loss") is not None]
+        loss = f"{np.mean(losses):.3f}" if losses else ""
+        rows.append(cells + [f"{worst} ({worst_dice:.3f})", gap, loss, f"{sent:.1f}", privacy, f"{wall:.0f}"])
     return header, rows
 
 
