@@ -35,10 +35,11 @@ def _differs(name: str, field: str) -> bool:
 
 
 def test_partition_names_and_sites():
-    assert list(PARTITIONS) == ["iid", "quantity", "feature", "label", "mixed"]
+    assert list(PARTITIONS) == ["iid", "quantity", "feature", "label", "mixed", "scanners"]
     assert tuple(PARTITIONS) == PARTITION_NAMES, "the command line's list must follow the partitions"
     for name in PARTITIONS:
-        assert sorted(set(PARTITIONS[name].sites(36))) == [0, 1, 2]
+        sites = 4 if name == "scanners" else 3
+        assert sorted(set(PARTITIONS[name].sites(36))) == list(range(sites)) and PARTITIONS[name].n_sites == sites
 
 
 def test_shares_and_which_knobs_differ_by_site():
@@ -57,6 +58,11 @@ def test_shares_and_which_knobs_differ_by_site():
     for field in BIOLOGY:
         assert not _differs("feature", field) and not _differs("label", field) and _differs("mixed", field)
     assert _differs("label", "annotation_mm") and not _differs("feature", "annotation_mm")
+    # HyperSeg's setup: one scanner per site in equal shares, nothing else differs
+    assert sorted(Counter(PARTITIONS["scanners"].sites(36)).values()) == [9, 9, 9, 9]
+    assert _differs("scanners", "scanner")
+    assert not any(_differs("scanners", f) for f in (*BIOLOGY, "slice_mm", "annotation_mm"))
+    assert {k.scanner for k in PARTITIONS["scanners"].strata} == {"clean", "gibbs_strong", "gibbs_weak", "spike"}
     assert all(_differs("mixed", f) for f in (*IMAGING, "annotation_mm"))
 
 
@@ -133,3 +139,15 @@ def test_build_partition_refuses_bad_requests(tmp_path: Path):
         build_partition("iid", tmp_path, cases=12)
     with pytest.raises(ValueError, match="sum to 1"):
         build_partition("iid", tmp_path, cases=18, split=(0.5, 0.5, 0.5))
+
+
+def test_the_four_scanner_partition_has_four_sites_of_one_scanner_each(tmp_path: Path, monkeypatch):
+    config = build_partition("scanners", tmp_path, cases=20, seed=1, shape=SHAPE, log=lambda _: None)
+    monkeypatch.setenv(ENV_VAR, str(config))
+    sites = [f"site-{k}" for k in range(1, 5)]
+    lists = {s: json.loads(resolve(s).datalist.read_text()) for s in sites}
+    assert [sum(len(v[k]) for k in ("training", "validation", "test")) for v in lists.values()] == [5, 5, 5, 5]
+    record = json.loads((tmp_path / "scanners" / "partition.json").read_text())
+    assert [list(record["site_mix"][s].values()).count(5) for s in sites] == [1, 1, 1, 1]
+    assert [next(k for k, n in record["site_mix"][s].items() if n) for s in sites] == [
+        "clean", "gibbs-0.5", "gibbs-0.2", "kspace-spike"]  # fmt: skip

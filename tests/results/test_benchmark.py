@@ -34,11 +34,20 @@ def test_algorithms_are_the_catalogue_without_segviz():
 def test_matrix_follows_the_profile_and_its_restrictions():
     full = PROFILES["full"]
     runs = matrix(full)
-    assert len(runs) == (18 * 2 + 3 * 3 + 1) * 3
+    assert len(runs) == (18 * 2 + 3 * 3 + 1 + 5) * 3
     assert {r.algorithm for r in runs if r.partition == "label"} == {"brats_central", "brats_local", "brats_fedavg"}
     assert {r.algorithm for r in runs if r.partition == "quantity"} == {
         "brats_central", "brats_local", "brats_fedavg", "brats_fedper"}  # fmt: skip
     assert {r.algorithm for r in runs if r.partition == "mixed"} == set(ALGORITHMS)
+    assert {r.algorithm for r in runs if r.partition == "scanners"} == {
+        "brats_local",
+        "brats_fedavg",
+        "brats_hyperseg_conv",
+        "brats_hyperseg_conv_bn",
+        "brats_hyperseg_conv_bn_emb",
+    }
+    assert job_params(full, "brats_hyperseg_conv", 0, "scanners").sites == 4
+    assert job_params(full, "brats_hyperseg_conv", 0, "mixed").sites == 3
     narrowed = matrix(full, algorithms=["brats_fedavg"], partitions=["iid"], seeds=2)
     assert narrowed == [RunSpec("iid", "brats_fedavg", 0), RunSpec("iid", "brats_fedavg", 1)]
     with pytest.raises(ValueError, match="brats_segviz_fedavg"):

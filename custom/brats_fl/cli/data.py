@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 #: the keys of ``brats_fl.data.cohorts.PARTITIONS`` (a test keeps them equal), so that parsing imports no data code
-PARTITION_NAMES = ("iid", "quantity", "feature", "label", "mixed")
+PARTITION_NAMES = ("iid", "quantity", "feature", "label", "mixed", "scanners")
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Named three-site partitions of phantom cohorts, for benchmarks of federated algorithms under one kind of skew each.
+"""Named partitions of phantom cohorts over three sites (four for ``scanners``), for benchmarks of federated algorithms
+under one kind of skew each.
 
 Every partition draws its cases from a cohort: a list of strata (``SiteKnobs``, one per kind of hospital) and the
 pattern by which case i falls into a stratum. Partitions with the same images share one cohort on disk: ``iid``,
@@ -23,10 +24,12 @@ from brats_fl.data.layout import find_cases
 from brats_fl.data.partition import check_split, write_datalists
 from brats_fl.data.phantom import SiteKnobs, generate_cases
 
+#: sites of every partition but ``scanners``
 SITES = 3
 #: Case i of a block of six goes to site (or stratum) QUANTITY[i]: shares 1/2, 1/3, 1/6.
 QUANTITY = (0, 0, 0, 1, 1, 2)
 EVEN = (0, 1, 2)
+EVEN_4 = (0, 1, 2, 3)
 #: The smallest site of a quantity partition needs three cases, one per split.
 MIN_CASES = 3 * len(QUANTITY)
 
@@ -49,6 +52,14 @@ ANNOTATORS = (
     SiteKnobs("looser-2mm", annotation_mm=2),
     SiteKnobs("tighter-1mm", annotation_mm=-1),
 )
+#: HyperSeg's client-specific noise (reference 001, Appendix D): one clean site, Gibbs ringing of strength 0.5 and
+#: 0.2, k-space spikes of log-intensity 13 (the phantom's scanner profiles of those names); nothing else differs.
+NOISY_SCANNERS = (
+    SiteKnobs("clean", scanner="clean"),
+    SiteKnobs("gibbs-0.5", scanner="gibbs_strong"),
+    SiteKnobs("gibbs-0.2", scanner="gibbs_weak"),
+    SiteKnobs("kspace-spike", scanner="spike"),
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,10 @@ class Partition:
     pattern: tuple[int, ...]
     deal: tuple[int, ...] | None
     description: str
+
+    @property
+    def n_sites(self) -> int:
+        return len(set(self.deal if self.deal is not None else self.pattern))
 
     def knobs(self, cases: int) -> list[SiteKnobs]:
         """Each case's knobs, in case order."""
@@ -98,6 +113,14 @@ PARTITIONS: dict[str, Partition] = {
         QUANTITY,
         None,
         "FeTS-like: one hospital per site, shares 1/2, 1/3, 1/6; scanner, acquisition, biology, annotation differ",
+    ),
+    "scanners": Partition(
+        "scanners",
+        "scanners",
+        NOISY_SCANNERS,
+        EVEN_4,
+        None,
+        "four sites in equal shares, one noisy scanner each (HyperSeg's clean, Gibbs 0.5, Gibbs 0.2, k-space spikes)",
     ),
 }
 
@@ -154,7 +177,7 @@ def build_partition(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Generate (if not yet complete) the cohort of partition `name` under out/, run the data checks, write the
-    datalists (site-1..3.json and site-All.json via brats_fl.data.partition.write_datalists) and a site
+    datalists (site-1..N.json and site-All.json via brats_fl.data.partition.write_datalists) and a site
     configuration JSON (format: brats_fl.site.config, keys data_root, datalist_dir, threads=1, state_dir) and
     return the site configuration's path. Resumable: a complete partition is reused, a half-written one is
     refused or rebuilt with a clear message.
@@ -200,7 +223,7 @@ def build_partition(
     if problems:
         raise DataError(problems)
     sites = partition.sites(cases)
-    names = [f"site-{k + 1}" for k in range(SITES)]
+    names = [f"site-{k + 1}" for k in range(partition.n_sites)]
     assignment = {n: [c for c, s in zip(found_cases, sites, strict=True) if s == k] for k, n in enumerate(names)}
     description = {"partition": name, "cohort": partition.cohort, "seed": seed}
     write_datalists(root, assignment, folder / "datalists", split, seed, description)

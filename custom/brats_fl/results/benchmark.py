@@ -38,7 +38,9 @@ ALGORITHMS: tuple[str, ...] = (
 FEDAVG, CENTRAL = "brats_fedavg", "brats_central"
 BASELINES = (CENTRAL, "brats_local", FEDAVG)
 #: kinds of data heterogeneity (``brats_fl.data.cohorts.build_partition``)
-PARTITIONS = ("iid", "quantity", "feature", "label", "mixed")
+PARTITIONS = ("iid", "quantity", "feature", "label", "mixed", "scanners")
+#: reference 001's comparison: local training, FedAvg and the three HyperSeg variants on four noisy scanners
+HYPERSEG = ("brats_local", FEDAVG, "brats_hyperseg_conv", "brats_hyperseg_conv_bn", "brats_hyperseg_conv_bn_emb")
 #: the partitions are part of the benchmark, not of a run: every seed trains on the same sites and test cases
 PARTITION_SEED = 0
 
@@ -86,7 +88,8 @@ PROFILES: dict[str, Profile] = {
     # train at lower resolution, scored on each case's own grid. 3 seeds of every algorithm on iid (no skew) and mixed
     # (every skew at once) is 108 runs; on the single-skew partitions the baselines and FedAvg (27 runs) say how much
     # each skew costs, which is what the other algorithms claim to win back, and FedPer joins them on quantity skew,
-    # the unequal partition of the BraTS FedPer report (reference 000). Half the cases are test cases: 60 pooled
+    # the unequal partition of the BraTS FedPer report (reference 000); on four noisy scanners local training, FedAvg
+    # and HyperSeg make reference 001's comparison (15 runs). Half the cases are test cases: 60 pooled
     "full": Profile(
         name="full",
         algorithms=ALGORITHMS,
@@ -103,7 +106,7 @@ PROFILES: dict[str, Profile] = {
             "patch_size": (48, 48, 48),
             "channels": (16, 32, 64),
         },
-        only={"quantity": (*BASELINES, "brats_fedper"), "feature": BASELINES, "label": BASELINES},
+        only={"quantity": (*BASELINES, "brats_fedper"), "feature": BASELINES, "label": BASELINES, "scanners": HYPERSEG},
     ),
 }
 # what the test suite runs: the smoke profile on the fewest cases a partition takes (6 per site), with the two
@@ -146,14 +149,16 @@ def matrix(
     ]
 
 
-def job_params(profile: Profile, algorithm: str, seed: int):
-    """The ``JobParams`` of one run: the profile's settings that ``algorithm`` uses, and the run's seed."""
-    from brats_fl.data.cohorts import SITES
+def job_params(profile: Profile, algorithm: str, seed: int, partition: str = "iid"):
+    """The ``JobParams`` of one run: the profile's settings that ``algorithm`` uses, the partition's number of sites,
+    and the run's seed."""
+    from brats_fl.data.cohorts import PARTITIONS as COHORT_PARTITIONS
     from brats_fl.jobs.catalogue import USES, HyperNetParams, JobParams
     from brats_fl.jobs.params import by_name
 
     kept = {k: v for k, v in profile.params.items() if by_name(k).uses in (None, *USES[algorithm])}
-    return JobParams(**kept, sites=SITES, seed=seed, hypernetwork=HyperNetParams())
+    sites = COHORT_PARTITIONS[partition].n_sites
+    return JobParams(**kept, sites=sites, seed=seed, hypernetwork=HyperNetParams())
 
 
 def prepare_partition(name: str, root: Path, profile: Profile) -> Path:
@@ -436,7 +441,7 @@ def run_benchmark(
             folder = spec.folder(out)
             folder.mkdir(parents=True)
             site_config = run_site_config(folder, configs[spec.partition], out)
-            params = job_params(profile, spec.algorithm, spec.seed)
+            params = job_params(profile, spec.algorithm, spec.seed, spec.partition)
             process = context.Process(target=_run_one, args=(spec, params, site_config, folder, cores), daemon=False)
             process.start()
             running[spec] = process

@@ -11,6 +11,7 @@ import base64
 import html
 import json
 import math
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,8 +163,7 @@ def partition_blocks(name: str, runs: list[dict], untrained: list[list[dict]], f
     comparisons = compare(per_case, [FEDAVG, CENTRAL])
     seeds_text = f"On seed(s) {', '.join(map(str, common))}, the seeds every algorithm of this partition has finished."
     curves = {
-        alg.removeprefix("brats_"): [list(np.nanmean(_padded(s["val_dice"]), axis=0)) for s in seeds]
-        for alg, seeds in algorithms.items()
+        alg.removeprefix("brats_"): [site_mean_curve(s["val_dice"]) for s in seeds] for alg, seeds in algorithms.items()
     }
     figure = plot_band_curves(curves, f"{name}: validation Dice, mean over seeds, band min-max",
                               figures / f"curves_{name}.png")  # fmt: skip
@@ -181,13 +181,16 @@ def partition_blocks(name: str, runs: list[dict], untrained: list[list[dict]], f
     ]
 
 
-def _padded(per_site: dict[str, list[float]]) -> np.ndarray:
-    """Sites x rounds; a site with fewer rounds is padded with NaN."""
+def site_mean_curve(per_site: dict[str, list[float]]) -> list[float]:
+    """A run's curve (one value per site per round) as the mean over its sites per round; a site with fewer rounds
+    counts in the rounds it has."""
     longest = max((len(v) for v in per_site.values()), default=0)
     table = np.full((max(len(per_site), 1), max(longest, 1)), np.nan)
     for i, values in enumerate(per_site.values()):
         table[i, : len(values)] = values
-    return table
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a round no site has is NaN
+        return [float(v) for v in np.nanmean(table, axis=0)]
 
 
 METHODS = (

@@ -228,11 +228,18 @@ def plot_overlay(
         return _save(fig, path)
 
 
-def plot_band_curves(series: dict[str, list[list[float]]], title: str, path: Path) -> Path:
-    """Validation Dice per round, one line per algorithm in the order given: the mean over seeds, and a band from
-    the lowest to the highest seed (with a handful of seeds a range says more than a CI computed from them). Each
-    seed's curve is already the mean over sites; seeds that ran fewer rounds end the band early. A page wide: up to
-    18 algorithms, each its own combination of colour, line style and marker, the legend beside the axes."""
+def plot_band_curves(
+    series: dict[str, list[list[float]]],
+    title: str,
+    path: Path,
+    ylabel: str = "Validation Dice\n(mean over sites)",
+    top: float = 1.0,
+) -> Path:
+    """A score per round (by default validation Dice), one line per algorithm in the order given: the mean over
+    seeds, and a band from the lowest to the highest seed (with a handful of seeds a range says more than a CI computed
+    from them). Each seed's curve is already the mean over sites; seeds that ran fewer rounds end the band early. A
+    page wide: up to 18 algorithms, each its own combination of colour, line style and marker, the legend beside the
+    axes. The y axis runs from 0 to ``top``."""
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.2), layout="constrained")
         for i, (label, curves) in enumerate(series.items()):
@@ -249,9 +256,9 @@ def plot_band_curves(series: dict[str, list[list[float]]], title: str, path: Pat
             if len(curves) > 1:
                 ax.fill_between(rounds, np.nanmin(table, axis=0), np.nanmax(table, axis=0), color=style["color"],
                                 alpha=0.15, linewidth=0)  # fmt: skip
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, top)
         ax.set_xlabel("Round (pass, for cyclic and SWT)")
-        ax.set_ylabel("Validation Dice\n(mean over sites)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title, loc="left")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3, linewidth=0.5)
