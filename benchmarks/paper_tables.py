@@ -172,7 +172,7 @@ def curves(bench: Path, rows: list[Row], figures: Path) -> list[Path]:
             "Client side: training loss",
             figures / "nnunet_client_side.png",
             ylabel="Training loss\n(mean over sites)",
-            top=1.5,
+            top=2.0,
         ),
     ]
 
