@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from brats_fl.results.benchmark_page import site_mean_curve
 from brats_fl.results.figures import plot_band_curves
-from brats_fl.results.stats import bootstrap_ci, case_means, compare, score_matrix
+from brats_fl.results.stats import ALPHA, bootstrap_ci, case_means, compare, score_matrix
+from statsmodels.stats.multitest import multipletests
 
 
 @dataclass(frozen=True)
@@ -129,24 +130,21 @@ def tests(found: dict[str, tuple[Row, list[dict]]]) -> str:
                 continue
             seeds = sorted({r["seed"] for r in runs_a} & {r["seed"] for r in runs_b})
             cases = sorted({c["case_id"] for run in runs_a for c in run["per_case"]})
+            named = f"(seeds {', '.join(map(str, seeds))})"
             for label, runs in ((a, runs_a), (b, runs_b)):
                 chosen = [r for r in runs if r["seed"] in seeds]
-                per_case[f"{label} (seeds {', '.join(map(str, seeds))})"] = case_means(
-                    _matrix(chosen, "dice_mean", cases), cases
-                )
-            pairs.append((f"{a} (seeds {', '.join(map(str, seeds))})", f"{b} (seeds {', '.join(map(str, seeds))})"))
+                per_case[f"{label} {named}"] = case_means(_matrix(chosen, "dice_mean", cases), cases)
+            pairs.append((f"{a} {named}", f"{b} {named}"))
     if not pairs:
         return ""
     # compare() tests every algorithm against each reference; the pairs here are the rows on one partition, so each
     # pair is tested alone and the p-values Holm-corrected over the table together below
-    from statsmodels.stats.multitest import multipletests
-
     results = [compare({a: per_case[a], b: per_case[b]}, [b])[0] for a, b in pairs]
     holm = multipletests([c.p for c in results], method="holm")[1]
     lines = ["| | against | cases | mean Dice difference | p (Wilcoxon) | p (Holm, this table) | verdict |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for c, q in zip(results, holm, strict=True):
-        verdict = ("better" if c.mean_difference > 0 else "worse") if q < 0.05 else "not separated"
+        verdict = ("better" if c.mean_difference > 0 else "worse") if q < ALPHA else "not separated"
         p = "<0.001" if c.p < 0.001 else f"{c.p:.3f}"
         lines.append(f"| {c.algorithm} | {c.reference} | {c.cases} | {c.mean_difference:+.3f} | {p} | "
                      f"{'<0.001' if q < 0.001 else f'{q:.3f}'} | {verdict} |")  # fmt: skip
