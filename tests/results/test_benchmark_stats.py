@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -54,8 +55,13 @@ def test_bootstrap_difference_pairs_cases():
     assert ci.low == pytest.approx(0.05) and ci.high == pytest.approx(0.05)
 
 
-def test_bootstrap_of_nothing_is_nan():
-    assert math.isnan(bootstrap_ci(np.empty((1, 0))).estimate)
+def test_bootstrap_of_nothing_is_nan_without_warning():
+    unscored = np.full((2, 3), np.nan)  # e.g. the HD95 of an untrained model, which the benchmark does not compute
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for a, b in ((np.empty((1, 0)), None), (unscored, None), (np.ones((2, 3)), unscored)):
+            ci = bootstrap_ci(a, b)
+            assert math.isnan(ci.estimate) and math.isnan(ci.low) and math.isnan(ci.high)
 
 
 def test_case_means_average_seeds_and_drop_unscored_cases():

@@ -56,9 +56,10 @@ def bootstrap_ci(
     ``bootstrap`` resamples one axis of independent observations only, hence these few lines. With a single seed
     only the cases vary."""
     rng = np.random.default_rng(seed)
-    point = float(np.nanmean(a) - (np.nanmean(b) if b is not None else 0.0)) if a.size else math.nan
-    if np.isnan(point):
+    # nothing scored, e.g. the HD95 of the untrained model, which the benchmark does not compute
+    if np.isnan(a).all() or (b is not None and np.isnan(b).all()):
         return Interval(math.nan, math.nan, math.nan)
+    point = float(np.nanmean(a) - (np.nanmean(b) if b is not None else 0.0))
     cases = rng.integers(0, a.shape[1], (resamples, 1, a.shape[1]))
     means = _resampled_means(a, rng.integers(0, a.shape[0], (resamples, a.shape[0], 1)), cases)
     if b is not None:
