@@ -10,7 +10,7 @@ and scores each finished seed with ``brats-fl compare``; a finished run or compa
 half-finished one is cleared and re-run. ``table`` prints the two tables as Markdown from the comparisons found.
 
 The data are the single-seed section's of docs/results.md ("SegViz: partial labels"), with more held-out cases: a
-96x96x72 phantom cohort of 45 cases on three scanners, 15 per site split 6 / 4-5 / 4-5 (train / validation / test),
+96x96x72 phantom cohort of 45 cases on three scanners, 15 per site split 7 / 4 / 4 (train / validation / test),
 site-1 annotating WT only, site-2 TC only, site-3 ET only (``brats-fl partition --annotate``), and an external site of
 40 fully labelled ``low_field`` cases. Training is that section's budget (10 rounds x 10 local epochs, multi-head
 U-Net 16-32-64, 32^3 patches half centred on the annotated tumour), at the current defaults otherwise (fine-tuning at
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from brats_fl.data.labels import DISPLAY_ORDER
 from brats_fl.results.compare import BASELINE, CENTRAL, SCHEMES
-from brats_fl.results.stats import ALPHA, bootstrap_ci, score_matrix, wilcoxon_p
+from brats_fl.results.stats import ALPHA, bootstrap_ci, case_means, paired_differences, score_matrix, wilcoxon_p
 from statsmodels.stats.multitest import multipletests
 
 #: the SegViz jobs, in the order they run for each seed
@@ -125,7 +125,7 @@ def table(out: Path) -> str:
                     (a, cases), (b, theirs) = matrices[scheme, region], matrices[reference, region]
                     if cases != theirs:
                         raise ValueError(f"{split} {region}: {scheme} and {reference} were scored on other cases")
-                    difference = np.nanmean(a, 0) - np.nanmean(b, 0)
+                    difference = paired_differences(case_means(a, cases), case_means(b, cases))
                     tests.append((scheme, reference, region, float(np.mean(difference)), wilcoxon_p(difference)))
         holm = multipletests([t[4] for t in tests], method="holm")[1]
         header = ("Scheme", "against", "region", "mean Dice difference", "p (Wilcoxon)", "p (Holm, this table)",
