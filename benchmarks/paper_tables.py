@@ -151,6 +151,22 @@ def tests(found: dict[str, tuple[Row, list[dict]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def site_table(bench: Path, rows: list[Row]) -> str:
+    """Mean Dice per site, mean over seeds with each seed's value: where a personalised model gains or loses."""
+    found = {row.label: runs for row in rows if (runs := load(bench, row))}
+    if not found:
+        return ""
+    sites = sorted({c["site"] for runs in found.values() for run in runs for c in run["per_case"]})
+    lines = ["| | " + " | ".join(sites) + " |", "|---|" + "---|" * len(sites)]
+    for label, runs in found.items():
+        cells = []
+        for site in sites:
+            per_seed = [np.mean([c["dice_mean"] for c in run["per_case"] if c["site"] == site]) for run in runs]
+            cells.append(f"{np.mean(per_seed):.3f} ({'/'.join(f'{v:.2f}' for v in per_seed)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def curves(bench: Path, rows: list[Row], figures: Path) -> list[Path]:
     """Reference 004's server-side curve (the global model's validation Dice at the sites, mean over sites) and
     client-side curve (the sites' training loss, mean over sites), per round, mean over seeds with a min-max band."""
@@ -184,6 +200,8 @@ def main() -> None:
     print(table(args.bench, REF_000))
     print("## Reference 001: local training, FedAvg and HyperSeg on four noisy scanners\n")
     print(table(args.bench, REF_001))
+    print("Mean Dice per site, mean over seeds (each seed's):\n")
+    print(site_table(args.bench, REF_001))
     print("## Reference 004: centralized against FedAvg with the nnU-Net recipe\n")
     print(table(args.bench, REF_004))
     if args.figures:

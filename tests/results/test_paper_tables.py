@@ -31,7 +31,7 @@ def _write(folder: Path, seed: int, mean: float, loss: float | None) -> None:
     for i, case in enumerate(CASES):
         dice = {r: float(np.clip(mean + 0.1 * np.sin(i) + rng.normal(0, 0.01), 0, 1)) for r in ("WT", "TC", "ET")}
         iou = {r: v / (2 - v) for r, v in dice.items()}
-        rows.append({"case_id": case, **{f"dice_{r}": v for r, v in dice.items()},
+        rows.append({"case_id": case, "site": f"site-{i % 2 + 1}", **{f"dice_{r}": v for r, v in dice.items()},
                      **{f"iou_{r}": v for r, v in iou.items()}, "dice_mean": float(np.mean(list(dice.values()))),
                      "iou_mean": float(np.mean(list(iou.values())))})  # fmt: skip
     summary = {
@@ -78,3 +78,14 @@ def test_curves_are_written_for_the_rows_that_ran(tables, tmp_path: Path):
     assert [f.name for f in figures] == ["nnunet_server_side.png", "nnunet_client_side.png"]
     assert all(f.stat().st_size > 1000 for f in figures)
     assert tables.curves(tmp_path / "empty", tables.REF_004, tmp_path / "none") == []
+
+
+def test_site_table_gives_each_sites_mean_over_seeds_and_each_seed(tables, tmp_path: Path):
+    for seed in range(2):
+        _write(tmp_path / "runs/scanners/brats_fedavg", seed, 0.5 + 0.1 * seed, None)
+    row = _row(tables.site_table(tmp_path, tables.REF_001), "FedAvg")
+    site_1 = [np.mean([0.5 + 0.1 * seed + 0.1 * np.sin(i) for i in range(0, 24, 2)]) for seed in range(2)]
+    mean, per_seed = row[1].split(" ")
+    assert float(mean) == pytest.approx(np.mean(site_1), abs=0.01)
+    assert [float(v) for v in per_seed.strip("()").split("/")] == pytest.approx(site_1, abs=0.01)
+    assert tables.site_table(tmp_path, tables.REF_000) == ""
