@@ -43,6 +43,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "fedavg_lr9e-3": ("brats_fedavg", {"lr": 9e-3}),
     # the same epochs per case in fewer, longer rounds: tells whether averaging often is what costs
     "fedavg_r5_e2": ("brats_fedavg", {"rounds": 5, "local_epochs": 2}),
+    # the sites' Adam moments and step count forgotten at each round: whether moments carried over from the site's
+    # own last round mislead it once its model has been replaced by the average
+    "fedavg_optreset": ("brats_fedavg", {"optimizer_state": "reset"}),
     # centralized training with the rate of fedavg_lr9e-3: whether a larger rate helps central as much
     "central_lr9e-3": ("brats_central", {"lr": 9e-3}),
     # the federated nnU-Net slides' recipe (reference 004: SGD with Nesterov momentum 0.9, poly rate, Dice + CE),

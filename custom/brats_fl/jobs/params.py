@@ -37,6 +37,8 @@ KINDS = {
 #: statistics their papers keep at the site, every other job ``DEFAULT_NORM`` (``brats_fl.jobs.catalogue``)
 NORM_NAMES = ("batch", "instance", "group")
 DEFAULT_NORM = "instance"
+#: what a site does with its optimiser's state at the start of a round (``brats_fl.site.client.Site``)
+OPTIMIZER_STATES = ("keep", "reset")
 #: mixed-precision settings (``brats_fl.seg.trainer.amp_dtype``)
 AMP_MODES = ("auto", "on", "off")
 #: training recipes (``brats_fl.seg.trainer.RECIPES``)
@@ -177,6 +179,12 @@ PARAMS: tuple[Param, ...] = (
     Param("momentum", float, None, "Nesterov momentum of an SGD recipe: 0.9 as the federated nnU-Net slides, 0.99 as "
           "nnU-Net", rule="0 < momentum < 1, with an SGD recipe", check=lambda v: 0 < v < 1, flag="--momentum",
           site="momentum", unset="the recipe's (nnunet 0.9)"),
+    # FedAvg's paper restarts plain SGD at each round; a stateful optimiser's moments may help or mislead a site
+    # whose model was just replaced by the average (issue 19, item 9: docs/benchmark.md measures both)
+    Param("optimizer_state", str, "keep", "the sites' optimiser state between rounds (Adam's moments and step count, "
+          "SGD's momentum): keep carries it from round to round; reset starts every round afresh from the received "
+          "model (Ditto's personal model keeps its own)", choices=OPTIMIZER_STATES, flag="--optimizer-state",
+          site="optimizer_state"),
     # real BraTS pipelines train at lower resolution: at 2 mm a 64^3 patch covers 128 mm, most of a brain
     Param("spacing", float, None, "voxel size (mm, isotropic) that training and inference resample the brain to; "
           "predictions are resampled back and scored on each case's own grid", rule="0 < spacing <= 10 (mm)",

@@ -319,6 +319,11 @@ class Trainer:
             # Opacus clips per-case gradients in full precision
             self.use_precision(None)
 
+    def reset_optimizer(self) -> None:
+        """Forget the optimiser's state (Adam's moments and step count, SGD's momentum), keeping its settings and
+        rate: a site that starts a round afresh from the model it received."""
+        self.optimizer.state.clear()
+
     def use_precision(self, dtype: torch.dtype | None) -> None:
         """Train and infer under autocast to ``dtype`` (None: full precision), with loss scaling for float16 alone:
         its gradients underflow without it, while bfloat16 has float32's range. Starts a new loss scale."""

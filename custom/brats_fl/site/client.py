@@ -235,6 +235,8 @@ class Site:
         self._resume_once(rnd)
         if model.params:
             self.load_global(model.params, self.personal)
+        if self.args.optimizer_state == "reset":
+            self.trainer.reset_optimizer()
         metrics = self.trainer.evaluate(self.val)
         # the round's rate from the server, for every local epoch; None: the trainer's own per-epoch schedule
         lr = (model.meta or {}).get(ROUND_LR)
