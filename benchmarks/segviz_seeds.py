@@ -73,14 +73,15 @@ def run(out: Path, seeds: int) -> None:
     config = prepare(out)
     for seed in range(seeds):
         folder = out / f"seed{seed}"
+        if (folder / "comparison.json").is_file():
+            continue  # scored: its runs are not needed again (and not kept in the repository)
         workspaces = [folder / "runs" / job for job in JOBS]
         for job, workspace in zip(JOBS, workspaces, strict=True):
             if _finished(workspace):
                 continue
             shutil.rmtree(workspace, ignore_errors=True)
             _cli("run", job, *COMMON, "--seed", str(seed), "--site-config", str(config), "--workspace", str(workspace))
-        if not (folder / "comparison.json").is_file():
-            _cli("compare", *map(str, workspaces), "--external", str(out / "data" / "external"), "--out", str(folder))
+        _cli("compare", *map(str, workspaces), "--external", str(out / "data" / "external"), "--out", str(folder))
 
 
 def _seed_scores(out: Path) -> list[dict]:

@@ -73,3 +73,16 @@ def test_schemes_scored_on_other_cases_are_refused(segviz, tmp_path: Path):
 
 def test_no_seed_yet(segviz, tmp_path: Path):
     assert segviz.table(tmp_path).startswith("No seed")
+
+
+def test_run_skips_a_scored_seed_and_runs_and_scores_the_next(segviz, tmp_path: Path, monkeypatch):
+    """A seed whose comparison is kept is not run again: its runs are not in the repository, only its scores."""
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(segviz, "_cli", lambda *args: calls.append(args))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "site_config.json").write_text("{}")
+    _write(tmp_path, 0, _comparison(0))
+    segviz.run(tmp_path, 2)
+    assert [c[0] for c in calls] == ["run"] * len(segviz.JOBS) + ["compare"]
+    assert all(c[c.index("--seed") + 1] == "1" for c in calls[:-1])
+    assert calls[-1][-1] == str(tmp_path / "seed1")
