@@ -244,3 +244,13 @@ def test_a_chosen_norm_wins_over_the_jobs_and_a_bad_one_is_refused(tmp_path: Pat
 def test_job_parameters_survive_pickling_as_brats_fl_run_sends_them_to_the_simulator():
     params = JobParams(norm="batch", rounds=3)
     assert pickle.loads(pickle.dumps(params)) == params
+
+
+def test_a_missing_site_configuration_is_refused_before_flare_starts(tmp_path):
+    from brats_fl.jobs.catalogue import JobParams
+    from brats_fl.jobs.simulate import run_simulation
+
+    missing = tmp_path / "no" / "site.json"
+    with pytest.raises(FileNotFoundError, match="site.json: site configuration does not exist"):
+        run_simulation("brats_fedavg", JobParams(), missing, tmp_path / "workspace")
+    assert not (tmp_path / "workspace").exists()

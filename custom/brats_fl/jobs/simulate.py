@@ -44,6 +44,9 @@ def run_simulation(
     ``numerics_mode`` ``portable`` pins the sites' CPU kernels so that a seed gives the same model on every machine of
     this kind (``brats_fl.jobs.numerics``); ``native`` lets torch choose.
     ``cores``: the cores the run may use (default the machine's), less where several runs share it."""
+    # the sites would find it missing only inside FLARE's processes, after start-up, and say so in its log alone
+    if not Path(site_config).is_file():
+        raise FileNotFoundError(f"{site_config}: site configuration does not exist")
     sites = 1 if name in POOLED else params.sites
     root = Path(workspace).resolve()
     # inherited by the simulator's site processes, which share this machine's cores
