@@ -126,10 +126,14 @@ def test_build_partition_writes_checks_reuses_and_refuses(tmp_path: Path, monkey
         build_partition("quantity", out, cases=18, seed=2, shape=SHAPE, log=lines.append)
     with pytest.raises(FileExistsError, match="other settings"):
         build_partition("iid", out, cases=24, seed=1, shape=SHAPE, log=lines.append)
-    (out / "mixed" / "partition.json").unlink()  # as if interrupted before the end
+    (out / "mixed" / "partition.json").unlink()  # as if interrupted before the end, or a fresh clone of results
+    (out / "mixed" / "datalists" / "stale.json").write_text("{}")
+    (out / "mixed" / "untrained.json").write_text("{}")  # a benchmark's own file, committed with its results
     lines.clear()
     build_partition("mixed", out, cases=18, seed=1, shape=SHAPE, log=lines.append)
     assert "half-written partition" in lines[0]
+    assert not (out / "mixed" / "datalists" / "stale.json").exists(), "the datalists are written afresh"
+    assert (out / "mixed" / "untrained.json").read_text() == "{}", "files it did not write are left alone"
 
 
 def test_build_partition_refuses_bad_requests(tmp_path: Path):

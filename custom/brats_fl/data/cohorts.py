@@ -215,8 +215,11 @@ def build_partition(
         log(f"reusing partition {folder}")
         return config
     if folder.exists():
-        log(f"{folder}: half-written partition (no partition.json); removing it and writing it again")
-        shutil.rmtree(folder)
+        # only what this function writes goes: a benchmark keeps its own files beside them (the untrained model's
+        # scores, committed with the results, while the cohort and datalists are not)
+        log(f"{folder}: half-written partition (no partition.json); writing its datalists and configuration again")
+        shutil.rmtree(folder / "datalists", ignore_errors=True)
+        config.unlink(missing_ok=True)
     root = _cohort(partition, out, cases, seed, shape, log)
     found_cases = find_cases(root)
     problems = check_cases(found_cases)
