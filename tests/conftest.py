@@ -16,10 +16,14 @@ ANNOTATIONS = {"site-1": ["WT"], "site-2": ["TC"], "site-3": ["ET"]}
 
 
 def tiny_params(**settings):
-    """A job's parameters with a U-Net and patches small enough for the CPU simulator; ``settings`` add the rest."""
+    """A job's parameters with a U-Net and patches small enough for the CPU simulator; ``settings`` add the rest.
+
+    Cross-site evaluation is off unless a test asks for it: its five validate tasks, one after another, add about
+    15 s of FLARE task round trips to every simulation, and only the tests that check it (the report, spacing,
+    privacy and transfer tests) need it."""
     from brats_fl.jobs.catalogue import JobParams
 
-    return JobParams(patch_size=(32, 32, 32), channels=(8, 16, 32), **settings)
+    return JobParams(**{"patch_size": (32, 32, 32), "channels": (8, 16, 32), "cross_site": "none"} | settings)
 
 
 def write_case(root: Path, case_id: str, shape=(24, 24, 16), seed: int = 0, release: str = "other") -> Path:
@@ -108,6 +112,7 @@ def fedavg_run(sim_data: Path, tmp_path_factory: pytest.TempPathFactory):
         lr=3e-3,
         audit_transfer=True,
         audit=True,
+        cross_site="all",
     )
     workspace = tmp_path_factory.mktemp("fedavg")
     run_simulation("brats_fedavg", params, sim_data, workspace)

@@ -88,7 +88,7 @@ def test_ditto_keeps_a_personal_model_and_scores_it_on_the_site_test_split(sim_d
     """Each site trains a personal model in every round besides the global one; it never leaves the site, differs from
     the final global model, and is what the site scores on its own test split after training, recorded per site
     beside the global model's scores on the same cases."""
-    params = tiny_params(rounds=1, local_epochs=1, ditto_lambda=0.1, personal_epochs=1, audit=True)
+    params = tiny_params(rounds=1, local_epochs=1, ditto_lambda=0.1, personal_epochs=1, audit=True, cross_site="all")
     run = run_simulation("brats_ditto", params, sim_data, tmp_path)
     global_model = _global_model(run)
     summary = summarise_run(run)

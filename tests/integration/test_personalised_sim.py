@@ -94,7 +94,15 @@ def test_fedbn_with_diff_transfer_and_personal_finetuning_under_the_nnunet_recip
     round at the rate the server's poly schedule gives that round, and fine-tunes at its own rate, not at the
     schedule's last (a schedule that decayed to 0 would leave the fine-tuned layers unchanged)."""
     params = JobParams(
-        **{**vars(TINY), "transfer": "diff", "finetune_epochs": 1, "recipe": "nnunet", "lr": None, "norm": "batch"}
+        **{
+            **vars(TINY),
+            "transfer": "diff",
+            "finetune_epochs": 1,
+            "recipe": "nnunet",
+            "lr": None,
+            "norm": "batch",
+            "cross_site": "all",
+        }
     )
     run = run_simulation("brats_fedbn_ft", params, sim_data, tmp_path)
     record = json.loads((run / "server" / "simulate_job" / "brats_fl_run.json").read_text())

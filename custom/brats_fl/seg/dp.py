@@ -26,12 +26,11 @@ from collections.abc import Iterator
 
 import torch
 from monai.data import list_data_collate
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
+
+# Opacus is imported where it is used, not here: it pulls in torch.distributed.tensor, about a second of start-up
+# that every site process and CLI call would pay (this module's check_dp_model is on their path) though few jobs
+# train with DP-SGD.
 
 # Opacus's hooks on the U-Net's first layer, whose input (an image) needs no gradient, make torch warn at every step
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -56,6 +55,8 @@ def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: in
     """The smallest noise multiplier (Opacus, RDP accountant) that keeps ``steps`` steps at ``sample_rate`` within
     (``epsilon``, ``delta``). Opacus's search takes about a second; a trainer made again with the same settings (a
     resumed site, a benchmark) reuses it."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=ACCOUNTANT
@@ -66,6 +67,8 @@ def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: in
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     """The epsilon at ``delta`` that the RDP accountant gives for ``history`` ((noise multiplier, sample rate, steps)
     per phase); 0 for no step."""
+    from opacus.accountants import RDPAccountant
+
     history = [h for h in history if h[2] > 0]
     if not history:
         return 0.0
@@ -101,6 +104,10 @@ class DPSGD:
         batch_size: int,
         epochs: int,
     ):
+        from opacus import GradSampleModule
+        from opacus.accountants import RDPAccountant
+        from opacus.optimizers import DPOptimizer
+
         if cases < 1:
             raise ValueError("DP-SGD needs at least one training case")
         self.epsilon, self.delta, self.max_grad_norm = epsilon, delta, max_grad_norm
@@ -127,6 +134,8 @@ class DPSGD:
 
     def batches(self, loader: DataLoader) -> Iterator[dict | None]:
         """One epoch of Poisson draws over ``loader``'s cases (one patch per case), None for an empty draw."""
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
         sampler = UniformWithReplacementSampler(
             num_samples=len(loader.dataset), sample_rate=self.sample_rate, generator=self._draws
         )
