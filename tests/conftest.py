@@ -18,9 +18,8 @@ ANNOTATIONS = {"site-1": ["WT"], "site-2": ["TC"], "site-3": ["ET"]}
 def tiny_params(**settings):
     """A job's parameters with a U-Net and patches small enough for the CPU simulator; ``settings`` add the rest.
 
-    Cross-site evaluation is off unless a test asks for it: its five validate tasks, one after another, add about
-    15 s of FLARE task round trips to every simulation, and only the tests that check it (the report, spacing,
-    privacy and transfer tests) need it."""
+    Cross-site evaluation is off unless a test asks for it (``cross_site="all"`` or ``"global"``): its validate
+    tasks, one after another, add about 18 s of FLARE task round trips to a tiny simulation."""
     from brats_fl.jobs.catalogue import JobParams
 
     return JobParams(**{"patch_size": (32, 32, 32), "channels": (8, 16, 32), "cross_site": "none"} | settings)
