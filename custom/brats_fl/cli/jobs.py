@@ -18,8 +18,11 @@ VERBOSE_HELP = (
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
+    import psutil
+
     from brats_fl.jobs.catalogue import HyperNetParams, JobParams, refuse_unused
     from brats_fl.jobs.simulate import run_simulation
+    from brats_fl.results.cost import PHASES, run_cost
     from brats_fl.results.report import format_table, summarise_run
 
     options = vars(args)
@@ -33,8 +36,14 @@ def _cmd_run(args: argparse.Namespace) -> None:
     )
     wall_time = time.perf_counter() - start
     summary = summarise_run(run_dir) | {"job": args.job, "params": asdict(params), "wall_time": wall_time}
+    # from this process's start (its imports included) to the summary
+    cost = run_cost(run_dir, psutil.Process().create_time(), time.time())
+    summary["cost"] = cost
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"\n{args.job}: each site's final model on its own test split, {wall_time:.0f} s ({run_dir})")
+    if cost:
+        phases = ", ".join(f"{k.replace('_', ' ')} {cost[k]:.0f} s" for k in PHASES)
+        print(f"training {cost['training']:.0f} s of {cost['wall']:.0f} s; the rest {cost['fixed']:.0f} s: {phases}")
     rows = [*summary["test_per_site"].items(), ("pooled", summary["test"])]
     if summary["global_test"]:
         rows.append(("pooled, before fine-tuning", summary["global_test"]))

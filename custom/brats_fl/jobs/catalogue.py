@@ -273,7 +273,7 @@ def _fedavg(
         **recipe_args,
     )
     _with_transfer_filters(recipe, params, model)
-    return _with_evaluation(recipe, params)
+    return _with_evaluation(recipe, params, client)
 
 
 class DeadlineFedAvgRecipe(FedAvgRecipe):
@@ -414,23 +414,27 @@ def _privacy_filter(params: JobParams, model: BratsUNet) -> Filter:
     return PRIVACY[params.privacy](**args)
 
 
-def _with_evaluation(recipe: Recipe, params: JobParams, personalise: bool = True) -> Recipe:
+def _with_evaluation(recipe: Recipe, params: JobParams, client: dict, personalise: bool = True) -> Recipe:
     """What every job adds after training: tracking, each site's own-test scores, cross-site evaluation, and
-    the run record. ``personalise=False`` for a controller that sends each site its own final model itself.
+    the run record. ``client`` is what the sites are told; ``personalise=False`` for a controller that sends each site
+    its own final model itself.
 
     Cross-site evaluation (``cross_site``): ``all`` is FLARE's ``add_cross_site_evaluation``, which scores the
     server's models (last and best global) and every site's submitted model on every site's test split; ``global``
     scores the server's models alone, with the same FLARE components but no ``submit_model`` task (FLARE's
     ``CrossSiteModelEval`` sends none when its task name is empty): 2 models per site instead of 2 + sites; ``none``
-    leaves it out, where each site's own final model on its own test split is all a run must say (a benchmark)."""
+    leaves it out, where each site's own final model on its own test split is all a run must say (a benchmark);
+    ``auto`` (``cross_site_mode``) is ``global`` where that differs from the federation's model, else ``none``: each
+    validate task scores a whole test split again, which cost a tiny simulation about 18 s and the demo minutes."""
     # every site's SummaryWriter scalars arrive at the server's TensorBoard folder (tb_events/<site>)
     add_experiment_tracking(recipe, "tensorboard")
     if personalise:
         recipe._job.to_server(PersonalisedEvaluation(timeout=params.eval_timeout), id="personalised_evaluation")
-    if params.cross_site == "all":
+    mode = cross_site_mode(params.cross_site, client)
+    if mode == "all":
         timeouts = {"submit_model_timeout": params.eval_timeout, "validation_timeout": params.eval_timeout}
         add_cross_site_evaluation(recipe, **timeouts)
-    elif params.cross_site == "global":
+    elif mode == "global":
         # add_cross_site_evaluation's components (nvflare.recipe.utils), with the submit_model task left out
         locator = recipe._job.to_server(PTFileModelLocator(pt_persistor_id=recipe._job.comp_ids["persistor_id"]))
         recipe._job.to_server(ValidationJsonGenerator())
@@ -444,6 +448,16 @@ def _with_evaluation(recipe: Recipe, params: JobParams, personalise: bool = True
     # what the run was (configuration, seeds, versions, code, wall time), next to its results on the server
     recipe._job.to_server(RunRecord(expects=running()), id="run_record")
     return recipe
+
+
+def cross_site_mode(setting: str, client: dict) -> str:
+    """The cross-site evaluation a job runs: ``setting`` itself, or for ``auto`` ``global`` where each site ends with
+    another model than the federation's (it fine-tunes, or trains Ditto's personal model), since only then does
+    scoring the server's model say something the sites' own scores do not, and ``none`` otherwise."""
+    if setting != "auto":
+        return setting
+    diverges = bool(client.get("finetune_epochs")) or client.get("ditto_lambda") is not None
+    return "global" if diverges else "none"
 
 
 class ControllerRecipe(Recipe):
@@ -497,7 +511,7 @@ def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
         **params.round_lr(),
     )
     client = params.client_config() | {"rounds": passes, "local_epochs": epochs}
-    return _with_evaluation(ControllerRecipe(name, params, controller, client), params)
+    return _with_evaluation(ControllerRecipe(name, params, controller, client), params, client)
 
 
 def cyclic(params: JobParams) -> Recipe:
@@ -546,7 +560,7 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
     # state and the statistics it keeps (``brats_fl.site.client``)
     client = params.client_config() | {"personal": "stats" if site_stats else "none"}
     recipe = ControllerRecipe(name, params, controller, client)
-    return _with_evaluation(recipe, params, personalise=False)
+    return _with_evaluation(recipe, params, client, personalise=False)
 
 
 def hyperseg_conv(params: JobParams) -> Recipe:
@@ -584,7 +598,7 @@ def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
     )
     client = params.client_config() | {"multi_head": True, "personal": personal, "finetune_scope": "heads"}
     client["finetune_epochs"] = _finetune_epochs(params)
-    return _with_evaluation(ControllerRecipe(name, params, controller, client, model=model), params)
+    return _with_evaluation(ControllerRecipe(name, params, controller, client, model=model), params, client)
 
 
 def segviz_fedavg(params: JobParams) -> Recipe:
@@ -706,7 +720,8 @@ def scaffold(params: JobParams) -> Recipe:
     controller = ResumableScaffold(
         num_clients=params.sites, num_rounds=params.rounds, persistor_id="persistor", resume_from=params.resume_from
     )
-    return _with_evaluation(ControllerRecipe("brats_scaffold", params, controller, params.client_config()), params)
+    client = params.client_config()
+    return _with_evaluation(ControllerRecipe("brats_scaffold", params, controller, client), params, client)
 
 
 def ditto(params: JobParams) -> FedAvgRecipe:

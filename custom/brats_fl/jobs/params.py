@@ -52,7 +52,7 @@ OPTIMISER_NAMES = ("adam", "sgd")
 #: a sequential job's visiting orders (``brats_fl.server.sequential.ORDERS``)
 ORDER_NAMES = ("fixed", "shuffle")
 #: what cross-site evaluation scores (``brats_fl.jobs.catalogue._with_evaluation``)
-CROSS_SITE = ("all", "global", "none")
+CROSS_SITE = ("auto", "all", "global", "none")
 #: FLARE's default of 10 s for a task to be picked up suits toy models, not 3D training on a CPU
 TASK_TIMEOUT = 6 * 3600
 
@@ -211,9 +211,10 @@ PARAMS: tuple[Param, ...] = (
           unset="a tenth of the initial learning rate (brats_fl.seg.trainer.FINETUNE_SHARE)"),
     Param("resume_from", str, None, "continue from a run's FL_global_model.pt", flag="--resume-from", item=Path,
           from_cli=lambda p: str(Path(p).resolve()), site="resume", to_site=bool),
-    Param("cross_site", str, "all", "cross-site evaluation: every site scores the server's models and every site's "
+    Param("cross_site", str, "auto", "cross-site evaluation: every site scores the server's models and every site's "
           "submitted model (all), the server's models only (global), or nothing beyond each site's own final model "
-          "(none)", rule=f"cross_site one of {list(CROSS_SITE)}",
+          "(none); auto: global where a site ends with another model than the federation's (fine-tuning, Ditto), "
+          "whose table then has its row before fine-tuning, else none", rule=f"cross_site one of {list(CROSS_SITE)}",
           choices=CROSS_SITE, flag="--cross-site"),
     _seconds("eval_timeout", TASK_TIMEOUT, "seconds the evaluation after training (each site's own test split, "
              "cross-site evaluation) waits for a site's scores; a site that has not answered by then is named and "

@@ -1,17 +1,16 @@
 """Run a catalogue job in FLARE's simulator on this machine.
 
-With ``progress`` the simulator runs in a child process whose output (FLARE's own and that of the site processes
-it starts, which inherit the file descriptors) goes to ``<workspace>/<job>_simulator.log`` (beside the job's folder,
-which the simulator empties when it starts), while this process shows each site's rounds (``brats_fl.results.live``)
-or, ``verbose``, copies the log to the terminal.
+With ``progress`` the simulator's output (FLARE's own and that of the site processes it starts, which inherit the
+file descriptors) goes to ``<workspace>/<job>_simulator.log`` (beside the job's folder, which the simulator empties
+when it starts), while a thread shows each site's rounds (``brats_fl.results.live``) or, ``verbose``, copies the log
+to the terminal.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, wait
+import threading
 from pathlib import Path
 
 from nvflare.recipe import SimEnv
@@ -77,44 +76,62 @@ def _simulate(name: str, params: JobParams, sites: int, root: Path) -> None:
     build(name, params).run(env)
 
 
-def _simulate_into(log: Path, name: str, params: JobParams, sites: int, root: Path) -> None:
-    """The child's work: its stdout and stderr become the log at the descriptor level, so that the processes
-    FLARE starts write there too."""
+def _run_watched(name: str, params: JobParams, sites: int, root: Path, verbose: bool) -> None:
+    """Run the simulator in this process with its output, and that of the site processes FLARE starts (which inherit
+    the file descriptors), sent to the log at the descriptor level, while a thread shows each site's rounds (or copies
+    the log) to the terminal; when it fails, show the log's errors and where the log is, then raise what it raised.
+
+    In this process, not a child's: a spawned child imported torch, MONAI and FLARE a second time, about 5 s of CPU
+    of every run's fixed cost (``docs/benchmarks.md``)."""
+    run_dir = root / name
+    log = root / f"{name}_simulator.log"
+    log.write_bytes(b"")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    view = LiveView(name, planned_rounds(name, params), [f"site-{i}" for i in range(1, sites + 1)], terminal)
+    done = threading.Event()
+
+    def watch() -> None:
+        with log.open("rb") as tail:
+            while True:
+                finished = done.wait(POLL)
+                if verbose:
+                    terminal.buffer.write(tail.read())
+                    terminal.flush()
+                else:
+                    view.refresh(read_rows(run_dir))
+                if finished:
+                    return
+
     fd = os.open(log, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    sys.stdout.reconfigure(line_buffering=True)
-    _simulate(name, params, sites, root)
-
-
-def _run_watched(name: str, params: JobParams, sites: int, root: Path, verbose: bool) -> None:
-    """Run the simulator in a child process (spawned: this one may hold threads) and watch it until it ends;
-    when it fails, show the log's errors and where the log is, then raise what the simulator raised."""
-    run_dir = root / name
-    log = root / f"{name}_simulator.log"
-    log.write_bytes(b"")
-    view = LiveView(name, planned_rounds(name, params), [f"site-{i}" for i in range(1, sites + 1)], sys.stdout)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool, log.open("rb") as tail:
-        job = pool.submit(_simulate_into, log, name, params, sites, root)
-        while True:
-            wait([job], timeout=POLL)
-            finished = job.done()
-            if verbose:
-                sys.stdout.buffer.write(tail.read())
-                sys.stdout.flush()
-            else:
-                view.refresh(read_rows(run_dir))
-            if finished:
-                break
-        try:
-            job.result()
-        except BaseException:
-            errors = error_lines(log)
-            if errors:
-                print(f"\n{name} failed; the last errors in FLARE's log:", *errors, sep="\n  ", file=sys.stderr)
-            print(f"FLARE's log: {log}", file=sys.stderr)
-            raise
+    watcher = threading.Thread(target=watch, name="brats-fl-live-view", daemon=True)
+    watcher.start()
+    try:
+        _simulate(name, params, sites, root)
+    except BaseException:
+        _restore(saved, done, watcher, terminal)
+        errors = error_lines(log)
+        if errors:
+            print(f"\n{name} failed; the last errors in FLARE's log:", *errors, sep="\n  ", file=sys.stderr)
+        print(f"FLARE's log: {log}", file=sys.stderr)
+        raise
+    _restore(saved, done, watcher, terminal)
     if not verbose:
         print(f"FLARE's log: {log}")
+
+
+def _restore(saved: tuple[int, int], done: threading.Event, watcher: threading.Thread, terminal) -> None:
+    """Send this process's output to where it went before the run, after the watcher's last look."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    done.set()
+    watcher.join()
+    terminal.close()
+    for fd, original in zip((1, 2), saved, strict=True):
+        os.dup2(original, fd)
+        os.close(original)

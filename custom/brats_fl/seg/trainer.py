@@ -623,7 +623,7 @@ def fit(
         stats = trainer.train_epochs(train, 1)
         if epoch % val_every and epoch != epochs:
             continue
-        metrics = trainer.evaluate(val)
+        metrics = trainer.evaluate(val, distances=False)
         row = {"epoch": epoch, "elapsed": time.perf_counter() - start, **stats, **metrics}
         history.append(row)
         log(

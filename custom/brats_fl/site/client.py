@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import nvflare.client as flare
+import psutil
 import torch
 from nvflare.app_common.abstract.fl_model import FLMetaKey
 from nvflare.app_common.app_constant import AlgorithmConstants
@@ -231,13 +232,16 @@ class Site:
         return {k: v.detach().cpu() for k, v in self.trainer.model.state_dict().items() if k in self.personal}
 
     def train_round(self, model: flare.FLModel) -> flare.FLModel:
+        started_at = time.time()
         rnd = model.current_round or 0
         self._resume_once(rnd)
         if model.params:
             self.load_global(model.params, self.personal)
         if self.args.optimizer_state == "reset":
             self.trainer.reset_optimizer()
-        metrics = self.trainer.evaluate(self.val)
+        # Dice and IoU only: HD95 on whole volumes cost as much as a round's training on the demo (surface distances of
+        # an early model's scattered predictions), and no curve or model selection reads it; the test split has it
+        metrics = self.trainer.evaluate(self.val, distances=False)
         # the round's rate from the server, for every local epoch; None: the trainer's own per-epoch schedule
         lr = (model.meta or {}).get(ROUND_LR)
         # Ditto's personal model trains first, towards the model just received
@@ -246,6 +250,7 @@ class Site:
         c_global = self._scaffold_start(model)
         after_step = self.scaffold.after_step if self.scaffold and c_global is not None else None
         before = self._dp_steps()
+        train_started_at = time.time()
         stats = self.trainer.train_epochs(
             self.train, self.args.local_epochs, lr=lr, extra_loss=fedprox, after_step=after_step
         )
@@ -267,6 +272,9 @@ class Site:
         # job's start can be checked exactly
         row |= {"received": fingerprint(model.params or {}), "sent": fingerprint(params)}
         row |= {"kept": fingerprint(self.personal_state()), "finished_at": time.time()} | algorithm
+        # when the round's task began and its training steps did: what a run costs beyond training
+        # (``brats_fl.results.cost``)
+        row |= {"started_at": started_at, "train_started_at": train_started_at}
         with (self.run_dir / "rounds.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.trainer.save(self.run_dir / "local_model.pt", round=rnd, site=self.name)
@@ -328,6 +336,7 @@ class Site:
         With fine-tuning, the model before it is scored and kept too (``before_finetune_*``). The site's
         federated state is restored afterwards, so cross-site evaluation scores the model before fine-tuning.
         """
+        self.record["personalise_started_at"] = time.time()
         self._resume_once(None)
         if self.ditto:
             return flare.FLModel(metrics=_scalars(self._score_and_keep("personalised", 0, self.ditto.trainer)))
@@ -389,17 +398,18 @@ class Site:
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
 
-    def evaluate(self, model: flare.FLModel, loader: DataLoader) -> dict:
-        """Score a received model on one of this site's splits, then restore the site's own."""
+    def evaluate(self, model: flare.FLModel, loader: DataLoader, distances: bool = True) -> dict:
+        """Score a received model on one of this site's splits, then restore the site's own; without ``distances``,
+        Dice and IoU alone (a validation split's curves)."""
         saved = self._snapshot()
         self.load_global(model.params, self.eval_personal)
-        metrics = self.trainer.evaluate(loader)
+        metrics = self.trainer.evaluate(loader, distances=distances)
         self.trainer.model.load_state_dict(saved)
         return _scalars(metrics)
 
     def validate_pass(self, model: flare.FLModel) -> flare.FLModel:
         """A sequential job's model after a pass, on the validation split; tracked as ``pass_val_*``."""
-        metrics = self.evaluate(model, self.val)
+        metrics = self.evaluate(model, self.val, distances=False)
         for key, value in _as_validation(metrics).items():
             self.writer.add_scalar(f"pass_{key}", value, model.current_round)
         return flare.FLModel(metrics=metrics)
@@ -415,6 +425,8 @@ def _ended(run_dir: Path, start: float, reason: str | None) -> None:
     or failed run leaves a record that reads like success."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"complete": reason is None, "incomplete_reason": reason, "wall_time": time.perf_counter() - start}
+    # the site process's start (its imports included) and end, for the run's cost (``brats_fl.results.cost``)
+    record |= {"process_started_at": psutil.Process().create_time(), "ended_at": time.time()}
     (run_dir / DONE_FILE).write_text(json.dumps(record))
 
 
@@ -426,6 +438,8 @@ def main() -> None:
     personalised = False
     try:
         site = Site(args, flare.get_site_name(), Path.cwd(), flare.get_job_id())
+        site.record["ready_at"] = time.time()
+        site._write_record()
         while flare.is_running():
             model = flare.receive()
             if model is None:
@@ -435,6 +449,8 @@ def main() -> None:
             elif flare.get_task_name() == PERSONALISE_TASK:
                 flare.send(site.personalise(model))
                 personalised = True
+                site.record["personalise_ended_at"] = time.time()
+                site._write_record()
             elif flare.get_task_name() == PASS_VALIDATION_TASK:
                 flare.send(site.validate_pass(model))
             elif flare.is_evaluate():
