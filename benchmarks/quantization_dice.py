@@ -6,7 +6,7 @@ For a finished FedAvg run, every site's final model (the final global model) is 
 quantiser and dequantiser (FLARE's filters, ``brats_fl.transfer.quantization``) and scored on that site's test
 split next to the model as it was. This isolates the rounding: a whole run with quantised transfer also changes
 every later round's training, and the Dice of two runs that differ only by rounding noise (float32 summation
-order) already differ by a few hundredths on the phantom's 6 test cases (docs/benchmarks.md). Prints JSON.
+order) already differ by a few hundredths on the phantom's 6 test cases (docs/performance.md). Prints JSON.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 phantom sites, every scheme run with seeds 0 .. N-1, with 95 % confidence intervals over seeds and cases and
 Holm-corrected paired tests.
 
-    python benchmarks/segviz_seeds.py run --out docs/results/segviz --seeds 3
-    python benchmarks/segviz_seeds.py table --out docs/results/segviz
+    python benchmarks/segviz_seeds.py run --out benchmarks/results/segviz --seeds 3
+    python benchmarks/segviz_seeds.py table --out benchmarks/results/segviz
 
 ``run`` builds the data once (kept and reused), then runs each unfinished (seed, scheme) pair with ``brats-fl run``
 and scores each finished seed with ``brats-fl compare``; a finished run or comparison is kept and skipped, a
