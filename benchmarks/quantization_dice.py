@@ -51,7 +51,7 @@ def main() -> None:
         for mode in ["float32", *args.modes]:
             model.load_state_dict(original if mode == "float32" else round_trip(original, mode))
             rows = trainer.evaluate(eval_loader(datalist.items("test")), per_case=True)["per_case"]
-            # the mean over the regions, as docs/results.md's "Dice mean"
+            # the mean over the regions, as docs/history.md's "Dice mean"
             per_case.setdefault(mode, []).extend((r["dice_WT"] + r["dice_TC"] + r["dice_ET"]) / 3 for r in rows)
     reference = per_case["float32"]
     results = {

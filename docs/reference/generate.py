@@ -183,7 +183,7 @@ def cli_page() -> str:
         for child, child_parser in inner.items():
             lines += ["", f"### brats-fl {name} {child}", "", _cell(inner_helps[child]) + ".", ""]
             lines += _command(child_parser, set(), False)
-    return "\n".join(lines) + "\n"
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)) + "\n"
 
 
 def _command(parser: argparse.ArgumentParser, skip: set[str], is_run: bool) -> list[str]:

@@ -30,17 +30,32 @@ def links(page: Path) -> list[str]:
     return [a or b for a, b in LINK.findall(text) if not re.match(r"[a-z]+:", a or b)]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
-def test_links_resolve(page: Path):
+def dead_links(page: Path) -> list[str]:
+    """The links of ``page`` whose file does not exist or whose anchor is no heading of that file."""
     dead = []
     for target in links(page):
         path, _, fragment = target.partition("#")
         file = (page.parent / path).resolve() if path else page
-        if not file.exists():
+        missing_anchor = bool(fragment) and file.suffix == ".md" and file.exists() and fragment not in anchors(file)
+        if not file.exists() or missing_anchor:
             dead.append(target)
-        elif fragment and file.suffix == ".md" and fragment not in anchors(file):
-            dead.append(target)
+    return dead
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def test_links_resolve(page: Path):
+    dead = dead_links(page)
     assert not dead, f"{page.relative_to(ROOT)}: dead links {dead}"
+
+
+def test_a_dead_link_is_found(tmp_path: Path):
+    (tmp_path / "other.md").write_text("# A heading\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](other.md#a-heading) [gone](missing.md) [bad anchor](other.md#nothing) [self](#top)\n"
+        '<img src="figure.png">\n```\n[in code](ignored.md)\n```\n# Top\n'
+    )
+    assert dead_links(page) == ["missing.md", "other.md#nothing", "figure.png"]
 
 
 def test_anchor_follows_github():
