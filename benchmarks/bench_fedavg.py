@@ -9,7 +9,7 @@ parallel, each with its share of the cores (``brats-fl run`` does the same).
 
 Steady-state time is rounds 1..R-1, measured from the end of round 0 to the end of the last round, so that
 both sides have their data cached; FLARE's fixed cost (start-up, first caching, shutdown, cross-site
-evaluation) is reported separately. Prints JSON for docs/benchmarks.md.
+evaluation) is reported separately. Prints JSON for docs/performance.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 (b) sliding-window inference of one 240x240x155 four-channel case with the default model (median of 3);
 (c) peak resident memory of a training process at the default patch size (measured in a child process).
 Uses a 6-case phantom cohort in data/bench (made on first run). Prints JSON, with the machine and the
-load average before and after; docs/benchmarks.md records the results.
+load average before and after; docs/performance.md records the results.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ bfloat16 without; ``--amp on`` chooses bfloat16 on GPUs that have it and float16
 
 Refuses to run without CUDA unless ``--allow-cpu``: there the precisions run under CPU autocast, a check that the
 script works, not a figure. Prints JSON with the date and the device, and rewrites ``--json`` after each part so that
-a run cut short on a lent machine keeps what it measured; docs/benchmarks.md records it.
+a run cut short on a lent machine keeps what it measured; docs/performance.md records it.
 """
 
 from __future__ import annotations

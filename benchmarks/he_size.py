@@ -5,7 +5,8 @@
 Encrypts one update of the U-Net (every value of its state dict) as a CKKS vector with the parameters FLARE's
 ``HEBuilder`` provisions by default (polynomial modulus degree 8192, coefficient moduli 60-40-40 bits, scale 2^40),
 as FLARE's ``HEModelEncryptor`` does layer by layer, and prints its serialised size against float32 and the time to
-encrypt and decrypt. TenSEAL is not a dependency of brats-fl (docs/privacy.md says why HE is not offered). Prints JSON.
+encrypt and decrypt. TenSEAL is not a dependency of brats-fl (docs/howto/privacy.md says why HE is not offered).
+Prints JSON.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The reference papers' tables from the published benchmark (issue 19, item 8): each paper's rows and columns,
 brats-fl's numbers with 95 % confidence intervals over seeds and test cases, and the paper's own numbers beside them.
 
-    python benchmarks/paper_tables.py --bench docs/results/full --figures docs/figures
+    python benchmarks/paper_tables.py --bench benchmarks/results/full --figures docs/figures
 
-``--bench`` is a ``brats-fl benchmark --profile full`` folder; ``docs/results/full`` holds the published one (the
+``--bench`` is a ``brats-fl benchmark --profile full`` folder; ``benchmarks/results/full`` holds the published one (the
 summaries of its finished runs). Prints Markdown for
 
 - reference 000 (the BraTS FedPer report): centralized training, FedAvg on equal (``iid``) and unequal (``quantity``,

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from brats_fl.data.glioma import tumour_stats  # noqa: E402
 from brats_fl.data.phantom import SiteKnobs, generate_cases  # noqa: E402
 
-#: Published figures we found (docs/phantom.md cites each); None where no figure was found.
+#: Published figures we found (docs/explanation/phantom.md cites each); None where no figure was found.
 LITERATURE = {
     "lgg_share": (76 / 369, "BraTS 2020 training set: 76 LGG of 369 cases (name_mapping.csv)"),
     "multifocal_share": (

@@ -6,7 +6,7 @@ For a finished FedAvg run, every site's final model (the final global model) is 
 quantiser and dequantiser (FLARE's filters, ``brats_fl.transfer.quantization``) and scored on that site's test
 split next to the model as it was. This isolates the rounding: a whole run with quantised transfer also changes
 every later round's training, and the Dice of two runs that differ only by rounding noise (float32 summation
-order) already differ by a few hundredths on the phantom's 6 test cases (docs/benchmarks.md). Prints JSON.
+order) already differ by a few hundredths on the phantom's 6 test cases (docs/performance.md). Prints JSON.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
         for mode in ["float32", *args.modes]:
             model.load_state_dict(original if mode == "float32" else round_trip(original, mode))
             rows = trainer.evaluate(eval_loader(datalist.items("test")), per_case=True)["per_case"]
-            # the mean over the regions, as docs/results.md's "Dice mean"
+            # the mean over the regions, as docs/history.md's "Dice mean"
             per_case.setdefault(mode, []).extend((r["dice_WT"] + r["dice_TC"] + r["dice_ET"]) / 3 for r in rows)
     reference = per_case["float32"]
     results = {

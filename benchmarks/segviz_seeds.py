@@ -2,14 +2,14 @@
 phantom sites, every scheme run with seeds 0 .. N-1, with 95 % confidence intervals over seeds and cases and
 Holm-corrected paired tests.
 
-    python benchmarks/segviz_seeds.py run --out docs/results/segviz --seeds 3
-    python benchmarks/segviz_seeds.py table --out docs/results/segviz
+    python benchmarks/segviz_seeds.py run --out benchmarks/results/segviz --seeds 3
+    python benchmarks/segviz_seeds.py table --out benchmarks/results/segviz
 
 ``run`` builds the data once (kept and reused), then runs each unfinished (seed, scheme) pair with ``brats-fl run``
 and scores each finished seed with ``brats-fl compare``; a finished run or comparison is kept and skipped, a
 half-finished one is cleared and re-run. ``table`` prints the two tables as Markdown from the comparisons found.
 
-The data are the single-seed section's of docs/results.md ("SegViz: partial labels"), with more held-out cases: a
+The data are the single-seed section of docs/history.md ("SegViz: partial labels"), with more held-out cases: a
 96x96x72 phantom cohort of 45 cases on three scanners, 15 per site split 7 / 4 / 4 (train / validation / test),
 site-1 annotating WT only, site-2 TC only, site-3 ET only (``brats-fl partition --annotate``), and an external site of
 40 fully labelled ``low_field`` cases. Training is that section's budget (10 rounds x 10 local epochs, multi-head

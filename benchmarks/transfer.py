@@ -11,7 +11,7 @@ is not counted. A site's "received" is what arrived before FLARE's dequantiser r
 
 8 bits run through the jobs' quantisers, FLARE's own with a CPU path for ``blockwise8``
 (``brats_fl.transfer.quantization``); FLARE's 4-bit types need CUDA. What quantisation costs in Dice takes full
-runs: see docs/benchmarks.md. Prints JSON.
+runs: see docs/performance.md. Prints JSON.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def _grown(small_anatomy, seed: int, **knobs):
 
 def test_tumours_are_irregular_some_multifocal_some_without_enhancement(small_anatomy):
     """The old generator's ellipsoids had WT sphericity 0.98 (median, 120x120x78 grid); gliomas are lobulated and
-    infiltrative. Multifocal and non-enhancing shares follow the literature (docs/phantom.md)."""
+    infiltrative. Multifocal and non-enhancing shares follow the literature (docs/explanation/phantom.md)."""
     from brats_fl.data.glioma import tumour_stats
 
     stats, grades = [], []

@@ -1,6 +1,6 @@
 """``brats-fl benchmark --profile ci``, for real: every algorithm of the profile on its partition in FLARE's
 simulator, the page, and a second invocation that finds every run finished and only rebuilds the page. (The smoke
-profile, every algorithm on two partitions, takes about 25 minutes on two cores: docs/benchmark.md.)"""
+profile, every algorithm on two partitions, takes about 25 minutes on two cores: docs/howto/benchmark.md.)"""
 
 from __future__ import annotations
 

@@ -169,7 +169,7 @@ def test_committed_jobs_are_configuration_naming_the_installed_package():
 
 
 def test_every_job_cleans_memory_every_round_at_its_sites_and_fedavg_at_its_server():
-    """FLARE's per-round memory cleanup, which held a 200-round POC run's memory (docs/benchmarks.md)."""
+    """FLARE's per-round memory cleanup, which held a 200-round POC run's memory (docs/performance.md)."""
     for job in sorted((REPO / "jobs").iterdir()):
         client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
         (executor,) = [e["executor"] for e in client["executors"]]

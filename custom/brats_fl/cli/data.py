@@ -143,7 +143,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="SHARE",
-        help="2024-gli-post only: the share of cases with a resection cavity, label 4 (default: most; docs/phantom.md)",
+        help="2024-gli-post only: the share of cases with a resection cavity, label 4 (default: most; "
+        "docs/explanation/phantom.md)",
     )
     p.set_defaults(func=_cmd_phantom)
 

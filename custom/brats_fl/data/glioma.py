@@ -4,7 +4,7 @@ the resection cavity of a post-treatment case.
 
 Volumes are drawn in cm³ and reached by thresholding (a lobulated level set for the core, a white-matter-weighted
 diffusion front for the oedema, a distance-to-edge field with uneven thickness for the enhancing rim), so the
-cohort's volume statistics are set by the parameters below rather than emerging from shapes; docs/phantom.md
+cohort's volume statistics are set by the parameters below rather than emerging from shapes; docs/explanation/phantom.md
 compares them with published BraTS figures. Everything works in the tumour's bounding box: a few percent of the
 grid.
 """
@@ -299,7 +299,7 @@ def thick_labels(seg: np.ndarray, thickness: int, axis: int = -1) -> np.ndarray:
 
 
 def tumour_stats(seg: np.ndarray, voxel_mm3: float = 1.0, min_component: int = 27) -> dict[str, float]:
-    """What docs/phantom.md compares with the literature, for one label map: WT / TC / ET volumes (cm³), the
+    """What docs/explanation/phantom.md compares with the literature, for one label map: WT / TC / ET volumes (cm³), the
     ET / TC and TC / WT ratios, WT sphericity, and the number of WT and of TC components of at least ``min_component``
     voxels (26-connected; multifocal gliomas have several cores joined by oedema, multicentric ones separate WTs).
 

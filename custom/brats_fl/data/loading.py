@@ -239,7 +239,7 @@ class OneThread(Transform):
     preprocessing with other last bits in a process with 2 threads (centralized training on 2 cores) than in one with
     1 (a site of a 3-site job). The disk cache is shared by every run of a benchmark: a FedAvg run trained on other
     bits, and so gave another model from the same seed, depending on whether centralized training had filled the
-    cache before it (docs/benchmark.md, "The same seed on two machines"). Preprocessing is done once per case, so
+    cache before it (docs/results.md, "The same seed on two machines"). Preprocessing is done once per case, so
     one thread costs little."""
 
     def __init__(self, steps: list):

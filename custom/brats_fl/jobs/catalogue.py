@@ -59,7 +59,7 @@ KEY_METRIC = "dice_mean"
 PACKAGE = "brats_fl"
 #: FLARE's memory cleanup (gc.collect, then glibc's malloc_trim) every round: at each site after it sends, and at the
 #: server of the FedAvg-based jobs after it aggregates. Without it a site's job process grew 10 % from round 20 to 200
-#: of a POC run (docs/benchmarks.md, "Many sites, long runs"); it costs milliseconds, against minutes of training
+#: of a POC run (docs/performance.md, "Many sites, long runs"); it costs milliseconds, against minutes of training
 MEMORY_GC_ROUNDS = 1
 #: local epochs of the _ft jobs after federated training
 FINETUNE_EPOCHS = 2
@@ -116,8 +116,8 @@ class _Job:
     FedAvg with the same parameters. A visit is skipped when the site has not picked it up after
     ``assignment_timeout`` seconds or not finished it after ``visit_timeout``.
 
-    What crosses the wire (docs/privacy.md): every job's server but SCAFFOLD's refuses an update with NaN or infinite
-    values, foreign keys or shapes, or a norm over ``norm_ratio`` times the median of the round's other updates
+    What crosses the wire (docs/howto/privacy.md): every job's server but SCAFFOLD's refuses an update with NaN or
+    infinite values, foreign keys or shapes, or a norm over ``norm_ratio`` times the median of the round's other updates
     (a sequential job's: of the earlier visits'), and a job that averages stops rather than average a round with
     fewer than ``min_good`` good updates (``brats_fl.server.screening``). ``privacy`` puts one of FLARE's
     privacy filters (``exclude``, ``percentile``, ``svt``) with ``privacy_args`` on every site's training
@@ -127,7 +127,7 @@ class _Job:
     ``faults`` is a drill, ``{"site-2": ["nan", "none", "scale"]}``: that site sends the given broken update
     in rounds 0, 1, 2 (kinds in ``brats_fl.drills.faults.FAULTS``).
 
-    Stragglers (docs/deployment.md, ``brats_fl.server.fedavg``): a FedAvg job's round waits for every site
+    Stragglers (docs/howto/deploy.md, ``brats_fl.server.fedavg``): a FedAvg job's round waits for every site
     unless ``min_responses`` is set; then it closes ``round_wait`` seconds after that many sites have answered,
     with the updates that came, and the job stops if a round ends with fewer answers. ``round_timeout`` ends a round
     that many seconds after it began whoever has answered (a site whose process hangs): short of ``min_responses``
@@ -349,7 +349,7 @@ class DeadlineFedProxRecipe(DeadlineFedAvgRecipe, FedProxRecipe):
 
 
 def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) -> None:
-    """FLARE's filters on what crosses the wire, in the order they act (``JobParams``, docs/privacy.md).
+    """FLARE's filters on what crosses the wire, in the order they act (``JobParams``, docs/howto/privacy.md).
 
     A site's training update meets the drills' delay and fault, then the privacy filter, then quantisation, then the
     manifest, which so records what actually leaves; an incoming task is recorded before it is dequantised.

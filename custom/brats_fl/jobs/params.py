@@ -180,7 +180,7 @@ PARAMS: tuple[Param, ...] = (
           "nnU-Net", rule="0 < momentum < 1, with an SGD recipe", check=lambda v: 0 < v < 1, flag="--momentum",
           site="momentum", unset="the recipe's (nnunet 0.9)"),
     # FedAvg's paper restarts plain SGD at each round; a stateful optimiser's moments may help or mislead a site
-    # whose model was just replaced by the average (issue 19, item 9: docs/benchmark.md measures both)
+    # whose model was just replaced by the average (docs/results.md measures both)
     Param("optimizer_state", str, "keep", "the sites' optimiser state between rounds (Adam's moments and step count, "
           "SGD's momentum): keep carries it from round to round; reset starts every round afresh from the received "
           "model (Ditto's personal model keeps its own)", choices=OPTIMIZER_STATES, flag="--optimizer-state",
@@ -234,7 +234,7 @@ PARAMS: tuple[Param, ...] = (
           rule="norm_ratio > 1", check=lambda v: v > 1, flag="--norm-ratio", uses="screened"),
     Param("min_good", int, 1, "stop the job if a round has fewer good updates", rule="min_good >= 1",
           check=_positive, flag="--min-good", uses="screened"),
-    Param("privacy", str, "none", "FLARE privacy filter on the training updates (docs/privacy.md)",
+    Param("privacy", str, "none", "FLARE privacy filter on the training updates (docs/howto/privacy.md)",
           rule=f"privacy none or one of {list(PRIVACY_NAMES)}", choices=("none", *PRIVACY_NAMES), flag="--privacy"),
     Param("privacy_args", dict, {}, "arguments of the privacy filter, e.g. fraction=0.1 epsilon=0.1",
           flag="--privacy-arg", nargs="+", metavar="KEY=VALUE", item=key_value,
@@ -242,7 +242,7 @@ PARAMS: tuple[Param, ...] = (
     # DP-SGD at the sites (brats_fl.seg.dp): delta 1e-5 is below 1/n for any hospital's number of cases; a clip of 1
     # is Opacus's examples' and the DP-SGD literature's usual start (Abadi et al. tune it over 1-10)
     Param("dp_epsilon", float, None, "DP-SGD at every site: the epsilon each training case is protected with over the "
-          "whole job, at dp_delta (noise calibrated by Opacus's RDP accountant; docs/privacy.md)",
+          "whole job, at dp_delta (noise calibrated by Opacus's RDP accountant; docs/howto/privacy.md)",
           rule="0 < dp_epsilon <= 1000", check=lambda v: _number(v) and 0 < v <= 1000, flag="--dp-epsilon",
           site="dp_epsilon", uses="dpsgd", unset="none: no DP-SGD"),
     Param("dp_delta", float, 1e-5, "DP-SGD: the delta of the guarantee", rule="0 < dp_delta < 0.01",
@@ -263,7 +263,7 @@ PARAMS: tuple[Param, ...] = (
     Param("round_wait", int, 0, "with --min-responses: seconds to wait for the other sites once that many answered",
           rule="round_wait >= 0 seconds", check=lambda v: v >= 0, flag="--round-wait", uses="deadline"),
     # FLARE's FedAvg waits for ever on a site that stays connected but stops answering (a hung process): its
-    # heartbeat keeps the site alive, so nothing else ends the round (docs/deployment.md, "A hung site")
+    # heartbeat keeps the site alive, so nothing else ends the round (docs/howto/deploy.md, "A hung site")
     Param("round_timeout", int, None, "seconds a round waits at most for the sites' answers; a round that ends short "
           "of --min-responses (without it: of any site) stops the job, naming the sites that did not answer",
           rule="round_timeout >= 1 seconds", check=_positive, flag="--round-timeout", uses="deadline",
@@ -294,7 +294,7 @@ PARAMS: tuple[Param, ...] = (
 )  # fmt: skip
 
 #: the hypernetwork of the HyperSeg jobs (``HyperNetParams``): the paper's 20 layers of 100 units, embedding of 10
-#: and Adam, but at lr 1e-3, not the paper's 0.03, under which our sites stopped learning (docs/results.md)
+#: and Adam, but at lr 1e-3, not the paper's 0.03, under which our sites stopped learning (docs/history.md)
 HYPERNETWORK: tuple[Param, ...] = (
     _at_least_one("depth", "linear layers of the hypernetwork", default=20, flag="--hn-depth", uses="hypernetwork"),
     _at_least_one("width", "units per hidden layer", default=100, flag="--hn-width", uses="hypernetwork"),

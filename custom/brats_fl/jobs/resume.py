@@ -132,7 +132,7 @@ def resume_job(job: Path, checkpoint: Path, out: Path) -> tuple[Path, int]:
     for path, doc in ((server_path, server), (client_path, client)):
         (out / path.relative_to(job)).write_text(json.dumps(doc, indent=4))
     # FLARE's persistor reads a relative checkpoint from the app's custom/ folder, which FLARE then counts as
-    # custom code: a resumed job needs the byoc right (docs/deployment.md)
+    # custom code: a resumed job needs the byoc right (docs/howto/deploy.md)
     custom = out / server_path.relative_to(job).parent.parent / "custom"
     custom.mkdir(exist_ok=True)
     for name, source in bundle.items():

@@ -9,7 +9,7 @@ it started (and the job processes FLARE spawned under them) by their process ids
 and downloaded through FLARE's session API (``nvflare.fuel.flare_api``) with an admin startup kit: the same calls
 the admin console makes.
 
-``brats_fl.cli.ops`` registers ``brats-fl poc prepare|start|submit|stop|clean`` (docs/deployment.md).
+``brats_fl.cli.ops`` registers ``brats-fl poc prepare|start|submit|stop|clean`` (docs/howto/deploy.md).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ ARENA_VAR = "MALLOC_ARENA_MAX"
 #: glibc's size above which a block is mapped on its own and unmapped when freed. Unset, glibc raises it to the size
 #: of the largest block freed so far, so the server's process, which relays every model between the sites and the
 #: job, comes to keep those buffers in its heap, which fragments and grew 10-13 % over 200 rounds; fixed at 64 KiB at
-#: the server it grew 2.7 % (docs/benchmarks.md). Only at the server: a site's training would map and unmap its tensors
+#: the server it grew 2.7 % (docs/performance.md). Only at the server: a site's training would map and unmap its tensors
 MMAP_VAR = "MALLOC_MMAP_THRESHOLD_"
-#: glibc settings ``System`` starts each participant with, unless the environment sets them (docs/deployment.md)
+#: glibc settings ``System`` starts each participant with, unless the environment sets them (docs/howto/deploy.md)
 ALLOCATOR = {"server": {ARENA_VAR: "4", MMAP_VAR: "65536"}, "site": {ARENA_VAR: "2"}}
 #: processes started by ``brats-fl poc start``, so that ``brats-fl poc stop`` finds them again
 PIDS_FILE = "brats_fl_processes.json"

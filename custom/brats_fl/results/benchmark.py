@@ -74,7 +74,7 @@ _CHEAP = {"cross_site": "none"}
 PROFILES: dict[str, Profile] = {
     # every algorithm on a homogeneous and a scanner-skewed partition with the tiny U-Net and patches of the simulator
     # tests (tests/conftest.py tiny_params) on a 48x48x32 phantom, two rounds: about 25 min on two cores, nearly all of
-    # it FLARE's simulator starting five Python processes per run (docs/benchmark.md)
+    # it FLARE's simulator starting five Python processes per run (docs/howto/benchmark.md)
     "smoke": Profile(
         name="smoke",
         algorithms=ALGORITHMS,

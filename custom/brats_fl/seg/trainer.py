@@ -42,7 +42,7 @@ from brats_fl.seg.postprocess import drop_small_et
 
 RECIPES = {
     # lr 3e-3, not the FedPer report's 1e-3: on the phantom, 1e-3 reached mean Dice 0.13 after 10 epochs
-    # where 3e-3 reached 0.74 (docs/results.md, "Training defaults")
+    # where 3e-3 reached 0.74 (docs/history.md, "Training defaults")
     "adam_dice": {
         "optimizer": "adam",
         "loss": "dice",
@@ -270,7 +270,7 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
     A GPU runs bfloat16 where it has it (Ampere and later), float16 with loss scaling on older ones; a CPU runs
     bfloat16 when asked (``on``), which torch's CPU autocast supports, and full precision by default, where bfloat16
-    is rarely faster. Not float16 where bfloat16 exists: on an H200 (``benchmarks/gpu_amp.py``, docs/benchmarks.md)
+    is rarely faster. Not float16 where bfloat16 exists: on an H200 (``benchmarks/gpu_amp.py``, docs/performance.md)
     the default U-Net's float16 forward pass overflowed after 9 to 10 epochs in 2 of 3 seeds; the loss turned NaN,
     loss scaling skipped every step until its scale reached 0, and the weights became NaN. bfloat16 has float32's
     range, trained all three seeds and needs no loss scaling."""

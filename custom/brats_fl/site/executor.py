@@ -10,7 +10,7 @@ still leaves FLARE's ``ScriptRunner`` copying the script into ``custom/``. FLARE
 all the work (task exchange, tracking, in-process threading); this subclass only points it at the installed
 client script, hands that script the job's structured configuration, and refuses a job exported from another
 brats-fl before any training (``brats_fl.version``). FLARE checks site components against the site's
-``class_allow_list``; a site allows ``brats_fl`` there when it installs the package (docs/deployment.md).
+``class_allow_list``; a site allows ``brats_fl`` there when it installs the package (docs/howto/deploy.md).
 """
 
 from __future__ import annotations

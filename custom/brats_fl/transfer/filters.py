@@ -9,7 +9,7 @@ included). It changes nothing; placed last among the outgoing filters and first 
 records exactly what travels. Numbers are never recorded, only their types.
 
 ``PRIVACY`` names FLARE's privacy filters that a job can put on its sites' training updates (see
-docs/privacy.md), and ``QUANTIZATION`` FLARE's quantisation types; the filters themselves are FLARE's (the
+docs/howto/privacy.md), and ``QUANTIZATION`` FLARE's quantisation types; the filters themselves are FLARE's (the
 quantisers with a CPU path for 8 bits, ``brats_fl.transfer.quantization``).
 """
 
