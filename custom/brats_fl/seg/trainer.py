@@ -528,7 +528,10 @@ class Trainer:
             pred = (torch.sigmoid(logits) > 0.5).float()
             if et_min_volume:
                 pred = drop_small_et(pred, spacing, et_min_volume)
-            metrics.update(pred, label, batch[ANNOTATED], spacing=spacing)
+            for b in range(pred.shape[0]):
+                box = tumour_box(pred[b], label[b])
+                case_spacing = [spacing[b]] if spacing else None
+                metrics.update(pred[b : b + 1][box], label[b : b + 1][box], batch[ANNOTATED][b : b + 1], case_spacing)
             case_ids.extend(batch["case_id"])
         out: dict = {**metrics.aggregate(), "val_loss": sum(losses) / len(losses)}
         if per_case:
@@ -559,6 +562,29 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {"model_config": self.model.config(), "state_dict": self.model.state_dict(), "meta": meta}
         torch.save(blob | {"spacing": self.config.spacing}, path)
+
+
+#: voxels kept around the predicted and true tumour when scoring (``tumour_box``): more than the widest dilation a
+#: lesion-wise rule applies before it labels components (3 voxels), so that no score sees the cut
+BOX_MARGIN = 8
+
+
+def tumour_box(pred: torch.Tensor, truth: torch.Tensor, margin: int = BOX_MARGIN) -> tuple[slice, ...]:
+    """The index of the box around every predicted or true tumour voxel of one case (masks (3, X, Y, Z)), ``margin``
+    voxels wider on each side within the volume, for a batch of that case: (all, all, x, y, z).
+
+    Every score is the same on the box as on the whole volume (Dice, IoU and volumes count voxels inside it; surface
+    distances and components do not reach past it), and the box is a small part of a 1 mm brain: scoring a trained
+    model's test case took about 3.5 s on the whole volume, most of it surface distances and connected components
+    over empty brain. A case with no tumour at all keeps a box of ``margin`` voxels per side."""
+    occupied = (pred.bool() | truth.bool()).any(0)
+    slices = []
+    for axis, size in enumerate(occupied.shape):
+        other = tuple(a for a in range(occupied.ndim) if a != axis)
+        hit = torch.nonzero(occupied.any(dim=other)).flatten()
+        low, high = (int(hit[0]), int(hit[-1]) + 1) if len(hit) else (0, 0)
+        slices.append(slice(max(0, low - margin), min(size, high + margin)))
+    return (slice(None), slice(None), *slices)
 
 
 def load_model(path: Path, model_config: dict | None = None) -> BratsUNet:
