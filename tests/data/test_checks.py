@@ -196,3 +196,27 @@ def test_case_folders_are_found_by_their_files_not_their_numbers(tmp_path: Path)
     write_case(tmp_path / "d", "BraTS2021_01666")
     write_case(tmp_path / "d" / "nested", "BraTS2021_00000")
     assert [c.case_id for c in find_cases(tmp_path / "d")] == ["BraTS2021_00000", "BraTS2021_01666"]
+
+
+def test_a_case_that_passed_is_not_read_again_until_a_file_changes(good_cohort: Path, tmp_path: Path, monkeypatch):
+    """The stamps of ``require_valid(passed=...)``: a site's second run on the same cohort decodes nothing, and a
+    case whose file changed is checked again and its problem reported."""
+    import brats_fl.data.checks as checks
+
+    stamps = tmp_path / "checked"
+    checks.require_valid(find_cases(good_cohort), passed=stamps)
+    assert len(list(stamps.glob("*.ok"))) == len(find_cases(good_cohort))
+
+    def no_reading(path):
+        raise AssertionError(f"read {path} again")
+
+    monkeypatch.setattr(checks, "read_volume", no_reading)
+    checks.require_valid(find_cases(good_cohort), passed=stamps)
+
+    monkeypatch.undo()
+    _rewrite(_file(good_cohort, "seg"), lambda seg: np.where(seg == 2, 7, seg).astype(seg.dtype))
+    with pytest.raises(checks.DataError, match=f"{CASE}_seg.nii.gz"):
+        checks.require_valid(find_cases(good_cohort), passed=stamps)
+    # a case with a problem leaves no stamp: the next run reports it again
+    with pytest.raises(checks.DataError, match=f"{CASE}_seg.nii.gz"):
+        checks.require_valid(find_cases(good_cohort), passed=stamps)

@@ -8,11 +8,14 @@ results table and writes the report (table, learning curves, per-site bars, over
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import time
 from pathlib import Path
 
 from brats_fl.cli.jobs import VERBOSE_HELP
 from brats_fl.jobs.params import by_name
+from brats_fl.results.benchmark import machine
 
 #: where ``site_configs/simulation*.json`` look for the phantom cohort, relative to the repository
 DEFAULT_DATA = Path("data/phantom")
@@ -44,32 +47,81 @@ def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int],
     _run_steps(steps)
 
 
-def run_demo(
-    workspace: Path,
-    cases: int,
-    sites: int,
-    shape: tuple[int, int, int],
-    rounds: int,
-    spacing: float | None = None,
-    verbose: bool = False,
-) -> None:
-    """Run every step through the commands a user would type, so the demo exercises them; ends with the
-    report in ``<workspace>/report``.
+#: what the demo trains, chosen from measurements (``docs/tutorial.md``, "How the demo was chosen"); the README's
+#: table is the one these settings printed (``DEMO_RECORD``, checked by ``tests/docs/test_demo_record.py``)
+DEMO_SETTINGS: dict[str, object] = {
+    "cases": 30,
+    "sites": 3,
+    "shape": [240, 240, 155],
+    "rounds": 20,
+    "local_epochs": 4,
+    "spacing": 2.0,
+    "patch": [48, 48, 48],
+}
+#: the demo run the README shows: settings, machine, date, commit, times and table, written by ``brats-fl demo`` as
+#: ``<workspace>/demo.json`` and committed here
+DEMO_RECORD = Path("benchmarks/results/demo.json")
+#: the README's columns of the demo table (the lesion-wise ones are in the run's report)
+README_COLUMNS = ("val_loss",)
+
+
+def run_demo(workspace: Path, settings: dict, verbose: bool = False) -> dict:
+    """Run every step through the commands a user would type, so the demo exercises them; ends with the report in
+    ``<workspace>/report`` and the run's record in ``<workspace>/demo.json`` (returned).
 
     Run from the repository root: the simulated sites read ``site_configs/simulation.json``.
     """
     start = time.perf_counter()
-    prepare_data(DEFAULT_DATA, cases, sites, shape)
-    _run_steps(
-        [
-            ["run", "brats_fedavg", "--sites", str(sites), "--rounds", str(rounds), "--workspace", str(workspace),
-             "--site-config", "site_configs/simulation.json", *(["--spacing", str(spacing)] if spacing else []),
-             *(["--verbose"] if verbose else [])],
-            ["report", str(workspace), "--out", str(workspace / "report")],
-        ]
-    )  # fmt: skip
+    shape = tuple(settings["shape"])
+    prepare_data(DEFAULT_DATA, settings["cases"], settings["sites"], shape)
+    prepared = time.perf_counter() - start
+    run = [
+        "run", "brats_fedavg", "--sites", str(settings["sites"]), "--rounds", str(settings["rounds"]),
+        "--local-epochs", str(settings["local_epochs"]), "--patch", *map(str, settings["patch"]),
+        "--workspace", str(workspace), "--site-config", "site_configs/simulation.json",
+        *(["--spacing", str(settings["spacing"])] if settings["spacing"] else []), *(["--verbose"] if verbose else []),
+    ]  # fmt: skip
+    _run_steps([run, ["report", str(workspace), "--out", str(workspace / "report")]])
+    summary = json.loads((workspace / "brats_fedavg" / "summary.json").read_text())
+    record = {
+        "settings": settings,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "machine": machine(),
+        "commit": _commit(),
+        "wall_time": time.perf_counter() - start,
+        "data_time": prepared,
+        "job_time": summary["wall_time"],
+        "cost": summary.get("cost"),
+        "table": {**summary["test_per_site"], "pooled": summary["test"]},
+    }
+    (workspace / "demo.json").write_text(json.dumps(record, indent=1) + "\n")
     index = workspace / "report" / "index.html"
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; the report: {index}")
+    print(f"\ndemo finished in {record['wall_time']:.0f} s; the report: {index}; the record: {workspace / 'demo.json'}")
+    return record
+
+
+def demo_table(record: dict) -> str:
+    """The README's demo section (between its ``demo-table`` markers) for a demo ``record``."""
+    from brats_fl.results.report import format_table
+
+    m = record["machine"]
+    head = (
+        f"`brats-fl demo` on commit `{record['commit'] or 'unknown'}` ({record['date']}; {m['cores']} CPU cores, "
+        f"{m['cpu']}, no GPU): `demo finished in {record['wall_time']:.0f} s`, {record['data_time']:.0f} s for the "
+        f"cohort, its checks and partitions and {record['job_time']:.0f} s for the FedAvg job. Each site's final model "
+        "on its own test split (2 cases), and the 6 test cases pooled:"
+    )
+    rows = [(name, metrics) for name, metrics in record["table"].items()]
+    return f"{head}\n\n{format_table(rows, extra=README_COLUMNS)}\n"
+
+
+def _commit() -> str | None:
+    """The checkout's short commit, where the demo runs from a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _run_steps(steps: list[list[str]]) -> None:
@@ -84,25 +136,21 @@ def _run_steps(steps: list[list[str]]) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    run_demo(
-        args.workspace,
-        cases=args.cases,
-        sites=args.sites,
-        shape=tuple(args.shape),
-        rounds=args.rounds,
-        spacing=args.spacing,
-        verbose=args.verbose,
-    )
+    settings = {key: getattr(args, key) for key in DEMO_SETTINGS}
+    run_demo(args.workspace, settings, verbose=args.verbose)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``demo``."""
+    """Register ``demo``; its options default to ``DEMO_SETTINGS``."""
     p = sub.add_parser("demo", help="phantom cohort -> FedAvg in FLARE's simulator -> results table and report")
     p.add_argument("--workspace", type=Path, default=Path("runs/demo"))
-    p.add_argument("--cases", type=int, default=30)
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=by_name("rounds").default)
-    p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
-    p.add_argument("--spacing", type=float, default=by_name("spacing").default, help=by_name("spacing").help)
+    d = DEMO_SETTINGS
+    p.add_argument("--cases", type=int, default=d["cases"])
+    p.add_argument("--sites", type=int, default=d["sites"])
+    p.add_argument("--shape", type=int, nargs=3, default=d["shape"])
+    p.add_argument("--rounds", type=int, default=d["rounds"], help=by_name("rounds").help)
+    p.add_argument("--local-epochs", type=int, default=d["local_epochs"], help=by_name("local_epochs").help)
+    p.add_argument("--spacing", type=float, default=d["spacing"], help=by_name("spacing").help)
+    p.add_argument("--patch", type=int, nargs=3, default=d["patch"], help=by_name("patch_size").help)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=_cmd_demo)

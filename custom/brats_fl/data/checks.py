@@ -10,6 +10,8 @@ is a problem in the report, never a crash or an exhausted memory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import struct
 import zlib
 from collections.abc import Iterable
@@ -21,7 +23,12 @@ import numpy as np
 
 from brats_fl.data.labels import convention
 from brats_fl.data.layout import MODALITIES, SEG, Case, release
+from brats_fl.version import PACKAGE_DIR, code_sha256
 
+#: the folder of a cache where stamps of the cases that passed are kept (``require_valid``)
+CHECKED = "checked"
+#: the code a case's check depends on, whose hash is part of its stamp (``case_stamp``)
+_CODE = code_sha256(PACKAGE_DIR / "data")
 #: voxel size (mm) and orientation (nibabel's axis codes) of every BraTS release's files
 BRATS_GRID = ((1.0, 1.0, 1.0), ("L", "P", "S"))
 
@@ -224,8 +231,39 @@ def check_cases(cases: Iterable[Case], with_label: bool = True, grid_required: b
     return [p for case in cases for p in check_case(case, with_label, grid_required)]
 
 
-def require_valid(cases: Iterable[Case], with_label: bool = True, grid_required: bool = True) -> None:
-    """Raise DataError with the full report when any case has a problem."""
-    problems = check_cases(cases, with_label, grid_required)
+def require_valid(
+    cases: Iterable[Case], with_label: bool = True, grid_required: bool = True, passed: Path | None = None
+) -> None:
+    """Raise DataError with the full report when any case has a problem.
+
+    ``passed``: a folder where a stamp of each case that passed is kept (a site's cache folder), so that the next run
+    on the same cohort reads no voxel of it again: checking decodes every file in full, which was a site's largest
+    start-up cost on a cohort of BraTS-sized cases. A stamp holds every file's path, size and modification time, what
+    was checked and the code of the checks (``case_stamp``), so a changed file or changed checks check it again."""
+    problems: list[Problem] = []
+    for case in cases:
+        stamp = Path(passed) / f"{case_stamp(case, with_label, grid_required)}.ok" if passed else None
+        if stamp is not None and stamp.is_file():
+            continue
+        found = check_case(case, with_label, grid_required)
+        problems += found
+        if stamp is not None and not found:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.touch()
     if problems:
         raise DataError(problems)
+
+
+def case_stamp(case: Case, with_label: bool, grid_required: bool) -> str:
+    """A SHA-256 of what a check of ``case`` depends on: its files (path, size, modification time), the options, and
+    the code of this module and the ones it reads files and labels with. A missing file gives a stamp no passed check
+    wrote, so the case is checked and its problem reported."""
+    digest = hashlib.sha256(json.dumps([with_label, grid_required, _CODE], sort_keys=True).encode())
+    for kind, path in sorted((k, str(p)) for k, p in case.files.items() if p is not None):
+        try:
+            info = Path(path).stat()
+        except OSError:
+            return "unreadable-" + digest.hexdigest()
+        digest.update(json.dumps([kind, path, info.st_size, info.st_mtime_ns]).encode())
+    digest.update(json.dumps(sorted(str(p) for paths in case.duplicates.values() for p in paths)).encode())
+    return digest.hexdigest()

@@ -132,10 +132,13 @@ def _split(value: object, split: str, root: Path, path: Path, problems: list[Pro
     return cases
 
 
-def load_datalist(path: Path, root: Path, check: bool = True, grid_required: bool = True) -> Datalist:
+def load_datalist(
+    path: Path, root: Path, check: bool = True, grid_required: bool = True, passed: Path | None = None
+) -> Datalist:
     """Load ``path`` with entries relative to ``root``; with ``check`` run the data checks and raise on problems
-    (``grid_required``: a case off the BraTS grid is one, unless the caller resamples). A datalist of the wrong
-    shape (types, missing keys, paths outside ``root``) raises DataError naming it and every bad entry."""
+    (``grid_required``: a case off the BraTS grid is one, unless the caller resamples; ``passed``: where stamps of
+    cases that passed are kept, ``brats_fl.data.checks.require_valid``). A datalist of the wrong shape (types,
+    missing keys, paths outside ``root``) raises DataError naming it and every bad entry."""
     path, root = Path(path), Path(root).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: datalist does not exist")
@@ -162,5 +165,5 @@ def load_datalist(path: Path, root: Path, check: bool = True, grid_required: boo
     if not splits["training"]:
         raise DataError([Problem(path, "no training case")])
     if check:
-        require_valid(datalist.cases(), grid_required=grid_required)
+        require_valid(datalist.cases(), grid_required=grid_required, passed=passed)
     return datalist

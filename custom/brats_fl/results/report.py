@@ -398,7 +398,7 @@ def overlay_rows(
             print(f"overlay of {case_id}: {label} left out. {err}")
             continue
         pred = (torch.sigmoid(trainer.infer_case(image)) > 0.5).cpu()
-        metrics = RegionMetrics()
+        metrics = RegionMetrics(distances=False)  # the overlay shows Dice alone
         metrics.update(pred.unsqueeze(0), truth.unsqueeze(0), spacing=spacing)
         scores = metrics.per_case()[0]
         regions = {r: pred[i].numpy() for i, r in enumerate(REGIONS)}

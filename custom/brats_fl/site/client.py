@@ -44,6 +44,7 @@ from nvflare.client.tracking import SummaryWriter
 from nvflare.fuel.data_event.data_bus import DataBus
 from torch.utils.data import DataLoader
 
+from brats_fl.data.checks import CHECKED
 from brats_fl.data.datalist import load_datalist
 from brats_fl.data.loading import eval_loader, load_sampling_state, sampling_state
 from brats_fl.jobs import numerics
@@ -94,7 +95,11 @@ class Site:
         self.args = args
         self.config = config_from_args(args, total_epochs=args.rounds * args.local_epochs)
         # runs the data checks: a site with bad data stops here, before any training, naming each file
-        self.datalist = load_datalist(data.datalist, data.data_root, grid_required=self.config.spacing is None)
+        # a case that passed before on this site's disk (its cache folder) is not read again
+        passed = data.cache_dir / CHECKED if data.cache_dir else None
+        self.datalist = load_datalist(
+            data.datalist, data.data_root, grid_required=self.config.spacing is None, passed=passed
+        )
         self.trainer = Trainer(self.config)
         #: fine-tuning's constant rate: the job's, else a share of the initial one (not the decayed last rate)
         self.finetune_lr = args.finetune_lr or FINETUNE_SHARE * self.config.lr
@@ -245,7 +250,11 @@ class Site:
         # the round's rate from the server, for every local epoch; None: the trainer's own per-epoch schedule
         lr = (model.meta or {}).get(ROUND_LR)
         # Ditto's personal model trains first, towards the model just received
-        algorithm = {"ditto": self.ditto.round(self.train, self.trainer.model, lr)} if self.ditto else {}
+        algorithm = {}
+        if self.ditto:
+            personal_started_at = time.time()
+            algorithm["ditto"] = self.ditto.round(self.train, self.trainer.model, lr)
+            algorithm["ditto"]["train_started_at"] = personal_started_at
         fedprox = FedProx.from_task(model, self.trainer.model)
         c_global = self._scaffold_start(model)
         after_step = self.scaffold.after_step if self.scaffold and c_global is not None else None
@@ -350,7 +359,10 @@ class Site:
             for key, param in self.trainer.model.named_parameters():
                 param.requires_grad_(key in trained)
             before = self._dp_steps()
-            self.trainer.train_epochs(self.train, epochs, lr=self.finetune_lr)
+            started_at = time.time()
+            stats = self.trainer.train_epochs(self.train, epochs, lr=self.finetune_lr)
+            # training steps too, for the run's cost (``brats_fl.results.cost``)
+            self.record["finetune_training"] = {"train_started_at": started_at, "train_time": stats["train_time"]}
             for param in self.trainer.model.parameters():
                 param.requires_grad_(True)
             # fine-tuning under DP-SGD spends epsilon too: the ledger records it
