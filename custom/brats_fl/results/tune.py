@@ -37,6 +37,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -104,7 +105,9 @@ def open_storage(url: str) -> Any:
     import optuna
 
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5.1, and what a shared study needs
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
 
 
 def default_pruner(total: int) -> Any:
@@ -163,15 +166,15 @@ def _simulate(algorithm: str, params: Any, site_config: Path, folder: Path) -> N
     run_simulation(algorithm, params, site_config, folder / "workspace")
 
 
-def stop(process: multiprocessing.process.BaseProcess) -> list[int]:
-    """Kill a simulation and every process it started (FLARE's site workers run in sessions of their own, so a
-    process group would miss them): each is suspended as it is found, so that none starts another while the tree is
-    read, then all are killed; returns their ids."""
+def stop(pid: int) -> list[int]:
+    """Kill process ``pid`` (a simulation) and every process it started (FLARE's site workers run in sessions of their
+    own, so a process group would miss them): each is suspended as it is found, so that none starts another while
+    the tree is read, then all are killed; returns their ids once they have ended."""
     import psutil
 
     tree: list[psutil.Process] = []
     try:
-        top = psutil.Process(process.pid)
+        top = psutil.Process(pid)
         while new := [p for p in [top, *top.children(recursive=True)] if p.pid not in {q.pid for q in tree}]:
             for p in new:
                 with contextlib.suppress(psutil.NoSuchProcess):
@@ -182,9 +185,20 @@ def stop(process: multiprocessing.process.BaseProcess) -> list[int]:
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs(tree, timeout=STOP_WAIT)
-    process.join(STOP_WAIT)
+    deadline = time.monotonic() + STOP_WAIT
+    while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return [p.pid for p in tree]
+
+
+def _alive(process: Any) -> bool:
+    """Running, or stopped: neither ended nor a zombie (an orphan no process has reaped yet, harmless)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _scored_split(summary: dict) -> set[str]:
@@ -230,7 +244,8 @@ def run_seed(study: Study, trial: Any, seed: int, params: Any, partition_config:
                 reported[epochs] = value
                 trial.report(value, offset + epochs)
                 if trial.should_prune():
-                    stopped = stop(process)
+                    stopped = stop(process.pid)
+                    process.join()
                     record = {"seed": seed, "epochs": epochs, "value": value, "stopped_processes": stopped}
                     trial.set_user_attr("pruned", record)
                     raise optuna.TrialPruned(f"seed {seed} after {epochs} epochs: pooled validation Dice {value:.4f}")
@@ -238,7 +253,8 @@ def run_seed(study: Study, trial: Any, seed: int, params: Any, partition_config:
                 break
     finally:
         if process.is_alive():  # anything else that ends the trial early (an interrupt) stops its simulation too
-            stop(process)
+            stop(process.pid)
+            process.join()
     log = os.path.relpath(folder / "run.log", study.out)
     if process.exitcode != 0:
         trial.set_user_attr("failed_run", {"seed": seed, "log": log, "exitcode": process.exitcode})
