@@ -13,7 +13,16 @@ import optuna
 import psutil
 import pytest
 from brats_fl.results.benchmark import PROFILES
-from brats_fl.results.tune import Study, counted, index_table, open_study, round_values, stop, study_table
+from brats_fl.results.tune import (
+    Study,
+    counted,
+    index_table,
+    open_study,
+    over_budget,
+    round_values,
+    stop,
+    study_table,
+)
 from optuna.trial import TrialState, create_trial
 
 
@@ -41,6 +50,10 @@ def test_counted_trials_leave_out_abandoned_and_over_budget_ones():
     for trial in made:
         study.add_trial(trial)
     assert [t.number for t in counted(study.get_trials())] == [0, 1, 2]
+    # of two workers asking for the fourth trial at once (numbers 6 and 7), only the first runs
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.6))
+    assert not over_budget(study.get_trials()[:6], 6, 4)
+    assert over_budget(study.get_trials(), 7, 4)
 
 
 def test_a_study_starts_with_the_untuned_values_and_refuses_other_settings(tmp_path: Path):

@@ -126,6 +126,12 @@ def counted(trials: list) -> list:
     return [t for t in trials if t.state in ran or (t.state == TrialState.FAIL and "failed_run" in t.user_attrs)]
 
 
+def over_budget(trials: list, number: int, asked: int) -> bool:
+    """Whether trial ``number`` comes after ``asked`` counted trials with smaller numbers: two workers that ask for
+    the study's last trial at once get two numbers, and only the smaller runs."""
+    return len([t for t in counted(trials) if t.number < number]) >= asked
+
+
 def site_weights(partition_config: Path) -> dict[str, int]:
     """Validation cases per site, from the partition's datalists (the per-round value pools the sites' means)."""
     from brats_fl.results.benchmark import site_data
@@ -363,8 +369,7 @@ def tune(
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial: optuna.Trial) -> float:
-        earlier = [t for t in counted(found.get_trials(deepcopy=False)) if t.number < trial.number]
-        if len(earlier) >= trials:
+        if over_budget(found.get_trials(deepcopy=False), trial.number, trials):
             trial.set_user_attr("over_budget", True)
             raise OverBudget(f"trial {trial.number}: the study already holds {trials} trials")
         values = {d.name: d.suggest(trial) for d in dims}
