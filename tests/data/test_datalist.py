@@ -50,6 +50,18 @@ def test_valid_datalist_loads(site):
     assert datalist.items("training")[0]["label"] == root.resolve() / CASE / f"{CASE}_seg.nii.gz"
 
 
+def test_a_site_being_tuned_checks_no_test_file(site):
+    """``brats-fl tune`` removes the test files: the checks of the other splits pass, the full checks name them."""
+    root, path = site
+    write_case(root, "BraTS20_Training_002")
+    path.write_text(json.dumps({"training": [_entry()], "validation": [], "test": [_entry("BraTS20_Training_002")]}))
+    for f in (root / "BraTS20_Training_002").iterdir():
+        f.unlink()
+    assert load_datalist(path, root, checked=("training", "validation")).items("test")[0]["case_id"].endswith("002")
+    with pytest.raises(DataError, match="BraTS20_Training_002"):
+        load_datalist(path, root)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

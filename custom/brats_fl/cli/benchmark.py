@@ -1,9 +1,11 @@
 """``brats-fl benchmark``: algorithms x partitions x seeds in FLARE's simulator, and the page that compares them
-(the work: ``brats_fl.results.benchmark``)."""
+(the work: ``brats_fl.results.benchmark``); ``brats-fl tune``: one algorithm's hyperparameters tuned on validation
+(``brats_fl.results.tune``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -25,8 +27,22 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from brats_fl.results.benchmark import PROFILES
+    from brats_fl.results.tune import tune
+
+    results = tune(PROFILES[args.profile], args.algorithm, args.partition, args.trials, args.out, args.storage)
+    chosen = json.loads(results.read_text())["chosen"]
+    print(f"tuning results: {results} and {results.with_suffix('.md')}")
+    if not chosen:
+        print("no trial completed: nothing chosen")
+        return 1
+    print(f"chosen (trial {chosen['number']}, validation Dice {chosen['validation_dice']:.4f}): {chosen['flags']}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``benchmark``."""
+    """Register ``benchmark`` and ``tune``."""
     from brats_fl.results.benchmark import ALGORITHMS, PARTITIONS, PROFILES
 
     p = sub.add_parser(
@@ -49,3 +65,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--page-only", action="store_true", help="rebuild the page from the finished runs; run nothing")
     p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser(
+        "tune",
+        help="tune one algorithm's hyperparameters on validation Dice with Optuna (docs/benchmark.md)",
+        description="Runs trials of the algorithm's study (the space brats_fl.jobs.space declares; 2 seeds a trial, "
+        "pruned on the per-round validation Dice, never opening the test split) until the study holds --trials, "
+        "counting every worker's, then writes DIR/tuned/<partition>/<algorithm>.json and .md.",
+    )
+    p.add_argument("--algorithm", choices=ALGORITHMS, required=True, metavar="JOB", help="the job to tune")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="smoke", help="the cohort and the runs' settings")
+    p.add_argument("--partition", choices=PARTITIONS, default="iid", help="the partition tuned on; default iid")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials in the study, all workers together")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the tuning folder (resumable)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="a database URL Optuna accepts (e.g. postgresql://host/db), shared by the workers of one study; "
+        "default sqlite in DIR",
+    )
+    p.set_defaults(func=_cmd_tune)

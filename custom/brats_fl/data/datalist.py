@@ -9,6 +9,7 @@ before releases were told apart) takes the release its label file's name gives.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,10 @@ class Datalist:
         found = {r for item in self.splits["training"] for r in item["annotated"]}
         return [r for r in REGIONS if r in found]
 
-    def cases(self) -> list[Case]:
-        """Every case of every split, for the data checks."""
+    def cases(self, splits: Sequence[str] = SPLITS) -> list[Case]:
+        """Every case of ``splits`` (default all), for the data checks."""
         out = []
-        for split in SPLITS:
+        for split in splits:
             for item in self.splits[split]:
                 files = dict(zip(MODALITIES, item["image"], strict=True)) | {SEG: item["label"]}
                 out.append(
@@ -133,9 +134,15 @@ def _split(value: object, split: str, root: Path, path: Path, problems: list[Pro
 
 
 def load_datalist(
-    path: Path, root: Path, check: bool = True, grid_required: bool = True, passed: Path | None = None
+    path: Path,
+    root: Path,
+    check: bool = True,
+    grid_required: bool = True,
+    checked: Sequence[str] = SPLITS,
+    passed: Path | None = None,
 ) -> Datalist:
-    """Load ``path`` with entries relative to ``root``; with ``check`` run the data checks and raise on problems
+    """Load ``path`` with entries relative to ``root``; with ``check`` run the data checks on the cases of the
+    ``checked`` splits (a site that is tuned never opens its test files) and raise on problems
     (``grid_required``: a case off the BraTS grid is one, unless the caller resamples; ``passed``: where stamps of
     cases that passed are kept, ``brats_fl.data.checks.require_valid``). A datalist of the wrong shape (types,
     missing keys, paths outside ``root``) raises DataError naming it and every bad entry."""
@@ -165,5 +172,5 @@ def load_datalist(
     if not splits["training"]:
         raise DataError([Problem(path, "no training case")])
     if check:
-        require_valid(datalist.cases(), grid_required=grid_required, passed=passed)
+        require_valid(datalist.cases(checked), grid_required=grid_required, passed=passed)
     return datalist

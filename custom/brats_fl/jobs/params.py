@@ -53,6 +53,8 @@ OPTIMISER_NAMES = ("adam", "sgd")
 ORDER_NAMES = ("fixed", "shuffle")
 #: what cross-site evaluation scores (``brats_fl.jobs.catalogue._with_evaluation``)
 CROSS_SITE = ("auto", "all", "global", "none")
+#: the split a site scores after training (``brats_fl.site.client.Site.final``): validation while tuning
+FINAL_SPLITS = ("test", "validation")
 #: FLARE's default of 10 s for a task to be picked up suits toy models, not 3D training on a CPU
 TASK_TIMEOUT = 6 * 3600
 
@@ -216,6 +218,10 @@ PARAMS: tuple[Param, ...] = (
           "(none); auto: global where a site ends with another model than the federation's (fine-tuning, Ditto), "
           "whose table then has its row before fine-tuning, else none", rule=f"cross_site one of {list(CROSS_SITE)}",
           choices=CROSS_SITE, flag="--cross-site"),
+    # brats-fl tune (brats_fl.results.tune) selects on validation and must never open the test split
+    Param("final_split", str, "test", "the split every site scores after training (its own final model, cross-site "
+          "evaluation): test, or validation while tuning, when a site neither checks nor reads its test files",
+          choices=FINAL_SPLITS, flag="--final-split", site="final_split"),
     _seconds("eval_timeout", TASK_TIMEOUT, "seconds the evaluation after training (each site's own test split, "
              "cross-site evaluation) waits for a site's scores; a site that has not answered by then is named and "
              "left out"),

@@ -112,6 +112,9 @@ PROFILES: dict[str, Profile] = {
 # what the test suite runs: the smoke profile on the fewest cases a partition takes (6 per site), with the two
 # references of the paired tests, on one partition
 PROFILES["ci"] = replace(PROFILES["smoke"], name="ci", algorithms=(CENTRAL, FEDAVG), partitions=("iid",), cases=18)
+# what the tests of ``brats-fl tune`` run (brats_fl.results.tune): the ci cohort and network, two rounds of one local
+# epoch, so that a trial's two seeds are two short runs
+PROFILES["tune-ci"] = replace(PROFILES["ci"], name="tune-ci", params={**PROFILES["ci"].params, "local_epochs": 1})
 
 
 @dataclass(frozen=True)

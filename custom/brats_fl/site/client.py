@@ -11,6 +11,9 @@ For each task from the server:
 - ``validate_pass`` (sequential jobs, after each pass): score the received model on the validation split;
 - ``submit_model`` (cross-site evaluation): send the site's shared weights.
 
+What is scored after training (``personalise``, ``validate``) is the test split, or the validation split where the
+job's ``final_split`` says so (``brats-fl tune``): the site then neither checks nor reads a test file.
+
 FedProx, SCAFFOLD and Ditto (``brats_fl.site.algorithms``) change local training through the training loop's hooks:
 FedProx and SCAFFOLD when a training task's meta asks for them (``fedprox_mu``, the SCAFFOLD control variate),
 Ditto when the job gives ``ditto_lambda``; Ditto's personal model is then what ``personalise`` scores.
@@ -45,7 +48,7 @@ from nvflare.fuel.data_event.data_bus import DataBus
 from torch.utils.data import DataLoader
 
 from brats_fl.data.checks import CHECKED
-from brats_fl.data.datalist import load_datalist
+from brats_fl.data.datalist import SPLITS, load_datalist
 from brats_fl.data.loading import eval_loader, load_sampling_state, sampling_state
 from brats_fl.jobs import numerics
 from brats_fl.jobs.params import site_defaults
@@ -94,11 +97,13 @@ class Site:
             args.threads = data.threads
         self.args = args
         self.config = config_from_args(args, total_epochs=args.rounds * args.local_epochs)
-        # runs the data checks: a site with bad data stops here, before any training, naming each file
+        # runs the data checks: a site with bad data stops here, before any training, naming each file; a site being
+        # tuned (final_split validation) leaves its test files unopened
+        checked = [s for s in SPLITS if s != "test" or args.final_split == "test"]
         # a case that passed before on this site's disk (its cache folder) is not read again
         passed = data.cache_dir / CHECKED if data.cache_dir else None
         self.datalist = load_datalist(
-            data.datalist, data.data_root, grid_required=self.config.spacing is None, passed=passed
+            data.datalist, data.data_root, grid_required=self.config.spacing is None, checked=checked, passed=passed
         )
         self.trainer = Trainer(self.config)
         #: fine-tuning's constant rate: the job's, else a share of the initial one (not the decayed last rate)
@@ -121,6 +126,7 @@ class Site:
         self.state_dir = data.state_dir / args.job
         self.record = {"site": name, "data": {k: str(v) for k, v in vars(data).items()}, "train": self.config.to_dict()}
         self.record["finetune_lr"] = self.finetune_lr
+        self.record["final_split"] = args.final_split
         # the code this site runs: the installed package, or the job's own copy in a bundled job
         self.record["code"] = running() | {"package": str(PACKAGE_DIR)}
         # what decides its arithmetic: the same seed gives the same model only where this agrees
@@ -217,9 +223,10 @@ class Site:
         return record | {"sampling_restored": sampled}
 
     @functools.cached_property
-    def test(self) -> DataLoader:
-        """The test split, cached on first use: only evaluation tasks need it."""
-        return eval_loader(self.datalist.items("test"), self.cache_dir)
+    def final(self) -> DataLoader:
+        """The split scored after training (``final_split``: test, or validation while tuning) on each case's own
+        grid, cached on first use: only evaluation tasks need it."""
+        return eval_loader(self.datalist.items(self.args.final_split), self.cache_dir)
 
     def load_global(self, params: dict, personal: set[str]) -> None:
         """Load every shared key; a personal key from the server is ignored, a missing shared key is an error."""
@@ -383,16 +390,17 @@ class Site:
         return self.personal
 
     def _score_and_keep(self, name: str, epochs: int, trainer: Trainer | None = None) -> dict:
-        """Score the site's current model (or ``trainer``'s: Ditto's personal one) on its test split; keep scores and
-        model as ``<name>_test.json`` and ``<name>_model.pt``."""
+        """Score the site's current model (or ``trainer``'s: Ditto's personal one) on its test split (``final``, which
+        the file names as its ``split``); keep scores and model as ``<name>_test.json`` and ``<name>_model.pt``."""
         trainer = trainer or self.trainer
         threshold = self._et_threshold(trainer)
-        metrics = trainer.evaluate(self.test, per_case=True, et_min_volume=threshold)
+        metrics = trainer.evaluate(self.final, per_case=True, et_min_volume=threshold)
         if threshold is not None:
             metrics["et_min_volume"] = threshold
             self.record.setdefault("et_min_volume", {})[name] = threshold
             self._write_record()
-        (self.run_dir / f"{name}_test.json").write_text(json.dumps(metrics, indent=1))
+        scored = metrics | {"split": self.args.final_split}
+        (self.run_dir / f"{name}_test.json").write_text(json.dumps(scored, indent=1))
         lr = self.finetune_lr if epochs else None
         trainer.save(self.run_dir / f"{name}_model.pt", site=self.name, finetune_epochs=epochs, finetune_lr=lr)
         return metrics
@@ -466,7 +474,7 @@ def main() -> None:
             elif flare.get_task_name() == PASS_VALIDATION_TASK:
                 flare.send(site.validate_pass(model))
             elif flare.is_evaluate():
-                flare.send(flare.FLModel(metrics=site.evaluate(model, site.test)))
+                flare.send(flare.FLModel(metrics=site.evaluate(model, site.final)))
             elif flare.is_submit_model():
                 flare.send(flare.FLModel(params=site.shared_state(site.eval_personal)))
     except BaseException as err:  # recorded, then raised as it was: FLARE reports it
