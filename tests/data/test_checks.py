@@ -205,13 +205,15 @@ def test_a_case_that_passed_is_not_read_again_until_a_file_changes(good_cohort: 
 
     stamps = tmp_path / "checked"
     checks.require_valid(find_cases(good_cohort), passed=stamps)
-    assert len(list(stamps.glob("*.ok"))) == len(find_cases(good_cohort))
+    assert len(list(stamps.glob("*.grid"))) == len(find_cases(good_cohort))
 
     def no_reading(path):
         raise AssertionError(f"read {path} again")
 
     monkeypatch.setattr(checks, "read_volume", no_reading)
     checks.require_valid(find_cases(good_cohort), passed=stamps)
+    # a check on the BraTS grid covers one that accepts any grid (a job that resamples)
+    checks.require_valid(find_cases(good_cohort), grid_required=False, passed=stamps)
 
     monkeypatch.undo()
     _rewrite(_file(good_cohort, "seg"), lambda seg: np.where(seg == 2, 7, seg).astype(seg.dtype))
@@ -220,3 +222,18 @@ def test_a_case_that_passed_is_not_read_again_until_a_file_changes(good_cohort: 
     # a case with a problem leaves no stamp: the next run reports it again
     with pytest.raises(checks.DataError, match=f"{CASE}_seg.nii.gz"):
         checks.require_valid(find_cases(good_cohort), passed=stamps)
+
+
+def test_a_pass_without_the_grid_rule_does_not_stand_for_one_with_it(good_cohort: Path, tmp_path: Path, monkeypatch):
+    import brats_fl.data.checks as checks
+
+    stamps = tmp_path / "checked"
+    checks.require_valid(find_cases(good_cohort), grid_required=False, passed=stamps)
+    assert stamps.glob("*.any") and not list(stamps.glob("*.grid"))
+
+    def no_reading(path):
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(checks, "read_volume", no_reading)
+    with pytest.raises(AssertionError, match="read again"):
+        checks.require_valid(find_cases(good_cohort), grid_required=True, passed=stamps)

@@ -86,7 +86,7 @@ def _site_regions(text: str) -> tuple[str, list[str]]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from brats_fl.data.checks import check_cases, describe_grid
+    from brats_fl.data.checks import check_cases_once, describe_grid
     from brats_fl.data.labels import convention
     from brats_fl.data.layout import find_cases, release
 
@@ -96,7 +96,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print(f"{len(cases)} case(s) named as {rel.description} ({rel.example}); labels {labels}")
     for case in cases:
         print(f"{case.case_id}: {describe_grid(case)}")
-    problems = check_cases(cases, grid_required=not args.resample)
+    problems = check_cases_once(cases, grid_required=not args.resample, passed=args.stamps)
     for p in problems:
         print(p)
     print(f"checked {len(cases)} case(s): {len(problems)} problem(s)", file=sys.stderr)
@@ -186,6 +186,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _release_option(p)
     p.add_argument(
         "--resample", action="store_true", help="the cases will be resampled (a job's --spacing): any grid is accepted"
+    )
+    p.add_argument(
+        "--stamps",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep a stamp of each case that passes in DIR and skip the cases stamped there: a site's cache folder's "
+        "'checked' folder spares the sites of the next run reading them again",
     )
     p.set_defaults(func=_cmd_check)
 

@@ -37,7 +37,10 @@ def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int],
             ["phantom", "--out", str(data), "--cases", str(cases), "--sites", str(sites), "--seed", str(seed),
              "--shape", *map(str, shape)]
         )  # fmt: skip
-    steps.append(["check-data", str(data)])
+    from brats_fl.data.checks import CHECKED
+
+    # the stamps spare the simulated sites (site_configs/simulation.json's cache) reading every case again
+    steps.append(["check-data", str(data), "--stamps", str(out / "cache" / CHECKED)])
     for name, flags in PARTITIONS.items():
         lists = out / "datalists" / name
         if not lists.exists():

@@ -238,27 +238,41 @@ def require_valid(
 
     ``passed``: a folder where a stamp of each case that passed is kept (a site's cache folder), so that the next run
     on the same cohort reads no voxel of it again: checking decodes every file in full, which was a site's largest
-    start-up cost on a cohort of BraTS-sized cases. A stamp holds every file's path, size and modification time, what
-    was checked and the code of the checks (``case_stamp``), so a changed file or changed checks check it again."""
-    problems: list[Problem] = []
-    for case in cases:
-        stamp = Path(passed) / f"{case_stamp(case, with_label, grid_required)}.ok" if passed else None
-        if stamp is not None and stamp.is_file():
-            continue
-        found = check_case(case, with_label, grid_required)
-        problems += found
-        if stamp is not None and not found:
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.touch()
+    start-up cost on a cohort of BraTS-sized cases. A stamp holds every file's path, size and modification time and
+    the code of the checks (``case_stamp``), so a changed file or changed checks check it again."""
+    problems = [p for case in cases for p in _checked(case, with_label, grid_required, passed)]
     if problems:
         raise DataError(problems)
 
 
-def case_stamp(case: Case, with_label: bool, grid_required: bool) -> str:
-    """A SHA-256 of what a check of ``case`` depends on: its files (path, size, modification time), the options, and
-    the code of this module and the ones it reads files and labels with. A missing file gives a stamp no passed check
-    wrote, so the case is checked and its problem reported."""
-    digest = hashlib.sha256(json.dumps([with_label, grid_required, _CODE], sort_keys=True).encode())
+def check_cases_once(
+    cases: Iterable[Case], with_label: bool = True, grid_required: bool = True, passed: Path | None = None
+) -> list[Problem]:
+    """``check_cases``, skipping the cases with a stamp in ``passed`` and stamping those that pass now."""
+    return [p for case in cases for p in _checked(case, with_label, grid_required, passed)]
+
+
+def _checked(case: Case, with_label: bool, grid_required: bool, passed: Path | None) -> list[Problem]:
+    """The case's problems; none where a stamp says it passed a check at least as strict (one that required the BraTS
+    grid passes one that does not). A case that passes now is stamped."""
+    if passed is None:
+        return check_case(case, with_label, grid_required)
+    stamp = Path(passed) / case_stamp(case, with_label)
+    strict, lenient = stamp.with_suffix(".grid"), stamp.with_suffix(".any")
+    if strict.is_file() or (not grid_required and lenient.is_file()):
+        return []
+    found = check_case(case, with_label, grid_required)
+    if not found:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        (strict if grid_required else lenient).touch()
+    return found
+
+
+def case_stamp(case: Case, with_label: bool) -> str:
+    """A SHA-256 of what a check of ``case`` depends on besides the grid rule: its files (path, size, modification
+    time), whether labels are checked, and the code of the data package. A missing or unreadable file gives a stamp
+    no passed check wrote, so the case is checked and its problem reported."""
+    digest = hashlib.sha256(json.dumps([with_label, _CODE]).encode())
     for kind, path in sorted((k, str(p)) for k, p in case.files.items() if p is not None):
         try:
             info = Path(path).stat()
