@@ -136,9 +136,24 @@ def _cse(job: Path) -> dict:
 
 def test_cross_site_global_sends_no_submit_model_task(tmp_path: Path):
     build("brats_fedavg", JobParams(cross_site="global")).export(str(tmp_path / "global"))
-    build("brats_fedavg", JobParams()).export(str(tmp_path / "all"))
+    build("brats_fedavg", JobParams(cross_site="all")).export(str(tmp_path / "all"))
     assert _cse(tmp_path / "global")["submit_model_task_name"] == ""
     assert "submit_model_task_name" not in _cse(tmp_path / "all")  # FLARE's default: every site submits
+
+
+@pytest.mark.parametrize(
+    ("job", "mode"), [("brats_fedavg", None), ("brats_fedper", None), ("brats_fedavg_ft", ""), ("brats_ditto", "")]
+)
+def test_cross_site_auto_scores_the_global_model_only_where_sites_end_with_another(tmp_path: Path, job, mode):
+    """``auto`` (the default): FedAvg's and FedPer's sites end with the federation's model (and their own layers),
+    which their own scores already score; fine-tuning and Ditto end with another, so the global model is scored too."""
+    build(job, JobParams()).export(str(tmp_path / job))
+    config = json.loads(next((tmp_path / job).rglob("config_fed_server.json")).read_text())
+    evaluations = [w for w in config["workflows"] if w["path"].endswith("CrossSiteModelEval")]
+    if mode is None:
+        assert not evaluations
+    else:
+        assert evaluations[0]["args"]["submit_model_task_name"] == mode
 
 
 def _cache_files(folder: Path) -> set[str]:

@@ -45,8 +45,8 @@ def _client_chains(job: Path, kind: str) -> dict[tuple[str, ...], list[str]]:
         {"privacy_args": {"fraction": 0.1}},
         {"quantize": "int3"},
         # a site's whole model for cross-site evaluation would pass no filter
-        {"privacy": "percentile", "transfer": "diff"},
-        {"privacy": "exclude", "privacy_args": {"exclude_vars": "^net"}},
+        {"privacy": "percentile", "transfer": "diff", "cross_site": "all"},
+        {"privacy": "exclude", "privacy_args": {"exclude_vars": "^net"}, "cross_site": "all"},
         {"dp_delta": 1e-6},  # DP-SGD's, without DP-SGD
         {"dp_epsilon": 8.0, "amp": "on"},
         {"dp_epsilon": 0},

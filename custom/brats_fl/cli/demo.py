@@ -57,9 +57,9 @@ DEMO_SETTINGS: dict[str, object] = {
     "sites": 3,
     "shape": [240, 240, 155],
     "rounds": 20,
-    "local_epochs": 4,
+    "local_epochs": 3,
     "spacing": 2.0,
-    "patch": [48, 48, 48],
+    "patch": [40, 40, 40],
 }
 #: the demo run the README shows: settings, machine, date, commit, times and table, written by ``brats-fl demo`` as
 #: ``<workspace>/demo.json`` and committed here
