@@ -321,6 +321,7 @@ SITE_ONLY: dict[str, tuple[Any, str]] = {
     "ditto_lambda": (None, "Ditto's lambda; None: no personal model (brats_fl.site.algorithms)"),
     "personal_epochs": (1, "Ditto: epochs of the personal model per round"),
 }
+    "recalibrate_stats": (False, "re-estimate batch-norm statistics on the training data for each received model"),
 
 
 def by_name(name: str) -> Param:

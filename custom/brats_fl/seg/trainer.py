@@ -31,6 +31,7 @@ from monai.losses import DiceLoss
 from monai.transforms import Orientation, ResampleToMatch, Spacing
 from monai.utils import set_determinism
 from torch.nn.modules.loss import _Loss
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from brats_fl.data.loading import ANNOTATED, AXIS_LABELS, BRATS_ORIENTATION, train_loader
@@ -333,6 +334,22 @@ class Trainer:
     def epoch_lr(self, epoch: int) -> float:
         """The rate of epoch ``epoch`` (from 0) when no one else gives one: ``lr``, poly-decayed over
         ``total_epochs`` if the schedule says so."""
+    def recalibrate_norm(self, loader: DataLoader) -> int:
+        """Re-estimate every batch-norm layer's running statistics from scratch by one pass over ``loader``'s images
+        with the weights the model holds now (torch's ``update_bn``, which SWA runs after averaging weights); returns
+        the batches seen. Statistics estimated under other weights misnormalise in evaluation, while training, which
+        normalises each batch by itself, does not show it (HyperSeg Conv + BN, ``brats_fl.site.client``)."""
+        seen = 0
+
+        def images():
+            nonlocal seen
+            for batch in loader:
+                seen += 1
+                yield batch["image"]
+
+        update_bn(images(), self.model, device=self.device)
+        return seen
+
         if self.config.lr_schedule == "poly":
             return poly_lr(self.config.lr, epoch, self.config.total_epochs)
         return self.config.lr

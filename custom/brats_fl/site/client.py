@@ -1,8 +1,10 @@
 """FLARE Client API script: a thin shell around the training loop, run at every site.
 
 For each task from the server:
-- ``train``: load the global weights, validate them on the site's validation split (reported to the server
-  and to FLARE's tracking), train the configured local epochs, every one at the learning rate the task carries
+- ``train``: load the global weights (with ``recalibrate_stats``, HyperSeg Conv + BN, re-estimate the batch-norm
+  statistics for them on the training data, as before every scoring), validate them on the site's validation split
+  (reported to the server and to FLARE's tracking), train the configured local epochs, every one at the learning
+  rate the task carries
   (``brats_fl.server.schedule``; a job whose server sends none, central or local-only, decays it per epoch), record
   that rate in ``rounds.jsonl``, send the weights back with the number of training cases as the aggregation weight;
 - ``personalise`` (after training): combine the final global model with the site's personal layers,
@@ -224,6 +226,15 @@ class Site:
             raise KeyError(f"{self.name}: global model lacks shared key(s) {missing[:3]} ({len(missing)} in all)")
         self.trainer.model.load_state_dict(shared, strict=False)
 
+    def recalibrate(self) -> dict[str, int]:
+        """With ``recalibrate_stats`` (HyperSeg Conv + BN), the batch-norm running statistics re-estimated on this
+        site's training patches for the weights just loaded: the server generates the normalisation layers' scale and
+        shift afresh each round, and statistics of last round's weights would misnormalise every case in evaluation.
+        Returns what the round's record keeps (nothing without the setting)."""
+        if not self.args.recalibrate_stats:
+            return {}
+        return {"recalibrated_batches": self.trainer.recalibrate_norm(self.train)}
+
     def shared_state(self, personal: set[str]) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.trainer.model.state_dict().items() if k not in personal}
 
@@ -233,15 +244,19 @@ class Site:
     def train_round(self, model: flare.FLModel) -> flare.FLModel:
         rnd = model.current_round or 0
         self._resume_once(rnd)
+        recalibrated = {}
         if model.params:
             self.load_global(model.params, self.personal)
+            recalibrated = self.recalibrate()
         if self.args.optimizer_state == "reset":
             self.trainer.reset_optimizer()
         metrics = self.trainer.evaluate(self.val)
         # the round's rate from the server, for every local epoch; None: the trainer's own per-epoch schedule
         lr = (model.meta or {}).get(ROUND_LR)
         # Ditto's personal model trains first, towards the model just received
-        algorithm = {"ditto": self.ditto.round(self.train, self.trainer.model, lr)} if self.ditto else {}
+        algorithm = dict(recalibrated)
+        if self.ditto:
+            algorithm["ditto"] = self.ditto.round(self.train, self.trainer.model, lr)
         fedprox = FedProx.from_task(model, self.trainer.model)
         c_global = self._scaffold_start(model)
         after_step = self.scaffold.after_step if self.scaffold and c_global is not None else None
@@ -332,6 +347,7 @@ class Site:
         if self.ditto:
             return flare.FLModel(metrics=_scalars(self._score_and_keep("personalised", 0, self.ditto.trainer)))
         self.load_global(model.params, self.personal)
+        self.recalibrate()
         federated = self._snapshot()
         epochs = self.args.finetune_epochs
         privacy: dict = {}
@@ -393,6 +409,7 @@ class Site:
         """Score a received model on one of this site's splits, then restore the site's own."""
         saved = self._snapshot()
         self.load_global(model.params, self.eval_personal)
+        self.recalibrate()
         metrics = self.trainer.evaluate(loader)
         self.trainer.model.load_state_dict(saved)
         return _scalars(metrics)
