@@ -27,7 +27,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``benchmark``."""
-    from brats_fl.results.benchmark import ALGORITHMS, PARTITIONS, PROFILES
+    from brats_fl.results.benchmark import ENTRIES, PARTITIONS, PROFILES
 
     p = sub.add_parser(
         "benchmark",
@@ -38,7 +38,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default="smoke", help="the matrix and the runs' settings")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the benchmark folder (resumable)")
     p.add_argument(
-        "--algorithms", nargs="+", choices=ALGORITHMS, default=None, metavar="JOB", help="default: the profile's"
+        "--algorithms", nargs="+", choices=ENTRIES, default=None, metavar="JOB", help="default: the profile's"
     )
     p.add_argument(
         "--partitions", nargs="+", choices=PARTITIONS, default=None, metavar="NAME", help="default: the profile's"
