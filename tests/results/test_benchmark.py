@@ -282,6 +282,28 @@ def test_a_folder_refuses_another_profile(tmp_path: Path):
         check_profile(PROFILES["full"], tmp_path)
 
 
+def test_the_benchmark_trains_on_the_hard_phantom_and_a_folder_of_easy_runs_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``smoke`` and ``full`` build their partitions from the phantom as hard as BraTS, ``ci`` from the demo's; a
+    folder whose runs were on the demo's phantom is never resumed with hard cases."""
+    from dataclasses import replace
+
+    from brats_fl.data import cohorts
+    from brats_fl.results import benchmark
+
+    assert PROFILES["smoke"].hard and PROFILES["full"].hard and not PROFILES["ci"].hard
+    asked = []
+    monkeypatch.setattr(cohorts, "build_partition", lambda *a, **k: asked.append(k["hard"]) or tmp_path)
+    for name in ("full", "ci"):
+        benchmark.prepare_partition("iid", tmp_path, PROFILES[name])
+    assert asked == [True, False]
+    easy = tmp_path / "easy"
+    benchmark.check_profile(replace(PROFILES["full"], hard=False), easy)
+    with pytest.raises(ValueError, match="another profile"):
+        benchmark.check_profile(PROFILES["full"], easy)
+
+
 def test_site_data_resolves_paths_relative_to_the_configuration(tmp_path: Path):
     from brats_fl.results.benchmark import site_data
 

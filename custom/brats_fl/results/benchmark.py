@@ -83,6 +83,9 @@ class Profile:
     only: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: cores one run keeps busy (its sites train at once): sets how many runs share the machine
     cores_per_run: int = 3
+    #: the phantom as hard as BraTS: labels that vary as raters' do, partial volume, bias fields, faint non-enhancing
+    #: tumour (``brats_fl.data.phantom.generate_cases``, docs/phantom.md); off, the demo's phantom
+    hard: bool = False
 
 
 #: the page scores the model each site ends with on its own test split and nothing else, so the runs leave FLARE's
@@ -101,6 +104,7 @@ PROFILES: dict[str, Profile] = {
         cases=24,
         shape=(48, 48, 32),
         params={**_CHEAP, "rounds": 2, "local_epochs": 3, "patch_size": (32, 32, 32), "channels": (8, 16, 32)},
+        hard=True,
     ),
     # the comparison to publish: cases on the BraTS grid (240x240x155 at 1 mm), trained at 2 mm as BraTS pipelines
     # train at lower resolution, scored on each case's own grid. 3 seeds of every algorithm on iid (no skew) and mixed
@@ -125,11 +129,15 @@ PROFILES: dict[str, Profile] = {
             "channels": (16, 32, 64),
         },
         only={"quantity": (*BASELINES, "brats_fedper"), "feature": BASELINES, "label": BASELINES, "scanners": HYPERSEG},
+        hard=True,
     ),
 }
 # what the test suite runs: the smoke profile on the fewest cases a partition takes (6 per site), with the two
 # references of the paired tests, on one partition
-PROFILES["ci"] = replace(PROFILES["smoke"], name="ci", algorithms=(CENTRAL, FEDAVG), partitions=("iid",), cases=18)
+# on the demo's phantom, which generates faster
+PROFILES["ci"] = replace(
+    PROFILES["smoke"], name="ci", algorithms=(CENTRAL, FEDAVG), partitions=("iid",), cases=18, hard=False
+)
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,11 @@ def matrix(
     ]
 
 
+def entry_job(algorithm: str) -> str:
+    """The catalogue job a benchmark entry runs (``VARIANTS``; a job is its own entry)."""
+    return VARIANTS[algorithm][0] if algorithm in VARIANTS else algorithm
+
+
 def job_params(profile: Profile, algorithm: str, seed: int, partition: str = "iid"):
     """The ``JobParams`` of one run: the profile's settings that ``algorithm``'s job uses, then the entry's own
     (``VARIANTS``), the partition's number of sites, and the run's seed. An entry's setting its job does not use is
@@ -181,11 +194,6 @@ def job_params(profile: Profile, algorithm: str, seed: int, partition: str = "ii
     if unused:
         raise ValueError(f"benchmark entry {algorithm}: {job} does not use {unused}")
     kept = {k: v for k, v in profile.params.items() if by_name(k).uses in (None, *USES[job])}
-def entry_job(algorithm: str) -> str:
-    """The catalogue job a benchmark entry runs (``VARIANTS``; a job is its own entry)."""
-    return VARIANTS[algorithm][0] if algorithm in VARIANTS else algorithm
-
-
     sites = COHORT_PARTITIONS[partition].n_sites
     return JobParams(**kept | own, sites=sites, seed=seed, hypernetwork=HyperNetParams())
 
@@ -196,7 +204,9 @@ def prepare_partition(name: str, root: Path, profile: Profile) -> Path:
     from brats_fl.data.cohorts import build_partition
 
     out = Path(root).resolve() / "partitions"
-    return build_partition(name, out, profile.cases, PARTITION_SEED, profile.shape, profile.split, log=lambda _: None)
+    return build_partition(
+        name, out, profile.cases, PARTITION_SEED, profile.shape, profile.split, log=lambda _: None, hard=profile.hard
+    )
 
 
 def site_data(site_config: Path) -> dict[str, str]:
@@ -404,6 +414,8 @@ def check_profile(profile: Profile, out: Path) -> None:
     """Record the profile's data and run settings in ``DIR/profile.json``, or refuse a folder whose runs were made
     with others: its finished runs would be kept and mixed with the new ones on one page."""
     settings = {k: v for k, v in asdict(profile).items() if k in ("name", "cases", "shape", "split", "params")}
+    if profile.hard:  # a folder of runs on the demo's phantom keeps its record as it was
+        settings["hard"] = True
     settings = json.loads(json.dumps(settings))  # tuples as the file holds them: lists
     path = Path(out) / "profile.json"
     if path.is_file():
