@@ -49,9 +49,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # centralized training with the rate of fedavg_lr9e-3: whether a larger rate helps central as much
     "central_lr9e-3": ("brats_central", {"lr": 9e-3}),
     # the federated nnU-Net slides' recipe (reference 004: SGD with Nesterov momentum 0.9, poly rate, Dice + CE),
-    # centralized and federated, against the profile's Adam and Dice loss
-    "central_nnunet": ("brats_central", {"recipe": "nnunet"}),
-    "fedavg_nnunet": ("brats_fedavg", {"recipe": "nnunet"}),
+    # centralized and federated, against the profile's Adam and Dice loss: the benchmark's own entries
+    "central_nnunet": bench.VARIANTS["brats_central_nnunet"],
+    "fedavg_nnunet": bench.VARIANTS["brats_fedavg_nnunet"],
     # DP-SGD at every site (delta 1e-5, the job's default clip), beside the matrix's FedAvg without it
     **{f"dp_eps{e:g}": ("brats_fedavg", {"dp_epsilon": float(e)}) for e in (1, 8, 32)},
 }

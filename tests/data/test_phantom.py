@@ -213,3 +213,54 @@ def test_same_case_keeps_its_tumour_whatever_the_site_knobs(tmp_path: Path):
     assert energy["clean"][1] > 0.5 * energy["clean"][0]
     meta = json.loads((tmp_path / "thick" / "phantom.json").read_text())["cases"][0]
     assert meta["slice_mm"] == 5 and meta["grade"] in ("HGG", "LGG") and meta["wt_cm3"] > 0
+
+
+#: SHA-256 over the names and (decompressed) bytes of every file of the ``cohort`` fixture, as the generator wrote
+#: them before the hard phantom existed (commit 8050dd9): committed results and the demo depend on the default phantom
+#: staying exactly as it was
+DEFAULT_COHORT_SHA256 = "6064983d6cc2b45a00265a0024f46b58e32b798f95f18c88285691e7d8172acf"
+
+
+def test_default_phantom_is_byte_identical_to_before_the_hard_option(cohort: Path):
+    import gzip
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in cohort.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(cohort).as_posix().encode())
+        data = path.read_bytes()
+        digest.update(gzip.decompress(data) if path.suffix == ".gz" else data)  # gzip's header holds a time
+    assert digest.hexdigest() == DEFAULT_COHORT_SHA256
+
+
+def test_hard_phantom_has_two_raters_who_disagree_where_brats_raters_do(tmp_path: Path):
+    """The hard phantom's cases carry rater 1's labels and, beside them, rater 2's: both nested inside the brain,
+    differing at the regions' edges but tracing the same tumour; the images are the easy phantom's made harder (the
+    same tumour, other voxels); the extra file is no case file to the data checks; the easy phantom refuses raters."""
+    from brats_fl.data.labels import labels_to_regions
+    from brats_fl.data.phantom import SiteKnobs, generate_cases, rater_file
+
+    knobs = [SiteKnobs("a", lgg_share=0.0)]
+    generate_cases(tmp_path / "hard", knobs, seed=1, shape=(64, 64, 48), hard=True, raters=2)
+    generate_cases(tmp_path / "easy", knobs, seed=1, shape=(64, 64, 48))
+    cases = find_cases(tmp_path / "hard")
+    assert len(cases) == 1 and not check_cases(cases)
+    for case in cases:
+        first = _load(case.folder, "seg")
+        second = np.asarray(nib.load(str(rater_file(case.files["seg"], 2))).dataobj).astype(np.float32)
+        easy = _load(tmp_path / "easy" / case.case_id, "seg")
+        brain = _load(case.folder, "t1") > 0
+        for seg in (first, second):
+            assert set(np.unique(seg)) <= {0, 1, 2, 4} and not (seg[~brain] > 0).any()
+        one, two, truth = (labels_to_regions(s) for s in (first, second, easy))
+        agree = [2 * (one[r] & two[r]).sum() / (one[r].sum() + two[r].sum()) for r in range(3)]
+        # TC, WT, ET: the same lesion, traced otherwise; the oedema's edge most (on this small grid a region's edge
+        # moves by less than a voxel in places: docs/phantom.md measures the BraTS grid)
+        assert min(agree) > 0.5 and agree[1] < 0.99 and not np.array_equal(first, second), (case.case_id, agree)
+        assert (one[0] <= one[1]).all() and (one[2] <= one[0]).all()  # ET in TC in WT
+        assert 2 * (one[1] & truth[1]).sum() / (one[1].sum() + truth[1].sum()) > 0.7
+        assert not np.array_equal(_load(case.folder, "flair"), _load(tmp_path / "easy" / case.case_id, "flair"))
+    meta = json.loads((tmp_path / "hard" / "phantom.json").read_text())
+    assert meta["hard"] and meta["cases"][0]["raters"] == 2
+    with pytest.raises(ValueError, match="raters=2"):
+        generate_cases(tmp_path / "no", knobs, seed=1, shape=(64, 64, 48), raters=2)

@@ -109,3 +109,21 @@ def test_conv_bn_generates_scale_and_shift_and_sites_keep_their_statistics(sim_d
     server = torch.load(next(run.rglob("FL_global_model.pt")), weights_only=False)["model"]
     for key in stats:
         assert torch.equal(torch.as_tensor(server[key]).float(), model.state_dict()[key].float()), key
+
+
+@pytest.mark.slow
+def test_conv_bn_validates_with_statistics_of_the_weights_it_received(sim_data: Path, tmp_path: Path):
+    """The hypernetwork regenerates every batch-norm scale and shift each round. With the statistics a site kept from
+    last round's weights, validation in eval mode misnormalises every layer: validation Dice collapses while the
+    training loss, which normalises each batch by itself, holds (issue 38: site-2 fell from 0.67 to 0.07). Each site
+    therefore re-estimates the statistics on its training data for the weights it received, and its validation Dice
+    then says what its training loss says. A hypernetwork rate of 0.05 moves the generated layers far in the one
+    update between the two rounds, which shows the mismatch in a run this small."""
+    params = tiny_params(rounds=2, local_epochs=2, lr=3e-3, hypernetwork=HyperNetParams(depth=2, lr=0.05))
+    run = run_simulation("brats_hyperseg_conv_bn", params, sim_data, tmp_path)
+    for site in SITES:
+        record = run / site / "simulate_job" / "brats_fl" / "rounds.jsonl"
+        first, second = (json.loads(row) for row in record.read_text().splitlines())
+        assert second["train_loss"] < first["train_loss"] - 0.2, site  # training works across the update
+        # the soft Dice that training sees on patches against the hard Dice of the received model on whole cases
+        assert second["val_dice_mean"] > 1 - second["train_loss"] - 0.2, (site, second)

@@ -232,6 +232,15 @@ def test_fedbn_jobs_default_to_batch_norm_and_every_other_job_to_instance_norm()
     assert generated and not [k for k in generated if "running" in k or "num_batches" in k]
 
 
+def test_only_hyperseg_conv_bn_sites_re_estimate_their_batch_norm_statistics(tmp_path: Path):
+    """The hypernetwork regenerates the normalisation layers each round: Conv + BN's sites re-estimate the statistics
+    they keep for each received model (``recalibrate_stats``); no other job's sites spend the pass."""
+    for job in ("brats_hyperseg_conv_bn", "brats_hyperseg_conv", "brats_fedbn"):
+        build(job, JobParams()).export(str(tmp_path))
+        client = _configs(tmp_path / job)[0]
+        assert ('"recalibrate_stats": true' in json.dumps(client)) is (job == "brats_hyperseg_conv_bn"), job
+
+
 def test_a_chosen_norm_wins_over_the_jobs_and_a_bad_one_is_refused(tmp_path: Path):
     build("brats_fedbn", JobParams(norm="group")).export(str(tmp_path))
     assert set(re.findall(r'"norm": "(\w+)"', json.dumps(_configs(tmp_path / "brats_fedbn")))) == {"group"}

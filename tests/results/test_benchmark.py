@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from brats_fl.results.benchmark import (
     ALGORITHMS,
+    ENTRIES,
     PROFILES,
+    VARIANTS,
     Progress,
     RunSpec,
     job_params,
@@ -34,11 +36,11 @@ def test_algorithms_are_the_catalogue_without_segviz():
 def test_matrix_follows_the_profile_and_its_restrictions():
     full = PROFILES["full"]
     runs = matrix(full)
-    assert len(runs) == (18 * 2 + 3 * 3 + 1 + 5) * 3
+    assert len(runs) == (23 * 2 + 3 * 3 + 1 + 5) * 3
     assert {r.algorithm for r in runs if r.partition == "label"} == {"brats_central", "brats_local", "brats_fedavg"}
     assert {r.algorithm for r in runs if r.partition == "quantity"} == {
         "brats_central", "brats_local", "brats_fedavg", "brats_fedper"}  # fmt: skip
-    assert {r.algorithm for r in runs if r.partition == "mixed"} == set(ALGORITHMS)
+    assert {r.algorithm for r in runs if r.partition == "mixed"} == set(ENTRIES)
     assert {r.algorithm for r in runs if r.partition == "scanners"} == {
         "brats_local",
         "brats_fedavg",
@@ -58,7 +60,46 @@ def test_smoke_runs_every_algorithm_on_two_partitions():
     runs = matrix(PROFILES["smoke"])
     assert len({r.partition for r in runs}) >= 2
     for partition in {r.partition for r in runs}:
-        assert {r.algorithm for r in runs if r.partition == partition} == set(ALGORITHMS)
+        assert {r.algorithm for r in runs if r.partition == partition} == set(ENTRIES)
+
+
+def test_like_for_like_entries_differ_from_their_reference_in_one_thing_only():
+    """FedAvg on FedBN's batch-norm U-Net; SCAFFOLD and FedAvg with plain SGD; central and FedAvg with the nnU-Net
+    recipe: each entry's job parameters are its reference's with the compared setting changed, and nothing else."""
+    from dataclasses import replace
+
+    from brats_fl.jobs.catalogue import _batch_norm
+    from torch import nn
+
+    full = PROFILES["full"]
+    fedavg = job_params(full, "brats_fedavg", 1, "mixed")
+    bn = job_params(full, "brats_fedavg_bn", 1, "mixed")
+    assert replace(bn, norm=None) == fedavg and bn.norm == "batch"
+    # the very U-Net FedBN's job trains, batch norm's running statistics included
+    fedbn = _batch_norm(job_params(full, "brats_fedbn", 1, "mixed"))
+    assert bn.model().state_dict().keys() == fedbn.model().state_dict().keys()
+    assert any(isinstance(m, nn.BatchNorm3d) for m in bn.model().modules())
+
+    sgd = job_params(full, "brats_scaffold_sgd", 0)
+    assert sgd == job_params(full, "brats_fedavg_sgd", 0)  # SCAFFOLD's like-for-like FedAvg
+    assert replace(sgd, recipe="adam_dice", momentum=None, lr=None) == job_params(full, "brats_scaffold", 0)
+    plain = sgd.train_settings()
+    assert (plain.optimizer, plain.momentum, plain.lr, plain.loss) == ("sgd", 0.0, 0.1, "dice_ce")
+
+    for job in ("brats_central", "brats_fedavg"):
+        nnunet = job_params(full, f"{job}_nnunet", 2)
+        assert replace(nnunet, recipe="adam_dice") == job_params(full, job, 2)
+        recipe = nnunet.train_settings()
+        assert (recipe.optimizer, recipe.momentum, recipe.loss, recipe.lr_schedule) == ("sgd", 0.9, "dice_ce", "poly")
+    assert matrix(full, algorithms=["brats_scaffold_sgd"], partitions=["iid"], seeds=1) == [
+        RunSpec("iid", "brats_scaffold_sgd", 0)
+    ]
+
+
+def test_an_entry_setting_its_job_does_not_use_is_refused(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(VARIANTS, "brats_fedavg_mu", ("brats_fedavg", {"mu": 0.1}))
+    with pytest.raises(ValueError, match=r"brats_fedavg_mu: brats_fedavg does not use \['mu'\]"):
+        job_params(PROFILES["full"], "brats_fedavg_mu", 0)
 
 
 def test_job_params_take_the_run_seed_and_only_what_the_job_uses():
@@ -239,6 +280,28 @@ def test_a_folder_refuses_another_profile(tmp_path: Path):
     check_profile(PROFILES["smoke"], tmp_path)  # the same again: resuming
     with pytest.raises(ValueError, match="another profile"):
         check_profile(PROFILES["full"], tmp_path)
+
+
+def test_the_benchmark_trains_on_the_hard_phantom_and_a_folder_of_easy_runs_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``smoke`` and ``full`` build their partitions from the phantom as hard as BraTS, ``ci`` from the demo's; a
+    folder whose runs were on the demo's phantom is never resumed with hard cases."""
+    from dataclasses import replace
+
+    from brats_fl.data import cohorts
+    from brats_fl.results import benchmark
+
+    assert PROFILES["smoke"].hard and PROFILES["full"].hard and not PROFILES["ci"].hard
+    asked = []
+    monkeypatch.setattr(cohorts, "build_partition", lambda *a, **k: asked.append(k["hard"]) or tmp_path)
+    for name in ("full", "ci"):
+        benchmark.prepare_partition("iid", tmp_path, PROFILES[name])
+    assert asked == [True, False]
+    easy = tmp_path / "easy"
+    benchmark.check_profile(replace(PROFILES["full"], hard=False), easy)
+    with pytest.raises(ValueError, match="another profile"):
+        benchmark.check_profile(PROFILES["full"], easy)
 
 
 def test_site_data_resolves_paths_relative_to_the_configuration(tmp_path: Path):

@@ -97,12 +97,13 @@ def test_a_recipe_keeps_its_own_rate_and_momentum_unless_set():
     assert all(f"{name} {recipe['lr']:.0e}".replace("e-0", "e-") in stated for name, recipe in RECIPES.items())
 
 
-@pytest.mark.parametrize("momentum", [0.9, 0.99])
-def test_nnunet_trains_with_sgd_nesterov_and_weight_decay(momentum: float):
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.9, True), (0.99, True), (0.0, False)])
+def test_nnunet_trains_with_sgd_nesterov_and_weight_decay(momentum: float, nesterov: bool):
+    """Nesterov momentum as nnU-Net, or at momentum 0 plain SGD, as SCAFFOLD is derived."""
     trainer = Trainer(TrainConfig.from_dict({**TINY, "lr": None, "recipe": "nnunet", "momentum": momentum}))
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     group = trainer.optimizer.param_groups[0]
-    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (momentum, True, 3e-5)
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (momentum, nesterov, 3e-5)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +111,7 @@ def test_nnunet_trains_with_sgd_nesterov_and_weight_decay(momentum: float):
     [
         ({"recipe": "adam_dice", "momentum": 0.9}, "momentum is SGD's"),
         ({"recipe": "nnunet", "momentum": 1.0}, "momentum must be in"),
-        ({"recipe": "nnunet", "momentum": 0.0}, "momentum must be in"),
+        ({"recipe": "nnunet", "momentum": -0.1}, "momentum must be in"),
         ({"recipe": "nnunet", "lr": -1e-2}, "lr must be positive"),
     ],
 )

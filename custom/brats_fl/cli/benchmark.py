@@ -43,7 +43,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``benchmark`` and ``tune``."""
-    from brats_fl.results.benchmark import ALGORITHMS, PARTITIONS, PROFILES
+    from brats_fl.results.benchmark import ALGORITHMS, ENTRIES, PARTITIONS, PROFILES
 
     p = sub.add_parser(
         "benchmark",
@@ -54,7 +54,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default="smoke", help="the matrix and the runs' settings")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the benchmark folder (resumable)")
     p.add_argument(
-        "--algorithms", nargs="+", choices=ALGORITHMS, default=None, metavar="JOB", help="default: the profile's"
+        "--algorithms", nargs="+", choices=ENTRIES, default=None, metavar="JOB", help="default: the profile's"
     )
     p.add_argument(
         "--partitions", nargs="+", choices=PARTITIONS, default=None, metavar="NAME", help="default: the profile's"

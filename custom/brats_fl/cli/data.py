@@ -27,6 +27,7 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
         profiles=args.profiles,
         release=args.release,
         cavity_share=args.cavity_share,
+        hard=args.hard,
     )
     rel = release(args.release)
     print(f"wrote {len(cases)} phantom cases of {rel.description} to {args.out} in {time.perf_counter() - start:.1f} s")
@@ -41,7 +42,7 @@ def _cmd_cohort(args: argparse.Namespace) -> None:
     for name in args.names:
         start = time.perf_counter()
         config = build_partition(
-            name, args.out, args.cases, seed=args.seed, shape=tuple(args.shape), split=tuple(args.split)
+            name, args.out, args.cases, seed=args.seed, shape=tuple(args.shape), split=tuple(args.split), hard=args.hard
         )
         record = json.loads((config.parent / "partition.json").read_text())
         for site, mix in record["site_mix"].items():
@@ -121,6 +122,15 @@ def _release_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _hard_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hard",
+        action="store_true",
+        help="the phantom as hard as BraTS: labels vary as raters' do, partial volume, bias fields, faint "
+        "non-enhancing tumour (docs/phantom.md); default the demo's phantom",
+    )
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``phantom``, ``cohort``, ``partition``, ``check-data`` and ``prepare``."""
     from brats_fl.data.layout import PHANTOM_RELEASES
@@ -146,6 +156,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="2024-gli-post only: the share of cases with a resection cavity, label 4 (default: most; "
         "docs/explanation/phantom.md)",
     )
+    _hard_option(p)
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("cohort", help="phantom cohort + data checks + datalists + site configuration of a partition")
@@ -155,6 +166,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
     p.add_argument("--split", type=float, nargs=3, default=[0.4, 0.1, 0.5], help="train/val/test fractions")
+    _hard_option(p)
     p.set_defaults(func=_cmd_cohort)
 
     p = sub.add_parser("partition", help="write one datalist per site (and site-All.json)")

@@ -5,7 +5,8 @@ Every partition draws its cases from a cohort: a list of strata (``SiteKnobs``, 
 pattern by which case i falls into a stratum. Partitions with the same images share one cohort on disk: ``iid``,
 ``quantity`` and ``mixed`` deal the same FeTS-like cohort out differently. Layout under ``out``::
 
-    cohorts/<cohort>/          BraTS 2020 case folders, name_mapping.csv, phantom.json, cohort.json (complete)
+    cohorts/<cohort>/          BraTS 2020 case folders, name_mapping.csv, phantom.json, cohort.json (complete);
+                               <cohort>-hard/ for the phantom as hard as BraTS (``hard``)
     <partition>/datalists/     site-1..3.json and site-All.json
     <partition>/site_config.json, partition.json (written last: the partition is complete)
 """
@@ -131,11 +132,18 @@ def _differences(found: dict, wanted: dict) -> str:
 
 
 def _cohort(
-    partition: Partition, out: Path, cases: int, seed: int, shape: Sequence[int], log: Callable[[str], None]
+    partition: Partition,
+    out: Path,
+    cases: int,
+    seed: int,
+    shape: Sequence[int],
+    log: Callable[[str], None],
+    hard: bool = False,
 ) -> Path:
     """The partition's cohort under ``out/cohorts``: reused when complete with the same settings, else generated
-    into ``<name>.partial`` and renamed when done, so an interrupted run never leaves a cohort that looks complete."""
-    root = out / "cohorts" / partition.cohort
+    into ``<name>.partial`` and renamed when done, so an interrupted run never leaves a cohort that looks complete.
+    ``hard``: the phantom as hard as BraTS (``brats_fl.data.phantom.generate_cases``), in a folder of its own."""
+    root = out / "cohorts" / (f"{partition.cohort}-hard" if hard else partition.cohort)
     spec = {
         "cohort": partition.cohort,
         "cases": cases,
@@ -143,7 +151,7 @@ def _cohort(
         "shape": list(shape),
         "strata": [asdict(k) for k in partition.strata],
         "pattern": list(partition.pattern),
-    }
+    } | ({"hard": True} if hard else {})
     marker = root / "cohort.json"
     if marker.is_file():
         found = json.loads(marker.read_text())
@@ -161,7 +169,7 @@ def _cohort(
         log(f"{partial}: half-written cohort from an interrupted run; removing it and generating again")
         shutil.rmtree(partial)
     log(f"generating cohort {partition.cohort!r}: {cases} cases of {tuple(shape)} voxels into {root}")
-    generate_cases(partial, partition.knobs(cases), seed, tuple(shape))
+    generate_cases(partial, partition.knobs(cases), seed, tuple(shape), hard=hard)
     (partial / "cohort.json").write_text(json.dumps(spec, indent=1) + "\n")
     partial.rename(root)
     return root
@@ -175,6 +183,7 @@ def build_partition(
     shape: tuple[int, int, int] = (240, 240, 155),
     split: tuple[float, float, float] = (0.4, 0.1, 0.5),
     log: Callable[[str], None] = print,
+    hard: bool = False,
 ) -> Path:
     """Generate (if not yet complete) the cohort of partition `name` under out/, run the data checks, write the
     datalists (site-1..N.json and site-All.json via brats_fl.data.partition.write_datalists) and a site
@@ -183,7 +192,8 @@ def build_partition(
     refused or rebuilt with a clear message.
 
     The test split is half the cases by default: a benchmark needs about 50 pooled test cases to resolve a Dice
-    difference of 0.02. ``log`` receives one line per step.
+    difference of 0.02. ``log`` receives one line per step. ``hard``: the phantom as hard as BraTS, whose labels
+    vary as raters' do (``brats_fl.data.phantom.generate_cases``); off, the cohort is the demo's.
     """
     if name not in PARTITIONS:
         raise ValueError(f"unknown partition {name!r}; choose one of {', '.join(PARTITIONS)}")
@@ -203,7 +213,7 @@ def build_partition(
         "seed": seed,
         "shape": list(shape),
         "split": list(split),
-    }
+    } | ({"hard": True} if hard else {})
     if done.is_file():
         found = json.loads(done.read_text())
         kept = {k: found.get(k) for k in record}
@@ -220,7 +230,7 @@ def build_partition(
         log(f"{folder}: half-written partition (no partition.json); writing its datalists and configuration again")
         shutil.rmtree(folder / "datalists", ignore_errors=True)
         config.unlink(missing_ok=True)
-    root = _cohort(partition, out, cases, seed, shape, log)
+    root = _cohort(partition, out, cases, seed, shape, log, hard)
     found_cases = find_cases(root)
     problems = check_cases(found_cases)
     if problems:

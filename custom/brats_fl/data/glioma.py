@@ -328,3 +328,86 @@ def tumour_stats(seg: np.ndarray, voxel_mm3: float = 1.0, min_component: int = 2
         "components": parts(wt),
         "core_components": parts(tc),
     }
+
+
+@dataclass(frozen=True)
+class Raters:
+    """How far two raters' tracings of one glioma disagree (the hard phantom's annotation, ``rate``), in template mm
+    (scaled to the grid by its zoom): each region's boundary moves by a smooth random field of this SD plus
+    a systematic offset of the rater (normal, ``offset_mm`` SD), and each small enhancing focus is labelled ET
+    with chance ``focus_seen``. Where raters of BraTS disagree (Menze et al., IEEE TMI 2015): the edge of
+    infiltrative oedema, the most; non-enhancing tumour against oedema (the low-grade core); the edge between necrosis
+    and the enhancing rim; small enhancing foci. Amplitudes chosen so that two raters' Dice falls in Menze et al.'s
+    inter-rater range (docs/phantom.md measures it)."""
+
+    oedema_mm: float = 2.0
+    core_mm: float = 2.2
+    nonenhancing_mm: float = 2.5
+    rim_mm: float = 0.65
+    offset_mm: float = 0.5
+    #: an ET component smaller than this (template mm³) is a small focus
+    focus_mm3: float = 150.0
+    focus_seen: float = 0.6
+
+
+def _moved(rng: np.random.Generator, region: np.ndarray, amplitude: float, offset: float) -> np.ndarray:
+    """``region`` with its boundary moved outward by ``offset`` + smooth noise of SD ``amplitude`` (voxels; negative
+    inward): the set where the signed distance to the boundary (positive outside) is below that displacement."""
+    if not region.any():
+        return region
+    signed = ndimage.distance_transform_edt(~region) - ndimage.distance_transform_edt(region)
+    noise = smooth_field(rng, region.shape, 6)
+    return signed < offset + amplitude * noise / (noise.std() + 1e-6)
+
+
+def add_foci(rng: np.random.Generator, tumour: Glioma, zoom: float) -> Glioma:
+    """The hard phantom's small enhancing foci: 0-4 nodules of 1-2.5 template mm radius in the oedema near a
+    high-grade core (where its infiltration is high), labelled ET; the label map changes in place and is returned."""
+    seg = tumour.seg
+    near = (seg == 2) & (tumour.infiltration > 0.6)
+    count = int(rng.integers(0, 5)) if tumour.grade == "HGG" and near.any() else 0
+    candidates = np.argwhere(near)
+    for _ in range(count):
+        centre = candidates[rng.integers(len(candidates))]
+        radius = max(rng.uniform(1.0, 2.5) * float(zoom), 0.6)
+        ball = _ball(int(np.ceil(radius)))
+        box = _box(centre.astype(np.float32), ball.shape[0] // 2, seg.shape)
+        offsets = [slice(s.start - int(c) + ball.shape[0] // 2, s.stop - int(c) + ball.shape[0] // 2)
+                   for s, c in zip(box, centre, strict=True)]  # fmt: skip
+        local = seg[box]
+        local[ball[tuple(offsets)] & (local == 2)] = 4
+    return tumour
+
+
+def rate(rng: np.random.Generator, tumour: Glioma, mask: np.ndarray, zoom: float, raters: Raters) -> np.ndarray:
+    """One rater's label map (BraTS 2020 values) of ``tumour``: WT, TC and ET each traced with its boundary moved
+    (``Raters``), small enhancing foci labelled ET or left as what surrounds them, then nested again (ET in TC in WT)
+    inside the brain. A low-grade core is non-enhancing tumour, whose edge against oedema raters place less surely."""
+    seg = tumour.seg
+    if not seg.any():
+        return seg.copy()
+    pad = int(np.ceil(3 * max(raters.oedema_mm, raters.nonenhancing_mm) * zoom)) + 3
+    box = tuple(slice(max(i.min() - pad, 0), i.max() + pad + 1) for i in np.nonzero(seg))
+    local, inside = seg[box], mask[box]
+    wt, tc, et = local > 0, (local == 1) | (local == 4), local == 4
+    parts, n = ndimage.label(et, np.ones((3, 3, 3), bool))
+    sizes = np.bincount(parts.ravel())[1:]
+    small = np.flatnonzero(sizes < raters.focus_mm3 * zoom**3) + 1
+    unseen = np.isin(parts, small[rng.random(len(small)) >= raters.focus_seen]) if n else np.zeros_like(et)
+    # a focus the rater takes for no enhancement is what surrounds it: oedema, or core inside the core
+    core_kept = ndimage.binary_dilation(local == 1, np.ones((3, 3, 3), bool))
+    et &= ~unseen
+    tc &= ~(unseen & ~core_kept)
+    edge_mm = raters.nonenhancing_mm if tumour.grade == "LGG" else raters.core_mm
+    scale = float(zoom)
+
+    def moved(region: np.ndarray, amplitude_mm: float) -> np.ndarray:
+        offset = rng.normal(0.0, raters.offset_mm) * scale
+        return _moved(rng, region, amplitude_mm * scale, offset) & inside
+
+    wt_r, tc_r, et_r = moved(wt, raters.oedema_mm), moved(tc, edge_mm), moved(et, raters.rim_mm)
+    tc_r &= wt_r
+    et_r &= tc_r
+    out = seg.copy()
+    out[box] = np.where(et_r, 4, np.where(tc_r, 1, np.where(wt_r, 2, 0))).astype(np.uint8)
+    return out

@@ -31,8 +31,11 @@ from brats_fl.data import layout
 from brats_fl.data.glioma import (
     LGG_SHARE,
     Glioma,
+    Raters,
+    add_foci,
     annotate,
     grow,
+    rate,
     resect,
     smooth_field,
     thick_labels,
@@ -80,6 +83,19 @@ _TISSUE = {
     "cyst": (0.15, 0.16, 1.45, 0.20),  # fluid, like CSF
     "cavity": (0.25, 0.27, 1.25, 0.12),  # a resection cavity fills with fluid like CSF
 }
+#: The hard phantom's non-enhancing tumour: this share of the way from its own intensities to oedema's, so that its
+#: edge against oedema shows as faintly as on BraTS's T2 and FLAIR (our choice)
+NONENHANCING_TO_OEDEMA = 0.75
+_HARD_TISSUE = _TISSUE | {
+    "nonenhancing": tuple(
+        n + NONENHANCING_TO_OEDEMA * (o - n) for n, o in zip(_TISSUE["nonenhancing"], _TISSUE["oedema"], strict=True)
+    )
+}
+#: The hard phantom's partial volume: a Gaussian blur of this SD (voxels) before the scanner, as a voxel averages
+#: the tissues it straddles; and its residual bias field per modality (after BraTS's N4 correction, each contrast keeps
+#: a little of its own): exp(this x smooth noise). Our choices.
+PARTIAL_VOLUME_SD = 0.8
+RESIDUAL_BIAS = 0.2
 #: Share of a post-treatment (2024-gli-post) phantom's cases with a resection cavity; our choice: most
 #: post-treatment gliomas were resected, some only biopsied or irradiated (no published share used).
 CAVITY_SHARE = 0.75
@@ -179,13 +195,18 @@ def _anatomy(
 
 
 def _synthesise(
-    rng: np.random.Generator, anatomy: dict[str, np.ndarray], tumour: Glioma, cavity: np.ndarray
+    rng: np.random.Generator,
+    anatomy: dict[str, np.ndarray],
+    tumour: Glioma,
+    cavity: np.ndarray,
+    tissue: dict[str, tuple[float, ...]] = _TISSUE,
 ) -> np.ndarray:
     """Ideal (scanner-free) intensities of the four modalities, (4, X, Y, Z).
 
     Oedema mixes with the tissue it infiltrates, more so near the core; every tumour region gets its own texture
     (heterogeneous enhancement, necrosis, cysts, a resection ``cavity``'s fluid); one anatomical texture is shared by
-    the four modalities.
+    the four modalities. ``tissue``: each tissue's mean intensities (the hard phantom's non-enhancing tumour is
+    fainter).
     """
     seg = tumour.seg
     shape = seg.shape
@@ -198,13 +219,13 @@ def _synthesise(
     weight = 0.55 + 0.4 * tumour.infiltration[box][oedema]
     images = np.empty((len(MODALITIES), *shape), np.float32)
     for m in range(len(MODALITIES)):
-        img = sum(anatomy[t] * _TISSUE[t][m] for t in ("csf", "gm", "wm"))
+        img = sum(anatomy[t] * tissue[t][m] for t in ("csf", "gm", "wm"))
         region = img[box]
-        region[oedema] = (1 - weight) * region[oedema] + weight * _TISSUE["oedema"][m]
-        region[local == 1] = _TISSUE[core_tissue][m]
-        region[tumour.cyst[box]] = _TISSUE["cyst"][m]
-        region[local == 4] = _TISSUE["enhancing"][m]
-        region[cavity[box]] = _TISSUE["cavity"][m]
+        region[oedema] = (1 - weight) * region[oedema] + weight * tissue["oedema"][m]
+        region[local == 1] = tissue[core_tissue][m]
+        region[tumour.cyst[box]] = tissue["cyst"][m]
+        region[local == 4] = tissue["enhancing"][m]
+        region[cavity[box]] = tissue["cavity"][m]
         region[local > 0] *= heterogeneity[local > 0]
         images[m] = img * texture
     return images * anatomy["mask"]
@@ -225,6 +246,22 @@ def _scanner(rng: np.random.Generator, images: np.ndarray, mask: np.ndarray, pro
     noise = rng.standard_normal((2, *out.shape), dtype=np.float32) * sigma
     out = np.sqrt((out + noise[0]) ** 2 + noise[1] ** 2)  # Rician, as MRI magnitude noise is
     return out * mask[None]
+
+
+def _harder(rng: np.random.Generator, ideal: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The hard phantom's images before the scanner: partial volume at every edge, and a residual bias field of
+    each modality's own."""
+    blurred = ndimage.gaussian_filter(ideal, sigma=(0, *[PARTIAL_VOLUME_SD] * 3))
+    bias = np.stack([np.exp(RESIDUAL_BIAS * smooth_field(rng, mask.shape, 3)) for _ in range(len(ideal))])
+    return (blurred * bias * mask[None]).astype(np.float32)
+
+
+def rater_file(seg_file: Path, rater: int) -> Path:
+    """Where rater ``rater`` (2, 3, ...) of a hard phantom's case keeps their annotation: beside the case's label file
+    (rater 1's), under a name no BraTS layout reads as a case file."""
+    name = seg_file.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else seg_file.stem
+    return seg_file.with_name(f"{stem}_rater{rater}.nii.gz")
 
 
 def _cavity_share(labels: Convention, name: str, share: float | None) -> float:
@@ -259,9 +296,18 @@ def generate_cases(
     shape: tuple[int, int, int] = (240, 240, 155),
     release: str = "2020",
     cavity_share: float | None = None,
+    hard: bool = False,
+    raters: int = 1,
 ) -> list[dict]:
     """Write one case per entry of ``knobs`` (case i uses ``knobs[i]``), named and labelled as ``release``
     (one of ``PHANTOM_RELEASES``); returns their metadata.
+
+    ``hard`` makes the phantom hard for the reasons BraTS is (docs/phantom.md): each case's labels are one rater's
+    tracing (``glioma.rate``: the edge of infiltrative oedema, of non-enhancing tumour, between necrosis and
+    enhancing rim, small enhancing foci seen or not), with small enhancing foci (``glioma.add_foci``), partial
+    volume, a residual bias field per modality and faint non-enhancing tumour. ``raters`` > 1 (hard only) writes
+    raters 2, 3, ... of the same cases beside each label file (``rater_file``). Off, the phantom is exactly as before:
+    the hard parts draw from random streams of their own.
 
     A release whose labels have a resection cavity (2024-gli-post) gives ``cavity_share`` of its cases one
     (default ``CAVITY_SHARE``); another release refuses a share. Deterministic in (seed, case number, shape, knobs,
@@ -283,6 +329,8 @@ def generate_cases(
         raise ValueError("need at least one case")
     if min(shape) < 24:
         raise ValueError(f"grid {shape} is too small for a brain with a tumour (at least 24 voxels per axis)")
+    if raters < 1 or (raters > 1 and not hard):
+        raise ValueError(f"raters={raters}: a hard phantom has 1 or more raters, the easy one a single exact one")
     out = Path(out)
     ids = [rel.case_format.format(i) for i in range(1, len(knobs) + 1)]
     existing = [str(out / i) for i in ids if (out / i).exists()]
@@ -295,24 +343,34 @@ def generate_cases(
         # everything works in the brain's bounding box: 2-3x fewer voxels than the grid
         anatomy, box, zoom = _anatomy(streams[0], shape)
         tumour = grow(streams[1], anatomy, zoom, knob.lgg_share, knob.size_scale)
+        if hard:
+            hard_stream = np.random.default_rng([seed, index, 5])
+            tumour = add_foci(hard_stream, tumour, zoom)
         resected = streams[4].random() < share
         cavity = resect(streams[4], tumour) if resected else np.zeros(tumour.seg.shape, bool)
-        ideal = _synthesise(streams[2], anatomy, tumour, cavity)
+        ideal = _synthesise(streams[2], anatomy, tumour, cavity, _HARD_TISSUE if hard else _TISSUE)
         mask = anatomy["mask"]
+        if hard:
+            ideal = _harder(hard_stream, ideal, mask)
         scanned = thick_slices(_scanner(streams[3], ideal, mask, by_name[knob.scanner]), knob.slice_mm) * mask
         # the annotator traces the whole lesion (the cavity as core), then the cavity within it
-        seg = np.zeros(shape, np.uint8)
-        seg[box] = annotate(thick_labels(tumour.seg, knob.slice_mm), knob.annotation_mm, mask)
-        traced = np.zeros(shape, bool)
-        traced[box] = trace_cavity(cavity, knob.slice_mm, seg[box] > 0) if resected else False
+        tracings = (
+            [rate(np.random.default_rng([seed, index, 10 + r]), tumour, mask, zoom, Raters()) for r in range(raters)]
+            if hard
+            else [tumour.seg]
+        )
+        annotations = [_annotation(t, knob, mask, box, shape, cavity if resected else None) for t in tracings]
+        seg, traced = annotations[0]
         folder = out / case_id
         folder.mkdir()
         for m, name in enumerate(MODALITIES):
             data = np.zeros(shape, np.int16)
             data[box] = np.clip(np.rint(scanned[m] * _SCALE), 0, np.iinfo(np.int16).max)
             nib.save(nib.Nifti1Image(data, _AFFINE), str(folder / rel.file_name(case_id, name)))
-        written = _write_labels(seg, traced, labels)
-        nib.save(nib.Nifti1Image(written, _AFFINE), str(folder / rel.file_name(case_id, SEG)))
+        seg_file = folder / rel.file_name(case_id, SEG)
+        nib.save(nib.Nifti1Image(_write_labels(seg, traced, labels), _AFFINE), str(seg_file))
+        for r, (other, other_traced) in enumerate(annotations[1:], start=2):
+            nib.save(nib.Nifti1Image(_write_labels(other, other_traced, labels), _AFFINE), str(rater_file(seg_file, r)))
         # the regions the labels mean: a cavity is in none
         tumorous = (seg > 0) & ~traced
         wt, tc, et = (int(np.count_nonzero(r & tumorous)) for r in (seg > 0, (seg == 1) | (seg == 4), seg == 4))
@@ -335,9 +393,28 @@ def generate_cases(
         }
         if labels.cavity is not None:
             record["rc_cm3"] = round(int(np.count_nonzero(traced)) / 1000, 3)
+        if hard:
+            record |= {"hard": True, "raters": raters}
         records.append(record)
-    _write_metadata(out, records, seed, shape, list(dict.fromkeys(knobs)), release, share)
+    _write_metadata(out, records, seed, shape, list(dict.fromkeys(knobs)), release, share, hard)
     return records
+
+
+def _annotation(
+    tracing: np.ndarray,
+    knob: SiteKnobs,
+    mask: np.ndarray,
+    box: tuple[slice, ...],
+    shape: tuple[int, int, int],
+    cavity: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A tracing of the tumour (brain box) as the site's acquisition and annotation style leave it, on the whole grid,
+    and the resection ``cavity`` (None: none) traced within it."""
+    seg = np.zeros(shape, np.uint8)
+    seg[box] = annotate(thick_labels(tracing, knob.slice_mm), knob.annotation_mm, mask)
+    traced = np.zeros(shape, bool)
+    traced[box] = trace_cavity(cavity, knob.slice_mm, seg[box] > 0) if cavity is not None else False
+    return seg, traced
 
 
 def generate_cohort(
@@ -349,6 +426,7 @@ def generate_cohort(
     profiles: Sequence[str] | None = None,
     release: str = "2020",
     cavity_share: float | None = None,
+    hard: bool = False,
 ) -> list[dict]:
     """Write ``cases`` phantom cases spread round-robin over ``sites`` scanner profiles, named and labelled as
     ``release`` (``generate_cases``); returns their metadata.
@@ -356,13 +434,14 @@ def generate_cohort(
     Site k uses ``profiles[k mod len]`` (names of ``SCANNER_PROFILES``; default all of them in order), so a
     held-out site can be given a scanner no training site has; the other knobs keep their defaults.
     Deterministic in (seed, case number, sites, shape, profiles). Refuses to overwrite an existing case folder.
+    ``hard``: the phantom as hard as BraTS (``generate_cases``).
     """
     if cases < 1 or sites < 1:
         raise ValueError(f"need at least one case and one site, got cases={cases}, sites={sites}")
     names = list(profiles) if profiles else [p.name for p in SCANNER_PROFILES]
     per_site = [SiteKnobs(f"site-{k + 1}", scanner=names[k % len(names)]) for k in range(sites)]
     knobs = [per_site[i % sites] for i in range(cases)]
-    return generate_cases(out, knobs, seed, shape, release, cavity_share)
+    return generate_cases(out, knobs, seed, shape, release, cavity_share, hard)
 
 
 COLUMNS = (
@@ -378,6 +457,7 @@ def _write_metadata(
     knobs: list[SiteKnobs],
     release: str,
     cavity_share: float,
+    hard: bool,
 ) -> None:
     """name_mapping.csv (BraTS's columns, its subject id column named by the release's year, then every knob and
     volume of the case, and the cavity's where the release labels one) and phantom.json."""
@@ -397,4 +477,6 @@ def _write_metadata(
         "profiles": list(profiles.values()),
         "cases": records,
     }
+    if hard:  # an easy phantom's file stays as it always was
+        meta["hard"] = True
     (out / "phantom.json").write_text(json.dumps(meta, indent=1) + "\n")

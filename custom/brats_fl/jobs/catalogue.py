@@ -538,7 +538,9 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
     The hypernetwork generates learnable tensors only. The running statistics of the batch-norm layers whose scale
     and shift it generates (Conv + BN) are neither generated nor averaged: they stay at their site, as in FedBN
     (personal selection ``stats``), and a resumed job's sites go on from the statistics they kept, with the optimiser
-    and sampling state they kept.
+    and sampling state they kept. Since every round brings newly generated scales and shifts, the statistics a site
+    kept belong to last round's weights: the site re-estimates them on its training data for each model it receives,
+    before it validates, trains or scores it (``recalibrate_stats``; docs/results.md, HyperSeg).
     """
     hn = params.hypernetwork
     model = params.model()
@@ -566,7 +568,7 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
     )
     # the hypernetwork makes the sites' personal layers; a resumed site goes on from its optimiser, its sampling
     # state and the statistics it keeps (``brats_fl.site.client``)
-    client = params.client_config() | {"personal": "stats" if site_stats else "none"}
+    client = params.client_config() | {"personal": "stats" if site_stats else "none", "recalibrate_stats": site_stats}
     recipe = ControllerRecipe(name, params, controller, client)
     return _with_evaluation(recipe, params, client, personalise=False)
 

@@ -179,7 +179,8 @@ PARAMS: tuple[Param, ...] = (
     Param("lr", float, None, "initial learning rate", rule="0 < lr < 1", check=lambda v: 0 < v < 1, flag="--lr",
           site="lr", unset="the recipe's (adam_dice 3e-3, nnunet 1e-2)"),
     Param("momentum", float, None, "Nesterov momentum of an SGD recipe: 0.9 as the federated nnU-Net slides, 0.99 as "
-          "nnU-Net", rule="0 < momentum < 1, with an SGD recipe", check=lambda v: 0 < v < 1, flag="--momentum",
+          "nnU-Net, 0 for plain SGD (as SCAFFOLD is derived)", rule="0 <= momentum < 1, with an SGD recipe",
+          check=lambda v: 0 <= v < 1, flag="--momentum",
           site="momentum", unset="the recipe's (nnunet 0.9)"),
     # FedAvg's paper restarts plain SGD at each round; a stateful optimiser's moments may help or mislead a site
     # whose model was just replaced by the average (docs/results.md measures both)
@@ -327,6 +328,7 @@ SITE_ONLY: dict[str, tuple[Any, str]] = {
     "threads": (None, "torch threads; default the site configuration's"),
     "ditto_lambda": (None, "Ditto's lambda; None: no personal model (brats_fl.site.algorithms)"),
     "personal_epochs": (1, "Ditto: epochs of the personal model per round"),
+    "recalibrate_stats": (False, "re-estimate batch-norm statistics on the training data for each received model"),
 }
 
 

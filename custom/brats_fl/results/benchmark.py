@@ -34,6 +34,24 @@ ALGORITHMS: tuple[str, ...] = (
     "brats_hyperseg_conv_bn_emb", "brats_fedprox", "brats_scaffold", "brats_fedadam", "brats_fedyogi",
     "brats_fedadagrad", "brats_ditto",
 )  # fmt: skip
+#: entries that run one of those jobs with settings of its own, so that a pair differs in the one thing it compares
+#: (issue 38, item 4): entry -> (job, settings over the profile's). The default rows stay: FedAvg on instance norm,
+#: SCAFFOLD with Adam, every job on the profile's recipe
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # FedAvg on FedBN's batch-norm U-Net: FedBN against it differs only in what stays at the sites
+    "brats_fedavg_bn": ("brats_fedavg", {"norm": "batch"}),
+    # SCAFFOLD as Karimireddy et al. derive it, with plain SGD at the sites: its control variates (x - y_i) / (K lr)
+    # estimate a gradient only where each step is lr times one (no momentum, no Adam). Rate 0.1: the step of the
+    # nnU-Net recipe's 1e-2 at momentum 0.9 (lr / (1 - momentum)); the recipe's loss, weight decay and poly decay
+    "brats_scaffold_sgd": ("brats_scaffold", {"recipe": "nnunet", "momentum": 0.0, "lr": 0.1}),
+    # FedAvg with that same plain SGD: what SCAFFOLD's correction is measured against
+    "brats_fedavg_sgd": ("brats_fedavg", {"recipe": "nnunet", "momentum": 0.0, "lr": 0.1}),
+    # the nnU-Net recipe (SGD with Nesterov momentum 0.9, poly rate, Dice + cross-entropy), centralised and federated
+    "brats_central_nnunet": ("brats_central", {"recipe": "nnunet"}),
+    "brats_fedavg_nnunet": ("brats_fedavg", {"recipe": "nnunet"}),
+}
+#: what a benchmark can run: the jobs, then their variants
+ENTRIES: tuple[str, ...] = (*ALGORITHMS, *VARIANTS)
 #: the references of the paired tests, and the runs every partition needs for them
 FEDAVG, CENTRAL = "brats_fedavg", "brats_central"
 BASELINES = (CENTRAL, "brats_local", FEDAVG)
@@ -65,6 +83,9 @@ class Profile:
     only: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: cores one run keeps busy (its sites train at once): sets how many runs share the machine
     cores_per_run: int = 3
+    #: the phantom as hard as BraTS: labels that vary as raters' do, partial volume, bias fields, faint non-enhancing
+    #: tumour (``brats_fl.data.phantom.generate_cases``, docs/phantom.md); off, the demo's phantom
+    hard: bool = False
 
 
 #: the page scores the model each site ends with on its own test split and nothing else, so the runs leave FLARE's
@@ -77,12 +98,13 @@ PROFILES: dict[str, Profile] = {
     # it FLARE's simulator starting five Python processes per run (docs/howto/benchmark.md)
     "smoke": Profile(
         name="smoke",
-        algorithms=ALGORITHMS,
+        algorithms=ENTRIES,
         partitions=("iid", "feature"),
         seeds=1,
         cases=24,
         shape=(48, 48, 32),
         params={**_CHEAP, "rounds": 2, "local_epochs": 3, "patch_size": (32, 32, 32), "channels": (8, 16, 32)},
+        hard=True,
     ),
     # the comparison to publish: cases on the BraTS grid (240x240x155 at 1 mm), trained at 2 mm as BraTS pipelines
     # train at lower resolution, scored on each case's own grid. 3 seeds of every algorithm on iid (no skew) and mixed
@@ -92,7 +114,7 @@ PROFILES: dict[str, Profile] = {
     # and HyperSeg make reference 001's comparison (15 runs). Half the cases are test cases: 60 pooled
     "full": Profile(
         name="full",
-        algorithms=ALGORITHMS,
+        algorithms=ENTRIES,
         partitions=PARTITIONS,
         seeds=3,
         cases=120,
@@ -107,11 +129,15 @@ PROFILES: dict[str, Profile] = {
             "channels": (16, 32, 64),
         },
         only={"quantity": (*BASELINES, "brats_fedper"), "feature": BASELINES, "label": BASELINES, "scanners": HYPERSEG},
+        hard=True,
     ),
 }
 # what the test suite runs: the smoke profile on the fewest cases a partition takes (6 per site), with the two
 # references of the paired tests, on one partition
-PROFILES["ci"] = replace(PROFILES["smoke"], name="ci", algorithms=(CENTRAL, FEDAVG), partitions=("iid",), cases=18)
+# on the demo's phantom, which generates faster
+PROFILES["ci"] = replace(
+    PROFILES["smoke"], name="ci", algorithms=(CENTRAL, FEDAVG), partitions=("iid",), cases=18, hard=False
+)
 # what the tests of ``brats-fl tune`` run (brats_fl.results.tune): the ci cohort and network, two rounds of one local
 # epoch, so that a trial's two seeds are two short runs
 PROFILES["tune-ci"] = replace(PROFILES["ci"], name="tune-ci", params={**PROFILES["ci"].params, "local_epochs": 1})
@@ -140,9 +166,9 @@ def matrix(
     seeds: int | None = None,
 ) -> list[RunSpec]:
     """The runs of ``profile``, narrowed to ``algorithms`` and ``partitions`` and to seeds 0 .. ``seeds`` - 1."""
-    unknown = sorted(set(algorithms or ()) - set(ALGORITHMS)) + sorted(set(partitions or ()) - set(PARTITIONS))
+    unknown = sorted(set(algorithms or ()) - set(ENTRIES)) + sorted(set(partitions or ()) - set(PARTITIONS))
     if unknown:
-        raise ValueError(f"unknown algorithm(s) or partition(s) {unknown}; known: {[*ALGORITHMS, *PARTITIONS]}")
+        raise ValueError(f"unknown algorithm(s) or partition(s) {unknown}; known: {[*ENTRIES, *PARTITIONS]}")
     return [
         RunSpec(p, a, s)
         for p in partitions or profile.partitions
@@ -152,16 +178,27 @@ def matrix(
     ]
 
 
+def entry_job(algorithm: str) -> str:
+    """The catalogue job a benchmark entry runs (``VARIANTS``; a job is its own entry)."""
+    return VARIANTS[algorithm][0] if algorithm in VARIANTS else algorithm
+
+
 def job_params(profile: Profile, algorithm: str, seed: int, partition: str = "iid"):
-    """The ``JobParams`` of one run: the profile's settings that ``algorithm`` uses, the partition's number of sites,
-    and the run's seed."""
+    """The ``JobParams`` of one run: the profile's settings that ``algorithm``'s job uses, then the entry's own
+    (``VARIANTS``), the partition's number of sites, and the run's seed. An entry's setting its job does not use is
+    refused."""
     from brats_fl.data.cohorts import PARTITIONS as COHORT_PARTITIONS
     from brats_fl.jobs.catalogue import USES, HyperNetParams, JobParams
     from brats_fl.jobs.params import by_name
 
-    kept = {k: v for k, v in profile.params.items() if by_name(k).uses in (None, *USES[algorithm])}
+    job = entry_job(algorithm)
+    own = VARIANTS[algorithm][1] if algorithm in VARIANTS else {}
+    unused = sorted(k for k in own if by_name(k).uses not in (None, *USES[job]))
+    if unused:
+        raise ValueError(f"benchmark entry {algorithm}: {job} does not use {unused}")
+    kept = {k: v for k, v in profile.params.items() if by_name(k).uses in (None, *USES[job])}
     sites = COHORT_PARTITIONS[partition].n_sites
-    return JobParams(**kept, sites=sites, seed=seed, hypernetwork=HyperNetParams())
+    return JobParams(**kept | own, sites=sites, seed=seed, hypernetwork=HyperNetParams())
 
 
 def prepare_partition(name: str, root: Path, profile: Profile) -> Path:
@@ -170,7 +207,9 @@ def prepare_partition(name: str, root: Path, profile: Profile) -> Path:
     from brats_fl.data.cohorts import build_partition
 
     out = Path(root).resolve() / "partitions"
-    return build_partition(name, out, profile.cases, PARTITION_SEED, profile.shape, profile.split, log=lambda _: None)
+    return build_partition(
+        name, out, profile.cases, PARTITION_SEED, profile.shape, profile.split, log=lambda _: None, hard=profile.hard
+    )
 
 
 def site_data(site_config: Path) -> dict[str, str]:
@@ -255,7 +294,7 @@ def run_summary(run_dir: Path, folder: Path, spec: RunSpec, params: Any, wall_ti
 
     summary = summarise_run(run_dir)
     run = Path(summary["run"])
-    tag = "pass_val_dice_mean" if spec.algorithm in ("brats_cyclic", "brats_swt") else "val_dice_mean"
+    tag = "pass_val_dice_mean" if entry_job(spec.algorithm) in ("brats_cyclic", "brats_swt") else "val_dice_mean"
     traffic = summary["traffic"]
     return {
         "partition": spec.partition,
@@ -298,7 +337,7 @@ def _run_one(spec: RunSpec, params: Any, site_config: Path, folder: Path, cores:
     os.dup2(fd, 2)
     os.close(fd)
     start = time.perf_counter()
-    run_dir = run_simulation(spec.algorithm, params, site_config, folder / "workspace", cores=cores)
+    run_dir = run_simulation(entry_job(spec.algorithm), params, site_config, folder / "workspace", cores=cores)
     summary = run_summary(run_dir, folder, spec, params, time.perf_counter() - start)
     summary["cost"] = run_cost(run_dir, launched, time.time())
     _write_json(folder / "summary.json", summary)
@@ -389,6 +428,8 @@ def check_profile(profile: Profile, out: Path) -> None:
     """Record the profile's data and run settings in ``DIR/profile.json``, or refuse a folder whose runs were made
     with others: its finished runs would be kept and mixed with the new ones on one page."""
     settings = {k: v for k, v in asdict(profile).items() if k in ("name", "cases", "shape", "split", "params")}
+    if profile.hard:  # a folder of runs on the demo's phantom keeps its record as it was
+        settings["hard"] = True
     settings = json.loads(json.dumps(settings))  # tuples as the file holds them: lists
     path = Path(out) / "profile.json"
     if path.is_file():

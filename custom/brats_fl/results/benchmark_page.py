@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brats_fl.results.benchmark import ALGORITHMS, CENTRAL, FEDAVG, PARTITIONS
+from brats_fl.results.benchmark import CENTRAL, ENTRIES, FEDAVG, PARTITIONS
 from brats_fl.results.report import markdown_table
 from brats_fl.results.stats import (
     ALPHA,
@@ -45,7 +45,7 @@ Block = tuple
 def load_runs(out: Path) -> list[dict]:
     """Every finished run's summary, in the order of the profiles' partitions and algorithms, then by seed."""
     runs = [json.loads(p.read_text()) for p in Path(out).glob("runs/*/*/seed*/summary.json")]
-    return sorted(runs, key=lambda r: (_rank(PARTITIONS, r["partition"]), _rank(ALGORITHMS, r["algorithm"]), r["seed"]))
+    return sorted(runs, key=lambda r: (_rank(PARTITIONS, r["partition"]), _rank(ENTRIES, r["algorithm"]), r["seed"]))
 
 
 def _rank(order: Sequence[str], name: str) -> tuple[int, str]:

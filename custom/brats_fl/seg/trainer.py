@@ -31,6 +31,7 @@ from monai.losses import DiceLoss
 from monai.transforms import Orientation, ResampleToMatch, Spacing
 from monai.utils import set_determinism
 from torch.nn.modules.loss import _Loss
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from brats_fl.data.loading import ANNOTATED, AXIS_LABELS, BRATS_ORIENTATION, train_loader
@@ -152,8 +153,10 @@ class TrainConfig:
             ),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (
-                self.momentum is None if self.optimizer == "adam" else 0 < (self.momentum or 0) < 1,
-                f"momentum must be in (0, 1) with SGD and unset with Adam, got {self.momentum} with {self.optimizer}",
+                self.momentum is None
+                if self.optimizer == "adam"
+                else self.momentum is not None and 0 <= self.momentum < 1,
+                f"momentum must be in [0, 1) with SGD and unset with Adam, got {self.momentum} with {self.optimizer}",
             ),
             (
                 len(self.patch_size) == 3 and min(self.patch_size) >= 16,
@@ -306,7 +309,8 @@ class Trainer:
                 self.model.parameters(),
                 lr=config.lr,
                 momentum=config.momentum,
-                nesterov=True,
+                # plain SGD at momentum 0 (torch refuses Nesterov without momentum)
+                nesterov=config.momentum > 0,
                 weight_decay=config.weight_decay,
             )
         # sigmoid per region: WT, TC and ET overlap, so they are three binary problems, not one softmax
@@ -329,6 +333,22 @@ class Trainer:
         its gradients underflow without it, while bfloat16 has float32's range. Starts a new loss scale."""
         self.amp_dtype = dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+
+    def recalibrate_norm(self, loader: DataLoader) -> int:
+        """Re-estimate every batch-norm layer's running statistics from scratch by one pass over ``loader``'s images
+        with the weights the model holds now (torch's ``update_bn``, which SWA runs after averaging weights); returns
+        the batches seen. Statistics estimated under other weights misnormalise in evaluation, while training, which
+        normalises each batch by itself, does not show it (HyperSeg Conv + BN, ``brats_fl.site.client``)."""
+        seen = 0
+
+        def images():
+            nonlocal seen
+            for batch in loader:
+                seen += 1
+                yield batch["image"]
+
+        update_bn(images(), self.model, device=self.device)
+        return seen
 
     def epoch_lr(self, epoch: int) -> float:
         """The rate of epoch ``epoch`` (from 0) when no one else gives one: ``lr``, poly-decayed over

@@ -1,8 +1,10 @@
 """FLARE Client API script: a thin shell around the training loop, run at every site.
 
 For each task from the server:
-- ``train``: load the global weights, validate them on the site's validation split (reported to the server
-  and to FLARE's tracking), train the configured local epochs, every one at the learning rate the task carries
+- ``train``: load the global weights (with ``recalibrate_stats``, HyperSeg Conv + BN, re-estimate the batch-norm
+  statistics for them on the training data, as before every scoring), validate them on the site's validation split
+  (reported to the server and to FLARE's tracking), train the configured local epochs, every one at the learning
+  rate the task carries
   (``brats_fl.server.schedule``; a job whose server sends none, central or local-only, decays it per epoch), record
   that rate in ``rounds.jsonl``, send the weights back with the number of training cases as the aggregation weight;
 - ``personalise`` (after training): combine the final global model with the site's personal layers,
@@ -237,6 +239,15 @@ class Site:
             raise KeyError(f"{self.name}: global model lacks shared key(s) {missing[:3]} ({len(missing)} in all)")
         self.trainer.model.load_state_dict(shared, strict=False)
 
+    def recalibrate(self) -> dict[str, int]:
+        """With ``recalibrate_stats`` (HyperSeg Conv + BN), the batch-norm running statistics re-estimated on this
+        site's training patches for the weights just loaded: the server generates the normalisation layers' scale and
+        shift afresh each round, and statistics of last round's weights would misnormalise every case in evaluation.
+        Returns what the round's record keeps (nothing without the setting)."""
+        if not self.args.recalibrate_stats:
+            return {}
+        return {"recalibrated_batches": self.trainer.recalibrate_norm(self.train)}
+
     def shared_state(self, personal: set[str]) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.trainer.model.state_dict().items() if k not in personal}
 
@@ -247,8 +258,10 @@ class Site:
         started_at = time.time()
         rnd = model.current_round or 0
         self._resume_once(rnd)
+        recalibrated = {}
         if model.params:
             self.load_global(model.params, self.personal)
+            recalibrated = self.recalibrate()
         if self.args.optimizer_state == "reset":
             self.trainer.reset_optimizer()
         # Dice and IoU only: HD95 on whole volumes cost as much as a round's training on the demo (surface distances of
@@ -257,7 +270,7 @@ class Site:
         # the round's rate from the server, for every local epoch; None: the trainer's own per-epoch schedule
         lr = (model.meta or {}).get(ROUND_LR)
         # Ditto's personal model trains first, towards the model just received
-        algorithm = {}
+        algorithm = dict(recalibrated)
         if self.ditto:
             personal_started_at = time.time()
             algorithm["ditto"] = self.ditto.round(self.train, self.trainer.model, lr)
@@ -357,6 +370,7 @@ class Site:
         if self.ditto:
             return flare.FLModel(metrics=_scalars(self._score_and_keep("personalised", 0, self.ditto.trainer)))
         self.load_global(model.params, self.personal)
+        self.recalibrate()
         federated = self._snapshot()
         epochs = self.args.finetune_epochs
         privacy: dict = {}
@@ -423,6 +437,7 @@ class Site:
         Dice and IoU alone (a validation split's curves)."""
         saved = self._snapshot()
         self.load_global(model.params, self.eval_personal)
+        self.recalibrate()
         metrics = self.trainer.evaluate(loader, distances=distances)
         self.trainer.model.load_state_dict(saved)
         return _scalars(metrics)
