@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
         release=args.release,
         cavity_share=args.cavity_share,
         hard=args.hard,
+        workers=args.workers,
     )
     rel = release(args.release)
     print(f"wrote {len(cases)} phantom cases of {rel.description} to {args.out} in {time.perf_counter() - start:.1f} s")
@@ -157,6 +159,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "docs/explanation/phantom.md)",
     )
     _hard_option(p)
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="processes writing the cases (default: one per core)"
+    )
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("cohort", help="phantom cohort + data checks + datalists + site configuration of a partition")

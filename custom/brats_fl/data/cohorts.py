@@ -169,7 +169,7 @@ def _cohort(
         log(f"{partial}: half-written cohort from an interrupted run; removing it and generating again")
         shutil.rmtree(partial)
     log(f"generating cohort {partition.cohort!r}: {cases} cases of {tuple(shape)} voxels into {root}")
-    generate_cases(partial, partition.knobs(cases), seed, tuple(shape), hard=hard)
+    generate_cases(partial, partition.knobs(cases), seed, tuple(shape), hard=hard, workers=os.cpu_count())
     (partial / "cohort.json").write_text(json.dumps(spec, indent=1) + "\n")
     partial.rename(root)
     return root
