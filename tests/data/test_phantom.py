@@ -264,3 +264,15 @@ def test_hard_phantom_has_two_raters_who_disagree_where_brats_raters_do(tmp_path
     assert meta["hard"] and meta["cases"][0]["raters"] == 2
     with pytest.raises(ValueError, match="raters=2"):
         generate_cases(tmp_path / "no", knobs, seed=1, shape=(64, 64, 48), raters=2)
+
+
+@pytest.mark.slow
+def test_cases_written_by_several_processes_are_the_same_files(tmp_path: Path, monkeypatch):
+    import brats_fl.data.phantom as phantom
+
+    monkeypatch.setattr(phantom, "PARALLEL_VOXELS", 0)
+    one = phantom.generate_cohort(tmp_path / "one", cases=3, sites=2, seed=4, shape=(48, 48, 32), workers=1)
+    two = phantom.generate_cohort(tmp_path / "two", cases=3, sites=2, seed=4, shape=(48, 48, 32), workers=2)
+    assert one == two
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files and all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
