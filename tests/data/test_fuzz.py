@@ -36,8 +36,10 @@ CASE = "BraTS20_Training_001"
 KINDS = (*MODALITIES, SEG)
 #: peak memory one example may take: the tiny case's files hold well under a MiB of voxels
 PEAK_BYTES = 64 * 2**20
-FAST = {"nifti": 60, "datalist": 80, "site": 80}
-SLOW = {"nifti": 1000, "datalist": 1000, "site": 1000}
+#: examples per test: the fast suite's few keep it under a minute, the full suite's many search further (each example
+#: of the datalist test reads a whole tiny case)
+FAST = {"nifti": 25, "datalist": 20, "site": 40}
+SLOW = {"nifti": 300, "datalist": 300, "site": 300}
 
 
 def _budget(size: str) -> dict:
