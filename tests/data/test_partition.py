@@ -165,3 +165,14 @@ def test_partial_annotations_are_recorded_per_entry_and_checked(tmp_path):
         write_datalists(tmp_path / "data", parts, tmp_path / "other", annotated={"site-9": ["WT"]})
     with pytest.raises(ValueError, match="subset"):
         write_datalists(tmp_path / "data", parts, tmp_path / "third", annotated={"site-1": ["edema"]})
+
+
+def test_partition_cli_honours_a_zero_split_and_says_what_it_means(good_cohort: Path, tmp_path: Path, capsys):
+    from brats_fl.cli.main import main
+
+    out = tmp_path / "lists"
+    assert main(["partition", str(good_cohort), "--sites", "2", "--split", "0.75", "0.25", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "site-1: train/val/test 2/1/0" in printed and "site-All: train/val/test 4/2/0" in printed
+    assert "no test split, as asked: `brats-fl run` refuses these datalists" in printed
+    assert json.loads((out / "site-2.json").read_text())["test"] == []
