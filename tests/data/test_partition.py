@@ -114,6 +114,25 @@ def test_train_val_test_split_disjoint():
     assert sorted(sum(splits.values(), [])) == cases
 
 
+@pytest.mark.parametrize(
+    ("split", "sizes"),
+    [
+        ((0.6, 0.2, 0.2), [2, 1, 1]),  # every part asked for gets a case
+        ((0.75, 0.25, 0), [3, 1, 0]),  # no test split, as asked: not 2/1/1
+        ((1, 0, 0), [4, 0, 0]),
+        ((0, 0, 1), [0, 0, 4]),  # an evaluation list: rounding never puts a case in training
+        ((0, 0.5, 0.5), [0, 2, 2]),
+    ],
+)
+def test_a_split_of_zero_stays_empty(split: tuple, sizes: list[int]):
+    for n, expected in ((4, sizes), (5, None)):
+        parts = split_site(list(range(n)), split, np.random.default_rng(0))
+        got = [len(v) for v in parts.values()]
+        assert sum(got) == n
+        assert [size == 0 for size in got] == [fraction == 0 for fraction in split]
+        assert expected is None or got == expected
+
+
 def test_datalists_relative_pooled_and_not_overwritten(tmp_path):
     cases = _cohort(tmp_path / "data")
     parts = assign_sites(cases, 3, "equal", seed=0)
@@ -146,3 +165,14 @@ def test_partial_annotations_are_recorded_per_entry_and_checked(tmp_path):
         write_datalists(tmp_path / "data", parts, tmp_path / "other", annotated={"site-9": ["WT"]})
     with pytest.raises(ValueError, match="subset"):
         write_datalists(tmp_path / "data", parts, tmp_path / "third", annotated={"site-1": ["edema"]})
+
+
+def test_partition_cli_honours_a_zero_split_and_says_what_it_means(good_cohort: Path, tmp_path: Path, capsys):
+    from brats_fl.cli.main import main
+
+    out = tmp_path / "lists"
+    assert main(["partition", str(good_cohort), "--sites", "2", "--split", "0.75", "0.25", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "site-1: train/val/test 2/1/0" in printed and "site-All: train/val/test 4/2/0" in printed
+    assert "no test split, as asked: `brats-fl run` refuses these datalists" in printed
+    assert json.loads((out / "site-2.json").read_text())["test"] == []

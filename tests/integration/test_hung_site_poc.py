@@ -6,9 +6,10 @@ over its open connection, so the server never deems site-3 dead (it stays connec
 job's own limits end the wait. Stopping the client process as well would make a dead site once the heartbeat
 timeout has passed, which ``test_deploy.py`` covers with a killed site.
 
-One POC runs three jobs in turn: FedAvg with a quorum closes its rounds without site-3, and its evaluation after
-training leaves site-3 out after ``eval_timeout``; the cyclic job skips
-site-3's visit after the pick-up timeout; FedAvg without a quorum but with a round timeout stops, naming site-3.
+One POC runs four jobs in turn: FedAvg with a quorum closes its rounds without site-3, and its evaluation after
+training, which waits as long as the round timeout, leaves site-3 out after it; the cyclic job skips
+site-3's visit after the pick-up timeout; FedAvg without a quorum but with a round timeout stops, naming site-3,
+and so does HyperSeg, whose rounds follow the same round timeout.
 Every test continues what it stopped (and ``System.stop`` stops what is left) whatever happens.
 """
 
@@ -39,7 +40,8 @@ SITES = ["site-1", "site-2", "site-3"]
 HUNG = "site-3"
 #: a round closes ROUND_WAIT s after 2 of the 3 sites have answered; without a quorum it ends after ROUND_TIMEOUT s
 ROUND_WAIT, ROUND_TIMEOUT = 3, 40
-#: a cyclic visit not picked up within PICK_UP s is skipped; the evaluation after training waits EVAL_TIMEOUT s
+#: a cyclic visit not picked up within PICK_UP s is skipped; the evaluation after training waits EVAL_TIMEOUT s, the
+#: round timeout of the job with a quorum (its rounds close sooner, ROUND_WAIT s after their second answer)
 PICK_UP, EVAL_TIMEOUT = 15, 30
 #: what the machine may add to a configured time (log lines, a busy 2-core machine)
 SLACK = 15
@@ -93,7 +95,7 @@ def _assigned(site: str) -> str:
 
 @pytest.mark.slow
 def test_fedavg_with_a_quorum_closes_its_rounds_without_the_hung_site(poc: deploy.System, tmp_path: Path):
-    job = _job(tmp_path, "brats_fedavg", min_responses=2, round_wait=ROUND_WAIT, eval_timeout=EVAL_TIMEOUT)
+    job = _job(tmp_path, "brats_fedavg", min_responses=2, round_wait=ROUND_WAIT, round_timeout=EVAL_TIMEOUT)
     with poc.session() as sess:
         job_id = sess.submit_job(str(job))
         _wait_for(poc, job_id, _assigned(HUNG))  # site-3 has its round-0 task: it trains when it stops
@@ -103,7 +105,7 @@ def test_fedavg_with_a_quorum_closes_its_rounds_without_the_hung_site(poc: deplo
             # hung, not dead: the server still counts site-3 among its connected sites
             assert HUNG in poc.connected_sites()
             # still hung at the evaluation after training, which scores the others and names site-3 after
-            # eval_timeout seconds
+            # round_timeout seconds, eval_timeout being unset
             (evaluation,) = _wait_for(poc, job_id, "scheduled task personalise")
             left_out = "no personalised test scores from ['site-3']"
             (missing,) = _wait_for(poc, job_id, left_out, timeout=EVAL_TIMEOUT + 120)
@@ -117,7 +119,7 @@ def test_fedavg_with_a_quorum_closes_its_rounds_without_the_hung_site(poc: deplo
     scores = json.loads((folder / "workspace" / PERSONALISED_FILE).read_text())
     assert sorted(scores) == ["site-1", "site-2"]
     waited = missing[0] - evaluation[0]
-    print(f"evaluation: site-3 named and left out {waited:.1f} s after it began (eval_timeout {EVAL_TIMEOUT} s)")
+    print(f"evaluation: site-3 named and left out {waited:.1f} s after it began (round_timeout {EVAL_TIMEOUT} s)")
     assert EVAL_TIMEOUT <= waited <= EVAL_TIMEOUT + SLACK
     # each round closed ROUND_WAIT s after its second answer, not later
     answers = _events(poc, job_id, "for task: name=train")
@@ -184,3 +186,25 @@ def test_fedavg_without_a_quorum_stops_naming_the_hung_site_after_its_round_time
     )
     assert ROUND_TIMEOUT <= waited <= ROUND_TIMEOUT + SLACK
     assert ended - failed <= 60 + SLACK, meta
+
+
+@pytest.mark.slow
+def test_hyperseg_stops_naming_the_hung_site_after_its_round_timeout(poc: deploy.System, tmp_path: Path):
+    """HyperSeg's rounds once waited 6 hours for a site; now as long as --round-timeout says."""
+    job = _job(tmp_path, "brats_hyperseg_conv", rounds=1, round_timeout=ROUND_TIMEOUT)
+    with poc.session() as sess:
+        job_id = sess.submit_job(str(job))
+        # one training task per site, each with its own personal layers: the first is the round's start
+        (scheduled,) = _wait_for(poc, job_id, "scheduled task train")
+        _wait_for(poc, job_id, _assigned(HUNG))
+        hung = poc.hang(HUNG, job_id)
+        try:
+            meta = sess.wait_for_job(job_id, timeout=ROUND_TIMEOUT + 300, poll_interval=1)
+        finally:
+            poc.unhang(hung)
+    assert meta["status"] == "FINISHED:EXECUTION_EXCEPTION", meta
+    why = f"round 0: no model from ['site-3'] within the round timeout of {ROUND_TIMEOUT} s"
+    ((failed, _),) = _wait_for(poc, job_id, why, timeout=10)
+    waited = failed - scheduled[0]
+    print(f"hyperseg: round 0 stopped {waited:.1f} s after it began (round_timeout {ROUND_TIMEOUT} s)")
+    assert ROUND_TIMEOUT <= waited <= ROUND_TIMEOUT + SLACK

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from brats_fl.cli.main import main
-from brats_fl.jobs.catalogue import JOBS, MEMORY_GC_ROUNDS, JobParams, build
+from brats_fl.jobs.catalogue import JOBS, MEMORY_GC_ROUNDS, STARTUP_WAITS, JobParams, build
 from brats_fl.jobs.export import export_jobs
 from brats_fl.jobs.resume import RESUME_FILE
 from brats_fl.server.fedavg import rounds_left
@@ -177,6 +177,15 @@ def test_every_job_cleans_memory_every_round_at_its_sites_and_fedavg_at_its_serv
     server = json.loads((REPO / "jobs" / "brats_fedavg" / "app" / "config" / "config_fed_server.json").read_text())
     (controller,) = [c for c in server["workflows"] if c["path"] == "brats_fl.server.fedavg.DeadlineFedAvg"]
     assert controller["args"]["memory_gc_rounds"] == MEMORY_GC_ROUNDS
+
+
+def test_every_job_tells_its_sites_flare_s_start_up_waits(tmp_path: Path):
+    """FLARE's 60 s for a site's job process to reach the server's ended jobs started at once on a busy machine
+    (issue 37); every job, whatever its recipe, gives its sites the project's wait, which FLARE reads there."""
+    assert STARTUP_WAITS["max_runner_sync_timeout"] > 60
+    for job in export_jobs(tmp_path, ["brats_fedavg", "brats_cyclic", "brats_hyperseg_conv", "brats_scaffold"]):
+        client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+        assert {k: client.get(k) for k in STARTUP_WAITS} == STARTUP_WAITS, job.name
 
 
 def test_bundled_jobs_carry_the_package_and_stay_out_of_the_repository(tmp_path: Path):

@@ -6,7 +6,16 @@ import io
 import json
 from pathlib import Path
 
-from brats_fl.results.live import LiveView, clock, error_lines, header, read_rows, site_line
+from brats_fl.results.live import (
+    LiveView,
+    clock,
+    error_lines,
+    failure_report,
+    header,
+    read_rows,
+    site_exceptions,
+    site_line,
+)
 
 START = 1_000_000.0
 
@@ -101,3 +110,55 @@ def test_error_lines_are_the_last_distinct_ones(tmp_path: Path):
     ]
     assert error_lines(log, limit=1) == ["ServerRunner - ERROR - [identity=server]: round 0 failed"]
     assert error_lines(tmp_path / "missing.log") == []
+
+
+#: a site's FLARE error log as the simulator writes it (trimmed from a real run whose site-2 had a missing file)
+_OWN = """2026-12-07 02:12:41,750 - TaskScriptRunner - ERROR - Traceback (most recent call last):
+  File "/x/brats_fl/site/client.py", line 96, in __init__
+    self.datalist = load_datalist(data.datalist, data.data_root, grid_required=self.config.spacing is None)
+                    ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/x/brats_fl/data/checks.py", line 231, in require_valid
+    raise DataError(problems)
+brats_fl.data.checks.DataError: 1 data problem(s) found; nothing was trained:
+/data/nowhere/BraTS20_Training_999_t1ce.nii.gz: missing t1ce file
+
+2026-12-07 02:12:41,751 - TaskScriptRunner - ERROR - fire abort event
+2026-12-07 02:12:41,754 - InProcessClientAPI - ERROR - 'client.py' is aborted, Traceback (most recent call last):
+  File "/x/brats_fl/data/checks.py", line 231, in require_valid
+    raise DataError(problems)
+brats_fl.data.checks.DataError: 1 data problem(s) found; nothing was trained:
+"""
+#: what the other sites raise once the job is aborted
+_ABORTED = """2026-12-07 02:12:43,073 - InProcessClientAPI - ERROR - ask to abort job: reason: 'train' is aborted
+2026-12-07 02:12:46,245 - TaskScriptRunner - ERROR - Traceback (most recent call last):
+  File "/x/nvflare/client/in_process/api.py", line 334, in __continue_job
+    raise RuntimeError(f"request to abort the job for reason {self.abort_reason}")
+RuntimeError: request to abort the job for reason 'train' is aborted, abort_signal_triggered
+"""
+
+
+def test_a_failed_site_s_own_exception_comes_before_flare_s_generic_errors(tmp_path: Path):
+    run = tmp_path / "brats_fedavg"
+    for site, text in {"site-1": _ABORTED, "site-2": _OWN, "site-3": _ABORTED, "server": _OWN}.items():
+        (run / site).mkdir(parents=True)
+        (run / site / "error_log.txt").write_text(text)
+    log = tmp_path / "sim.log"
+    log.write_text(
+        "2026-12-07 02:12:42,000 - ERROR - shareable data is not a valid DXO\n"
+        "2026-12-07 02:12:42,001 - ERROR - Result from site-2 is bad. Cannot reach min_responses\n"
+    )
+    own = ["brats_fl.data.checks.DataError: 1 data problem(s) found; nothing was trained:",
+           "/data/nowhere/BraTS20_Training_999_t1ce.nii.gz: missing t1ce file"]  # fmt: skip
+    assert site_exceptions(run) == [("site-2", run / "site-2" / "error_log.txt", own)]
+    assert failure_report("brats_fedavg", run, log) == [
+        f"brats_fedavg failed at site-2 ({run / 'site-2' / 'error_log.txt'}):",
+        *(f"  {line}" for line in own),
+        "then the last errors in FLARE's log:",
+        "  ERROR - shareable data is not a valid DXO",
+        "  ERROR - Result from site-2 is bad. Cannot reach min_responses",
+        f"FLARE's log: {log}",
+    ]
+    # a long exception is cut, saying where the rest is
+    (run / "site-2" / "error_log.txt").write_text(_OWN.replace("missing t1ce file", "missing\n" * 30))
+    ((_, _, text),) = site_exceptions(run, limit=5)
+    assert len(text) == 6 and text[-1] == f"... 26 more line(s) in {run / 'site-2' / 'error_log.txt'}"

@@ -27,19 +27,44 @@ def test_straggler_parameters_are_range_checked(changes: dict):
         JobParams(**changes)
 
 
-@pytest.mark.parametrize("job", ["brats_cyclic", "brats_hyperseg_conv"])
-@pytest.mark.parametrize("key", ["min_responses", "round_timeout"])
+@pytest.mark.parametrize(
+    ("job", "key"),
+    [("brats_cyclic", "min_responses"), ("brats_cyclic", "round_timeout"), ("brats_hyperseg_conv", "min_responses")],
+)
 def test_jobs_with_their_own_controller_refuse_min_responses(job: str, key: str):
     with pytest.raises(ValueError, match=f"runs its own controller; {key} is for the FedAvg-based jobs"):
         build(job, JobParams(**{key: 2}))
 
 
-@pytest.mark.parametrize("job", ["brats_fedavg", "brats_fedadam", "brats_segviz_fedbn"])
-def test_a_round_timeout_reaches_the_controller_as_its_task_timeout(job: str, tmp_path: Path):
-    (folder,) = export_jobs(tmp_path, [job], JobParams(round_timeout=90))
+def _waits(folder: Path) -> dict[str, int]:
+    """Every time limit in an exported job's server configuration, by component class and argument."""
     config = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
-    # one workflow, the training controller, ends its rounds after 90 s
-    assert [w["args"]["round_timeout"] for w in config["workflows"] if "round_timeout" in w["args"]] == [90]
+    parts = config["workflows"] + config["components"]
+    return {
+        f"{c['path'].rsplit('.', 1)[-1]}.{k}": v for c in parts for k, v in c.get("args", {}).items() if "timeout" in k
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "training", "evaluation"),
+    [({}, 0, 0), ({"round_timeout": 90}, 90, 90), ({"round_timeout": 90, "eval_timeout": 30}, 90, 30)],
+)
+def test_hyperseg_and_the_evaluation_wait_as_long_as_the_round_timeout_says(tmp_path, settings, training, evaluation):
+    """No fixed wait of hours: HyperSeg's rounds and the evaluation after training wait what the user set (0: FLARE's
+    no limit, as a FedAvg round without --round-timeout; the export leaves out an argument at our classes' default,
+    0, but writes FLARE's CrossSiteModelEval's, whose defaults are 600 and 6000 s)."""
+    params = JobParams(cross_site="all", **settings)
+    hyperseg, fedavg = export_jobs(tmp_path, ["brats_hyperseg_conv", "brats_fedavg"], params)
+    ours = ["HyperSegController.round_timeout", "HyperSegController.eval_timeout", "DeadlineFedAvg.round_timeout"]
+    waits = dict.fromkeys([*ours, "PersonalisedEvaluation.timeout"], 0) | _waits(hyperseg) | _waits(fedavg)
+    assert waits == {
+        "HyperSegController.round_timeout": training,
+        "HyperSegController.eval_timeout": evaluation,
+        "DeadlineFedAvg.round_timeout": training,
+        "PersonalisedEvaluation.timeout": evaluation,
+        "CrossSiteModelEval.submit_model_timeout": evaluation,
+        "CrossSiteModelEval.validation_timeout": evaluation,
+    }
 
 
 def test_segviz_rounds_take_the_deadline_too(tmp_path: Path):

@@ -50,7 +50,7 @@ def test_unknown_site_is_named_with_the_sites_there_are(tmp_path: Path, monkeypa
 @pytest.fixture
 def site_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A valid configuration (data root, datalists of site-1 and site-All) named by the environment."""
-    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "case").mkdir(parents=True)
     (tmp_path / "lists").mkdir()
     for name in ("site-1", "site-All"):
         (tmp_path / "lists" / f"{name}.json").write_text("{}")
@@ -88,6 +88,29 @@ def test_bad_site_configuration_is_refused_naming_it(site_config: Path, doc, err
     assert str(err.value).startswith(f"{site_config}: ") and message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"data_root": "dat"}, "data_root {tmp}/dat of site-1 is not a folder; {tmp}, the nearest folder that exists, "
+         "holds ['config.json', 'data', 'empty', 'lists']"),
+        ({"data_root": "empty"}, "data_root {tmp}/empty of site-1 is empty"),
+        ({"datalist_dir": "list/equal"}, "datalist_dir {tmp}/list/equal of site-1 is not a folder; {tmp}, the nearest "
+         "folder that exists, holds ['config.json', 'data', 'empty', 'lists']"),
+        ({"datalist_dir": "empty"}, "no datalist for site-1 in {tmp}/empty; it holds []"),
+        ({"datalist": "lists/site-9.json"}, "datalist {tmp}/lists/site-9.json of site-1 is not a file; {tmp}/lists, "
+         "the nearest folder that exists, holds ['site-1.json', 'site-All.json']"),
+    ],
+)  # fmt: skip
+def test_missing_or_empty_data_names_the_site_the_path_and_what_is_there(site_config: Path, settings: dict, message):
+    (site_config.parent / "empty").mkdir()
+    # a site's own datalist file replaces the folder of datalists
+    where = {} if "datalist" in settings else {"datalist_dir": "lists"}
+    site_config.write_text(json.dumps({"data_root": "data"} | where | settings))
+    with pytest.raises(FileNotFoundError) as err:
+        resolve("site-1")
+    assert str(err.value) == f"{site_config}: " + message.format(tmp=site_config.parent)
+
+
 def test_unreadable_site_configuration_is_named(site_config: Path):
     site_config.write_bytes(b"{\x80")
     with pytest.raises(SiteConfigError, match="site configuration not UTF-8 text") as err:
@@ -109,3 +132,53 @@ def test_bad_thread_count_in_the_environment_is_named(site_config: Path, monkeyp
         resolve("site-1")
     monkeypatch.setenv(THREADS_VAR, "3")
     assert resolve("site-1").threads == 3
+
+
+def _partition(root: Path, out: Path, split: tuple[float, float, float], sites: int = 2) -> Path:
+    """Datalists of ``root``'s cases over ``sites`` sites, and a site configuration pointing at them."""
+    from brats_fl.data.layout import find_cases
+    from brats_fl.data.partition import assign_sites, write_datalists
+
+    write_datalists(root, assign_sites(find_cases(root), sites, "equal"), out / "lists", split=split)
+    config = out / "config.json"
+    config.write_text(json.dumps({"data_root": str(root), "datalist_dir": str(out / "lists")}))
+    return config
+
+
+def test_a_datalist_without_a_split_the_job_scores_is_refused_naming_the_job(good_cohort: Path, tmp_path: Path):
+    from brats_fl.jobs.simulate import check_site_data
+
+    config = _partition(good_cohort, tmp_path, (0.75, 0.25, 0))
+    with pytest.raises(ValueError) as err:
+        check_site_data("brats_fedavg", ["site-1", "site-2"], config, tmp_path / "ws")
+    assert str(err.value).startswith(
+        "brats_fedavg scores each site's validation split every round and its test split after training, but "
+        f"site-1's datalist {tmp_path / 'lists' / 'site-1.json'} has no test case (train/val/test 2/1/0)"
+    )
+    # the pooled job reads site-All alone, which every partition writes
+    (tmp_path / "lists" / "site-1.json").unlink()
+    check_site_data("brats_fedavg", [], config, tmp_path / "ws")
+    with pytest.raises(ValueError, match="brats_central .* site-1's datalist .*site-All.json has no test case"):
+        check_site_data("brats_central", ["site-1"], config, tmp_path / "ws")
+    good = _partition(good_cohort, tmp_path / "good", (0.4, 0.3, 0.3))
+    check_site_data("brats_fedavg", ["site-1", "site-2"], good, tmp_path / "ws")
+
+
+@pytest.mark.parametrize("problem", ["empty datalist folder", "no test split"])
+def test_run_refuses_bad_site_data_before_flare_starts(good_cohort: Path, tmp_path: Path, problem: str, capsys):
+    """The issue's new user: a site configuration pointing at an empty datalist folder started FLARE's simulator and
+    left the cause in a site's log. Now nothing starts: no workspace is made."""
+    config = _partition(good_cohort, tmp_path, (0.75, 0.25, 0) if problem == "no test split" else (0.6, 0.2, 0.2))
+    if problem == "empty datalist folder":
+        (tmp_path / "lists3").mkdir()
+        config.write_text(json.dumps({"data_root": str(good_cohort), "datalist_dir": str(tmp_path / "lists3")}))
+    workspace = tmp_path / "ws"
+    argv = ["run", "brats_fedavg", "--rounds", "1", "--site-config", str(config), "--workspace", str(workspace)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    expected = {
+        "empty datalist folder": f"{config}: no datalist for site-1 in {tmp_path / 'lists3'}; it holds []",
+        "no test split": f"site-1's datalist {tmp_path / 'lists' / 'site-1.json'} has no test case",
+    }[problem]
+    assert expected in err
+    assert not workspace.exists()

@@ -78,6 +78,13 @@ def _cmd_partition(args: argparse.Namespace) -> None:
         doc = json.loads(path.read_text())
         sizes = "/".join(str(len(doc[s])) for s in ("training", "validation", "test"))
         print(f"{name}: train/val/test {sizes} -> {path}")
+    empty = [s for s, fraction in zip(("validation", "test"), args.split[1:], strict=True) if not fraction]
+    if empty:
+        # honoured as asked (brats_fl.data.partition.split_site); say where that stops a run, not at the run alone
+        print(
+            f"no {' and no '.join(empty)} split, as asked: `brats-fl run` refuses these datalists, since every job "
+            "scores each site's validation split every round and its test split after training"
+        )
 
 
 def _site_regions(text: str) -> tuple[str, list[str]]:

@@ -154,14 +154,17 @@ def check_split(split: Sequence[float]) -> None:
 
 
 def split_site(cases: Sequence[Case], split: Sequence[float], rng: np.random.Generator) -> dict[str, list[Case]]:
-    """Split one site's cases into training / validation / test; each gets a case when there are three."""
+    """Split one site's cases into training / validation / test. A part of fraction 0 stays empty, as asked; every
+    other part gets a case when there are enough to go round (a site of 4 cases split 0.6 0.2 0.2 is 2/1/1)."""
     check_split(split)
     order = [cases[i] for i in rng.permutation(len(cases))]
     n = len(order)
-    counts = np.floor(np.asarray(split) / np.sum(split) * n).astype(int)
-    if n >= 3:
-        counts = np.maximum(counts, 1)
-    counts[0] = n - counts[1:].sum()
+    fractions = np.asarray(split, dtype=float)
+    counts = np.floor(fractions / np.sum(fractions) * n).astype(int)
+    if n >= np.count_nonzero(fractions):
+        counts = np.where(fractions > 0, np.maximum(counts, 1), 0)
+    # what rounding left goes to training, or to the first part asked for where training is not (an evaluation list)
+    counts[np.flatnonzero(fractions)[0]] += n - counts.sum()
     train, val = order[: counts[0]], order[counts[0] : counts[0] + counts[1]]
     return {"training": train, "validation": val, "test": order[counts[0] + counts[1] :]}
 

@@ -35,7 +35,7 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 
 from brats_fl.drills.faults import FAULTS, FaultInjection
 from brats_fl.drills.slow import SlowSite
-from brats_fl.jobs.params import DEFAULT_NORM, HYPERNETWORK, KINDS, PARAMS, TASK_TIMEOUT, Param, by_name, unused
+from brats_fl.jobs.params import DEFAULT_NORM, HYPERNETWORK, KINDS, PARAMS, Param, by_name, unused
 from brats_fl.seg.dp import check_dp_model
 from brats_fl.seg.model import BratsUNet, check_norm
 from brats_fl.seg.trainer import TrainConfig
@@ -63,6 +63,11 @@ PACKAGE = "brats_fl"
 MEMORY_GC_ROUNDS = 1
 #: local epochs of the _ft jobs after federated training
 FINETUNE_EPOCHS = 2
+#: FLARE's start-up waits, in every job's site configuration (FLARE reads them there first): how long a site's job
+#: process tries to reach the server's job process before it gives up (FLARE's default 60 s, which seven jobs
+#: started at once on 2 busy cores exceeded). Chosen from the waits measured on a loaded machine (docs/deployment.md,
+#: "Start-up waits"); only a server job process that is slow or dead to start makes a site wait this long
+STARTUP_WAITS = {"max_runner_sync_timeout": 300.0}
 #: every task a site answers. FLARE looks a filter up by exact task name (a filter's default task "*" matches
 #: no task), so the transfer filters name them all
 TRAIN_TASK = AppConstants.TASK_TRAIN
@@ -131,8 +136,9 @@ class _Job:
     unless ``min_responses`` is set; then it closes ``round_wait`` seconds after that many sites have answered,
     with the updates that came, and the job stops if a round ends with fewer answers. ``round_timeout`` ends a round
     that many seconds after it began whoever has answered (a site whose process hangs): short of ``min_responses``
-    answers (of every site, without it) the job stops, naming the sites. ``delays`` is a drill,
-    ``{"site-3": 20}``: that site holds each training update 20 s before sending it.
+    answers (of every site, without it) the job stops, naming the sites; HyperSeg's rounds too, which need every site.
+    The evaluation after training waits ``eval_timeout`` seconds for a site, by default ``round_timeout``.
+    ``delays`` is a drill, ``{"site-3": 20}``: that site holds each training update 20 s before sending it.
     """
 
     def __post_init__(self) -> None:
@@ -414,6 +420,12 @@ def _privacy_filter(params: JobParams, model: BratsUNet) -> Filter:
     return PRIVACY[params.privacy](**args)
 
 
+def _eval_timeout(params: JobParams) -> int:
+    """Seconds the evaluation after training waits for a site: ``eval_timeout``, else the job's round timeout, else
+    no limit (FLARE's 0), as the rounds have none: never a fixed wait of hours."""
+    return params.eval_timeout or params.round_timeout or 0
+
+
 def _with_evaluation(recipe: Recipe, params: JobParams, client: dict, personalise: bool = True) -> Recipe:
     """What every job adds after training: tracking, each site's own-test scores, cross-site evaluation, and
     the run record. ``client`` is what the sites are told; ``personalise=False`` for a controller that sends each site
@@ -432,10 +444,10 @@ def _with_evaluation(recipe: Recipe, params: JobParams, client: dict, personalis
     # 2 s at every round and every evaluation task, 40 s of a 20-round demo; asking every half second costs nothing
     recipe._job._deploy_map["server"].add_params({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
     if personalise:
-        recipe._job.to_server(PersonalisedEvaluation(timeout=params.eval_timeout), id="personalised_evaluation")
+        recipe._job.to_server(PersonalisedEvaluation(timeout=_eval_timeout(params)), id="personalised_evaluation")
     mode = cross_site_mode(params.cross_site, client)
     if mode == "all":
-        timeouts = {"submit_model_timeout": params.eval_timeout, "validation_timeout": params.eval_timeout}
+        timeouts = {"submit_model_timeout": _eval_timeout(params), "validation_timeout": _eval_timeout(params)}
         add_cross_site_evaluation(recipe, **timeouts)
     elif mode == "global":
         # add_cross_site_evaluation's components (nvflare.recipe.utils), with the submit_model task left out
@@ -444,8 +456,8 @@ def _with_evaluation(recipe: Recipe, params: JobParams, client: dict, personalis
         evaluation = CrossSiteModelEval(
             model_locator_id=locator,
             submit_model_task_name="",
-            submit_model_timeout=params.eval_timeout,
-            validation_timeout=params.eval_timeout,
+            submit_model_timeout=_eval_timeout(params),
+            validation_timeout=_eval_timeout(params),
         )
         recipe._job.to_server(evaluation)
     # what the run was (configuration, seeds, versions, code, wall time), next to its results on the server
@@ -486,7 +498,8 @@ class ControllerRecipe(Recipe):
         if params.transfer != "full":
             raise ValueError(f"{name}: sites return whole models; transfer must be 'full', not {params.transfer!r}")
         if not isinstance(controller, DeadlineFedAvg):
-            for key in ("min_responses", "round_timeout"):
+            timed = isinstance(controller, HyperSegController)
+            for key in ("min_responses",) if timed else ("min_responses", "round_timeout"):
                 if getattr(params, key) is not None:
                     raise ValueError(f"{name} runs its own controller; {key} is for the FedAvg-based jobs")
         # no model selector: what a site reports is not always the score of the model the server keeps
@@ -560,7 +573,8 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
         hn_lr=hn.lr,
         warmup_rounds=hn.warmup_rounds,
         seed=params.seed,
-        timeout=TASK_TIMEOUT,
+        round_timeout=params.round_timeout or 0,
+        eval_timeout=_eval_timeout(params),
         resume_from=params.resume_from,
         norm_ratio=params.norm_ratio,
         min_good=min(params.min_good, params.sites),
@@ -793,6 +807,8 @@ USES: dict[str, frozenset[str]] = {
     "brats_scaffold": frozenset(),  # FLARE's Scaffold controller aggregates unscreened
     "brats_ditto": frozenset({"screened", "deadline", "ditto"}),
 }
+# --round-timeout bounds the rounds of every job whose server may close a round early, and HyperSeg's
+USES = {name: kinds | {"timeout"} if kinds & {"deadline", "hypernetwork"} else kinds for name, kinds in USES.items()}
 #: jobs that train at one site at a time, which may then use every core of a shared machine, and their default passes
 SEQUENTIAL = {"brats_cyclic": 2, "brats_swt": 1}
 #: jobs that train one model at one site on the pooled datalist
@@ -823,4 +839,6 @@ def build(name: str, params: JobParams | None = None) -> Recipe:
     params = params or JobParams()
     if params.dp_epsilon is not None and "dpsgd" not in USES[name]:
         raise ValueError(f"{name} does not train with DP-SGD ({KINDS['dpsgd']}); leave dp_epsilon out")
-    return JOBS[name](params)
+    recipe = JOBS[name](params)
+    recipe.add_client_config(dict(STARTUP_WAITS))
+    return recipe

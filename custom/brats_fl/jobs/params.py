@@ -26,6 +26,7 @@ KINDS = {
     "hypernetwork": "hyperseg jobs",
     "sampling": "SegViz FedAvg and FedBN",
     "deadline": "jobs whose server may close a round early",
+    "timeout": "jobs whose rounds a time limit may end (those whose server may close a round early, and HyperSeg)",
     "screened": "jobs whose server screens the sites' updates (all but brats_scaffold)",
     "fedopt": "FedAdam, FedYogi and FedAdagrad",
     "fedopt_beta2": "FedAdam and FedYogi",
@@ -154,7 +155,7 @@ def _at_least_one(name: str, help_text: str, **kw: Any) -> Param:
     return Param(name, int, kw.pop("default", None), help_text, rule=f"{name} >= 1", check=_positive, **kw)
 
 
-def _seconds(name: str, default: int, help_text: str, **kw: Any) -> Param:
+def _seconds(name: str, default: int | None, help_text: str, **kw: Any) -> Param:
     rule = f"{name} > 0 (seconds)"
     return Param(
         name, int, default, help_text, rule=rule, check=lambda v: v > 0, flag=f"--{name.replace('_', '-')}", **kw
@@ -223,9 +224,10 @@ PARAMS: tuple[Param, ...] = (
     Param("final_split", str, "test", "the split every site scores after training (its own final model, cross-site "
           "evaluation): test, or validation while tuning, when a site neither checks nor reads its test files",
           choices=FINAL_SPLITS, flag="--final-split", site="final_split"),
-    _seconds("eval_timeout", TASK_TIMEOUT, "seconds the evaluation after training (each site's own test split, "
+    # no fixed wait of hours: a hung site holds the evaluation as long as the user lets it hold a round
+    _seconds("eval_timeout", None, "seconds the evaluation after training (each site's own test split, "
              "cross-site evaluation) waits for a site's scores; a site that has not answered by then is named and "
-             "left out"),
+             "left out", unset="--round-timeout where the job has one, else none: as long as it takes"),
     Param("transfer", str, "full", "what a site sends: its full weights or the diff to the received ones",
           rule="transfer full or diff", choices=("full", "diff"), flag="--transfer"),
     _at_least_one("passes", "trips around the sites", flag="--passes", uses="sequential"),
@@ -273,7 +275,7 @@ PARAMS: tuple[Param, ...] = (
     # heartbeat keeps the site alive, so nothing else ends the round (docs/howto/deploy.md, "A hung site")
     Param("round_timeout", int, None, "seconds a round waits at most for the sites' answers; a round that ends short "
           "of --min-responses (without it: of any site) stops the job, naming the sites that did not answer",
-          rule="round_timeout >= 1 seconds", check=_positive, flag="--round-timeout", uses="deadline",
+          rule="round_timeout >= 1 seconds", check=_positive, flag="--round-timeout", uses="timeout",
           unset="none: as long as it takes"),
     Param("delays", dict, {}, "drill: {site: seconds each training update is held}", rule="delays >= 0 seconds",
           check=lambda d: min(d.values(), default=0) >= 0),

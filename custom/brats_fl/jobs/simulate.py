@@ -15,11 +15,13 @@ from pathlib import Path
 
 from nvflare.recipe import SimEnv
 
+from brats_fl.data.datalist import SPLITS, load_datalist
+from brats_fl.data.partition import POOLED_SITE, site_names
 from brats_fl.jobs import numerics
 from brats_fl.jobs.catalogue import POOLED, SEQUENTIAL, JobParams, build, planned_rounds
 from brats_fl.ops.policy import install_policy
-from brats_fl.results.live import LiveView, error_lines, read_rows
-from brats_fl.site.config import ENV_VAR, THREADS_VAR
+from brats_fl.results.live import LiveView, failure_report, read_rows
+from brats_fl.site.config import ENV_VAR, THREADS_VAR, resolve
 
 #: seconds between two looks at the sites' rows or the log
 POLL = 1.0
@@ -48,6 +50,7 @@ def run_simulation(
         raise FileNotFoundError(f"{site_config}: site configuration does not exist")
     sites = 1 if name in POOLED else params.sites
     root = Path(workspace).resolve()
+    check_site_data(name, site_names(sites), Path(site_config), root, params.final_split)
     # inherited by the simulator's site processes, which share this machine's cores
     training_at_once = 1 if name in SEQUENTIAL else sites
     threads = max(1, (cores or os.cpu_count() or 1) // training_at_once)
@@ -69,6 +72,28 @@ def run_simulation(
             else:
                 os.environ[key] = value
     return root / name
+
+
+def check_site_data(name: str, sites: list[str], site_config: Path, workspace: Path, final_split: str = "test") -> None:
+    """Refuse, before FLARE starts, a site whose data root, datalist folder or datalist is missing or empty, or whose
+    datalist lacks a split the job uses; otherwise the site would fail only after FLARE's start-up, and say why in its
+    own log alone. Each site's data is resolved by the site's own code (``brats_fl.site.config.resolve``) and its
+    datalist read as the site reads it, without the per-file data checks, which the site runs at its start."""
+    pooled = POOLED_SITE if name in POOLED else None
+    for site in sites:
+        data = resolve(site, pooled, workspace=workspace / name / site, config=site_config)
+        datalist = load_datalist(data.datalist, data.data_root, check=False)
+        # a site being tuned scores validation after training, and never opens its test split
+        used = [split for split in SPLITS if split != "test" or final_split == "test"]
+        sizes = {split: len(datalist.items(split)) for split in used}
+        empty = [split for split, size in sizes.items() if not size]
+        if empty:
+            counts = ", ".join(f"{split} {size}" for split, size in sizes.items())
+            raise ValueError(
+                f"{name} scores each site's validation split every round and its test split after training, but "
+                f"{site}'s datalist {data.datalist} has no {' and no '.join(empty)} case ({counts}); "
+                "write the partition with a share of cases in every split (brats-fl partition --split)"
+            )
 
 
 def _simulate(name: str, params: JobParams, sites: int, root: Path) -> None:
@@ -115,10 +140,7 @@ def _run_watched(name: str, params: JobParams, sites: int, root: Path, verbose: 
         _simulate(name, params, sites, root)
     except BaseException:
         _restore(saved, done, watcher, terminal)
-        errors = error_lines(log)
-        if errors:
-            print(f"\n{name} failed; the last errors in FLARE's log:", *errors, sep="\n  ", file=sys.stderr)
-        print(f"FLARE's log: {log}", file=sys.stderr)
+        print("", *failure_report(name, run_dir, log), sep="\n", file=sys.stderr)
         raise
     _restore(saved, done, watcher, terminal)
     if not verbose:

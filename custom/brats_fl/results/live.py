@@ -119,3 +119,56 @@ def error_lines(log: Path, limit: int = 20) -> list[str]:
             distinct.pop(text, None)
             distinct[text] = None
     return list(distinct)[-limit:]
+
+
+#: FLARE's per-participant log of errors in a simulated run: ``<run>/<site>/error_log.txt``
+SITE_ERROR_LOG = "error_log.txt"
+_TRACEBACK = "Traceback (most recent call last):"
+#: how FLARE's client API words what a site's script raises once the job is aborted elsewhere: a consequence
+_ABORTED = "request to abort the job"
+
+
+def _exception(record: list[str]) -> list[str]:
+    """The exception a traceback record ends with: its lines after the last indented (frame) line."""
+    frames = [i for i, line in enumerate(record) if line.startswith((" ", "\t"))]
+    return [line for line in record[frames[-1] + 1 if frames else 1 :] if line.strip()]
+
+
+def site_exceptions(run_dir: Path, limit: int = 12) -> list[tuple[str, Path, list[str]]]:
+    """Each site's own exception in a simulated run, the site that failed first first: (site, its error log, the
+    exception's lines, at most ``limit``). A site's first traceback is its own; one raised only because the job was
+    aborted elsewhere is left out, so what remains is the cause, which FLARE's own log reports only as a bad result
+    (``not a valid DXO``, ``Cannot reach min_responses``)."""
+    found: list[tuple[str, str, Path, list[str]]] = []
+    for log in sorted(run_dir.glob(f"*/{SITE_ERROR_LOG}")):
+        site = log.parent.name
+        if site == "server":
+            continue
+        records: list[list[str]] = []
+        for line in log.read_text(errors="replace").splitlines():
+            if _TIMESTAMP.match(line):
+                records.append([line])
+            elif records:
+                records[-1].append(line)
+        for record in records:
+            if _TRACEBACK not in record[0]:
+                continue
+            text = _exception(record)
+            if text and not any(_ABORTED in line for line in text):
+                if len(text) > limit:
+                    text = [*text[:limit], f"... {len(text) - limit} more line(s) in {log}"]
+                found.append((_TIMESTAMP.match(record[0]).group(0), site, log, text))
+            break
+    return [(site, log, text) for _, site, log, text in sorted(found, key=lambda f: f[0])]
+
+
+def failure_report(job: str, run_dir: Path, log: Path) -> list[str]:
+    """What ``brats-fl run`` prints when a simulated job fails: each failed site's own exception first, then the last
+    errors in FLARE's log, then where that log is."""
+    lines = []
+    for site, site_log, text in site_exceptions(run_dir):
+        lines += [f"{job} failed at {site} ({site_log}):", *(f"  {line}" for line in text)]
+    errors = error_lines(log)
+    if errors:
+        lines += [f"{'then ' if lines else ''}the last errors in FLARE's log:", *(f"  {e}" for e in errors)]
+    return [*lines, f"FLARE's log: {log}"]

@@ -17,6 +17,10 @@ with a NaN or an infinite value, a key the model does not have or leaves out, a 
 good updates, is refused, logged and recorded in ``screening.jsonl``, and left out of both steps of that round;
 a round with fewer than ``min_good`` good models stops the job, as in the FedAvg jobs.
 
+A round waits for the sites at most ``round_timeout`` seconds (the job's ``--round-timeout``; 0, unset: as long as
+it takes): a site that has not answered by then, a hung one, stops the job, named, as a FedAvg job without a quorum
+does. The final personalisation waits ``eval_timeout`` seconds, then names a silent site and keeps the others' scores.
+
 The hypernetwork and its optimiser are saved beside the global model (``hypernetwork.pt`` in the server's app
 folder) after every round, so a job started again with ``resume_from`` (that run's global model, or the copy
 ``brats-fl resume-job`` bundles with the hypernetwork into the job) continues after
@@ -127,7 +131,8 @@ class HyperSegController(ModelController):
         hn_lr: float = 1e-3,
         warmup_rounds: int = 0,
         seed: int = 0,
-        timeout: int = 0,
+        round_timeout: int = 0,
+        eval_timeout: int = 0,
         resume_from: str | None = None,
         norm_ratio: float = 10.0,
         min_good: int = 1,
@@ -154,7 +159,9 @@ class HyperSegController(ModelController):
         self.hn_lr = hn_lr
         self.warmup_rounds = warmup_rounds
         self.seed = seed
-        self.timeout = timeout
+        #: seconds a training round, and the final personalisation, wait for the sites (0: as long as it takes)
+        self.round_timeout = round_timeout
+        self.eval_timeout = eval_timeout
         self.resume_from = resume_from
         self.norm_ratio = norm_ratio
         self.min_good = min_good
@@ -182,8 +189,11 @@ class HyperSegController(ModelController):
             returned = self._train_round(model, personal, rnd)
             if self.abort_signal.triggered:
                 return
-            if not returned:
-                self.panic(f"round {rnd}: no site returned a model")
+            absent = sorted(set(self.sites) - set(returned))
+            if absent:
+                # as a FedAvg job without a quorum: a site that does not answer (a hung one) stops the job, named
+                limit = f" within the round timeout of {self.round_timeout} s" if self.round_timeout else ""
+                self.panic(f"round {rnd}: no model from {absent}{limit}; HyperSeg needs every site's, the job stops")
                 return
             returned, why = self._screen(model, personal, returned, rnd)
             if why:
@@ -222,15 +232,16 @@ class HyperSegController(ModelController):
     def _payload(self, model: FLModel, personal: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in model.params.items() if k not in personal} | personal
 
-    def _send_each(self, task_name: str, payloads: dict[str, FLModel]) -> dict[str, FLModel]:
-        """Send every site its own payload at once, and wait for all of them; returns the answers by site."""
+    def _send_each(self, task_name: str, payloads: dict[str, FLModel], timeout: int) -> dict[str, FLModel]:
+        """Send every site its own payload at once, and wait for all of them, each at most ``timeout`` seconds (0: no
+        limit); returns the answers by site."""
         answers: dict[str, FLModel] = {}
 
         def keep(result: FLModel) -> None:
             answers[result.meta["client_name"]] = result
 
         for site, payload in payloads.items():
-            self.send_model(task_name=task_name, data=payload, targets=[site], timeout=self.timeout, callback=keep)
+            self.send_model(task_name=task_name, data=payload, targets=[site], timeout=timeout, callback=keep)
         while self.get_num_standing_tasks() and not self.abort_signal.triggered:
             time.sleep(self._task_check_period)
         return answers
@@ -242,11 +253,7 @@ class HyperSegController(ModelController):
         }
         for payload in payloads.values():
             set_round_lr(payload, self.lr, self.lr_schedule, rnd, self.num_rounds)
-        returned = self._send_each("train", payloads)
-        absent = sorted(set(self.sites) - set(returned))
-        if absent:
-            self.warning(f"round {rnd}: no model from {absent}; they are left out of this round's updates")
-        return returned
+        return self._send_each("train", payloads, self.round_timeout)
 
     def _screen(
         self, model: FLModel, personal: dict, returned: dict[str, FLModel], rnd: int
@@ -316,7 +323,11 @@ class HyperSegController(ModelController):
     def _personalise(self, model: FLModel) -> None:
         """Each site's final model, its own personal tensors included, scored on its test split and kept there."""
         payloads = {site: FLModel(params=self._payload(model, self._generate(i))) for i, site in enumerate(self.sites)}
-        scores = {site: answer.metrics for site, answer in self._send_each(PERSONALISE_TASK, payloads).items()}
+        answers = self._send_each(PERSONALISE_TASK, payloads, self.eval_timeout)
+        scores = {site: answer.metrics for site, answer in answers.items()}
+        missing = sorted(set(self.sites) - set(scores))
+        if missing:
+            self.warning(f"no personalised test scores from {missing}")
         path = Path(self.get_run_dir()) / RESULTS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(sorted(scores.items())), indent=1))

@@ -123,10 +123,28 @@ def _plain_name(name: object) -> bool:
     return isinstance(name, str) and Path(name).name == name and name not in ("", "..") and "\0" not in name
 
 
-def resolve(site: str, datalist_name: str | None = None, workspace: Path | None = None) -> SiteData:
-    """Resolve ``site``'s data root and datalist; raises SiteConfigError naming the file for a bad or incomplete one
-    (FileNotFoundError for a data root or datalist that does not exist)."""
-    path = find_config(workspace)
+def _holds(folder: Path, limit: int = 8) -> str:
+    """What ``folder`` holds, for a refusal: its first entries by name, or, where it does not exist, what its nearest
+    existing parent holds, so that a mistyped path shows what is there instead."""
+    shown_folder = folder
+    while not shown_folder.is_dir() and shown_folder != shown_folder.parent:
+        shown_folder = shown_folder.parent
+    try:
+        names = sorted(p.name for p in shown_folder.iterdir()) if shown_folder.is_dir() else []
+    except OSError as err:
+        return f"{shown_folder} cannot be listed ({err.strerror})"
+    listed = names[:limit] + ([f"... {len(names) - limit} more"] if len(names) > limit else [])
+    where = "it" if shown_folder == folder else f"{shown_folder}, the nearest folder that exists,"
+    return f"{where} holds {listed}"
+
+
+def resolve(
+    site: str, datalist_name: str | None = None, workspace: Path | None = None, config: Path | None = None
+) -> SiteData:
+    """Resolve ``site``'s data root and datalist from ``config`` (default: the file the site finds, ``find_config``);
+    raises SiteConfigError naming the file for a bad or incomplete one, FileNotFoundError naming the site, the path
+    and what is there for a data root, datalist folder or datalist that is missing, and for an empty data root."""
+    path = Path(config) if config is not None else find_config(workspace)
     if datalist_name is not None and not _plain_name(datalist_name):
         # the name comes from the job, which travels to every site: it names a datalist, never a path elsewhere
         raise ValueError(f"the job's datalist {shown(datalist_name)} is not a plain datalist name (such as site-All)")
@@ -149,15 +167,26 @@ def resolve(site: str, datalist_name: str | None = None, workspace: Path | None 
 
     data_root = rel("data_root")
     if not data_root.is_dir():
-        raise FileNotFoundError(f"{path}: data_root {data_root} of {site} is not a folder")
+        raise FileNotFoundError(f"{path}: data_root {data_root} of {site} is not a folder; {_holds(data_root)}")
+    try:
+        empty = not any(data_root.iterdir())
+    except OSError as err:
+        raise FileNotFoundError(f"{path}: data_root {data_root} of {site} cannot be listed ({err.strerror})") from err
+    if empty:
+        raise FileNotFoundError(f"{path}: data_root {data_root} of {site} is empty")
     if "datalist" in values:
         datalist = rel("datalist")
-    elif "datalist_dir" in values:
-        datalist = rel("datalist_dir") / f"{datalist_name or site}.json"
         if not datalist.is_file():
-            known = sorted(f.stem for f in datalist.parent.glob("*.json"))
+            raise FileNotFoundError(f"{path}: datalist {datalist} of {site} is not a file; {_holds(datalist)}")
+    elif "datalist_dir" in values:
+        folder = rel("datalist_dir")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{path}: datalist_dir {folder} of {site} is not a folder; {_holds(folder)}")
+        datalist = folder / f"{datalist_name or site}.json"
+        if not datalist.is_file():
+            known = sorted(f.stem for f in folder.glob("*.json"))
             name = datalist_name or site
-            raise FileNotFoundError(f"{path}: no datalist for {name} in {datalist.parent}; it holds {known}")
+            raise FileNotFoundError(f"{path}: no datalist for {name} in {folder}; it holds {known}")
     else:
         raise SiteConfigError(f"{path}: neither datalist nor datalist_dir for {site}")
     threads = _threads(values)
