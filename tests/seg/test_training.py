@@ -55,6 +55,18 @@ def test_training_refuses_bad_data_before_starting(tiny_phantom: Path, pooled: P
     assert not (tmp_path / "run").exists()
 
 
+def test_training_without_a_validation_split_is_refused_before_starting(
+    tiny_phantom: Path, pooled: Path, tmp_path: Path, capsys
+):
+    doc = json.loads(pooled.read_text()) | {"validation": []}
+    bare = tmp_path / "no_validation.json"
+    bare.write_text(json.dumps(doc))
+    args = ["train-central", "--data-root", str(tiny_phantom), "--datalist", str(bare), "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert "no validation case" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_datalist_entry_outside_the_root_is_refused(tiny_phantom: Path, pooled: Path, tmp_path: Path):
     doc = json.loads(pooled.read_text())
     doc["test"][0]["label"] = "../../etc/passwd"

@@ -34,9 +34,12 @@ def _cmd_train_central(args: argparse.Namespace) -> None:
 
     config = config_from_args(args, total_epochs=args.epochs)
     datalist = load_datalist(args.datalist, args.data_root, grid_required=config.spacing is None)
+    if not datalist.items("validation"):
+        raise ValueError(f"{args.datalist}: no validation case; every epoch is scored on it and the best model kept")
     trainer = Trainer(config)
     train = make_train_loader(datalist.items("training"), config)
-    val = eval_loader(datalist.items("validation"))
+    # scored every epoch at the training grid (cheap), as a site scores its rounds; the test split on its own grid
+    val = eval_loader(datalist.items("validation"), spacing=config.spacing)
     (args.out).mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(
         json.dumps({"train": config.to_dict(), "epochs": args.epochs, "datalist": str(args.datalist)}, indent=1)

@@ -85,13 +85,13 @@ def check_site_data(name: str, sites: list[str], site_config: Path, workspace: P
         datalist = load_datalist(data.datalist, data.data_root, check=False)
         # a site being tuned scores validation after training, and never opens its test split
         used = [split for split in SPLITS if split != "test" or final_split == "test"]
-        sizes = {split: len(datalist.items(split)) for split in used}
-        empty = [split for split, size in sizes.items() if not size]
+        sizes = {split: len(datalist.items(split)) for split in SPLITS}
+        empty = [split for split in used if not sizes[split]]
         if empty:
-            counts = ", ".join(f"{split} {size}" for split, size in sizes.items())
+            counts = "/".join(map(str, sizes.values()))
             raise ValueError(
                 f"{name} scores each site's validation split every round and its test split after training, but "
-                f"{site}'s datalist {data.datalist} has no {' and no '.join(empty)} case ({counts}); "
+                f"{site}'s datalist {data.datalist} has no {' and no '.join(empty)} case (train/val/test {counts}); "
                 "write the partition with a share of cases in every split (brats-fl partition --split)"
             )
 
