@@ -6,10 +6,10 @@ The official code is AGPL-licensed, so it is never a dependency of brats-fl: it 
 outside the repository, which this script calls as a separate process (``--venv``, default ``/tmp/brats-eval``, with
 ``brats-evaluation``, ``medpy``, ``connected-components-3d``, ``nibabel`` and ``pandas`` installed) on checkouts of
 ``rachitsaluja/BraTS-2023-Metrics`` and ``rachitsaluja/BraTS-2024-Metrics`` (``--official``, default
-``/tmp/brats-official``, one folder each); the 2023 code needs numpy and pandas below 2 (it calls ``DataFrame.append``
-and replaces values in a column of arrays), so it runs in a second environment (``--venv-2023``, default
-``/tmp/brats-eval-2023``, with ``numpy<1.25``, ``pandas<2``, ``scipy<1.12``, ``nibabel`` and
-``connected-components-3d``). Without them the script says so and exits 0.
+``/tmp/brats-official``, one folder each); the 2023 code needs its own pins (pandas 1.3.4: it calls
+``DataFrame.append`` and replaces values in a column of arrays, which later pandas refuse; numpy 1.24 for ``np.Inf``),
+so it runs in a second environment (``--venv-2023``, default ``/tmp/brats-eval-2023``, Python 3.10 with the
+repository's requirements.txt). Without them the script says so and exits 0.
 
 For each of the first ``--cases`` cases of a phantom cohort in the 2023 names and labels (``brats-fl phantom
 --release 2023``), it writes simple perturbed predictions of the true label map (dilated, eroded, speckled with small
@@ -179,7 +179,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/lesion_check"), help="predictions and scratch files")
     parser.add_argument("--venv", type=Path, default=Path("/tmp/brats-eval"), help="brats-evaluation, medpy")
     parser.add_argument(
-        "--venv-2023", type=Path, default=Path("/tmp/brats-eval-2023"), help="numpy and pandas below 2, for 2023's code"
+        "--venv-2023", type=Path, default=Path("/tmp/brats-eval-2023"), help="Python 3.10, 2023's requirements.txt"
     )
     parser.add_argument("--official", type=Path, default=Path("/tmp/brats-official"))
     parser.add_argument("--seed", type=int, default=0)

@@ -125,6 +125,13 @@ def test_the_rule_follows_the_release_unless_one_is_named():
 
     with pytest.raises(ValueError, match="unknown lesion rule"):
         RegionMetrics(lesion_wise=True, lesion_rule="2019")
+    import torch
+
+    case = torch.from_numpy(np.stack([_cube(_empty(), 0)] * 3)[None])
+    by_release, named = RegionMetrics(lesion_wise=True), RegionMetrics(lesion_wise=True, lesion_rule="2025")
+    by_release.update(case, case, releases=["2024-gli-post"])
+    named.update(case, case, releases=["2024-gli-post"])
+    assert (by_release.per_case()[0]["lesion_rule"], named.per_case()[0]["lesion_rule"]) == ("2024", "2025")
 
 
 def test_2024_removes_small_predicted_lesions_and_merges_nearby_ones():
