@@ -255,7 +255,7 @@ def test_hard_phantom_has_two_raters_who_disagree_where_brats_raters_do(tmp_path
         one, two, truth = (labels_to_regions(s) for s in (first, second, easy))
         agree = [2 * (one[r] & two[r]).sum() / (one[r].sum() + two[r].sum()) for r in range(3)]
         # TC, WT, ET: the same lesion, traced otherwise; the oedema's edge most (on this small grid a region's edge
-        # moves by less than a voxel in places: docs/phantom.md measures the BraTS grid)
+        # moves by less than a voxel in places: docs/explanation/phantom.md measures the BraTS grid)
         assert min(agree) > 0.5 and agree[1] < 0.99 and not np.array_equal(first, second), (case.case_id, agree)
         assert (one[0] <= one[1]).all() and (one[2] <= one[0]).all()  # ET in TC in WT
         assert 2 * (one[1] & truth[1]).sum() / (one[1].sum() + truth[1].sum()) > 0.7

@@ -1,5 +1,5 @@
-"""FedAvg at 2 mm in FLARE's simulator, with cheap evaluation, the sites' disk cache and the ET post-processing whose
-threshold each site chooses on its validation split."""
+"""FedAvg at 2 mm in FLARE's simulator, with cheap evaluation, the sites' disk cache and the post-processing whose
+volumes each site chooses on its validation split."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from brats_fl.data.labels import REGIONS
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import FINAL_GLOBAL, summarise_run
 from brats_fl.seg.inference import trained_spacing
@@ -20,7 +21,7 @@ SITES = ("site-1", "site-2", "site-3")
 def test_fedavg_at_2_mm_scores_every_site_and_evaluates_the_global_model_only(sim_data: Path, tmp_path: Path):
     config = tmp_path / "simulation.json"
     config.write_text(json.dumps(json.loads(sim_data.read_text()) | {"cache_dir": str(tmp_path / "cache")}))
-    params = tiny_params(rounds=2, local_epochs=1, spacing=2.0, cross_site="global", et_min_volume="auto")
+    params = tiny_params(rounds=2, local_epochs=1, spacing=2.0, cross_site="global", min_volume="auto")
     run = run_simulation("brats_fedavg", params, config, tmp_path / "ws")
 
     summary = summarise_run(tmp_path / "ws")
@@ -38,9 +39,10 @@ def test_fedavg_at_2_mm_scores_every_site_and_evaluates_the_global_model_only(si
         assert site_json["data"]["cache_dir"] == str(tmp_path / "cache")
         test = json.loads((record / "personalised_test.json").read_text())
         assert {c["case_id"] for c in test["per_case"]} and "hd95_WT" in test and "lesion_dice_ET" in test
-        assert test["et_min_volume"] in CANDIDATES and site_json["et_min_volume"] == {
-            "personalised": test["et_min_volume"]
-        }
+        chosen = test["min_volume"]
+        assert set(chosen["volumes"]) == set(REGIONS) and all(v in CANDIDATES for v in chosen["volumes"].values())
+        assert site_json["min_volume"] == {"personalised": chosen}
+        assert {c["lesion_rule"] for c in test["per_case"]} == {"2023"}  # the phantom's 2020-style cases
         assert trained_spacing(record / "personalised_model.pt") == 2.0
     assert trained_spacing(run / "server" / "simulate_job" / "app_server" / "FL_global_model.pt") == 2.0
     assert any((tmp_path / "cache").glob("*.pt"))

@@ -5,15 +5,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
+
+from brats_fl.jobs.params import by_name
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from brats_fl.results.benchmark import PROFILES, run_benchmark
 
+    profile = PROFILES[args.profile]
+    if args.lesion_rule is not None:  # every run scores its test cases by this rule (issue 39, item 4)
+        profile = dataclasses.replace(profile, params={**profile.params, "lesion_rule": args.lesion_rule})
     page, failed = run_benchmark(
-        PROFILES[args.profile],
+        profile,
         args.out,
         algorithms=args.algorithms,
         partitions=args.partitions,
@@ -63,12 +69,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--parallel", type=int, default=None, metavar="N", help="runs at once; default cores // cores per run, >= 1"
     )
+    by_name("lesion_rule").add_to(p, default=None)
     p.add_argument("--page-only", action="store_true", help="rebuild the page from the finished runs; run nothing")
     p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser(
         "tune",
-        help="tune one algorithm's hyperparameters on validation Dice with Optuna (docs/benchmark.md)",
+        help="tune one algorithm's hyperparameters on validation Dice with Optuna (docs/howto/tune.md)",
         description="Runs trials of the algorithm's study (the space brats_fl.jobs.space declares; 2 seeds a trial, "
         "pruned on the per-round validation Dice, never opening the test split) until the study holds --trials, "
         "counting every worker's, then writes DIR/tuned/<partition>/<algorithm>.json and .md.",

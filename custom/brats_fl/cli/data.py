@@ -136,7 +136,7 @@ def _hard_option(parser: argparse.ArgumentParser) -> None:
         "--hard",
         action="store_true",
         help="the phantom as hard as BraTS: labels vary as raters' do, partial volume, bias fields, faint "
-        "non-enhancing tumour (docs/phantom.md); default the demo's phantom",
+        "non-enhancing tumour (docs/explanation/phantom.md); default the demo's phantom",
     )
 
 

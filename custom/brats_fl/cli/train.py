@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from brats_fl.jobs.params import SITE_ONLY, by_name
+from brats_fl.jobs.params import SITE_ONLY, by_name, parse_min_volume
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +59,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from brats_fl.data.loading import eval_loader
     from brats_fl.results.report import format_table
     from brats_fl.seg.inference import load_for_inference
+    from brats_fl.seg.postprocess import choose_min_volumes
 
     trainer = load_for_inference(args.model, tuple(args.patch), args.threads)
     datalist = load_datalist(args.datalist, args.data_root, grid_required=trainer.config.spacing is None)
-    metrics = trainer.evaluate(eval_loader(datalist.items(args.split)), per_case=True, et_min_volume=args.et_min_volume)
+    volumes, notes = parse_min_volume(args.min_volume), {}
+    if volumes == "auto":  # chosen on the datalist's validation split, as a job's site chooses
+        volumes, notes = choose_min_volumes(trainer, eval_loader(datalist.items("validation")), args.lesion_rule)
+    split = eval_loader(datalist.items(args.split))
+    metrics = trainer.evaluate(
+        split, per_case=True, min_volume=None if volumes == "none" else volumes, lesion_rule=args.lesion_rule
+    )
+    if volumes != "none":
+        metrics["min_volume"] = {"volumes": volumes} | ({"notes": notes} if notes else {})
+        print(f"post-processing: components below {volumes} mm³ removed" + (f" ({notes})" if notes else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(metrics, indent=1))
@@ -72,13 +82,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from brats_fl.seg.inference import predict_case
 
+    volumes = parse_min_volume(args.min_volume)
+    if volumes == "auto":
+        raise SystemExit("predict --min-volume: auto chooses on a validation split, which predict has none of; give "
+                         "volumes (chosen by evaluate --min-volume auto or recorded in a run)")  # fmt: skip
     path = predict_case(
-        args.model, args.case, args.out, tuple(args.patch), threads=args.threads, et_min_volume=args.et_min_volume
-    )
+        args.model, args.case, args.out, tuple(args.patch), threads=args.threads,
+        min_volume=None if volumes == "none" else volumes,
+    )  # fmt: skip
     print(f"wrote {path}")
 
 
-_ET_HELP = "a predicted enhancing tumour smaller than this many mm³ becomes necrotic core (default: kept)"
 _MODEL_HELP = (
     "a saved model: a site's personalised_model.pt, a central run's, or the FL_global_model.pt of a job without "
     "personal layers, in its server app folder (brats_fl.seg.inference.untrained_layers)"
@@ -103,7 +117,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["training", "validation", "test"], default="test")
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--et-min-volume", type=float, default=None, metavar="MM3", help=_ET_HELP)
+    by_name("min_volume").add_to(p, default="none")
+    by_name("lesion_rule").add_to(p, default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -111,7 +126,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help=_MODEL_HELP)
     p.add_argument("--case", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--et-min-volume", type=float, default=None, metavar="MM3", help=_ET_HELP)
+    by_name("min_volume").add_to(p, default="none")
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_predict)

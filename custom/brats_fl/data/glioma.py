@@ -338,7 +338,7 @@ class Raters:
     with chance ``focus_seen``. Where raters of BraTS disagree (Menze et al., IEEE TMI 2015): the edge of
     infiltrative oedema, the most; non-enhancing tumour against oedema (the low-grade core); the edge between necrosis
     and the enhancing rim; small enhancing foci. Amplitudes chosen so that two raters' Dice falls in Menze et al.'s
-    inter-rater range (docs/phantom.md measures it)."""
+    inter-rater range (docs/explanation/phantom.md measures it)."""
 
     oedema_mm: float = 2.0
     core_mm: float = 2.2

@@ -305,8 +305,8 @@ def generate_cases(
     """Write one case per entry of ``knobs`` (case i uses ``knobs[i]``), named and labelled as ``release``
     (one of ``PHANTOM_RELEASES``); returns their metadata.
 
-    ``hard`` makes the phantom hard for the reasons BraTS is (docs/phantom.md): each case's labels are one rater's
-    tracing (``glioma.rate``: the edge of infiltrative oedema, of non-enhancing tumour, between necrosis and
+    ``hard`` makes the phantom hard for the reasons BraTS is (docs/explanation/phantom.md): each case's labels are one
+    rater's tracing (``glioma.rate``: the edge of infiltrative oedema, of non-enhancing tumour, between necrosis and
     enhancing rim, small enhancing foci seen or not), with small enhancing foci (``glioma.add_foci``), partial
     volume, a residual bias field per modality and faint non-enhancing tumour. ``raters`` > 1 (hard only) writes
     raters 2, 3, ... of the same cases beside each label file (``rater_file``). Off, the phantom is exactly as before:

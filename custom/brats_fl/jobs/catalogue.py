@@ -65,7 +65,7 @@ MEMORY_GC_ROUNDS = 1
 FINETUNE_EPOCHS = 2
 #: FLARE's start-up waits, in every job's site configuration (FLARE reads them there first): how long a site's job
 #: process tries to reach the server's job process before it gives up (FLARE's default 60 s, which seven jobs
-#: started at once on 2 busy cores exceeded). Chosen from the waits measured on a loaded machine (docs/deployment.md,
+#: started at once on 2 busy cores exceeded). Chosen from the waits measured on a loaded machine (docs/howto/deploy.md,
 #: "Start-up waits"); only a server job process that is slow or dead to start makes a site wait this long
 STARTUP_WAITS = {"max_runner_sync_timeout": 300.0}
 #: every task a site answers. FLARE looks a filter up by exact task name (a filter's default task "*" matches

@@ -56,6 +56,10 @@ ORDER_NAMES = ("fixed", "shuffle")
 CROSS_SITE = ("auto", "all", "global", "none")
 #: the split a site scores after training (``brats_fl.site.client.Site.final``): validation while tuning
 FINAL_SPLITS = ("test", "validation")
+#: the tumour regions (``brats_fl.data.labels.REGIONS``), which post-processing takes a volume for
+REGION_NAMES = ("TC", "WT", "ET")
+#: lesion-wise rules (``brats_fl.seg.lesions.RULES``); auto: each case's release's
+LESION_RULE_NAMES = ("auto", "2023", "2024", "2025")
 #: FLARE's default of 10 s for a task to be picked up suits toy models, not 3D training on a CPU
 TASK_TIMEOUT = 6 * 3600
 
@@ -142,13 +146,35 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _et_setting(value: Any) -> bool:
-    if value in ("none", "auto"):
-        return True
+def parse_min_volume(value: Any) -> str | dict[str, float]:
+    """The post-processing setting (``min_volume``): ``none``, ``auto``, one volume for every region (``50``) or
+    ``REGION=MM3`` pairs (``WT=100,ET=25``, the other regions 0) -> ``none``, ``auto`` or ``{region: mm³}``
+    (``brats_fl.seg.postprocess``); refuses anything else, naming the parameter."""
+    text = str(value).strip()
+    if text in ("none", "auto"):
+        return text
     try:
-        return float(value) >= 0
-    except (TypeError, ValueError):
+        if "=" in text:
+            pairs = [part.split("=", 1) for part in text.split(",")]
+            volumes = dict.fromkeys(REGION_NAMES, 0.0) | {k.strip(): float(v) for k, v in pairs}
+        else:
+            volumes = dict.fromkeys(REGION_NAMES, float(text))
+    except ValueError:
+        volumes = {}
+    if not volumes or set(volumes) - set(REGION_NAMES) or not all(v >= 0 for v in volumes.values()):
+        raise ValueError(
+            f"min_volume: need none, auto, a volume >= 0 (mm³) or REGION=MM3 pairs of {', '.join(REGION_NAMES)} "
+            f"(e.g. WT=100,ET=25), got {value!r}"
+        )
+    return volumes
+
+
+def _min_volume_setting(value: Any) -> bool:
+    try:
+        parse_min_volume(value)
+    except ValueError:
         return False
+    return True
 
 
 def _at_least_one(name: str, help_text: str, **kw: Any) -> Param:
@@ -194,10 +220,15 @@ PARAMS: tuple[Param, ...] = (
           "predictions are resampled back and scored on each case's own grid", rule="0 < spacing <= 10 (mm)",
           check=lambda v: _number(v) and 0 < v <= 10, flag="--spacing", site="spacing",
           unset="none: the files' own grid"),
-    Param("et_min_volume", str, "none", "post-processing of each site's final test scores: a predicted enhancing "
-          "tumour smaller than this many mm³ becomes necrotic core (brats_fl.seg.postprocess); auto chooses it on the "
-          "site's validation split", rule="et_min_volume none, auto or a volume >= 0 (mm³)", check=_et_setting,
-          flag="--et-min-volume", site="et_min_volume"),
+    # issue 39, item 5: generalises the ET-only threshold of issue 20 to every region's components
+    Param("min_volume", str, "none", "post-processing of each site's final test scores: predicted components "
+          "smaller than a volume per region are removed (brats_fl.seg.postprocess): auto chooses each region's on the "
+          "site's validation split; a volume (mm³) for every region, or REGION=MM3 pairs (WT=100,ET=25)",
+          rule="min_volume none, auto, a volume >= 0 (mm³) or REGION=MM3 pairs", check=_min_volume_setting,
+          flag="--min-volume", site="min_volume"),
+    Param("lesion_rule", str, "auto", "the BraTS lesion-wise rule test cases are scored by: 2023, 2024 or 2025 "
+          "(brats_fl.seg.lesions, docs/explanation/metrics.md); auto: each case's release's (2024 post-treatment data "
+          "2024, every other 2023)", choices=LESION_RULE_NAMES, flag="--lesion-rule", site="lesion_rule"),
     Param("amp", str, "auto", "mixed precision: auto is on with a GPU (bfloat16; float16 with loss scaling before "
           "Ampere) and off on a CPU; on uses bfloat16 on a CPU", choices=AMP_MODES, flag="--amp", site="amp"),
     _at_least_one("batch_size", "patches per batch", default=2, flag="--batch", site="batch"),

@@ -107,7 +107,7 @@ def _run_watched(name: str, params: JobParams, sites: int, root: Path, verbose: 
     the log) to the terminal; when it fails, show the log's errors and where the log is, then raise what it raised.
 
     In this process, not a child's: a spawned child imported torch, MONAI and FLARE a second time, about 5 s of CPU
-    of every run's fixed cost (``docs/benchmarks.md``)."""
+    of every run's fixed cost (``docs/performance.md``)."""
     run_dir = root / name
     log = root / f"{name}_simulator.log"
     log.write_bytes(b"")

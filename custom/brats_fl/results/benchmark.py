@@ -84,7 +84,7 @@ class Profile:
     #: cores one run keeps busy (its sites train at once): sets how many runs share the machine
     cores_per_run: int = 3
     #: the phantom as hard as BraTS: labels that vary as raters' do, partial volume, bias fields, faint non-enhancing
-    #: tumour (``brats_fl.data.phantom.generate_cases``, docs/phantom.md); off, the demo's phantom
+    #: tumour (``brats_fl.data.phantom.generate_cases``, docs/explanation/phantom.md); off, the demo's phantom
     hard: bool = False
 
 

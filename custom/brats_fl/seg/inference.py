@@ -28,7 +28,7 @@ from brats_fl.data.checks import require_valid
 from brats_fl.data.labels import REGIONS, regions_to_labels
 from brats_fl.data.layout import MODALITIES, read_case
 from brats_fl.data.loading import inference_transforms
-from brats_fl.seg.postprocess import drop_small_et
+from brats_fl.seg.postprocess import remove_small_components
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
 
 #: where a site keeps the model it ends with, its personal layers included (``brats_fl.site.client``)
@@ -142,10 +142,10 @@ def predict_case(
     out: Path,
     patch_size: tuple[int, int, int] = (64, 64, 64),
     threads: int | None = None,
-    et_min_volume: float | None = None,
+    min_volume: dict[str, float] | None = None,
 ) -> Path:
-    """Segment one case folder; refuses a bad case and an existing output file. ``et_min_volume`` (mm³) turns a
-    smaller predicted enhancing tumour into necrotic core (``brats_fl.seg.postprocess``)."""
+    """Segment one case folder; refuses a bad case and an existing output file. ``min_volume`` (mm³ per region)
+    removes smaller predicted components (``brats_fl.seg.postprocess``)."""
     case_dir, out = Path(case_dir), Path(out)
     if not case_dir.is_dir():
         raise FileNotFoundError(f"{case_dir}: case folder does not exist")
@@ -165,9 +165,9 @@ def predict_case(
     brain = NormalizeIntensity(nonzero=True, channel_wise=True)(SpatialCrop(roi_start=start, roi_end=end)(image))
     regions = torch.zeros((len(REGIONS), *image.shape[1:]), dtype=torch.bool)
     regions[box] = torch.sigmoid(trainer.infer_case(brain)).cpu() > 0.5
-    if et_min_volume:
+    if min_volume:
         zooms = nib.load(str(case.files[MODALITIES[0]])).header.get_zooms()[:3]
-        regions = drop_small_et(regions[None], [zooms], et_min_volume)[0]
+        regions = remove_small_components(regions[None], [zooms], min_volume)[0]
     labels = regions_to_labels(regions, case.convention)  # written as the case's release labels its files
     reference = nib.load(str(case.files[MODALITIES[0]]))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from brats_fl.jobs.params import by_name
 from brats_fl.seg.dp import DPSGD, check_dp_model
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.model import BratsUNet, build_model
-from brats_fl.seg.postprocess import drop_small_et
+from brats_fl.seg.postprocess import remove_small_components
 
 RECIPES = {
     # lr 3e-3, not the FedPer report's 1e-3: on the phantom, 1e-3 reached mean Dice 0.13 after 10 epochs
@@ -529,14 +529,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(
-        self, loader: DataLoader, per_case: bool = False, et_min_volume: float | None = None, distances: bool = True
+        self,
+        loader: DataLoader,
+        per_case: bool = False,
+        min_volume: dict[str, float] | None = None,
+        distances: bool = True,
+        lesion_rule: str = "auto",
     ) -> dict:
         """Dice, IoU, HD95 per region and their means, and the mean loss, over whole cases at the labels' own
         resolution; HD95 in mm by each label's voxel size (its affine, where the loader keeps it). ``per_case``
-        (a test split) adds each case's scores and the lesion-wise Dice and HD95 (``brats_fl.seg.metrics``).
-        ``et_min_volume`` (mm³) clears a predicted ET smaller than it before scoring (``brats_fl.seg.postprocess``).
-        Without ``distances``, Dice and IoU alone (no HD95, lesion-wise or not)."""
-        metrics = RegionMetrics(lesion_wise=per_case and distances, distances=distances)
+        (a test split) adds each case's scores and the lesion-wise Dice and HD95 by ``lesion_rule`` (``auto``: each
+        case's release's; ``brats_fl.seg.metrics``). ``min_volume`` (mm³ per region) removes smaller predicted
+        components before scoring (``brats_fl.seg.postprocess``). Without ``distances``, Dice and IoU alone (no HD95,
+        lesion-wise or not)."""
+        metrics = RegionMetrics(lesion_wise=per_case and distances, distances=distances, lesion_rule=lesion_rule)
         losses, case_ids = [], []
         for batch in loader:
             label = batch["label"]
@@ -546,12 +552,18 @@ class Trainer:
             # a region the case's site did not annotate is never scored, whatever the training mode
             losses.append(float(self.loss_fn(logits, label, batch[ANNOTATED])))
             pred = (torch.sigmoid(logits) > 0.5).float()
-            if et_min_volume:
-                pred = drop_small_et(pred, spacing, et_min_volume)
+            if min_volume:
+                pred = remove_small_components(pred, spacing, min_volume)
+            releases = batch.get("release")
             for b in range(pred.shape[0]):
                 box = tumour_box(pred[b], label[b])
-                case_spacing = [spacing[b]] if spacing else None
-                metrics.update(pred[b : b + 1][box], label[b : b + 1][box], batch[ANNOTATED][b : b + 1], case_spacing)
+                metrics.update(
+                    pred[b : b + 1][box],
+                    label[b : b + 1][box],
+                    batch[ANNOTATED][b : b + 1],
+                    spacing=[spacing[b]] if spacing else None,
+                    releases=[releases[b]] if releases else None,
+                )
             case_ids.extend(batch["case_id"])
         out: dict = {**metrics.aggregate(), "val_loss": sum(losses) / len(losses)}
         if per_case:

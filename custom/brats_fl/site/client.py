@@ -53,9 +53,9 @@ from brats_fl.data.checks import CHECKED
 from brats_fl.data.datalist import SPLITS, load_datalist
 from brats_fl.data.loading import eval_loader, load_sampling_state, sampling_state
 from brats_fl.jobs import numerics
-from brats_fl.jobs.params import site_defaults
+from brats_fl.jobs.params import parse_min_volume, site_defaults
 from brats_fl.seg.model import fingerprint, parameter_groups, save_whole, state_bytes
-from brats_fl.seg.postprocess import choose_et_min_volume
+from brats_fl.seg.postprocess import choose_min_volumes
 from brats_fl.seg.trainer import FINETUNE_SHARE, Trainer, config_from_args, make_train_loader
 from brats_fl.server.personalise import PERSONALISE_TASK, personal_keys
 from brats_fl.server.privacy import PRIVACY_META
@@ -407,11 +407,13 @@ class Site:
         """Score the site's current model (or ``trainer``'s: Ditto's personal one) on its test split (``final``, which
         the file names as its ``split``); keep scores and model as ``<name>_test.json`` and ``<name>_model.pt``."""
         trainer = trainer or self.trainer
-        threshold = self._et_threshold(trainer)
-        metrics = trainer.evaluate(self.final, per_case=True, et_min_volume=threshold)
-        if threshold is not None:
-            metrics["et_min_volume"] = threshold
-            self.record.setdefault("et_min_volume", {})[name] = threshold
+        volumes = self._min_volumes(trainer)
+        metrics = trainer.evaluate(
+            self.final, per_case=True, min_volume=volumes and volumes["volumes"], lesion_rule=self.args.lesion_rule
+        )
+        if volumes is not None:
+            metrics["min_volume"] = volumes
+            self.record.setdefault("min_volume", {})[name] = volumes
             self._write_record()
         scored = metrics | {"split": self.args.final_split}
         (self.run_dir / f"{name}_test.json").write_text(json.dumps(scored, indent=1))
@@ -419,15 +421,18 @@ class Site:
         trainer.save(self.run_dir / f"{name}_model.pt", site=self.name, finetune_epochs=epochs, finetune_lr=lr)
         return metrics
 
-    def _et_threshold(self, trainer: Trainer) -> float | None:
-        """The job's ET post-processing threshold (mm³): none, a given volume, or the candidate best on this site's
-        validation split for ``trainer``'s model (``brats_fl.seg.postprocess``)."""
-        setting = self.args.et_min_volume
+    def _min_volumes(self, trainer: Trainer) -> dict | None:
+        """The job's post-processing (``brats_fl.seg.postprocess``): None, or ``{"volumes": {region: mm³}, "chosen":
+        how}`` with volumes given or chosen on this site's validation split for ``trainer``'s model, and ``notes`` for
+        the regions the split was too small to choose for."""
+        setting = parse_min_volume(self.args.min_volume)
         if setting == "none":
             return None
-        if setting == "auto":
-            return choose_et_min_volume(trainer.evaluate(self.val, per_case=True)["per_case"])
-        return float(setting)
+        if setting != "auto":
+            return {"volumes": setting, "chosen": "given"}
+        volumes, notes = choose_min_volumes(trainer, self.val, rule=self.args.lesion_rule)
+        chosen = {"volumes": volumes, "chosen": f"on {self.name}'s validation split"}
+        return chosen | ({"notes": notes} if notes else {})
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
