@@ -136,7 +136,7 @@ def test_a_recipe_refuses_what_it_cannot_take(values: dict, message: str):
     ("values", "message"),
     [
         ({"momentum": 0.9}, "momentum is SGD's"),
-        ({"recipe": "nnunet", "momentum": 1.0}, "0 < momentum < 1"),
+        ({"recipe": "nnunet", "momentum": 1.0}, "0 <= momentum < 1"),
         ({"lr": 0.0}, "0 < lr < 1"),
         ({"finetune_lr": 1.5}, "0 < finetune_lr < 1"),
     ],
