@@ -19,6 +19,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         param.add_to(parser, default=param.default)
     by_name("lr").add_to(parser, default=None)
     by_name("momentum").add_to(parser, default=None)
+    by_name("network").add_to(parser, default=by_name("network").default)
     by_name("channels").add_to(parser, default=None)
     by_name("norm").add_to(parser, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
