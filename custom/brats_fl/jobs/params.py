@@ -44,7 +44,21 @@ OPTIMIZER_STATES = ("keep", "reset")
 #: mixed-precision settings (``brats_fl.seg.trainer.amp_dtype``)
 AMP_MODES = ("auto", "on", "off")
 #: training recipes (``brats_fl.seg.trainer.RECIPES``)
-RECIPE_NAMES = ("adam_dice", "nnunet")
+RECIPE_NAMES = ("adam_dice", "nnunet", "brats18")
+#: whole-job settings by name, under what a user sets (``brats-fl run --preset``; docs/networks.md). brats18: NVFlare's
+#: BraTS18 example (4 sites, 600 rounds of 1 local epoch, SegResNet, 224 x 224 x 144 crops, batch 1, its recipe), for
+#: a GPU and BraTS data at 1 mm
+PRESETS = {
+    "brats18": {
+        "network": "segresnet",
+        "recipe": "brats18",
+        "patch_size": (224, 224, 144),
+        "batch_size": 1,
+        "local_epochs": 1,
+        "rounds": 600,
+        "sites": 4,
+    },
+}
 #: FLARE's privacy filters a job may use (``brats_fl.transfer.filters.PRIVACY``)
 PRIVACY_NAMES = ("exclude", "percentile", "svt")
 #: FLARE's quantisation types a job may use (``brats_fl.transfer.filters.QUANTIZATION``)
@@ -178,9 +192,10 @@ PARAMS: tuple[Param, ...] = (
     Param("norm", str, None, "normalisation: batch, instance or group (of 8 channel groups)",
           rule=f"norm one of {list(NORM_NAMES)}", choices=NORM_NAMES, flag="--norm", site="norm",
           unset="the network's: instance (unet, dynunet), group (segresnet)"),
-    Param("recipe", str, "adam_dice", "training recipe: adam_dice (Adam, Dice loss, constant rate 3e-3) or nnunet "
+    Param("recipe", str, "adam_dice", "training recipe: adam_dice (Adam, Dice loss, constant rate 3e-3), nnunet "
           "(SGD with Nesterov momentum, Dice + cross-entropy, weight decay 3e-5, rate 1e-2 decayed by the server per "
-          "round, poly 0.9)", choices=RECIPE_NAMES, flag="--recipe", site="recipe"),
+          "round, poly 0.9) or brats18 (NVFlare's BraTS18 example: Adam 1e-4, weight decay 1e-5, Dice of squared "
+          "predictions, one patch per case)", choices=RECIPE_NAMES, flag="--recipe", site="recipe"),
     Param("lr", float, None, "initial learning rate", rule="0 < lr < 1", check=lambda v: 0 < v < 1, flag="--lr",
           site="lr", unset="the recipe's (adam_dice 3e-3, nnunet 1e-2)"),
     Param("momentum", float, None, "Nesterov momentum of an SGD recipe: 0.9 as the federated nnU-Net slides, 0.99 as "

@@ -61,7 +61,20 @@ RECIPES = {
         "weight_decay": 3e-5,
         "lr_schedule": "poly",
     },
+    # NVFlare's BraTS18 example (SegResNet; brats_fl.jobs.params.PRESETS["brats18"] sets the rest of its job): Adam at
+    # 1e-4 with weight decay 1e-5, MONAI's Dice loss on squared predictions, one crop per case per step
+    "brats18": {
+        "optimizer": "adam",
+        "loss": "dice_squared",
+        "lr": 1e-4,
+        "momentum": None,
+        "weight_decay": 1e-5,
+        "lr_schedule": "constant",
+        "samples_per_case": 1,
+    },
 }
+#: the losses (``RegionLoss``): Dice, Dice + cross-entropy, Dice of squared predictions in the denominator
+LOSSES = ("dice", "dice_ce", "dice_squared")
 #: the exponent of the polynomial decay (nnU-Net's and the slides')
 POLY_EXPONENT = 0.9
 #: fine-tuning's learning rate, unless set, as a share of the job's initial rate. Fine-tuning adapts a trained model
@@ -145,7 +158,7 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.optimizer in ("adam", "sgd"), f"optimizer must be adam or sgd, got {self.optimizer!r}"),
-            (self.loss in ("dice", "dice_ce"), f"loss must be dice or dice_ce, got {self.loss!r}"),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
             (
                 self.lr_schedule in ("constant", "poly"),
                 f"lr_schedule must be constant or poly, got {self.lr_schedule!r}",
@@ -240,9 +253,9 @@ class RegionLoss(_Loss):
     as MONAI's losses are, so that loss-typed helpers (FLARE's ``PTDittoHelper``) take it.
     """
 
-    def __init__(self, with_ce: bool):
+    def __init__(self, with_ce: bool, squared: bool = False):
         super().__init__()
-        self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, reduction="none")
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=squared, reduction="none")
         self.with_ce = with_ce
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
@@ -316,7 +329,7 @@ class Trainer:
                 weight_decay=config.weight_decay,
             )
         # sigmoid per region: WT, TC and ET overlap, so they are three binary problems, not one softmax
-        self.loss_fn = RegionLoss(with_ce=config.loss == "dice_ce")
+        self.loss_fn = RegionLoss(with_ce=config.loss == "dice_ce", squared=config.loss == "dice_squared")
         self.epochs_done = 0
         #: DP-SGD, set up at the first training call, which tells how many cases the site has (``_private``)
         self.dp: DPSGD | None = None
