@@ -278,7 +278,6 @@ class BratsDynUNet(BratsNet):
         return out
 
 
-
 def _drop_aliases(module: BratsDynUNet, state: dict, prefix: str, local_metadata: dict) -> None:
     for alias in module._aliases:
         state.pop(prefix + alias, None)
@@ -317,10 +316,11 @@ def model_args(
     init_seed: int | None = None,
 ) -> dict:
     """A network's ``build_model`` configuration from a job's settings: its channels per level (None: the network's
-    ``DEFAULT_CHANNELS``) and normalisation (None: the network's own); refuses what the network cannot take. The channels map onto each network thus:
-    the U-Net's ``channels`` with stride 2 between levels; SegResNet's ``init_filters``, which doubles per level, so
-    the channels must double, with 1 block at the first level, 4 at the last and 2 between (1-2-2-4 with 4 levels)
-    and 1 up per level; DynUNet's ``filters``, with deep supervision on min(3, levels - 2) levels."""
+    ``DEFAULT_CHANNELS``) and normalisation (None: the network's own); refuses what the network cannot take. The
+    channels map onto each network thus: the U-Net's ``channels`` with stride 2 between levels; SegResNet's
+    ``init_filters``, which doubles per level, so the channels must double, with 1 block at the first level, 4 at the
+    last and 2 between (1-2-2-4 with 4 levels) and 1 up per level; DynUNet's ``filters``, with deep supervision on
+    min(3, levels - 2) levels."""
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {sorted(NETWORKS)}, got {network!r}")
     channels = list(channels or DEFAULT_CHANNELS[network])
@@ -389,10 +389,11 @@ def parameter_groups(model: BratsNet, head_layers: int = 1) -> dict[str, list[st
     ``norm`` holds every normalisation key, learnable or not: scale, shift and batch norm's ``running_mean``,
     ``running_var`` and ``num_batches_tracked`` (selected by module type, since MONAI's key names carry no "bn").
     ``stats`` holds the running statistics alone (none with instance or group norm). ``head`` holds the last
-    ``head_layers`` convolutions counted from the output in the order inference runs them, with the normalisation
-    and activation parameters between them (FedPer's personal layers), and with any of them DynUNet's
-    deep-supervision outputs, which sit beside the output and whose outputs inference never uses. A multi-head model's ``head`` is its whole task block
-    (``head_layers`` is then ignored), and ``head_TC``, ``head_WT``, ``head_ET`` hold each region's head.
+    ``head_layers`` convolutions counted from the output in the order inference runs them, with the normalisation and
+    activation parameters between them (FedPer's personal layers), and with any of them DynUNet's deep-supervision
+    outputs, which sit beside the output and whose outputs inference never uses. A multi-head model's ``head`` is its
+    whole task block (``head_layers`` is then ignored), and ``head_TC``, ``head_WT``, ``head_ET`` hold each region's
+    head.
     """
     keys = set(model.state_dict())
     groups = {"norm": [k for n, m in model.named_modules() if isinstance(m, _NORM_TYPES) for k in _module_keys(m, n)]}

@@ -8,10 +8,10 @@ not enough: it filters on the server only, after the personal weights have alrea
 
 Selections, on any of the networks (``brats_fl.seg.model.parameter_groups`` selects by module type, in the order
 inference runs the layers): ``none`` (FedAvg), ``all`` (local-only baseline), ``head:N`` (FedPer: the last N
-convolutions from the output, with their normalisation; with DynUNet its deep-supervision outputs too), ``norm`` (FedBN: every normalisation key, the
-learnable scale and shift and, with batch norm, ``running_mean``, ``running_var`` and ``num_batches_tracked``),
-``stats`` (batch norm's running statistics alone, as SiloBN keeps them; what the HyperSeg Conv + BN sites keep,
-since the hypernetwork generates only learnable tensors), or a sum of these, ``head:N+norm``.
+convolutions from the output, with their normalisation; with DynUNet its deep-supervision outputs too), ``norm`` (FedBN:
+every normalisation key, the learnable scale and shift and, with batch norm, ``running_mean``, ``running_var`` and
+``num_batches_tracked``), ``stats`` (batch norm's running statistics alone, as SiloBN keeps them; what the HyperSeg Conv
++ BN sites keep, since the hypernetwork generates only learnable tensors), or a sum of these, ``head:N+norm``.
 
 ``PersonalisedEvaluation`` runs after federated training: it sends the final global model to every site,
 which combines it with its personal layers, optionally fine-tunes, and scores the result on its own

@@ -1,10 +1,10 @@
 """SegViz (Kanhere et al.): sites that annotate different regions train one multi-head model together.
 
-The model (any network of ``brats_fl.seg.model`` with ``multi_head=True``) has a representation block, aggregated over every site (FedAvg, or
-FedBN with its normalisation kept at the sites), and a task block with one head per region. A site trains and
-sends only the heads of the regions it annotates (``brats_fl.site.client``) and declares those regions; the server
-averages each head over the sites that sent it, weighted by their training cases, and a head that no annotating
-site sent in a round keeps its previous value. With one annotating site per region this is the paper's rule:
+The model (any network of ``brats_fl.seg.model`` with ``multi_head=True``) has a representation block, aggregated over
+every site (FedAvg, or FedBN with its normalisation kept at the sites), and a task block with one head per region. A
+site trains and sends only the heads of the regions it annotates (``brats_fl.site.client``) and declares those regions;
+the server averages each head over the sites that sent it, weighted by their training cases, and a head that no
+annotating site sent in a round keeps its previous value. With one annotating site per region this is the paper's rule:
 the head is copied from the site that owns the task.
 
 FLARE's FedAvg does not do this on its own, for two reasons. Its aggregation averages whatever keys a site sends,
