@@ -68,12 +68,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from brats_fl.seg.inference import predict_case
+    from brats_fl.seg.inference import input_cases, predict_case, predict_cases
 
-    path = predict_case(
-        args.model, args.case, args.out, tuple(args.patch), threads=args.threads, et_min_volume=args.et_min_volume
-    )
-    print(f"wrote {path}")
+    settings = {"threads": args.threads, "et_min_volume": args.et_min_volume, "tta": args.tta}
+    if args.case is not None:
+        if args.data_root is not None or args.split is not None:
+            raise ValueError("--data-root and --split are for --input DATALIST, not --case")
+        path = predict_case(args.model, args.case, args.out, tuple(args.patch), **settings)
+        print(f"wrote {path}")
+        return
+    cases = input_cases(args.input, args.data_root, args.split or "test")
+    written = predict_cases(args.model, cases, args.out, tuple(args.patch), **settings)
+    print(f"wrote {len(written)} label map(s) to {args.out}")
 
 
 _ET_HELP = "a predicted enhancing tumour smaller than this many mm³ becomes necrotic core (default: kept)"
@@ -105,10 +111,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="write a 0/1/2/4 label map for one case")
-    p.add_argument("--model", type=Path, required=True, help=_MODEL_HELP)
-    p.add_argument("--case", type=Path, required=True)
+    p = sub.add_parser("predict", help="write the label map of one case, or of every case of a folder or datalist")
+    p.add_argument("--model", type=Path, nargs="+", required=True, help=f"{_MODEL_HELP}; several: their ensemble")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--case", type=Path, help="one case folder; --out is then the label map's file")
+    source.add_argument(
+        "--input",
+        type=Path,
+        metavar="FOLDER_OR_DATALIST",
+        help="a folder of case folders, or a datalist (with --data-root, --split); --out is then a folder that "
+        "receives <case id>.nii.gz, each in its release's labels",
+    )
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data-root", type=Path, default=None, help="the data root of a datalist's relative paths")
+    p.add_argument("--split", choices=["training", "validation", "test"], default=None, help="a datalist's (test)")
+    p.add_argument(
+        "--tta", action="store_true", help="average over the 8 flips of the three axes (nnU-Net's mirroring)"
+    )
     p.add_argument("--et-min-volume", type=float, default=None, metavar="MM3", help=_ET_HELP)
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
     p.add_argument("--threads", type=int, default=None)
