@@ -1,4 +1,5 @@
-"""``brats-fl train-central``, ``evaluate`` and ``predict``: one model, outside FLARE (the work: ``brats_fl.seg``)."""
+"""``brats-fl train-central``, ``evaluate``, ``predict`` and ``export-bundle``: one model, outside FLARE (the work:
+``brats_fl.seg``)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} label map(s) to {args.out}")
 
 
+def _cmd_export_bundle(args: argparse.Namespace) -> None:
+    from brats_fl.seg.bundle import export_bundle
+
+    out = export_bundle(args.run, args.out, args.site)
+    print(f"wrote {out}: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} ")
+    print("  --dataset_dir CASES --output_dir OUT")
+
+
 _ET_HELP = "a predicted enhancing tumour smaller than this many mm³ becomes necrotic core (default: kept)"
 _MODEL_HELP = (
     "a saved model: a site's personalised_model.pt, a central run's, or the FL_global_model.pt of a job without "
@@ -90,7 +99,7 @@ _MODEL_HELP = (
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``train-central``, ``evaluate`` and ``predict``."""
+    """Register ``train-central``, ``evaluate``, ``predict`` and ``export-bundle``."""
     p = sub.add_parser("train-central", help="train one model on a (pooled) datalist")
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--datalist", type=Path, required=True)
@@ -132,3 +141,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export-bundle", help="write a finished run's model as a MONAI bundle")
+    p.add_argument("run", type=Path, help="a brats-fl run folder, or a train-central output folder (its best model)")
+    p.add_argument("--site", default=None, help="that site's own final model instead of the server's global model")
+    p.add_argument("--out", type=Path, required=True, help="new folder: configs/metadata.json, inference.json, models/")
+    p.set_defaults(func=_cmd_export_bundle)
