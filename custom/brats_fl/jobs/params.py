@@ -197,7 +197,7 @@ PARAMS: tuple[Param, ...] = (
           "round, poly 0.9) or brats18 (NVFlare's BraTS18 example: Adam 1e-4, weight decay 1e-5, Dice of squared "
           "predictions, one patch per case)", choices=RECIPE_NAMES, flag="--recipe", site="recipe"),
     Param("lr", float, None, "initial learning rate", rule="0 < lr < 1", check=lambda v: 0 < v < 1, flag="--lr",
-          site="lr", unset="the recipe's (adam_dice 3e-3, nnunet 1e-2)"),
+          site="lr", unset="the recipe's (adam_dice 3e-3, nnunet 1e-2, brats18 1e-4)"),
     Param("momentum", float, None, "Nesterov momentum of an SGD recipe: 0.9 as the federated nnU-Net slides, 0.99 as "
           "nnU-Net", rule="0 < momentum < 1, with an SGD recipe", check=lambda v: 0 < v < 1, flag="--momentum",
           site="momentum", unset="the recipe's (nnunet 0.9)"),
