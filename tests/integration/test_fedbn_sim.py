@@ -34,8 +34,9 @@ def test_fedbn_keeps_batch_norm_weights_and_statistics_at_each_site(sim_data: Pa
     running mean and variance, batch count) ever leaves a site in any message; each site's statistics become its
     own; the server's normalisation tensors stay the initial ones; and a site's personalised model, whose scores it
     records, is the final global model with that site's own statistics."""
-    # norm left to the job; cross-site evaluation on: the test checks its messages and scores too
-    params = tiny_params(rounds=2, local_epochs=1, lr=3e-3, audit_transfer=True, cross_site="all")
+    # norm left to the job; cross-site evaluation on: the test checks its messages and scores too; on SegResNet, whose
+    # normalisation MONAI names "norm" (the U-Net's "adn.N"): selected by module type on any network
+    params = tiny_params(network="segresnet", rounds=2, local_epochs=1, lr=3e-3, audit_transfer=True, cross_site="all")
     run = run_simulation("brats_fedbn", params, sim_data, tmp_path)
     initial = replace(params, norm="batch").model().state_dict()
     norm = set(personal_keys(replace(params, norm="batch").model(), "norm"))

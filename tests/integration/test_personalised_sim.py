@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,10 +61,14 @@ def _rows(run: Path, site: str) -> list[dict]:
 @pytest.mark.slow
 def test_fedper_keeps_the_head_at_each_site(sim_data: Path, tmp_path: Path):
     """The server never changes a site's head, and each round's record names the head the site kept (what a
-    resumed job goes back to; resuming itself is tested in a POC, tests/test_deploy.py)."""
-    run = run_simulation("brats_fedper", TINY, sim_data, tmp_path)
-    personal = set(personal_keys(TINY.model(), "head:2"))
-    _check_aggregation(run, TINY, personal)
+    resumed job goes back to; resuming itself is tested in a POC, tests/test_deploy.py). On DynUNet: its head takes
+    the deep-supervision outputs beside the output, and its state dict names each of its twice-registered layers
+    once."""
+    params = replace(TINY, network="dynunet")
+    run = run_simulation("brats_fedper", params, sim_data, tmp_path)
+    personal = set(personal_keys(params.model(), "head:2"))
+    assert any(".deep_supervision_heads." in k for k in personal)
+    _check_aggregation(run, params, personal)
     kept = {site: _rows(run, site)[-1]["kept"] for site in SITES}
     assert len(set(kept.values())) == len(SITES), "personal layers should differ between sites"
     for site in SITES:

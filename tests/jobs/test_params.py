@@ -59,6 +59,7 @@ def test_every_job_declares_what_it_uses():
 def test_every_run_option_has_help_and_a_schema_entry():
     known = {p.flag for p in (*PARAMS, *HYPERNETWORK) if p.flag}
     own = {"-h", "--help", "--site-config", "--workspace", "--verbose", "--numerics"}  # how this machine runs it
+    own.add("--preset")  # named values of the schema's own parameters (PRESETS)
     for action in _run_parser()._actions:
         if action.option_strings:
             assert action.help, action.option_strings
@@ -141,3 +142,12 @@ _HEAVY = "assert not any(m.split('.')[0] in ('torch', 'nvflare', 'monai') for m 
 def test_help_and_data_commands_import_neither_torch_nor_flare(code: str):
     out = subprocess.run([sys.executable, "-c", f"import sys; {code}; {_HEAVY}"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_presets_are_jobs_of_the_schema_parameters():
+    from brats_fl.jobs.params import PRESETS
+
+    for values in PRESETS.values():
+        assert set(values) <= {p.name for p in PARAMS}
+        JobParams(**values)  # refuses a value out of range
+    assert JobParams(**PRESETS["brats18"]).train_settings().lr == 1e-4

@@ -84,3 +84,58 @@ def test_predict_refuses_the_global_model_and_takes_the_sites(tmp_path: Path, ca
     out = tmp_path / "moved.nii.gz"
     assert main(["predict", "--model", str(moved), "--case", str(case), "--out", str(out), *PATCH]) == 2
     assert "no job configuration beside it" in capsys.readouterr().err
+
+
+def _tiny(path: Path, seed: int, bias: float | None = None) -> Path:
+    """A saved 2-level U-Net; with ``bias`` every region's last logit is shifted by it (all regions everywhere)."""
+    model = build_model({"channels": [4, 8], "strides": [2], "init_seed": seed})
+    if bias is not None:
+        with torch.no_grad():
+            model.net.model[-1][-1].conv.unit0.conv.bias.fill_(bias)
+    Trainer(TrainConfig(model=model.config(), patch_size=(16, 16, 16)), model=model).save(path)
+    return path
+
+
+def test_predict_segments_a_folder_and_a_datalist_each_case_in_its_release_labels(tmp_path: Path, capsys):
+    """One process segments every case, an ensemble with flips, each in its own release's labels: a model that
+    calls every region everywhere writes ET 4 for a 2020 case and ET 3 for a 2023 case, inside the brain."""
+    import nibabel as nib
+    import numpy as np
+    from brats_fl.data.layout import MODALITIES, SEG, find_cases
+    from brats_fl.seg.inference import input_cases, predict_cases
+
+    old = write_case(tmp_path / "2020", "BraTS20_Training_001", release="2020")
+    new = write_case(tmp_path / "2023", "BraTS-GLI-00001-000", release="2023")
+    models = [_tiny(tmp_path / "a.pt", 0, bias=20.0), _tiny(tmp_path / "b.pt", 1, bias=20.0)]
+    cases = input_cases(tmp_path / "2020") + input_cases(tmp_path / "2023")
+    written = predict_cases(models, cases, tmp_path / "out", (16, 16, 16), threads=1, tta=True, log=lambda _: None)
+    for path, case, et in zip(written, (old, new), (4, 3), strict=True):
+        labels = np.asarray(nib.load(str(path)).dataobj)
+        assert path.name == f"{case.name}.nii.gz" and set(np.unique(labels)) == {0, et}
+        assert labels[2:-2, 2:-2, 2:-2].min() == et  # the brain box of write_case
+    with pytest.raises(FileExistsError, match="not overwritten"):
+        predict_cases(models, cases, tmp_path / "out", (16, 16, 16), threads=1)
+
+    # a datalist's test split, from the command line
+    files = {k: str(p.relative_to(tmp_path)) for k, p in find_cases(tmp_path / "2020")[0].files.items()}
+    entry = {"case_id": old.name, "image": [files[m] for m in MODALITIES], "label": files[SEG]}
+    datalist = tmp_path / "site-1.json"
+    datalist.write_text(json.dumps({"training": [entry], "validation": [], "test": [entry]}))
+    argv = ["predict", "--model", str(models[0]), "--input", str(datalist), "--out", str(tmp_path / "dl"), *PATCH[:1]]
+    assert main([*argv, "16", "16", "16", "--data-root", str(tmp_path)]) == 0
+    assert (tmp_path / "dl" / f"{old.name}.nii.gz").is_file()
+    assert main([*argv, "16", "16", "16"]) == 2 and "give --data-root" in capsys.readouterr().err
+
+
+def test_ensemble_averages_probabilities_and_flips_make_the_prediction_flip_equivariant(tmp_path: Path):
+    from brats_fl.seg.inference import Predictor
+
+    a, b = _tiny(tmp_path / "a.pt", 0), _tiny(tmp_path / "b.pt", 1)
+    x = torch.randn(4, 16, 16, 16)
+    one, two = Predictor([a], (16, 16, 16)), Predictor([b], (16, 16, 16))
+    both = Predictor([a, b], (16, 16, 16))
+    torch.testing.assert_close(both.probabilities(x), (one.probabilities(x) + two.probabilities(x)) / 2)
+    mirrored = x.flip(1, 3)
+    plain, tta = Predictor([a], (16, 16, 16)), Predictor([a], (16, 16, 16), tta=True)
+    assert not torch.allclose(plain.probabilities(mirrored), plain.probabilities(x).flip(1, 3), atol=1e-3)
+    torch.testing.assert_close(tta.probabilities(mirrored), tta.probabilities(x).flip(1, 3))

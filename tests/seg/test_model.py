@@ -1,41 +1,29 @@
-"""The network's config survives a rebuild from its attributes, and its parameter groups are sound."""
+"""Every network's config survives a rebuild from its attributes, and its parameter groups are sound."""
 
+import copy
 import inspect
 
 import pytest
 import torch
-from brats_fl.jobs.params import NORM_NAMES
-from brats_fl.seg.model import NORM_GROUPS, NORMS, BratsUNet, build_model, parameter_groups
+from brats_fl.jobs.params import NETWORK_NAMES, NORM_NAMES
+from brats_fl.seg.model import NETWORKS, NORM_GROUPS, NORMS, build_model, model_args, parameter_groups
+from brats_fl.seg.trainer import RegionLoss
 
-SMALL = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
+SMALL = (8, 16, 32)
 
 
-def test_rebuild_from_attributes_as_flare_export_does():
-    model = build_model({**SMALL, "norm": "batch"})
-    args = {name: getattr(model, name) for name in inspect.signature(BratsUNet.__init__).parameters if name != "self"}
-    rebuilt = BratsUNet(**args)
+def small(network: str, **settings) -> torch.nn.Module:
+    return build_model(model_args(network, SMALL, **settings))
+
+
+@pytest.mark.parametrize("network", NETWORK_NAMES)
+def test_rebuild_from_attributes_as_flare_export_does(network: str):
+    model = small(network, norm="batch")
+    cls = NETWORKS[network]
+    args = {name: getattr(model, name) for name in inspect.signature(cls.__init__).parameters if name != "self"}
+    rebuilt = cls(**args)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
-
-
-def test_output_shape_and_channels():
-    model = build_model(SMALL)
-    assert model(torch.zeros(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
-
-
-@pytest.mark.parametrize("norm", ["batch", "instance"])
-def test_groups_partition_the_state_dict(norm):
-    model = build_model({**SMALL, "norm": norm})
-    groups = parameter_groups(model)
-    keys = set(model.state_dict())
-    structural = groups["encoder"] + groups["bottleneck"] + groups["decoder"]
-    assert sorted(structural) == sorted(keys) and len(set(structural)) == len(structural)
-    assert set(groups["norm"]) <= keys and set(groups["head"]) <= set(groups["decoder"])
-    norm_modules = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm3d, torch.nn.InstanceNorm3d))]
-    assert len(norm_modules) > 0
-    expected = sum(len(m.state_dict()) for m in norm_modules)
-    assert len(groups["norm"]) == expected
-    if norm == "batch":
-        assert any(k.endswith("running_mean") for k in groups["norm"])
+    assert build_model(model.config()).config() == model.config()
 
 
 NORM_LAYERS = {"batch": torch.nn.BatchNorm3d, "instance": torch.nn.InstanceNorm3d, "group": torch.nn.GroupNorm}
@@ -47,38 +35,65 @@ NORM_KEYS = {
 }
 
 
-@pytest.mark.parametrize("multi_head", [False, True])
 @pytest.mark.parametrize("norm", NORM_NAMES)
-def test_each_norm_builds_and_its_keys_are_the_norm_group(norm: str, multi_head: bool):
+@pytest.mark.parametrize("network", NETWORK_NAMES)
+def test_each_norm_builds_and_its_keys_are_the_norm_group(network: str, norm: str):
     """Every normalisation layer is of the chosen kind, with learnable scale and shift; ``norm`` selects each of its
-    keys (batch norm's running statistics too) and ``stats`` the non-learnable ones."""
-    model = build_model({**SMALL, "norm": norm, "multi_head": multi_head})
+    keys (batch norm's running statistics too) and ``stats`` the non-learnable ones, on every network (with batch
+    norm, the SegViz heads' too)."""
+    model = small(network, norm=norm, multi_head=norm == "batch").eval()
     assert model(torch.randn(2, 4, 16, 16, 16)).shape == (2, 3, 16, 16, 16)
+    keys = set(model.state_dict())
     layers = {n: m for n, m in model.named_modules() if isinstance(m, tuple(NORM_LAYERS.values()))}
     assert layers and all(isinstance(m, NORM_LAYERS[norm]) and m.affine for m in layers.values())
     groups = parameter_groups(model)
-    assert set(groups["norm"]) == {f"{n}.{k}" for n in layers for k in NORM_KEYS[norm]}
+    assert set(groups["norm"]) == {f"{n}.{k}" for n in layers for k in NORM_KEYS[norm]} & keys
     learnable = set(dict(model.named_parameters()))
     assert set(groups["stats"]) == set(groups["norm"]) - learnable
     assert bool(groups["stats"]) == (norm == "batch")
-    if norm == "group":  # 8 groups of every U-Net width; the single-head model's 3 normalised logits form one
-        assert {(m.num_channels, m.num_groups) for m in layers.values()} == {
-            *((c, NORM_GROUPS) for c in SMALL["channels"]),
-            *(() if multi_head else ((3, 1),)),
-        }
+    if norm == "group":  # 8 groups wherever the width allows; the U-Net's 3 normalised logits form one
+        assert all(m.num_groups == NORM_GROUPS or m.num_channels % NORM_GROUPS for m in layers.values())
 
 
-def test_the_schema_names_the_models_norms():
-    assert tuple(NORMS) == NORM_NAMES
+def test_the_schema_names_the_models_norms_and_networks():
+    assert tuple(NORMS) == NORM_NAMES and tuple(NETWORKS) == NETWORK_NAMES
 
 
-def test_head_grows_from_the_output():
-    model = build_model(SMALL)
+@pytest.mark.parametrize("network", NETWORK_NAMES)
+def test_head_grows_from_the_output_in_the_order_inference_runs(network: str):
+    model = small(network)
     one, two = parameter_groups(model, 1)["head"], parameter_groups(model, 2)["head"]
-    last_conv = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv3d)][-1]
-    assert f"{last_conv}.weight" in one and set(one) < set(two)
+    output = {"unet": "net.model.2.1.conv.unit0.conv", "segresnet": "net.conv_final.2.conv"}.get(
+        network, "net.output_block.conv.conv"
+    )
+    assert f"{output}.weight" in one and set(one) < set(two)
+    if network == "segresnet":  # registered after the last residual block, run before it: never in the head
+        assert "net.up_layers.1.0.conv2.conv.weight" in two and not any(".up_samples." in k for k in two)
     with pytest.raises(ValueError, match="head_layers"):
         parameter_groups(model, 999)
+
+
+def test_dynunet_holds_each_tensor_once_and_weighs_its_deep_supervision():
+    model = small("dynunet", init_seed=0)
+    state = model.state_dict()
+    assert not any(k.startswith("net.skip_layers.") for k in state)
+    assert len(state) == len({id(t) for t in model.state_dict(keep_vars=True).values()})
+    # a fresh model loaded from it computes the same: the layers' second names are filled on loading
+    fresh = small("dynunet", init_seed=1)
+    fresh.load_state_dict(state)
+    x = torch.randn(1, 4, 16, 16, 16)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+    # the deep-supervision outputs, which inference never runs, sit with the output in the head
+    assert any(k.startswith("net.deep_supervision_heads.") for k in parameter_groups(model, 1)["head"])
+    # in training: the output and one deep-supervised level, weighed 2/3 and 1/3
+    stacked = model.train()(x)
+    assert stacked.shape == (1, 2, 3, 16, 16, 16)
+    label = (torch.rand(1, 3, 16, 16, 16) > 0.5).float()
+    loss = RegionLoss(with_ce=False)
+    expected = 2 / 3 * loss(stacked[:, 0], label) + 1 / 3 * loss(stacked[:, 1], label)
+    torch.testing.assert_close(loss(stacked, label), expected)
+    loss(stacked, label).backward()
+    copy.deepcopy(model)  # FedProx and Ditto copy the trained model
 
 
 def test_bad_config_is_refused():
@@ -88,26 +103,28 @@ def test_bad_config_is_refused():
         build_model({"channels": [12, 24, 48], "strides": [2, 2], "norm": "group"})
     with pytest.raises(ValueError, match="strides"):
         build_model({"channels": [8, 16, 32], "strides": [2]})
+    with pytest.raises(ValueError, match="do not double"):
+        model_args("segresnet", (8, 16, 24))
+    with pytest.raises(ValueError, match="network must be one of"):
+        model_args("vnet")
 
 
-def test_multi_head_model_has_a_representation_and_one_head_per_region():
-    model = build_model({**SMALL, "multi_head": True})
-    assert model(torch.zeros(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+@pytest.mark.parametrize("network", NETWORK_NAMES)
+def test_multi_head_model_has_a_representation_and_one_head_per_region(network: str):
+    model = small(network, multi_head=True).eval()
     groups = parameter_groups(model)
-    keys = set(model.state_dict())
-    representation = groups["encoder"] + groups["bottleneck"] + groups["decoder"]
-    assert set(representation) | set(groups["head"]) == keys and not set(representation) & set(groups["head"])
     heads = [groups[f"head_{r}"] for r in ("TC", "WT", "ET")]
     assert sorted(k for h in heads for k in h) == sorted(groups["head"])
+    assert all(k.startswith("heads.") for k in groups["head"])
     for head in heads:  # two layers each: a normalised 3x3x3 convolution, then the 1x1x1 classifier
         convs = [k for k in head if k.endswith("conv.weight")]
         assert len(convs) == 2 and any(k in groups["norm"] for k in head)
     # each output channel comes from its own head only
-    x = torch.randn(1, 4, 32, 32, 32)
+    x = torch.randn(1, 4, 16, 16, 16)
     before = model(x)
     with torch.no_grad():
         model.heads["ET"][1].conv.bias += 1.0
     after = model(x)
     assert torch.equal(before[:, :2], after[:, :2]) and not torch.equal(before[:, 2], after[:, 2])
     with pytest.raises(ValueError, match="one head per region"):
-        build_model({**SMALL, "multi_head": True, "out_channels": 2})
+        build_model(model_args(network, SMALL, multi_head=True) | {"out_channels": 2})

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from brats_fl.jobs.params import add_run_options, from_cli
+from brats_fl.jobs.params import PRESETS, add_run_options, from_cli
 
 VERBOSE_HELP = (
     "stream FLARE's log to the terminal instead of a live progress display; the log is always written to the workspace"
@@ -28,7 +28,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     options = vars(args)
     refuse_unused(args.job, options)
     job, hypernetwork = from_cli(options)
-    params = JobParams(**job, hypernetwork=HyperNetParams(**hypernetwork))
+    params = JobParams(**PRESETS.get(args.preset, {}) | job, hypernetwork=HyperNetParams(**hypernetwork))
     workspace = args.workspace or Path("runs") / f"{args.job}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
     run_dir = run_simulation(
@@ -112,6 +112,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a job in FLARE's simulator and print its test table")
     p.add_argument("job", help="a job of brats_fl.jobs.catalogue, e.g. brats_fedavg")
     add_run_options(p)
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="named settings under the options given: brats18 is NVFlare's BraTS18 example "
+        "(docs/explanation/networks.md)",
+    )
     p.add_argument("--site-config", type=Path, default=Path("site_configs/simulation.json"), help="the sites' data")
     p.add_argument("--workspace", type=Path, default=None, help="default: runs/<job>-<time>")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)

@@ -1,4 +1,5 @@
-"""``brats-fl train-central``, ``evaluate`` and ``predict``: one model, outside FLARE (the work: ``brats_fl.seg``)."""
+"""``brats-fl train-central``, ``evaluate``, ``predict`` and ``export-bundle``: one model, outside FLARE (the work:
+``brats_fl.seg``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         param.add_to(parser, default=param.default)
     by_name("lr").add_to(parser, default=None)
     by_name("momentum").add_to(parser, default=None)
+    by_name("network").add_to(parser, default=by_name("network").default)
     by_name("channels").add_to(parser, default=None)
     by_name("norm").add_to(parser, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -80,17 +82,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from brats_fl.seg.inference import predict_case
+    from brats_fl.seg.inference import input_cases, predict_case, predict_cases
 
     volumes = parse_min_volume(args.min_volume)
     if volumes == "auto":
         raise SystemExit("predict --min-volume: auto chooses on a validation split, which predict has none of; give "
                          "volumes (chosen by evaluate --min-volume auto or recorded in a run)")  # fmt: skip
-    path = predict_case(
-        args.model, args.case, args.out, tuple(args.patch), threads=args.threads,
-        min_volume=None if volumes == "none" else volumes,
-    )  # fmt: skip
-    print(f"wrote {path}")
+    settings = {"threads": args.threads, "min_volume": None if volumes == "none" else volumes, "tta": args.tta}
+    if args.case is not None:
+        if args.data_root is not None or args.split is not None:
+            raise ValueError("--data-root and --split are for --input DATALIST, not --case")
+        path = predict_case(args.model, args.case, args.out, tuple(args.patch), **settings)
+        print(f"wrote {path}")
+        return
+    cases = input_cases(args.input, args.data_root, args.split or "test")
+    written = predict_cases(args.model, cases, args.out, tuple(args.patch), **settings)
+    print(f"wrote {len(written)} label map(s) to {args.out}")
+
+
+def _cmd_export_bundle(args: argparse.Namespace) -> None:
+    from brats_fl.seg.bundle import export_bundle
+
+    out = export_bundle(args.run, args.out, args.site)
+    print(f"wrote {out}: python -m monai.bundle run --config_file {out}/configs/inference.json --bundle_root {out} ")
+    print("  --dataset_dir CASES --output_dir OUT")
 
 
 _MODEL_HELP = (
@@ -100,7 +115,7 @@ _MODEL_HELP = (
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``train-central``, ``evaluate`` and ``predict``."""
+    """Register ``train-central``, ``evaluate``, ``predict`` and ``export-bundle``."""
     p = sub.add_parser("train-central", help="train one model on a (pooled) datalist")
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--datalist", type=Path, required=True)
@@ -122,11 +137,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="write a 0/1/2/4 label map for one case")
-    p.add_argument("--model", type=Path, required=True, help=_MODEL_HELP)
-    p.add_argument("--case", type=Path, required=True)
+    p = sub.add_parser("predict", help="write the label map of one case, or of every case of a folder or datalist")
+    p.add_argument("--model", type=Path, nargs="+", required=True, help=f"{_MODEL_HELP}; several: their ensemble")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--case", type=Path, help="one case folder; --out is then the label map's file")
+    source.add_argument(
+        "--input",
+        type=Path,
+        metavar="FOLDER_OR_DATALIST",
+        help="a folder of case folders, or a datalist (with --data-root, --split); --out is then a folder that "
+        "receives <case id>.nii.gz, each in its release's labels",
+    )
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data-root", type=Path, default=None, help="the data root of a datalist's relative paths")
+    p.add_argument("--split", choices=["training", "validation", "test"], default=None, help="a datalist's (test)")
+    p.add_argument(
+        "--tta", action="store_true", help="average over the 8 flips of the three axes (nnU-Net's mirroring)"
+    )
     by_name("min_volume").add_to(p, default="none")
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export-bundle", help="write a finished run's model as a MONAI bundle")
+    p.add_argument("run", type=Path, help="a brats-fl run folder, or a train-central output folder (its best model)")
+    p.add_argument("--site", default=None, help="that site's own final model instead of the server's global model")
+    p.add_argument("--out", type=Path, required=True, help="new folder: configs/metadata.json, inference.json, models/")
+    p.set_defaults(func=_cmd_export_bundle)

@@ -35,9 +35,9 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 
 from brats_fl.drills.faults import FAULTS, FaultInjection
 from brats_fl.drills.slow import SlowSite
-from brats_fl.jobs.params import DEFAULT_NORM, HYPERNETWORK, KINDS, PARAMS, Param, by_name, unused
+from brats_fl.jobs.params import HYPERNETWORK, KINDS, PARAMS, Param, by_name, unused
 from brats_fl.seg.dp import check_dp_model
-from brats_fl.seg.model import BratsUNet, check_norm
+from brats_fl.seg.model import DEFAULT_CHANNELS, BratsNet, build_model, model_args
 from brats_fl.seg.trainer import TrainConfig
 from brats_fl.server.fedavg import DeadlineFedAvg
 from brats_fl.server.fedopt import FedOptController
@@ -145,12 +145,11 @@ class _Job:
         for p in PARAMS:
             p.validate(getattr(self, p.name))
         # what no single parameter can say on its own
-        channels, patch = self.channels, self.patch_size
-        _require(len(channels) >= 2 and min(channels) >= 1, f"2 or more positive channel counts, got {channels}")
+        channels, patch = self.channels or DEFAULT_CHANNELS[self.network], self.patch_size
         levels = 2 ** (len(channels) - 1)
         _require(all(p % levels == 0 for p in patch), f"patch sizes multiples of {levels}, got {patch}")
         try:
-            check_norm(self.norm or DEFAULT_NORM, channels)
+            model_args(self.network, channels, self.norm)
         except ValueError as err:
             raise ValueError(f"job parameter out of range: {err}") from err
         _require(self.hypernetwork.warmup_rounds < self.rounds, f"warmup_rounds < rounds ({self.rounds})")
@@ -205,11 +204,10 @@ class _Job:
         (``brats_fl.site.client``)."""
         return {p.site: p.to_site(getattr(self, p.name)) for p in PARAMS if p.site}
 
-    def model(self, multi_head: bool = False) -> BratsUNet:
-        """The job's initial global model."""
-        strides = [2] * (len(self.channels) - 1)
-        norm = self.norm or DEFAULT_NORM
-        return BratsUNet(channels=self.channels, strides=strides, norm=norm, init_seed=self.seed, multi_head=multi_head)
+    def model(self, multi_head: bool = False) -> BratsNet:
+        """The job's initial global model (``brats_fl.seg.model.model_args``: the network's own channels and
+        normalisation where the job sets none)."""
+        return build_model(model_args(self.network, self.channels, self.norm, multi_head, init_seed=self.seed))
 
 
 JobParams = make_dataclass(
@@ -354,7 +352,7 @@ class DeadlineFedProxRecipe(DeadlineFedAvgRecipe, FedProxRecipe):
     FedProx's controller arguments from ``FedProxRecipe._get_controller_kwargs``."""
 
 
-def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsUNet) -> None:
+def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsNet) -> None:
     """FLARE's filters on what crosses the wire, in the order they act (``JobParams``, docs/howto/privacy.md).
 
     A site's training update meets the drills' delay and fault, then the privacy filter, then quantisation, then the
@@ -408,7 +406,7 @@ def _mechanisms(params: JobParams) -> str:
     return " with ".join(parts)
 
 
-def _privacy_filter(params: JobParams, model: BratsUNet) -> Filter:
+def _privacy_filter(params: JobParams, model: BratsNet) -> Filter:
     """The FLARE privacy filter of ``params``. ExcludeVars gets the list of keys its regular expression matches:
     FLARE's filter compiles an expression in its constructor, and FLARE's job export cannot write that back."""
     args = dict(params.privacy_args)
@@ -493,7 +491,7 @@ class ControllerRecipe(Recipe):
         params: JobParams,
         controller: ModelController,
         client: dict[str, Any],
-        model: BratsUNet | None = None,
+        model: BratsNet | None = None,
     ):
         if params.transfer != "full":
             raise ValueError(f"{name}: sites return whole models; transfer must be 'full', not {params.transfer!r}")

@@ -34,16 +34,32 @@ KINDS = {
     "ditto": "brats_ditto",
     "dpsgd": "jobs whose sites may train with DP-SGD (central, local, FedAvg, FedPer, FedBN, their _ft, FedOpt)",
 }
-#: the U-Net's normalisation layers (``brats_fl.seg.model.NORMS``); FedBN's jobs take batch norm, whose running
-#: statistics their papers keep at the site, every other job ``DEFAULT_NORM`` (``brats_fl.jobs.catalogue``)
+#: the networks a job may train (``brats_fl.seg.model.NETWORKS``; docs/explanation/networks.md)
+NETWORK_NAMES = ("unet", "segresnet", "dynunet")
+#: the networks' normalisation layers (``brats_fl.seg.model.NORMS``); FedBN's jobs take batch norm, whose running
+#: statistics their papers keep at the site, every other job the network's own (U-Net and DynUNet instance norm,
+#: SegResNet group norm; ``brats_fl.seg.model``)
 NORM_NAMES = ("batch", "instance", "group")
-DEFAULT_NORM = "instance"
 #: what a site does with its optimiser's state at the start of a round (``brats_fl.site.client.Site``)
 OPTIMIZER_STATES = ("keep", "reset")
 #: mixed-precision settings (``brats_fl.seg.trainer.amp_dtype``)
 AMP_MODES = ("auto", "on", "off")
 #: training recipes (``brats_fl.seg.trainer.RECIPES``)
-RECIPE_NAMES = ("adam_dice", "nnunet")
+RECIPE_NAMES = ("adam_dice", "nnunet", "brats18")
+#: whole-job settings by name, under what a user sets (``brats-fl run --preset``; docs/explanation/networks.md).
+#: brats18: NVFlare's BraTS18 example (4 sites, 600 rounds of 1 local epoch, SegResNet, 224 x 224 x 144 crops, batch 1, its recipe), for
+#: a GPU and BraTS data at 1 mm
+PRESETS = {
+    "brats18": {
+        "network": "segresnet",
+        "recipe": "brats18",
+        "patch_size": (224, 224, 144),
+        "batch_size": 1,
+        "local_epochs": 1,
+        "rounds": 600,
+        "sites": 4,
+    },
+}
 #: FLARE's privacy filters a job may use (``brats_fl.transfer.filters.PRIVACY``)
 PRIVACY_NAMES = ("exclude", "percentile", "svt")
 #: FLARE's quantisation types a job may use (``brats_fl.transfer.filters.QUANTIZATION``)
@@ -195,16 +211,22 @@ PARAMS: tuple[Param, ...] = (
     _at_least_one("sites", "number of sites", default=3, flag="--sites"),
     Param("patch_size", tuple, (64, 64, 64), "training patch size (voxels)", flag="--patch", nargs=3, item=int,
           site="patch", from_cli=tuple, to_site=list),
-    Param("channels", tuple, (16, 32, 64, 128), "U-Net channels per level", flag="--channels", nargs="+", item=int,
-          site="channels", from_cli=tuple, to_site=list),
-    Param("norm", str, None, "U-Net normalisation: batch, instance or group (of 8 channel groups)",
+    Param("network", str, "unet", "the network: MONAI's UNet (small, for CPUs), SegResNet (NVFlare's BraTS18 example) "
+          "or DynUNet (nnU-Net's 3D full-resolution shape, deep supervision); docs/explanation/networks.md",
+          choices=NETWORK_NAMES, flag="--network", site="network"),
+    Param("channels", tuple, None, "channels per level (SegResNet: doubling from its initial filters)",
+          flag="--channels", nargs="+", item=int, site="channels", from_cli=tuple,
+          to_site=lambda v: list(v) if v else None,
+          unset="the network's: unet and segresnet 16 32 64 128, dynunet 32 64 128 256 320 320"),
+    Param("norm", str, None, "normalisation: batch, instance or group (of 8 channel groups)",
           rule=f"norm one of {list(NORM_NAMES)}", choices=NORM_NAMES, flag="--norm", site="norm",
-          to_site=lambda v: v or DEFAULT_NORM),
-    Param("recipe", str, "adam_dice", "training recipe: adam_dice (Adam, Dice loss, constant rate 3e-3) or nnunet "
+          unset="the network's: instance (unet, dynunet), group (segresnet)"),
+    Param("recipe", str, "adam_dice", "training recipe: adam_dice (Adam, Dice loss, constant rate 3e-3), nnunet "
           "(SGD with Nesterov momentum, Dice + cross-entropy, weight decay 3e-5, rate 1e-2 decayed by the server per "
-          "round, poly 0.9)", choices=RECIPE_NAMES, flag="--recipe", site="recipe"),
+          "round, poly 0.9) or brats18 (NVFlare's BraTS18 example: Adam 1e-4, weight decay 1e-5, Dice of squared "
+          "predictions, one patch per case)", choices=RECIPE_NAMES, flag="--recipe", site="recipe"),
     Param("lr", float, None, "initial learning rate", rule="0 < lr < 1", check=lambda v: 0 < v < 1, flag="--lr",
-          site="lr", unset="the recipe's (adam_dice 3e-3, nnunet 1e-2)"),
+          site="lr", unset="the recipe's (adam_dice 3e-3, nnunet 1e-2, brats18 1e-4)"),
     Param("momentum", float, None, "Nesterov momentum of an SGD recipe: 0.9 as the federated nnU-Net slides, 0.99 as "
           "nnU-Net, 0 for plain SGD (as SCAFFOLD is derived)", rule="0 <= momentum < 1, with an SGD recipe",
           check=lambda v: 0 <= v < 1, flag="--momentum",

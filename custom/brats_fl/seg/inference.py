@@ -1,5 +1,6 @@
-"""Whole-case prediction: a 0/1/2/4 label map in the input's grid, written as NIfTI; and which saved models may
-predict at all, and at which spacing.
+"""Whole-case prediction: a label map in the input's grid and its release's labels, written as NIfTI, of one case or
+of a folder or datalist of cases in one process, by one model or an ensemble, optionally with flip test-time
+augmentation; and which saved models may predict at all, and at which spacing.
 
 A model trained at a coarser ``spacing`` (``brats_fl.jobs.params``) predicts at it: a site's or a central run's model
 file records it (``Trainer.save``), a FLARE global model's job configuration beside it does. Its prediction is
@@ -17,16 +18,22 @@ is that job's final model and predicts as any other; the model a site ends with
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import torch
-from monai.transforms import CropForeground, NormalizeIntensity, SpatialCrop
+from monai.data import MetaTensor
+from monai.transforms import CropForeground, Flip, MeanEnsemble, NormalizeIntensity, SpatialCrop
 
 from brats_fl.data.checks import require_valid
+from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import REGIONS, regions_to_labels
-from brats_fl.data.layout import MODALITIES, read_case
+from brats_fl.data.layout import MODALITIES, Case, find_cases, read_case
 from brats_fl.data.loading import inference_transforms
 from brats_fl.seg.postprocess import remove_small_components
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
@@ -136,40 +143,153 @@ def load_for_inference(
     return Trainer(config, model=model)
 
 
+#: nnU-Net's test-time mirroring: every combination of flips along the three spatial axes, the identity first
+FLIPS: tuple[tuple[int, ...], ...] = tuple(a for n in range(4) for a in itertools.combinations(range(3), n))
+
+
+class Predictor:
+    """One or more saved models, loaded once, that segment case after case: each case's region probabilities are
+    averaged over the models (an ensemble of seeds, or of the sites' personalised models; MONAI's ``MeanEnsemble``)
+    and, with ``tta``, over the 8 flips of ``FLIPS``, then thresholded at 0.5.
+
+    Every model is refused as ``load_for_inference`` refuses it (a global model whose personal layers no site
+    trained), before any case is read. Each model infers at the spacing it was trained at, so models of different
+    spacings may be ensembled: their probabilities all come back on the case's own grid.
+    """
+
+    def __init__(
+        self,
+        model_paths: Sequence[Path],
+        patch_size: tuple[int, int, int] = (64, 64, 64),
+        threads: int | None = None,
+        tta: bool = False,
+    ):
+        if not model_paths:
+            raise ValueError("predict needs at least one model")
+        self.trainers = [load_for_inference(p, patch_size, threads) for p in model_paths]
+        self.flips = FLIPS if tta else FLIPS[:1]
+
+    @property
+    def resamples(self) -> bool:
+        """Whether every model resamples what it segments (so a case off the BraTS grid may be segmented)."""
+        return all(t.config.spacing is not None for t in self.trainers)
+
+    @torch.no_grad()
+    def probabilities(self, brain: torch.Tensor) -> torch.Tensor:
+        """Region probabilities (3, X, Y, Z) of a normalised volume (4, X, Y, Z; a MetaTensor where a model resamples).
+
+        A flip mirrors the voxels and keeps the affine (MONAI's ``Flip`` would flip the affine with them, and a model
+        that resamples to the training orientation would then undo the flip); the prediction is flipped back."""
+        members = []
+        for trainer in self.trainers:
+            flipped = []
+            for axes in self.flips:
+                flip = Flip(spatial_axis=axes)
+                image = _with_meta(_plain(flip(_plain(brain))), brain) if axes else brain
+                probabilities = torch.sigmoid(trainer.infer_case(image).cpu())
+                flipped.append(_plain(flip(probabilities)) if axes else probabilities)
+            members.append(torch.stack(flipped).mean(0))
+        return MeanEnsemble()(members) if len(members) > 1 else members[0]
+
+    def segment(self, case: Case, min_volume: dict[str, float] | None = None) -> np.ndarray:
+        """The label map of ``case`` on its own grid, in its release's label convention."""
+        image = inference_transforms()({"image": [str(case.files[m]) for m in MODALITIES]})["image"]
+        # segment the brain's bounding box (found on raw intensities, where background is 0), normalised as in
+        # evaluation and training, and paste it back into the full grid: windows over the air around the head
+        # would meet inputs the network never saw
+        # (a model trained at a coarser spacing segments the box at that spacing and is resampled back to it)
+        start, end = CropForeground(allow_smaller=True).compute_bounding_box(image)
+        box = (slice(None), *(slice(int(a), int(b)) for a, b in zip(start, end, strict=True)))
+        brain = NormalizeIntensity(nonzero=True, channel_wise=True)(SpatialCrop(roi_start=start, roi_end=end)(image))
+        regions = torch.zeros((len(REGIONS), *image.shape[1:]), dtype=torch.bool)
+        regions[box] = self.probabilities(brain) > 0.5
+        if min_volume:
+            zooms = nib.load(str(case.files[MODALITIES[0]])).header.get_zooms()[:3]
+            regions = remove_small_components(regions[None], [zooms], min_volume)[0]
+        return regions_to_labels(regions, case.convention)  # written as the case's release labels its files
+
+    def write(self, case: Case, out: Path, min_volume: dict[str, float] | None = None) -> Path:
+        """Segment ``case`` and write its label map to ``out``, with the affine of its first modality; ``min_volume``
+        (mm³ per region) removes smaller predicted components (``brats_fl.seg.postprocess``)."""
+        labels = self.segment(case, min_volume)
+        reference = nib.load(str(case.files[MODALITIES[0]]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(labels, reference.affine), str(out))
+        return out
+
+
+def _plain(image: torch.Tensor) -> torch.Tensor:
+    return image.as_tensor() if isinstance(image, MetaTensor) else image
+
+
+def _with_meta(voxels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return MetaTensor(voxels, affine=like.affine) if isinstance(like, MetaTensor) else voxels
+
+
 def predict_case(
-    model_path: Path,
+    model_path: Path | Sequence[Path],
     case_dir: Path,
     out: Path,
     patch_size: tuple[int, int, int] = (64, 64, 64),
     threads: int | None = None,
     min_volume: dict[str, float] | None = None,
+    tta: bool = False,
 ) -> Path:
-    """Segment one case folder; refuses a bad case and an existing output file. ``min_volume`` (mm³ per region)
-    removes smaller predicted components (``brats_fl.seg.postprocess``)."""
+    """Segment one case folder with one model or an ensemble (``Predictor``); refuses a bad case and an existing
+    output file. ``min_volume`` (mm³ per region) removes smaller predicted components (``brats_fl.seg.postprocess``)."""
     case_dir, out = Path(case_dir), Path(out)
     if not case_dir.is_dir():
         raise FileNotFoundError(f"{case_dir}: case folder does not exist")
     if out.exists():
         raise FileExistsError(f"{out}: exists already, not overwritten")
     case = read_case(case_dir)
-    trainer = load_for_inference(model_path, patch_size, threads)
+    paths = [model_path] if isinstance(model_path, str | Path) else list(model_path)
+    predictor = Predictor(paths, patch_size, threads, tta)
     # a case off the BraTS grid is refused unless the model resamples what it segments
-    require_valid([case], with_label=False, grid_required=trainer.config.spacing is None)
-    image = inference_transforms()({"image": [str(case.files[m]) for m in MODALITIES]})["image"]
-    # segment the brain's bounding box (found on raw intensities, where background is 0), normalised as in
-    # evaluation and training, and paste it back into the full grid: windows over the air around the head
-    # would meet inputs the network never saw
-    # (a model trained at a coarser spacing segments the box at that spacing and is resampled back to it)
-    start, end = CropForeground(allow_smaller=True).compute_bounding_box(image)
-    box = (slice(None), *(slice(int(a), int(b)) for a, b in zip(start, end, strict=True)))
-    brain = NormalizeIntensity(nonzero=True, channel_wise=True)(SpatialCrop(roi_start=start, roi_end=end)(image))
-    regions = torch.zeros((len(REGIONS), *image.shape[1:]), dtype=torch.bool)
-    regions[box] = torch.sigmoid(trainer.infer_case(brain)).cpu() > 0.5
-    if min_volume:
-        zooms = nib.load(str(case.files[MODALITIES[0]])).header.get_zooms()[:3]
-        regions = remove_small_components(regions[None], [zooms], min_volume)[0]
-    labels = regions_to_labels(regions, case.convention)  # written as the case's release labels its files
-    reference = nib.load(str(case.files[MODALITIES[0]]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(labels, reference.affine), str(out))
-    return out
+    require_valid([case], with_label=False, grid_required=not predictor.resamples)
+    return predictor.write(case, out, min_volume)
+
+
+def input_cases(source: Path, data_root: Path | None = None, split: str = "test") -> list[Case]:
+    """The cases of a folder of case folders, or of a datalist's ``split`` (its paths relative to ``data_root``)."""
+    source = Path(source)
+    if source.is_file():
+        if data_root is None:
+            raise ValueError(f"{source} is a datalist: its paths are relative to a data root; give --data-root")
+        datalist = load_datalist(source, data_root, check=False)
+        ids = {item["case_id"] for item in datalist.items(split)}
+        cases = [c for c in datalist.cases() if c.case_id in ids]
+        if not cases:
+            raise ValueError(f"{source}: no case in its {split} split")
+        return cases
+    if data_root is not None:
+        raise ValueError(f"--data-root is for a datalist; {source} is a folder of cases")
+    return find_cases(source)
+
+
+def predict_cases(
+    model_paths: Sequence[Path],
+    cases: Sequence[Case],
+    out_dir: Path,
+    patch_size: tuple[int, int, int] = (64, 64, 64),
+    threads: int | None = None,
+    min_volume: dict[str, float] | None = None,
+    tta: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Segment every case in one process, the models loaded once, into ``out_dir/<case id>.nii.gz`` (BraTS's naming
+    of predictions), each in its own release's labels. Refuses, before any is segmented, a bad case and an existing
+    output file."""
+    out_dir = Path(out_dir)
+    outs = [out_dir / f"{case.case_id}.nii.gz" for case in cases]
+    existing = [str(p) for p in outs if p.exists()]
+    if existing:
+        raise FileExistsError(f"{len(existing)} output(s) exist already, not overwritten: {', '.join(existing[:3])}")
+    predictor = Predictor(model_paths, patch_size, threads, tta)
+    require_valid(list(cases), with_label=False, grid_required=not predictor.resamples)
+    written = []
+    for case, out in zip(cases, outs, strict=True):
+        start = time.perf_counter()
+        written.append(predictor.write(case, out, min_volume))
+        log(f"{case.case_id}: {out} ({time.perf_counter() - start:.1f} s)")
+    return written

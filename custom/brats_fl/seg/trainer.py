@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor, decollate_batch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceLoss
+from monai.losses import DeepSupervisionLoss, DiceLoss
 from monai.transforms import Orientation, ResampleToMatch, Spacing
 from monai.utils import set_determinism
 from torch.nn.modules.loss import _Loss
@@ -38,7 +38,7 @@ from brats_fl.data.loading import ANNOTATED, AXIS_LABELS, BRATS_ORIENTATION, tra
 from brats_fl.jobs.params import by_name
 from brats_fl.seg.dp import DPSGD, check_dp_model
 from brats_fl.seg.metrics import RegionMetrics
-from brats_fl.seg.model import BratsUNet, build_model
+from brats_fl.seg.model import NETWORKS, BratsNet, build_model, model_args
 from brats_fl.seg.postprocess import remove_small_components
 
 RECIPES = {
@@ -62,7 +62,20 @@ RECIPES = {
         "weight_decay": 3e-5,
         "lr_schedule": "poly",
     },
+    # NVFlare's BraTS18 example (SegResNet; brats_fl.jobs.params.PRESETS["brats18"] sets the rest of its job): Adam at
+    # 1e-4 with weight decay 1e-5, MONAI's Dice loss on squared predictions, one crop per case per step
+    "brats18": {
+        "optimizer": "adam",
+        "loss": "dice_squared",
+        "lr": 1e-4,
+        "momentum": None,
+        "weight_decay": 1e-5,
+        "lr_schedule": "constant",
+        "samples_per_case": 1,
+    },
 }
+#: the losses (``RegionLoss``): Dice, Dice + cross-entropy, Dice of squared predictions in the denominator
+LOSSES = ("dice", "dice_ce", "dice_squared")
 #: the exponent of the polynomial decay (nnU-Net's and the slides')
 POLY_EXPONENT = 0.9
 #: fine-tuning's learning rate, unless set, as a share of the job's initial rate. Fine-tuning adapts a trained model
@@ -146,7 +159,7 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.optimizer in ("adam", "sgd"), f"optimizer must be adam or sgd, got {self.optimizer!r}"),
-            (self.loss in ("dice", "dice_ce"), f"loss must be dice or dice_ce, got {self.loss!r}"),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
             (
                 self.lr_schedule in ("constant", "poly"),
                 f"lr_schedule must be constant or poly, got {self.lr_schedule!r}",
@@ -208,12 +221,7 @@ def config_from_args(args: argparse.Namespace, total_epochs: int) -> TrainConfig
         "spacing": args.spacing,
         "amp": args.amp,
     }
-    if args.channels:
-        values["model"] = {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)}
-    if args.multi_head:
-        values["model"] = {**values.get("model", {}), "multi_head": True}
-    if args.norm:
-        values["model"] = {**values.get("model", {}), "norm": args.norm}
+    values["model"] = model_args(args.network, args.channels, args.norm, args.multi_head)
     if args.partial_labels:
         values["partial_labels"] = args.partial_labels
     if getattr(args, "dp_epsilon", None) is not None:
@@ -248,12 +256,23 @@ class RegionLoss(_Loss):
     as MONAI's losses are, so that loss-typed helpers (FLARE's ``PTDittoHelper``) take it.
     """
 
-    def __init__(self, with_ce: bool):
+    def __init__(self, with_ce: bool, squared: bool = False):
         super().__init__()
-        self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, reduction="none")
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=squared, reduction="none")
         self.with_ce = with_ce
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of logits (B, 3, X, Y, Z), or of a deep-supervised network's outputs stacked (B, levels, 3, X, Y,
+        Z; DynUNet in training, every level at full size): then each level's loss, weighed 1, 1/2, 1/4, ... from the
+        output (MONAI's ``DeepSupervisionLoss`` weights, nnU-Net's) and normalised to sum 1, as nnU-Net does."""
+        if logits.dim() == label.dim() + 1:
+            levels = logits.unbind(1)
+            weights = DeepSupervisionLoss(self.dice, weight_mode="exp").get_weights(len(levels))
+            total = sum(weights)
+            return sum(w / total * self._loss(out, label, annotated) for w, out in zip(weights, levels, strict=True))
+        return self._loss(logits, label, annotated)
+
+    def _loss(self, logits: torch.Tensor, label: torch.Tensor, annotated: torch.Tensor | None) -> torch.Tensor:
         per_region = self.dice(logits, label).flatten(1)  # (B, C)
         if self.with_ce:
             bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="none")
@@ -292,7 +311,7 @@ def gpu_has_bfloat16(device: torch.device) -> bool:
 class Trainer:
     """Holds a network, its optimiser and loss across calls, so an FL client keeps optimiser state between rounds."""
 
-    def __init__(self, config: TrainConfig, model: BratsUNet | None = None, device: torch.device | None = None):
+    def __init__(self, config: TrainConfig, model: BratsNet | None = None, device: torch.device | None = None):
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -314,7 +333,7 @@ class Trainer:
                 weight_decay=config.weight_decay,
             )
         # sigmoid per region: WT, TC and ET overlap, so they are three binary problems, not one softmax
-        self.loss_fn = RegionLoss(with_ce=config.loss == "dice_ce")
+        self.loss_fn = RegionLoss(with_ce=config.loss == "dice_ce", squared=config.loss == "dice_squared")
         self.epochs_done = 0
         #: DP-SGD, set up at the first training call, which tells how many cases the site has (``_private``)
         self.dp: DPSGD | None = None
@@ -619,7 +638,7 @@ def tumour_box(pred: torch.Tensor, truth: torch.Tensor, margin: int = BOX_MARGIN
     return (slice(None), slice(None), *slices)
 
 
-def load_model(path: Path, model_config: dict | None = None) -> BratsUNet:
+def load_model(path: Path, model_config: dict | None = None) -> BratsNet:
     """Load a model saved by ``Trainer.save`` or a FLARE persistor (``{"model": state_dict}``).
 
     FLARE's files hold weights only; their config is passed in or found in the job's run record.
@@ -655,8 +674,11 @@ def _flare_model_config(path: Path) -> dict | None:
         return None
     for component in json.loads(config.read_text()).get("components", []):
         model = component.get("args", {}).get("model")
-        if isinstance(model, dict) and model.get("path", "").endswith("BratsUNet"):
-            return model.get("args")
+        if not isinstance(model, dict):
+            continue
+        network = {c.__name__: name for name, c in NETWORKS.items()}.get(str(model.get("path")).rpartition(".")[2])
+        if network:
+            return {"network": network, **model.get("args", {})}
     return None
 
 

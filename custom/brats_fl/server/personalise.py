@@ -6,11 +6,12 @@ model keeps its initial values for the personal keys, which no site ever loads. 
 for diff transfer alike: a key that is not sent has no diff either. (FLARE's ``exclude_vars`` alone is
 not enough: it filters on the server only, after the personal weights have already left the site.)
 
-Selections: ``none`` (FedAvg), ``all`` (local-only baseline), ``head:N`` (FedPer: the last N
-convolutions from the output, with their normalisation), ``norm`` (FedBN: every normalisation key, the
-learnable scale and shift and, with batch norm, ``running_mean``, ``running_var`` and ``num_batches_tracked``),
-``stats`` (batch norm's running statistics alone, as SiloBN keeps them; what the HyperSeg Conv + BN sites keep,
-since the hypernetwork generates only learnable tensors), or a sum of these, ``head:N+norm``.
+Selections, on any of the networks (``brats_fl.seg.model.parameter_groups`` selects by module type, in the order
+inference runs the layers): ``none`` (FedAvg), ``all`` (local-only baseline), ``head:N`` (FedPer: the last N
+convolutions from the output, with their normalisation; with DynUNet its deep-supervision outputs too), ``norm`` (FedBN:
+every normalisation key, the learnable scale and shift and, with batch norm, ``running_mean``, ``running_var`` and
+``num_batches_tracked``), ``stats`` (batch norm's running statistics alone, as SiloBN keeps them; what the HyperSeg Conv
++ BN sites keep, since the hypernetwork generates only learnable tensors), or a sum of these, ``head:N+norm``.
 
 ``PersonalisedEvaluation`` runs after federated training: it sends the final global model to every site,
 which combines it with its personal layers, optionally fine-tunes, and scores the result on its own
@@ -27,14 +28,14 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from brats_fl.seg.model import BratsUNet, parameter_groups
+from brats_fl.seg.model import BratsNet, parameter_groups
 
 #: the task a site answers with its personalised model's test scores
 PERSONALISE_TASK = "personalise"
 RESULTS_FILE = Path("personalised") / "results.json"
 
 
-def personal_keys(model: BratsUNet, spec: str) -> list[str]:
+def personal_keys(model: BratsNet, spec: str) -> list[str]:
     """The personal state-dict keys of ``model`` under ``spec``; refuses an unknown spec."""
     if spec == "none":
         return []

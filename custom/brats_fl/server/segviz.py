@@ -1,10 +1,10 @@
 """SegViz (Kanhere et al.): sites that annotate different regions train one multi-head model together.
 
-The model (``BratsUNet(multi_head=True)``) has a representation block, aggregated over every site (FedAvg, or
-FedBN with its normalisation kept at the sites), and a task block with one head per region. A site trains and
-sends only the heads of the regions it annotates (``brats_fl.site.client``) and declares those regions; the server
-averages each head over the sites that sent it, weighted by their training cases, and a head that no annotating
-site sent in a round keeps its previous value. With one annotating site per region this is the paper's rule:
+The model (any network of ``brats_fl.seg.model`` with ``multi_head=True``) has a representation block, aggregated over
+every site (FedAvg, or FedBN with its normalisation kept at the sites), and a task block with one head per region. A
+site trains and sends only the heads of the regions it annotates (``brats_fl.site.client``) and declares those regions;
+the server averages each head over the sites that sent it, weighted by their training cases, and a head that no
+annotating site sent in a round keeps its previous value. With one annotating site per region this is the paper's rule:
 the head is copied from the site that owns the task.
 
 FLARE's FedAvg does not do this on its own, for two reasons. Its aggregation averages whatever keys a site sends,
@@ -24,7 +24,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.base_fedavg import _get_client_name
 
 from brats_fl.data.labels import REGIONS
-from brats_fl.seg.model import BratsUNet, parameter_groups
+from brats_fl.seg.model import BratsNet, parameter_groups
 from brats_fl.server.fedavg import DeadlineFedAvg
 from brats_fl.server.screening import ScreenedAggregator
 
@@ -34,10 +34,10 @@ ANNOTATED_META = "annotated"
 HEADS_FILE = Path("segviz") / "heads.jsonl"
 
 
-def head_keys(model: BratsUNet) -> dict[str, list[str]]:
+def head_keys(model: BratsNet) -> dict[str, list[str]]:
     """Each region's head keys of a multi-head model (REGIONS order)."""
     if not model.multi_head:
-        raise ValueError("SegViz needs a multi-head model (BratsUNet(multi_head=True))")
+        raise ValueError("SegViz needs a multi-head model (multi_head=True)")
     groups = parameter_groups(model)
     return {r: groups[f"head_{r}"] for r in REGIONS}
 

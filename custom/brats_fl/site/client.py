@@ -54,7 +54,7 @@ from brats_fl.data.datalist import SPLITS, load_datalist
 from brats_fl.data.loading import eval_loader, load_sampling_state, sampling_state
 from brats_fl.jobs import numerics
 from brats_fl.jobs.params import parse_min_volume, site_defaults
-from brats_fl.seg.model import fingerprint, parameter_groups, save_whole, state_bytes
+from brats_fl.seg.model import describe_keys, fingerprint, parameter_groups, save_whole, state_bytes
 from brats_fl.seg.postprocess import choose_min_volumes
 from brats_fl.seg.trainer import FINETUNE_SHARE, Trainer, config_from_args, make_train_loader
 from brats_fl.server.personalise import PERSONALISE_TASK, personal_keys
@@ -135,6 +135,9 @@ class Site:
         self.record["numerics"] = numerics.describe()
         self.record["device"] = {"device": str(self.trainer.device), "amp": str(self.trainer.amp_dtype)}
         self.record["personal_keys"] = sorted(self.personal)
+        #: what the site keeps, by layer: the names a reader checks against the network
+        #: (``docs/explanation/networks.md``)
+        self.record["personal_layers"] = describe_keys(self.trainer.model, sorted(self.personal))
         self.record["annotated"] = self.annotated
         #: the state to continue from is known at the first training task, which names the round
         self.to_resume = args.resume
