@@ -47,8 +47,8 @@ AMP_MODES = ("auto", "on", "off")
 #: training recipes (``brats_fl.seg.trainer.RECIPES``)
 RECIPE_NAMES = ("adam_dice", "nnunet", "brats18")
 #: whole-job settings by name, under what a user sets (``brats-fl run --preset``; docs/explanation/networks.md).
-#: brats18: NVFlare's BraTS18 example (4 sites, 600 rounds of 1 local epoch, SegResNet, 224 x 224 x 144 crops, batch 1, its recipe), for
-#: a GPU and BraTS data at 1 mm
+#: brats18: NVFlare's BraTS18 example (4 sites, 600 rounds of 1 local epoch, SegResNet, 224 x 224 x 144 crops,
+#: batch 1, its recipe), for a GPU and BraTS data at 1 mm
 PRESETS = {
     "brats18": {
         "network": "segresnet",
