@@ -38,7 +38,7 @@ KINDS = (*MODALITIES, SEG)
 PEAK_BYTES = 64 * 2**20
 #: examples per test: the fast suite's few keep it under a minute, the full suite's many search further (each example
 #: of the datalist test reads a whole tiny case)
-FAST = {"nifti": 25, "datalist": 20, "site": 40}
+FAST = {"nifti": 25, "datalist": 60, "site": 40}
 SLOW = {"nifti": 300, "datalist": 300, "site": 300}
 
 

@@ -228,13 +228,17 @@ BATCH_NORM_JOBS = {
 }
 
 
-def test_fedbn_jobs_default_to_batch_norm_and_every_other_job_to_instance_norm():
-    """Server model and sites agree on the job's own normalisation; HyperSeg Conv + BN generates the learnable
-    normalisation tensors and leaves the running statistics at the sites (``stats``)."""
+def test_fedbn_jobs_default_to_batch_norm_and_every_other_job_to_the_networks_own():
+    """Server model and sites agree on the job's own normalisation (the FedBN family's batch norm; any other job leaves
+    it to the network, the U-Net's instance norm); HyperSeg Conv + BN generates the learnable normalisation tensors and
+    leaves the running statistics at the sites (``stats``)."""
     for job in sorted(JOBS):
         configs = _configs(REPO / "jobs" / job)
         norms = set(re.findall(r'"norm": "(\w+)"', json.dumps(configs)))
-        assert norms == {"batch" if job in BATCH_NORM_JOBS else "instance"}, job
+        if job in BATCH_NORM_JOBS:
+            assert norms == {"batch"}, job
+        else:
+            assert norms <= {"instance"} and '"norm": null' in json.dumps(configs[0]), job
     server, client = _configs(REPO / "jobs" / "brats_hyperseg_conv_bn")[::-1]
     assert '"personal": "stats"' in json.dumps(client)
     generated = next(c["args"]["personal_keys"] for c in server["workflows"] if "personal_keys" in c["args"])
