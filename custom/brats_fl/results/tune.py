@@ -99,15 +99,33 @@ def storage_url(storage: str | None, out: Path) -> str:
     return storage or f"sqlite:///{(Path(out) / STUDY_FILE).resolve()}"
 
 
+#: tries at opening a database storage (``open_storage``)
+STORAGE_ATTEMPTS = 5
+
+
 def open_storage(url: str) -> Any:
     """Optuna's database storage with heartbeats (a dead worker's trial is failed, not counted for ever); SQLite
     waits for a lock rather than fail when several workers write at once."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5.1, and what a shared study needs
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
+    failed = 0
+    while True:
+        try:
+            # heartbeats are "experimental" in Optuna 5.1, and what a shared study needs
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT, grace_period=GRACE
+                )
+        except SQLAlchemyError:
+            # two workers that start at once on a new database both create its tables, and one of them loses the
+            # race (seen in the suite's two-worker test); the tables are there when it tries again
+            failed += 1
+            if failed == STORAGE_ATTEMPTS:
+                raise
+            time.sleep(failed)
 
 
 def default_pruner(total: int) -> Any:
