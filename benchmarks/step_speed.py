@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "custom"))
+sys.path[:0] = [str(REPO / "custom"), str(REPO)]
 
 from brats_fl.jobs.numerics import environment  # noqa: E402  (torch-free: the settings precede torch)
 
