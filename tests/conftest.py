@@ -11,8 +11,18 @@ import numpy as np
 import pytest
 
 MODS = ("t1", "t1ce", "t2", "flair")
+#: the test files that take minutes (POCs, a provisioned deployment, several simulations each), longest first, as
+#: measured in the suite's durations: they start first, so that the workers of ``--dist loadfile`` do not end with one
+#: of them running a long file alone while the other waits (the suite lasts as long as its busiest worker)
+LONGEST_FIRST = ("test_resume_poc.py", "test_deploy.py", "test_hung_site_poc.py", "test_tune_sim.py")
 #: one region per site, as in the SegViz paper's organs (the partially labelled sites)
 ANNOTATIONS = {"site-1": ["WT"], "site-2": ["TC"], "site-3": ["ET"]}
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Run ``LONGEST_FIRST``'s files first, in that order; the rest keep their order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def tiny_params(**settings):
