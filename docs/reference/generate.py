@@ -3,7 +3,7 @@
     PYTHONPATH=custom python docs/reference/generate.py          # rewrite docs/reference/jobs.md and cli.md
     PYTHONPATH=custom python docs/reference/generate.py --check  # exit 1 if a committed page differs
 
-``jobs.md`` comes from the parameter schema (``brats_fl.jobs.params``) and the job catalogue
+``jobs.md`` comes from the parameter schema (``brats_fl.settings.params``) and the job catalogue
 (``brats_fl.jobs.catalogue``), ``cli.md`` from the command's own parser (``brats_fl.cli.main.build_parser``).
 ``tests/docs/test_reference.py`` fails when a committed page differs from a fresh generation. Hand-written
 because no documentation tool we found renders this project's schema; argparse's own help wraps to the terminal,
@@ -68,7 +68,7 @@ def jobs_page() -> str:
     """Every job of the catalogue, what it is and which parameters it takes beyond every job's; then every parameter."""
     from brats_fl.jobs import catalogue, params
 
-    source = "`custom/brats_fl/jobs/params.py` and `custom/brats_fl/jobs/catalogue.py`"
+    source = "`custom/brats_fl/settings/params.py` and `custom/brats_fl/jobs/catalogue.py`"
     lines = [HEADER.format(source=source), "", "# Reference: jobs and parameters", ""]
     lines += [
         "Every job is one function of the job catalogue (a FLARE 2.9 recipe) and is exported into `jobs/<name>` by "

@@ -66,7 +66,8 @@ def test_fedavg_in_simulator(fedavg_run: tuple[Path, JobParams]):
 @pytest.mark.slow
 def test_same_seed_same_global_model(fedavg_run: tuple[Path, JobParams], sim_data: Path, tmp_path: Path):
     """Data loading, augmentation, initialisation and training take their seeds from the job's, and the sites' CPU
-    kernels are pinned (brats_fl.jobs.numerics): a repeat of the shared run gives the same global model, bit for bit.
+    kernels are pinned (brats_fl.settings.numerics): a repeat of the shared run gives the same global model, bit for
+    bit.
     (It did not while the server summed the updates in arrival order: one
     ulp in round 1's global model grew to 1e-3 by round 3.)"""
     workspace, params = fedavg_run

@@ -9,7 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from brats_fl.jobs.params import by_name
+from brats_fl.settings.params import by_name
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from brats_fl.cli.jobs import VERBOSE_HELP
-from brats_fl.jobs.params import by_name
 from brats_fl.results.benchmark import machine
+from brats_fl.settings.params import by_name
 
 #: where ``site_configs/simulation*.json`` look for the phantom cohort, relative to the repository
 DEFAULT_DATA = Path("data/phantom")

@@ -35,7 +35,6 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 
 from brats_fl.drills.faults import FAULTS, FaultInjection
 from brats_fl.drills.slow import SlowSite
-from brats_fl.jobs.params import HYPERNETWORK, KINDS, PARAMS, Param, by_name, unused
 from brats_fl.seg.dp import check_dp_model
 from brats_fl.seg.model import DEFAULT_CHANNELS, BratsNet, build_model, model_args
 from brats_fl.seg.trainer import TrainConfig
@@ -49,6 +48,7 @@ from brats_fl.server.scaffold import ResumableScaffold
 from brats_fl.server.screening import ScreenedAggregator, expected_shapes
 from brats_fl.server.segviz import SegVizFedAvg, TaskHeadAggregator, head_keys
 from brats_fl.server.sequential import PASS_VALIDATION_TASK, SequentialTransfer
+from brats_fl.settings.params import HYPERNETWORK, KINDS, PARAMS, Param, by_name, unused
 from brats_fl.site.executor import SiteExecutor
 from brats_fl.transfer.filters import ON_DIFFERENCES, PRIVACY, TransferManifest
 from brats_fl.version import running
@@ -90,7 +90,7 @@ def _require(ok: bool, what: str) -> None:
 
 
 class _HyperNet:
-    """The HyperSeg jobs' hypernetwork (``brats_fl.jobs.params.HYPERNETWORK``). ``warmup_rounds`` of plain FedAvg
+    """The HyperSeg jobs' hypernetwork (``brats_fl.settings.params.HYPERNETWORK``). ``warmup_rounds`` of plain FedAvg
     on all weights come first; the hypernetwork starts from them."""
 
     def __post_init__(self) -> None:
@@ -103,7 +103,7 @@ HyperNetParams.__doc__ = _HyperNet.__doc__
 
 
 class _Job:
-    """What a user tunes per run (``brats_fl.jobs.params.PARAMS`` says each parameter, its default and its rule);
+    """What a user tunes per run (``brats_fl.settings.params.PARAMS`` says each parameter, its default and its rule);
     defaults finish the README demo on 2 CPU cores in about 15 minutes.
 
     ``personal``, ``finetune_epochs`` and ``norm`` left as None take the job's own choice (FedPer keeps ``head:2``
@@ -777,7 +777,7 @@ JOBS: dict[str, Callable[[JobParams], Recipe]] = {
     "brats_scaffold": scaffold,
     "brats_ditto": ditto,
 }
-#: the kinds of parameter each job uses besides those every job does (``brats_fl.jobs.params.KINDS``); an option of
+#: the kinds of parameter each job uses besides those every job does (``brats_fl.settings.params.KINDS``); an option of
 #: another kind set for it is refused before anything runs (``refuse_unused``)
 _FEDAVG = frozenset({"personal", "deadline", "screened", "dpsgd"})
 USES: dict[str, frozenset[str]] = {
@@ -824,7 +824,7 @@ def _known(name: str) -> None:
 
 
 def refuse_unused(name: str, values: dict[str, Any]) -> None:
-    """Refuse, before anything runs, an option the user set (``brats_fl.jobs.params.add_run_options``) that job
+    """Refuse, before anything runs, an option the user set (``brats_fl.settings.params.add_run_options``) that job
     ``name`` would silently ignore."""
     _known(name)
     extra = unused(USES[name], values)

@@ -2,7 +2,7 @@
 
 With ``progress`` the simulator's output (FLARE's own and that of the site processes it starts, which inherit the
 file descriptors) goes to ``<workspace>/<job>_simulator.log`` (beside the job's folder, which the simulator empties
-when it starts), while a thread shows each site's rounds (``brats_fl.results.live``) or, ``verbose``, copies the log
+when it starts), while a thread shows each site's rounds (``brats_fl.jobs.live``) or, ``verbose``, copies the log
 to the terminal.
 """
 
@@ -17,10 +17,10 @@ from nvflare.recipe import SimEnv
 
 from brats_fl.data.datalist import SPLITS, load_datalist
 from brats_fl.data.partition import POOLED_SITE, site_names
-from brats_fl.jobs import numerics
 from brats_fl.jobs.catalogue import POOLED, SEQUENTIAL, JobParams, build, planned_rounds
+from brats_fl.jobs.live import LiveView, failure_report, read_rows
 from brats_fl.ops.policy import install_policy
-from brats_fl.results.live import LiveView, failure_report, read_rows
+from brats_fl.settings import numerics
 from brats_fl.site.config import ENV_VAR, THREADS_VAR, resolve
 
 #: seconds between two looks at the sites' rows or the log
@@ -43,7 +43,7 @@ def run_simulation(
     ``progress`` shows the rounds as they finish and keeps FLARE's output in ``<workspace>/<job>_simulator.log``
     (``verbose``: shows that output instead); without it FLARE runs in this process and prints as it likes.
     ``numerics_mode`` ``portable`` pins the sites' CPU kernels so that a seed gives the same model on every machine of
-    this kind (``brats_fl.jobs.numerics``); ``native`` lets torch choose.
+    this kind (``brats_fl.settings.numerics``); ``native`` lets torch choose.
     ``cores``: the cores the run may use (default the machine's), less where several runs share it."""
     # the sites would find it missing only inside FLARE's processes, after start-up, and say so in its log alone
     if not Path(site_config).is_file():

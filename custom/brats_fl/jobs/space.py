@@ -1,6 +1,6 @@
 """What ``brats-fl tune`` searches for each algorithm, over which ranges, and where each range comes from.
 
-Declared once, next to the parameter schema (``brats_fl.jobs.params``): every dimension is named by the
+Declared once, next to the parameter schema (``brats_fl.settings.params``): every dimension is named by the
 ``brats-fl run`` option it sets, so the schema says what the option means and checks its value, and the catalogue's
 ``USES`` says which jobs take it (a dimension of a kind of parameter, FedOpt's server rate, is searched for the jobs
 of that kind alone). Every algorithm searches the client learning rate; the jobs whose rounds end in an exchange also
@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from brats_fl.jobs.catalogue import SEQUENTIAL, USES, JobParams
-from brats_fl.jobs.params import HYPERNETWORK, PARAMS, Param, dest, from_cli
+from brats_fl.settings.params import HYPERNETWORK, PARAMS, Param, dest, from_cli
 
-#: the client learning rate per training recipe (``brats_fl.jobs.params.RECIPE_NAMES``): Adam's usual rates for 3D
+#: the client learning rate per training recipe (``brats_fl.settings.params.RECIPE_NAMES``): Adam's usual rates for 3D
 #: segmentation lie between MONAI's BraTS bundle's 1e-4 and our default 3e-3; SGD's grid in Reddi et al. (ICLR 2021)
 #: spans 10^-3..10^0, and the schema's rule keeps a rate below 1 (nnU-Net's own is 1e-2)
 CLIENT_LR: dict[str, tuple[float, float, str]] = {

@@ -189,7 +189,7 @@ def job_params(profile: Profile, algorithm: str, seed: int, partition: str = "ii
     refused."""
     from brats_fl.data.cohorts import PARTITIONS as COHORT_PARTITIONS
     from brats_fl.jobs.catalogue import USES, HyperNetParams, JobParams
-    from brats_fl.jobs.params import by_name
+    from brats_fl.settings.params import by_name
 
     job = entry_job(algorithm)
     own = VARIANTS[algorithm][1] if algorithm in VARIANTS else {}

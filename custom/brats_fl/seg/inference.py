@@ -2,8 +2,8 @@
 of a folder or datalist of cases in one process, by one model or an ensemble, optionally with flip test-time
 augmentation; and which saved models may predict at all, and at which spacing.
 
-A model trained at a coarser ``spacing`` (``brats_fl.jobs.params``) predicts at it: a site's or a central run's model
-file records it (``Trainer.save``), a FLARE global model's job configuration beside it does. Its prediction is
+A model trained at a coarser ``spacing`` (``brats_fl.settings.params``) predicts at it: a site's or a central run's
+model file records it (``Trainer.save``), a FLARE global model's job configuration beside it does. Its prediction is
 resampled back and written on the input's own grid and affine.
 
 The server's global model (``FL_global_model.pt``, FLARE's persistor file) of a job with personal layers (FedPer,

@@ -23,7 +23,7 @@ from brats_fl.data.layout import MODALITIES
 #: of the U-Net must be a multiple (``check_norm``); the one layer whose width is not one of them, the 3 logits that
 #: the single-head U-Net normalises before its last convolution, gets gcd(3, 8) = 1 group (``_set_groups``)
 NORM_GROUPS = 8
-#: MONAI's normalisation layers, by the name a job gives (``brats_fl.jobs.params.NORM_NAMES``); all with learnable
+#: MONAI's normalisation layers, by the name a job gives (``brats_fl.settings.params.NORM_NAMES``); all with learnable
 #: scale and shift, and batch norm with running statistics too (MONAI's defaults: momentum 0.1, tracked statistics).
 #: MONAI gives every layer the same arguments, so group norm is built with 1 group and given its groups per layer
 NORMS = {
@@ -47,7 +47,7 @@ class BratsNet(nn.Module):
     classifier. A head is trained, and aggregated, only where its region is annotated (``brats_fl.server.segviz``).
     """
 
-    #: the name a job gives the network (``brats_fl.jobs.params.NETWORK_NAMES``)
+    #: the name a job gives the network (``brats_fl.settings.params.NETWORK_NAMES``)
     network = ""
 
     def _build(self, make_net, features: int, channels: Sequence[int]) -> None:
@@ -301,7 +301,7 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     return out
 
 
-#: the networks by the name a job gives (``brats_fl.jobs.params.NETWORK_NAMES``)
+#: the networks by the name a job gives (``brats_fl.settings.params.NETWORK_NAMES``)
 NETWORKS: dict[str, type[BratsNet]] = {c.network: c for c in (BratsUNet, BratsSegResNet, BratsDynUNet)}
 #: each network's channels per level when a job sets none: the U-Net's brats-fl default, SegResNet's 16 initial
 #: filters doubling over 4 levels (NVFlare's BraTS18 example), nnU-Net's filters for BraTS at 128³

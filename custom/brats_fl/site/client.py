@@ -52,8 +52,6 @@ from torch.utils.data import DataLoader
 from brats_fl.data.checks import CHECKED
 from brats_fl.data.datalist import SPLITS, load_datalist
 from brats_fl.data.loading import eval_loader, load_sampling_state, sampling_state
-from brats_fl.jobs import numerics
-from brats_fl.jobs.params import parse_min_volume, site_defaults
 from brats_fl.seg.model import describe_keys, fingerprint, parameter_groups, save_whole, state_bytes
 from brats_fl.seg.postprocess import choose_min_volumes
 from brats_fl.seg.trainer import FINETUNE_SHARE, Trainer, config_from_args, make_train_loader
@@ -62,6 +60,8 @@ from brats_fl.server.privacy import PRIVACY_META
 from brats_fl.server.schedule import ROUND_LR
 from brats_fl.server.segviz import ANNOTATED_META, head_keys
 from brats_fl.server.sequential import PASS_VALIDATION_TASK
+from brats_fl.settings import numerics
+from brats_fl.settings.params import parse_min_volume, site_defaults
 from brats_fl.site.algorithms import Ditto, FedProx, Scaffold
 from brats_fl.site.config import resolve
 from brats_fl.site.executor import CONFIG_KEY
@@ -73,7 +73,7 @@ KEEP_ROUNDS = 2
 
 def site_args(config: dict) -> argparse.Namespace:
     """The job's site configuration (``SiteExecutor``'s ``config``) over the defaults the parameter schema gives
-    (``brats_fl.jobs.params.site_defaults``); an unknown key is refused, naming it."""
+    (``brats_fl.settings.params.site_defaults``); an unknown key is refused, naming it."""
     defaults = site_defaults()
     unknown = sorted(set(config) - set(defaults))
     if unknown:
