@@ -13,10 +13,9 @@ import torch
 from brats_fl.cli.main import main
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
+from brats_fl.protocol import DONE_FILE, RUN_RECORD
 from brats_fl.results.benchmark import model_hashes
 from brats_fl.results.report import summarise_run
-from brats_fl.server.run_record import RUN_RECORD
-from brats_fl.site.client import DONE_FILE
 from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[2]

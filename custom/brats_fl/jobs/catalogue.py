@@ -35,19 +35,20 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 
 from brats_fl.drills.faults import FAULTS, FaultInjection
 from brats_fl.drills.slow import SlowSite
+from brats_fl.protocol import PASS_VALIDATION_TASK, PERSONALISE_TASK
 from brats_fl.seg.dp import check_dp_model
-from brats_fl.seg.model import DEFAULT_CHANNELS, BratsNet, build_model, model_args
+from brats_fl.seg.model import DEFAULT_CHANNELS, BratsNet, build_model, head_keys, model_args, personal_keys
 from brats_fl.seg.trainer import TrainConfig
 from brats_fl.server.fedavg import DeadlineFedAvg
 from brats_fl.server.fedopt import FedOptController
 from brats_fl.server.hyperseg import VARIANTS, HyperSegController
-from brats_fl.server.personalise import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
+from brats_fl.server.personalise import PersonalisedEvaluation
 from brats_fl.server.privacy import PrivacyLedger, check_budget, projected_epsilon
 from brats_fl.server.run_record import RunRecord
 from brats_fl.server.scaffold import ResumableScaffold
 from brats_fl.server.screening import ScreenedAggregator, expected_shapes
-from brats_fl.server.segviz import SegVizFedAvg, TaskHeadAggregator, head_keys
-from brats_fl.server.sequential import PASS_VALIDATION_TASK, SequentialTransfer
+from brats_fl.server.segviz import SegVizFedAvg, TaskHeadAggregator
+from brats_fl.server.sequential import SequentialTransfer
 from brats_fl.settings.params import HYPERNETWORK, KINDS, PARAMS, Param, by_name, unused
 from brats_fl.site.executor import SiteExecutor
 from brats_fl.transfer.filters import ON_DIFFERENCES, PRIVACY, TransferManifest

@@ -40,15 +40,10 @@ from pathlib import Path
 import torch
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
+from brats_fl.protocol import HYPERNETWORK_FILE, RESUME_FILE, SCAFFOLD_FILE, SEQUENTIAL_META, SERVER_OPTIMIZER_FILE
 from brats_fl.server.fedavg import rounds_left
-from brats_fl.server.fedopt import STATE_FILE as SERVER_OPTIMIZER_FILE
-from brats_fl.server.hyperseg import STATE_FILE as HYPERNETWORK_FILE
 from brats_fl.server.hyperseg import HyperSegController
-from brats_fl.server.scaffold import STATE_FILE as SCAFFOLD_FILE
-from brats_fl.server.sequential import SEQUENTIAL_META
 
-#: the server's last global model, as the resumed job carries it in its custom folder
-RESUME_FILE = "resume_global_model.pt"
 FEDOPT = "brats_fl.server.fedopt.FedOptController"
 HYPERSEG = "brats_fl.server.hyperseg.HyperSegController"
 SCAFFOLD = "brats_fl.server.scaffold.ResumableScaffold"

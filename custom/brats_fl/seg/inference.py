@@ -35,13 +35,14 @@ from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import REGIONS, regions_to_labels
 from brats_fl.data.layout import MODALITIES, Case, find_cases, read_case
 from brats_fl.data.loading import inference_transforms
+from brats_fl.protocol import SITE_FOLDER, SITE_MODEL_FILE
 from brats_fl.seg.postprocess import remove_small_components
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
 
 #: where a site keeps the model it ends with, its personal layers included (``brats_fl.site.client``)
-SITE_MODEL = Path("<site workspace>") / "<job id>" / "brats_fl" / "personalised_model.pt"
+SITE_MODEL = Path("<site workspace>") / "<job id>" / SITE_FOLDER / SITE_MODEL_FILE
 #: the same in FLARE's simulator
-SIMULATED_SITE_MODEL = Path("<workspace>") / "<site>" / "simulate_job" / "brats_fl" / "personalised_model.pt"
+SIMULATED_SITE_MODEL = Path("<workspace>") / "<site>" / "simulate_job" / SITE_FOLDER / SITE_MODEL_FILE
 
 
 class UntrainedLayersError(ValueError):

@@ -418,6 +418,37 @@ def parameter_groups(model: BratsNet, head_layers: int = 1) -> dict[str, list[st
     return groups
 
 
+def personal_keys(model: BratsNet, spec: str) -> list[str]:
+    """The personal state-dict keys of ``model`` under ``spec`` (what stays at a site: the site leaves them out of
+    what it loads and sends, ``brats_fl.server.personalise`` says why); refuses an unknown spec. Here, without FLARE,
+    because the site, the server and the job catalogue all select by it."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(model.state_dict())
+    keys: set[str] = set()
+    for part in spec.split("+"):
+        name, _, count = part.partition(":")
+        if name in ("norm", "stats") and not count:
+            keys |= set(parameter_groups(model)[name])
+        elif name == "head" and count.isdigit() and int(count) > 0:
+            keys |= set(parameter_groups(model, head_layers=int(count))["head"])
+        else:
+            raise ValueError(
+                f"unknown personal-key selection {spec!r}; use none, all, head:N, norm, stats or a sum (head:N+norm)"
+            )
+    return [k for k in model.state_dict() if k in keys]
+
+
+def head_keys(model: BratsNet) -> dict[str, list[str]]:
+    """Each region's head keys of a multi-head model (REGIONS order): what a SegViz site trains and sends for the
+    regions it annotates, and what the server averages per region (``brats_fl.server.segviz``)."""
+    if not model.multi_head:
+        raise ValueError("SegViz needs a multi-head model (multi_head=True)")
+    groups = parameter_groups(model)
+    return {r: groups[f"head_{r}"] for r in REGIONS}
+
+
 def describe_keys(model: nn.Module, keys: Sequence[str]) -> list[str]:
     """The layers that hold ``keys``, as ``name (type)``: what a site keeps, in words a reader can check."""
     wanted = set(keys)

@@ -39,13 +39,12 @@ from typing import Any
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
+from brats_fl.protocol import SERVER_OPTIMIZER_FILE
 from brats_fl.seg.model import save_whole
 from brats_fl.server.fedavg import DeadlineFedAvg, resume_folder
 
 #: the server optimisers of Algorithm 2, by the name of the job's rule for v_t
 RULES = ("adagrad", "yogi", "adam")
-#: the server optimiser's moments after the last round, beside the global model in the server's app folder
-STATE_FILE = "server_optimizer.pt"
 
 
 class ServerOptimizer:
@@ -127,8 +126,8 @@ class FedOptController(DeadlineFedAvg):
         parameter_keys: the model's parameters (``model.named_parameters()``), which take the step; every other
             key is averaged.
         resume_from: with ``resume``, the interrupted run's last global model; the optimiser's moments of the same
-            round (``STATE_FILE``, saved after every round) lie beside it. Relative: bundled into the job's custom
-            folder (``brats_fl.jobs.resume``).
+            round (``SERVER_OPTIMIZER_FILE``, saved after every round) lie beside it. Relative: bundled into the
+            job's custom folder (``brats_fl.jobs.resume``).
     """
 
     def __init__(
@@ -161,7 +160,7 @@ class FedOptController(DeadlineFedAvg):
     def _restore(self, done: int) -> None:
         if not self.resume_from:
             raise ValueError("asked to resume FedOpt without resume_from: its server optimiser's moments are needed")
-        path = resume_folder(self.get_app_dir(), self.resume_from) / STATE_FILE
+        path = resume_folder(self.get_app_dir(), self.resume_from) / SERVER_OPTIMIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: asked to resume, but no server optimiser state was saved there")
         state = torch.load(path, map_location="cpu")
@@ -181,7 +180,7 @@ class FedOptController(DeadlineFedAvg):
         # the moments first: a server that dies between the two saves leaves them a round ahead of the global model,
         # which a resumption refuses
         state = {"round": self.current_round, "optimizer": self._optimizer.state_dict()}
-        save_whole(state, Path(self.get_app_dir()) / STATE_FILE)
+        save_whole(state, Path(self.get_app_dir()) / SERVER_OPTIMIZER_FILE)
         new = FLModel(params=params, params_type=ParamsType.FULL, meta=aggr_result.meta, metrics=aggr_result.metrics)
         # FedAvg's own update: the new model becomes the global one in FLARE's context, for persistor and screening
         return super().update_model(model, new)

@@ -44,15 +44,14 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.model_controller import ModelController
 from torch import nn
 
+from brats_fl.protocol import HYPERNETWORK_FILE, PERSONALISE_TASK, PERSONALISED_RESULTS
 from brats_fl.seg.model import save_whole
 from brats_fl.server.fedavg import resume_folder
-from brats_fl.server.personalise import PERSONALISE_TASK, RESULTS_FILE
 from brats_fl.server.schedule import check_schedule, set_round_lr
 from brats_fl.server.screening import check_settings, expected_shapes, record_round, screen_updates
 
 DESCRIPTORS = ("onehot", "embedding")
 OPTIMISERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-STATE_FILE = "hypernetwork.pt"
 #: the personal-key selections HyperSeg's variants use: the last convolution, or it and every normalisation layer
 VARIANTS = {"conv": "head:1", "conv_bn": "head:1+norm"}
 
@@ -182,7 +181,7 @@ class HyperSegController(ModelController):
         )
         self.optimiser = OPTIMISERS[self.hn_optimizer](self.net.parameters(), lr=self.hn_lr)
         done = (model.meta or {}).get(AppConstants.CURRENT_ROUND)
-        start = self._restore(self._resume_folder() / STATE_FILE, done) if self.resume_from else 0
+        start = self._restore(self._resume_folder() / HYPERNETWORK_FILE, done) if self.resume_from else 0
         for rnd in range(start, self.num_rounds):
             use_net = rnd >= self.warmup_rounds
             personal = {s: self._generate(i) if use_net else initial for i, s in enumerate(self.sites)}
@@ -299,7 +298,7 @@ class HyperSegController(ModelController):
             "net": self.net.state_dict(),
             "optimiser": self.optimiser.state_dict(),
         }
-        save_whole(state, Path(self.get_app_dir()) / STATE_FILE)
+        save_whole(state, Path(self.get_app_dir()) / HYPERNETWORK_FILE)
 
     def _resume_folder(self) -> Path:
         """Where the checkpoint to resume from lies: a relative ``resume_from`` was bundled into the job's custom
@@ -328,6 +327,6 @@ class HyperSegController(ModelController):
         missing = sorted(set(self.sites) - set(scores))
         if missing:
             self.warning(f"no personalised test scores from {missing}")
-        path = Path(self.get_run_dir()) / RESULTS_FILE
+        path = Path(self.get_run_dir()) / PERSONALISED_RESULTS
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(sorted(scores.items())), indent=1))

@@ -17,11 +17,9 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.scaffold import Scaffold
 
+from brats_fl.protocol import SCAFFOLD_FILE
 from brats_fl.seg.model import save_whole
 from brats_fl.server.fedavg import resume_folder, rounds_left
-
-#: the global control variate c after the last round, beside the global model in the server's app folder
-STATE_FILE = "scaffold_controls.pt"
 
 
 class ResumableScaffold(Scaffold):
@@ -29,7 +27,7 @@ class ResumableScaffold(Scaffold):
 
     Args:
         resume_from: the interrupted run's last global model (the persistor's initial checkpoint); c of the same
-            round (``STATE_FILE``) lies beside it. Relative: bundled into the job's custom folder
+            round (``SCAFFOLD_FILE``) lies beside it. Relative: bundled into the job's custom folder
             (``brats_fl.jobs.resume``). None: a run from the start, c = 0.
     """
 
@@ -47,7 +45,7 @@ class ResumableScaffold(Scaffold):
             self.info(f"resuming: rounds {self.start_round} to {self.start_round + self.num_rounds - 1} are left")
 
     def _restore(self, done: int) -> dict[str, torch.Tensor]:
-        path = resume_folder(self.get_app_dir(), self.resume_from) / STATE_FILE
+        path = resume_folder(self.get_app_dir(), self.resume_from) / SCAFFOLD_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: asked to resume SCAFFOLD, but no global control variate was saved there")
         state = torch.load(path, map_location="cpu")
@@ -60,5 +58,5 @@ class ResumableScaffold(Scaffold):
     def save_model(self, model: FLModel) -> None:
         """c first, then FLARE's persistor saves the global model (FLARE's ``Scaffold`` updates c before saving)."""
         controls = {k: torch.as_tensor(v).clone() for k, v in self._global_ctrl_weights.items()}
-        save_whole({"round": self.current_round, "controls": controls}, Path(self.get_app_dir()) / STATE_FILE)
+        save_whole({"round": self.current_round, "controls": controls}, Path(self.get_app_dir()) / SCAFFOLD_FILE)
         super().save_model(model)
