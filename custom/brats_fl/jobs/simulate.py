@@ -17,8 +17,9 @@ from nvflare.recipe import SimEnv
 
 from brats_fl.data.datalist import SPLITS, load_datalist
 from brats_fl.data.partition import POOLED_SITE, site_names
-from brats_fl.jobs.catalogue import POOLED, SEQUENTIAL, JobParams, build, planned_rounds
+from brats_fl.jobs.catalogue import JobParams, build, planned_rounds
 from brats_fl.jobs.live import LiveView, failure_report, read_rows
+from brats_fl.jobs.registry import get_job
 from brats_fl.ops.policy import install_policy
 from brats_fl.settings import numerics
 from brats_fl.site.config import ENV_VAR, THREADS_VAR, resolve
@@ -48,11 +49,12 @@ def run_simulation(
     # the sites would find it missing only inside FLARE's processes, after start-up, and say so in its log alone
     if not Path(site_config).is_file():
         raise FileNotFoundError(f"{site_config}: site configuration does not exist")
-    sites = 1 if name in POOLED else params.sites
+    job = get_job(name)
+    sites = 1 if job.pooled else params.sites
     root = Path(workspace).resolve()
     check_site_data(name, site_names(sites), Path(site_config), root, params.final_split)
     # inherited by the simulator's site processes, which share this machine's cores
-    training_at_once = 1 if name in SEQUENTIAL else sites
+    training_at_once = 1 if job.sequential else sites
     threads = max(1, (cores or os.cpu_count() or 1) // training_at_once)
     settings = {ENV_VAR: str(Path(site_config).resolve()), THREADS_VAR: str(threads)}
     settings |= numerics.environment(numerics_mode)
@@ -79,7 +81,7 @@ def check_site_data(name: str, sites: list[str], site_config: Path, workspace: P
     datalist lacks a split the job uses; otherwise the site would fail only after FLARE's start-up, and say why in its
     own log alone. Each site's data is resolved by the site's own code (``brats_fl.site.config.resolve``) and its
     datalist read as the site reads it, without the per-file data checks, which the site runs at its start."""
-    pooled = POOLED_SITE if name in POOLED else None
+    pooled = POOLED_SITE if get_job(name).pooled else None
     for site in sites:
         data = resolve(site, pooled, workspace=workspace / name / site, config=site_config)
         datalist = load_datalist(data.datalist, data.data_root, check=False)

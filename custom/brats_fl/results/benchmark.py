@@ -25,14 +25,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-#: every job of ``brats_fl.jobs.catalogue.JOBS`` but the SegViz ones, which need partially annotated sites and are
-#: compared on their own terms (``brats-fl compare``); a test keeps this list equal to the catalogue's
-ALGORITHMS: tuple[str, ...] = (
-    "brats_central", "brats_local", "brats_fedavg", "brats_fedavg_ft", "brats_fedper", "brats_fedbn",
-    "brats_fedbn_ft", "brats_cyclic", "brats_swt", "brats_hyperseg_conv", "brats_hyperseg_conv_bn",
-    "brats_hyperseg_conv_bn_emb", "brats_fedprox", "brats_scaffold", "brats_fedadam", "brats_fedyogi",
-    "brats_fedadagrad", "brats_ditto",
-)  # fmt: skip
+from brats_fl.jobs.registry import JOBS
+
+#: the jobs the benchmark compares (``brats_fl.jobs.registry.Job.benchmark``)
+ALGORITHMS: tuple[str, ...] = tuple(name for name, job in JOBS.items() if job.benchmark)
 #: entries that run one of those jobs with settings of its own, so that a pair differs in the one thing it compares
 #: (issue 38, item 4): entry -> (job, settings over the profile's). The default rows stay: FedAvg on instance norm,
 #: SCAFFOLD with Adam, every job on the profile's recipe
@@ -187,15 +183,16 @@ def job_params(profile: Profile, algorithm: str, seed: int, partition: str = "ii
     (``VARIANTS``), the partition's number of sites, and the run's seed. An entry's setting its job does not use is
     refused."""
     from brats_fl.data.cohorts import PARTITIONS as COHORT_PARTITIONS
-    from brats_fl.jobs.catalogue import USES, HyperNetParams, JobParams
+    from brats_fl.jobs.catalogue import HyperNetParams, JobParams
     from brats_fl.settings.params import by_name
 
     job = entry_job(algorithm)
     own = VARIANTS[algorithm][1] if algorithm in VARIANTS else {}
-    unused = sorted(k for k in own if by_name(k).uses not in (None, *USES[job]))
+    uses = (None, *JOBS[job].uses)
+    unused = sorted(k for k in own if by_name(k).uses not in uses)
     if unused:
         raise ValueError(f"benchmark entry {algorithm}: {job} does not use {unused}")
-    kept = {k: v for k, v in profile.params.items() if by_name(k).uses in (None, *USES[job])}
+    kept = {k: v for k, v in profile.params.items() if by_name(k).uses in uses}
     sites = COHORT_PARTITIONS[partition].n_sites
     return JobParams(**kept | own, sites=sites, seed=seed, hypernetwork=HyperNetParams())
 

@@ -24,18 +24,14 @@ from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import DISPLAY_ORDER
 from brats_fl.data.layout import MODALITIES, SEG, find_cases
 from brats_fl.data.loading import eval_loader
+from brats_fl.jobs.registry import JOBS
 from brats_fl.protocol import SITE_FOLDER, SITE_MODEL_FILE, SITE_RECORD
 from brats_fl.results.report import markdown_table
 from brats_fl.seg.model import fingerprint
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
 
-#: scheme names of the SegViz jobs, as in the paper's tables
-SCHEMES = {
-    "brats_segviz_local": "Baseline (single-task)",
-    "brats_segviz_central": "Central (naive pooling)",
-    "brats_segviz_fedavg": "FedAvg",
-    "brats_segviz_fedbn": "FedBN",
-}
+#: scheme names of the SegViz jobs, as in the paper's tables (``brats_fl.jobs.registry.Job.scheme``)
+SCHEMES = {name: job.scheme for name, job in JOBS.items() if job.scheme}
 BASELINE, CENTRAL = SCHEMES["brats_segviz_local"], SCHEMES["brats_segviz_central"]
 
 
