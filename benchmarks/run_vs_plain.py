@@ -38,8 +38,8 @@ def plain(site_config: Path, rounds: int, local_epochs: int) -> dict:
     """The plain loop, in this process: the same sites, cases, pipeline, model and steps as the run's."""
     import torch
     from brats_fl.data.datalist import load_datalist
-    from brats_fl.jobs.numerics import environment
     from brats_fl.seg.trainer import TrainConfig, Trainer, make_train_loader
+    from brats_fl.settings.numerics import environment
     from brats_fl.site.config import resolve
 
     os.environ.update(environment("portable"))

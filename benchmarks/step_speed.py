@@ -2,7 +2,7 @@
 
     python benchmarks/step_speed.py [--threads 1] [--steps 24] [--patch 48] [--spacing 2]
 
-Run under the jobs' numerics (``brats_fl.jobs.numerics``, ``portable``: AVX2 kernels), set before torch starts, as a
+Run under the jobs' numerics (``brats_fl.settings.numerics``, ``portable``: AVX2 kernels), set before torch starts, as a
 site's process has them. Every variant trains the same U-Net (the job's default channels) at the same batch, and is
 measured in alternating blocks against the bare step, so that load from elsewhere lands on both:
 
@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "custom"), str(REPO)]
 
-from brats_fl.jobs.numerics import environment  # noqa: E402  (torch-free: the settings precede torch)
+from brats_fl.settings.numerics import environment  # noqa: E402  (torch-free: the settings precede torch)
 
 os.environ.update(environment("portable"))
 

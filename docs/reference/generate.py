@@ -3,7 +3,7 @@
     PYTHONPATH=custom python docs/reference/generate.py          # rewrite docs/reference/jobs.md and cli.md
     PYTHONPATH=custom python docs/reference/generate.py --check  # exit 1 if a committed page differs
 
-``jobs.md`` comes from the parameter schema (``brats_fl.jobs.params``) and the job catalogue
+``jobs.md`` comes from the parameter schema (``brats_fl.settings.params``) and the job catalogue
 (``brats_fl.jobs.catalogue``), ``cli.md`` from the command's own parser (``brats_fl.cli.main.build_parser``).
 ``tests/docs/test_reference.py`` fails when a committed page differs from a fresh generation. Hand-written
 because no documentation tool we found renders this project's schema; argparse's own help wraps to the terminal,
@@ -66,12 +66,14 @@ def _param_rows(params: tuple) -> Iterator[str]:
 
 def jobs_page() -> str:
     """Every job of the catalogue, what it is and which parameters it takes beyond every job's; then every parameter."""
-    from brats_fl.jobs import catalogue, params
+    from brats_fl.jobs import catalogue, registry
+    from brats_fl.settings import params
 
-    source = "`custom/brats_fl/jobs/params.py` and `custom/brats_fl/jobs/catalogue.py`"
+    source = "`custom/brats_fl/settings/params.py` and `custom/brats_fl/jobs/` (`registry.py`, `catalogue.py`)"
     lines = [HEADER.format(source=source), "", "# Reference: jobs and parameters", ""]
     lines += [
-        "Every job is one function of the job catalogue (a FLARE 2.9 recipe) and is exported into `jobs/<name>` by "
+        "Every job is declared once in the job registry, built by one function of the job catalogue (a FLARE 2.9 "
+        "recipe) and exported into `jobs/<name>` by "
         "`brats-fl export-jobs`; `brats-fl run <job>` runs it in FLARE's simulator with the options below. An option "
         "of a kind of parameter that a job does not use is refused before anything runs, naming the job and the "
         "option.",
@@ -81,22 +83,20 @@ def jobs_page() -> str:
         "| job | what it is | how it trains | parameters beyond every job's |",
         "|---|---|---|---|",
     ]
-    for name, build in catalogue.JOBS.items():
-        if name in catalogue.POOLED:
+    for name, job in registry.JOBS.items():
+        if job.pooled:
             how = "one site, pooled datalist `site-All`"
-        elif name in catalogue.SEQUENTIAL:
-            passes = catalogue.SEQUENTIAL[name]
-            how = f"one site at a time, {passes} pass{'es' if passes > 1 else ''} by default"
+        elif job.passes is not None:
+            how = f"one site at a time, {job.passes} pass{'es' if job.passes > 1 else ''} by default"
         else:
             how = "every site each round"
-        kinds = sorted(catalogue.USES[name])
-        own = ", ".join(f"[{k}](#{k})" for k in kinds) or "none"
-        lines.append(f"| `{name}` | {_cell(inspect.getdoc(build))} | {how} | {own} |")
+        own = ", ".join(f"[{k}](#{k})" for k in sorted(job.uses)) or "none"
+        lines.append(f"| `{name}` | {_cell(inspect.getdoc(catalogue.builder(name)))} | {how} | {own} |")
     common = tuple(p for p in params.PARAMS if p.uses is None)
     lines += ["", "## Parameters every job takes", "", *_table_head(), *_param_rows(common)]
     lines += ["", "## Parameters of some jobs", ""]
     for kind, words in params.KINDS.items():
-        jobs = ", ".join(f"`{n}`" for n in catalogue.JOBS if kind in catalogue.USES[n]) or "none"
+        jobs = ", ".join(f"`{n}`" for n, job in registry.JOBS.items() if kind in job.uses) or "none"
         group = tuple(p for p in (*params.PARAMS, *params.HYPERNETWORK) if p.uses == kind)
         used = f"{words[0].upper()}{words[1:]}: {jobs}." if words not in jobs else f"Used by {jobs}."
         lines += [f"### {kind}", "", used, "", *_table_head(), *_param_rows(group), ""]
@@ -162,7 +162,7 @@ def _option_rows(parser: argparse.ArgumentParser, skip: set[str]) -> Iterator[st
 def cli_page() -> str:
     """Every ``brats-fl`` subcommand, its options, their defaults and help."""
     from brats_fl.cli.main import build_parser
-    from brats_fl.jobs import params
+    from brats_fl.settings import params
 
     parser = build_parser()
     schema = {params.dest(p) for p in (*params.PARAMS, *params.HYPERNETWORK) if p.flag}

@@ -30,8 +30,8 @@ def test_committed_page_is_current(generate, name):
 
 def test_pages_name_every_job_parameter_and_command(generate):
     from brats_fl.cli.main import build_parser
-    from brats_fl.jobs.catalogue import JOBS
-    from brats_fl.jobs.params import HYPERNETWORK, PARAMS
+    from brats_fl.jobs.registry import JOBS
+    from brats_fl.settings.params import HYPERNETWORK, PARAMS
 
     jobs, cli = generate.jobs_page(), generate.cli_page()
     assert all(f"| `{name}` |" in jobs for name in JOBS)

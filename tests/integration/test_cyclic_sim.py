@@ -10,10 +10,10 @@ import pytest
 import torch
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
+from brats_fl.protocol import VISITS_FILE
 from brats_fl.results.report import summarise_run
 from brats_fl.seg.model import fingerprint, state_bytes
 from brats_fl.seg.trainer import poly_lr
-from brats_fl.server.sequential import VISITS_FILE
 from conftest import tiny_params
 
 SITES = ["site-1", "site-2", "site-3"]

@@ -13,7 +13,7 @@ from brats_fl.data.datalist import load_datalist
 from brats_fl.data.loading import eval_loader
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.seg.inference import load_for_inference
-from brats_fl.server.personalise import personal_keys
+from brats_fl.seg.model import personal_keys
 from conftest import tiny_params
 
 SITES = ("site-1", "site-2", "site-3")

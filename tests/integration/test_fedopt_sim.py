@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from brats_fl.jobs.simulate import run_simulation
-from brats_fl.server.personalise import RESULTS_FILE
-from brats_fl.server.run_record import RUN_RECORD
-from brats_fl.server.screening import RECORD_FILE
+from brats_fl.protocol import PERSONALISED_RESULTS, RUN_RECORD, SCREENING_FILE
 from conftest import tiny_params
 
 SITES = ("site-1", "site-2", "site-3")
@@ -65,11 +63,11 @@ def test_fedyogi_global_model_is_the_server_step_on_the_averaged_update(sim_data
         moved += not torch.allclose(final[k], average[k], atol=1e-4)
     assert moved > len(final) // 2, f"only {moved} of {len(final)} keys differ from FedAvg's average"
 
-    rows = [json.loads(line) for line in (server / RECORD_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (server / SCREENING_FILE).read_text().splitlines()]
     assert [(r["round"], sorted(r["averaged"]), r["refused"]) for r in rows] == [
         (0, list(SITES), {}),
         (1, list(SITES), {}),
     ]
-    assert set(json.loads((server / RESULTS_FILE).read_text())) == set(SITES)
+    assert set(json.loads((server / PERSONALISED_RESULTS).read_text())) == set(SITES)
     record = json.loads((server / RUN_RECORD).read_text())
     assert record["job"] == "brats_fedyogi" and record["finished"]

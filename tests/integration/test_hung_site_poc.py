@@ -30,10 +30,9 @@ from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.export import export_jobs
 from brats_fl.ops import deploy
+from brats_fl.protocol import PERSONALISED_RESULTS as PERSONALISED_FILE
+from brats_fl.protocol import SCREENING_FILE, VISITS_FILE
 from brats_fl.seg.model import fingerprint
-from brats_fl.server.personalise import RESULTS_FILE as PERSONALISED_FILE
-from brats_fl.server.screening import RECORD_FILE
-from brats_fl.server.sequential import VISITS_FILE
 from conftest import tiny_params
 
 SITES = ["site-1", "site-2", "site-3"]
@@ -114,7 +113,7 @@ def test_fedavg_with_a_quorum_closes_its_rounds_without_the_hung_site(poc: deplo
         meta = sess.wait_for_job(job_id, timeout=600, poll_interval=2)
         folder = Path(sess.download_job_result(job_id, str(tmp_path / "result")))
     assert meta["status"] == "FINISHED:COMPLETED", meta
-    rows = [json.loads(line) for line in (folder / "workspace" / RECORD_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "workspace" / SCREENING_FILE).read_text().splitlines()]
     assert [(r["round"], sorted(r["averaged"])) for r in rows] == [(r, ["site-1", "site-2"]) for r in range(2)]
     scores = json.loads((folder / "workspace" / PERSONALISED_FILE).read_text())
     assert sorted(scores) == ["site-1", "site-2"]

@@ -11,8 +11,8 @@ import torch
 from brats_fl.jobs.catalogue import HyperNetParams, JobParams
 from brats_fl.jobs.resume import checkpoint_round
 from brats_fl.jobs.simulate import run_simulation
+from brats_fl.protocol import HYPERNETWORK_FILE
 from brats_fl.results.report import summarise_run
-from brats_fl.server.hyperseg import STATE_FILE
 from conftest import tiny_params
 
 SITES = ["site-1", "site-2", "site-3"]
@@ -72,7 +72,7 @@ def test_hyperseg_round_follows_the_pfedhn_rule(sim_data: Path, tmp_path: Path):
 
     # the hypernetwork is kept with the global model; each site keeps and scores its own final model
     server = run / "server" / "simulate_job"
-    assert torch.load(server / "app_server" / STATE_FILE)["round"] == params.rounds - 1
+    assert torch.load(server / "app_server" / HYPERNETWORK_FILE)["round"] == params.rounds - 1
     assert all((r / "personalised_model.pt").is_file() for r in records.values())
     assert set(summarise_run(tmp_path)["test_per_site"]) == set(SITES)
 

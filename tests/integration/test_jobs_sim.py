@@ -13,10 +13,9 @@ import torch
 from brats_fl.cli.main import main
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
+from brats_fl.protocol import DONE_FILE, RUN_RECORD
 from brats_fl.results.benchmark import model_hashes
 from brats_fl.results.report import summarise_run
-from brats_fl.server.run_record import RUN_RECORD
-from brats_fl.site.client import DONE_FILE
 from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +65,8 @@ def test_fedavg_in_simulator(fedavg_run: tuple[Path, JobParams]):
 @pytest.mark.slow
 def test_same_seed_same_global_model(fedavg_run: tuple[Path, JobParams], sim_data: Path, tmp_path: Path):
     """Data loading, augmentation, initialisation and training take their seeds from the job's, and the sites' CPU
-    kernels are pinned (brats_fl.jobs.numerics): a repeat of the shared run gives the same global model, bit for bit.
+    kernels are pinned (brats_fl.settings.numerics): a repeat of the shared run gives the same global model, bit for
+    bit.
     (It did not while the server summed the updates in arrival order: one
     ulp in round 1's global model grew to 1e-3 by round 3.)"""
     workspace, params = fedavg_run

@@ -13,9 +13,8 @@ from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
 from brats_fl.results.report import overlay_rows, run_test_cases, summarise_run
 from brats_fl.seg.inference import untrained_layers
-from brats_fl.seg.model import fingerprint
+from brats_fl.seg.model import fingerprint, personal_keys
 from brats_fl.seg.trainer import poly_lr
-from brats_fl.server.personalise import personal_keys
 from conftest import tiny_params
 
 SITES = ("site-1", "site-2", "site-3")

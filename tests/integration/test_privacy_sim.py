@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from brats_fl.jobs.simulate import run_simulation
+from brats_fl.protocol import PRIVACY_META
 from brats_fl.results.privacy import ledger_summary
 from brats_fl.results.report import summarise_run
-from brats_fl.server.privacy import PRIVACY_META
 from conftest import tiny_params
 
 SITES = ("site-1", "site-2", "site-3")

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 from brats_fl.cli.main import main
+from brats_fl.protocol import DONE_FILE, RUN_RECORD
 from brats_fl.results.figures import BARS_SIZE, CURVES_SIZE, DPI, PAGE_WIDTH
 from brats_fl.results.report import REPORT_COLUMNS, overlay_rows, run_test_cases, summarise_run
-from brats_fl.server.run_record import RUN_RECORD
-from brats_fl.site.client import DONE_FILE
 from brats_fl.version import running
 
 REPO = Path(__file__).resolve().parents[2]

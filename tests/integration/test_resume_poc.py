@@ -35,11 +35,8 @@ from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.jobs.export import export_jobs
 from brats_fl.jobs.resume import checkpoint_round, resume_job
 from brats_fl.ops import deploy
+from brats_fl.protocol import HYPERNETWORK_FILE, SCAFFOLD_FILE, SEQUENTIAL_META, SERVER_OPTIMIZER_FILE
 from brats_fl.seg.model import fingerprint
-from brats_fl.server.fedopt import STATE_FILE as SERVER_OPTIMIZER_FILE
-from brats_fl.server.hyperseg import STATE_FILE as HYPERNETWORK_FILE
-from brats_fl.server.scaffold import STATE_FILE as SCAFFOLD_FILE
-from brats_fl.server.sequential import SEQUENTIAL_META
 from conftest import tiny_params
 
 SITES = ["site-1", "site-2"]

@@ -10,11 +10,8 @@ import pytest
 import torch
 from brats_fl.jobs.catalogue import HyperNetParams
 from brats_fl.jobs.simulate import run_simulation
+from brats_fl.protocol import DONE_FILE, RUN_RECORD, SCREENING_FILE, VISITS_FILE
 from brats_fl.seg.model import fingerprint
-from brats_fl.server.run_record import RUN_RECORD
-from brats_fl.server.screening import RECORD_FILE
-from brats_fl.server.sequential import VISITS_FILE
-from brats_fl.site.client import DONE_FILE
 from conftest import tiny_params
 
 
@@ -40,7 +37,7 @@ def test_broken_updates_are_refused_and_a_poor_round_stops_the_job(sim_data: Pat
     run = tmp_path / "brats_fedavg"
     server = run / "server" / "simulate_job"
 
-    rows = [json.loads(line) for line in (server / RECORD_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (server / SCREENING_FILE).read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     reasons = ["holds NaN", r"unexpected key\(s\) \['smuggled'\]", "has shape", "update norm .* over 10 times"]
     for row, reason in zip(rows, reasons, strict=True):
@@ -119,7 +116,7 @@ def test_hyperseg_leaves_a_refused_update_out_of_both_steps(sim_data: Path, tmp_
     )
     run = run_simulation("brats_hyperseg_conv", params, sim_data, tmp_path)
     server = run / "server" / "simulate_job"
-    rows = [json.loads(line) for line in (server / RECORD_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (server / SCREENING_FILE).read_text().splitlines()]
     assert [(r["round"], sorted(r["averaged"]), list(r["refused"])) for r in rows] == [
         (0, ["site-1", "site-3"], ["site-2"]),
         (1, ["site-1", "site-3"], ["site-2"]),

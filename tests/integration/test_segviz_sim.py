@@ -12,9 +12,10 @@ from brats_fl.data.labels import REGIONS
 from brats_fl.data.loading import eval_loader
 from brats_fl.jobs.catalogue import JobParams
 from brats_fl.jobs.simulate import run_simulation
+from brats_fl.protocol import HEADS_FILE
 from brats_fl.results.compare import compare_runs
+from brats_fl.seg.model import head_keys
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
-from brats_fl.server.segviz import HEADS_FILE, head_keys
 from conftest import ANNOTATIONS, tiny_params
 
 SITES = tuple(ANNOTATIONS)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from brats_fl.jobs.simulate import run_simulation
+from brats_fl.protocol import SCREENING_FILE
 from brats_fl.results.report import summarise_run
-from brats_fl.server.screening import RECORD_FILE
 from conftest import tiny_params
 
 SITES = ("site-1", "site-2", "site-3")
@@ -54,7 +54,7 @@ def test_rounds_close_without_the_slow_site(sim_data: Path, tmp_path: Path):
     run = run_simulation("brats_fedavg", params, sim_data, tmp_path)
     server = run / "server" / "simulate_job"
 
-    rows = [json.loads(line) for line in (server / RECORD_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (server / SCREENING_FILE).read_text().splitlines()]
     assert [(r["round"], sorted(r["averaged"]), r["refused"]) for r in rows] == [
         (rnd, ["site-1", "site-2"], {}) for rnd in range(params.rounds)
     ]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from brats_fl.cli.main import main
-from brats_fl.jobs.catalogue import JOBS, MEMORY_GC_ROUNDS, STARTUP_WAITS, JobParams, build
+from brats_fl.jobs.catalogue import MEMORY_GC_ROUNDS, STARTUP_WAITS, JobParams, build
 from brats_fl.jobs.export import export_jobs
-from brats_fl.jobs.resume import RESUME_FILE
+from brats_fl.jobs.registry import JOBS
+from brats_fl.protocol import RESUME_FILE, SEQUENTIAL_META
 from brats_fl.server.fedavg import rounds_left
-from brats_fl.server.sequential import SEQUENTIAL_META
 from brats_fl.version import mismatch, running
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ CASES = [f"case{i:02d}" for i in range(20)]
 
 
 def test_algorithms_are_the_catalogue_without_segviz():
-    from brats_fl.jobs.catalogue import JOBS
+    from brats_fl.jobs.registry import JOBS
 
     assert set(ALGORITHMS) == {j for j in JOBS if "segviz" not in j}
     assert len(ALGORITHMS) == 18

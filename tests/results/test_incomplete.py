@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from brats_fl.cli.main import main
+from brats_fl.protocol import RUN_RECORD
 from brats_fl.results.report import IncompleteRunError, find_server_run, refuse_incomplete
-from brats_fl.server.run_record import NOT_ENDED, RUN_RECORD, run_completion
+from brats_fl.server.records import NOT_ENDED, run_completion
 
 REASON = "Result from site-2 is bad, error code: TASK_ABORTED"
 

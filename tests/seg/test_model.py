@@ -5,9 +5,9 @@ import inspect
 
 import pytest
 import torch
-from brats_fl.jobs.params import NETWORK_NAMES, NORM_NAMES
 from brats_fl.seg.model import NETWORKS, NORM_GROUPS, NORMS, build_model, model_args, parameter_groups
 from brats_fl.seg.trainer import RegionLoss
+from brats_fl.settings.params import NETWORK_NAMES, NORM_NAMES
 
 SMALL = (8, 16, 32)
 

@@ -1,5 +1,5 @@
 """Predicted components smaller than a volume per region are removed, nested, with volumes chosen on validation cases
-(brats_fl.seg.postprocess) and set by the job parameter min_volume (brats_fl.jobs.params.parse_min_volume)."""
+(brats_fl.seg.postprocess) and set by the job parameter min_volume (brats_fl.settings.params.parse_min_volume)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from brats_fl.data.labels import REGIONS
-from brats_fl.jobs.params import LESION_RULE_NAMES, REGION_NAMES, parse_min_volume
 from brats_fl.seg.lesions import AUTO, RULES
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.postprocess import MIN_CASES, Choice, remove_small_components
+from brats_fl.settings.params import LESION_RULE_NAMES, REGION_NAMES, parse_min_volume
 
 TC, WT, ET = (REGIONS.index(r) for r in ("TC", "WT", "ET"))
 SHAPE = (30, 12, 12)

@@ -18,9 +18,9 @@ from brats_fl.data import loading
 from brats_fl.data.layout import MODALITIES, SEG, find_cases
 from brats_fl.data.loading import eval_loader, eval_transforms, train_loader
 from brats_fl.jobs.catalogue import JobParams, build
-from brats_fl.jobs.params import by_name
 from brats_fl.seg.inference import load_for_inference, predict_case, trained_spacing
 from brats_fl.seg.trainer import TrainConfig, Trainer
+from brats_fl.settings.params import by_name
 from brats_fl.version import code_sha256
 from conftest import write_case
 from monai.transforms import Spacing

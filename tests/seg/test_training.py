@@ -17,9 +17,9 @@ from brats_fl.data.layout import find_cases
 from brats_fl.data.loading import ANNOTATED, eval_loader, eval_transforms
 from brats_fl.data.partition import assign_sites, write_datalists
 from brats_fl.jobs.catalogue import JobParams
-from brats_fl.jobs.params import by_name
 from brats_fl.seg.inference import load_for_inference
 from brats_fl.seg.trainer import RECIPES, RegionLoss, TrainConfig, Trainer, make_train_loader, poly_lr
+from brats_fl.settings.params import by_name
 from monai.losses import DiceCELoss
 
 TINY = {

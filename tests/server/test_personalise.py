@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from brats_fl.seg.model import BratsUNet, parameter_groups
-from brats_fl.server.personalise import personal_keys
+from brats_fl.seg.model import BratsUNet, parameter_groups, personal_keys
 
 BATCH_NORM_KEYS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 from brats_fl.jobs.catalogue import JobParams, build, refuse_unused
-from brats_fl.server.privacy import NO_DP, PRIVACY_META, entries_for, projected_epsilon, summarise, svt_round_epsilon
+from brats_fl.protocol import PRIVACY_META
+from brats_fl.server.privacy import entries_for, projected_epsilon, svt_round_epsilon
+from brats_fl.server.records import NO_DP, summarise
 from brats_fl.transfer.filters import PRIVACY
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_context import FLContext

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from brats_fl.protocol import ROUND_LR
 from brats_fl.seg.trainer import poly_lr
 from brats_fl.server.fedavg import DeadlineFedAvg
-from brats_fl.server.schedule import ROUND_LR, set_round_lr
+from brats_fl.server.schedule import set_round_lr
 from brats_fl.server.sequential import SequentialTransfer
 from nvflare.app_common.abstract.fl_model import FLModel
 

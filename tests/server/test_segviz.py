@@ -12,9 +12,11 @@ from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import REGIONS
 from brats_fl.data.loading import ANNOTATED, eval_loader
 from brats_fl.jobs.catalogue import JobParams
+from brats_fl.protocol import ANNOTATED_META
+from brats_fl.seg.model import head_keys
 from brats_fl.seg.trainer import RegionLoss
 from brats_fl.server.screening import expected_shapes
-from brats_fl.server.segviz import ANNOTATED_META, TaskHeadAggregator, head_keys
+from brats_fl.server.segviz import TaskHeadAggregator
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
 
 

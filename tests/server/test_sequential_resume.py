@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from brats_fl.server.sequential import SEQUENTIAL_META, SequentialTransfer
+from brats_fl.protocol import SEQUENTIAL_META
+from brats_fl.server.sequential import SequentialTransfer
 from nvflare.app_common.abstract.fl_model import FLModel
 
 SITES = ["site-1", "site-2", "site-3"]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from brats_fl.seg.model import BratsUNet, parameter_groups
-from brats_fl.server.personalise import personal_keys
+from brats_fl.seg.model import BratsUNet, parameter_groups, personal_keys
 
 
 def test_selections_follow_the_model_groups():

@@ -1,5 +1,5 @@
 """``brats-fl benchmark``: algorithms x partitions x seeds in FLARE's simulator, and the page that compares them
-(the work: ``brats_fl.results.benchmark``); ``brats-fl tune``: one algorithm's hyperparameters tuned on validation
+(the work: ``brats_fl.results.benchmark_run``); ``brats-fl tune``: one algorithm's hyperparameters tuned on validation
 (``brats_fl.results.tune``)."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from brats_fl.jobs.params import by_name
+from brats_fl.settings.params import by_name
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from brats_fl.results.benchmark import PROFILES, run_benchmark
+    from brats_fl.results.benchmark import PROFILES
+    from brats_fl.results.benchmark_run import run_benchmark
 
     profile = PROFILES[args.profile]
     if args.lesion_rule is not None:  # every run scores its test cases by this rule (issue 39, item 4)

@@ -116,7 +116,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from brats_fl.cli.demo import prepare_data
 
-    prepare_data(args.out, cases=args.cases, sites=args.sites, shape=tuple(args.shape), seed=args.seed)
+    prepare_data(args.out, cases=args.cases, sites=args.sites, shape=tuple(args.shape), cli=args.cli, seed=args.seed)
 
 
 def _release_option(parser: argparse.ArgumentParser) -> None:

@@ -11,11 +11,12 @@ import argparse
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from brats_fl.cli.jobs import VERBOSE_HELP
-from brats_fl.jobs.params import by_name
 from brats_fl.results.benchmark import machine
+from brats_fl.settings.params import by_name
 
 #: where ``site_configs/simulation*.json`` look for the phantom cohort, relative to the repository
 DEFAULT_DATA = Path("data/phantom")
@@ -28,8 +29,13 @@ PARTITIONS = {
 }
 
 
-def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int], seed: int = 0) -> None:
-    """Phantom cohort -> data checks -> one datalist folder per partition; skips what already exists."""
+#: the ``brats-fl`` command line (``brats_fl.cli.main.main``): argv -> exit code
+Cli = Callable[[list[str]], int]
+
+
+def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int], cli: Cli, seed: int = 0) -> None:
+    """Phantom cohort -> data checks -> one datalist folder per partition, each step run by ``cli``; skips what
+    already exists."""
     data = out / "cohort"
     steps = []
     if not data.exists():
@@ -47,7 +53,7 @@ def prepare_data(out: Path, cases: int, sites: int, shape: tuple[int, int, int],
             steps.append(["partition", str(data), "--sites", str(sites), *flags, "--out", str(lists)])
     # `nvflare simulator jobs/<job> -w runs/simulator` then builds brats-fl's classes (brats_fl.ops.policy)
     steps.append(["site-policy", str(SIMULATOR_WORKSPACE)])
-    _run_steps(steps)
+    _run_steps(steps, cli)
 
 
 #: what the demo trains, chosen from measurements (``docs/tutorial.md``, "How the demo was chosen"); the README's
@@ -68,15 +74,15 @@ DEMO_RECORD = Path("benchmarks/results/demo.json")
 README_COLUMNS = ("val_loss",)
 
 
-def run_demo(workspace: Path, settings: dict, verbose: bool = False) -> dict:
-    """Run every step through the commands a user would type, so the demo exercises them; ends with the report in
-    ``<workspace>/report`` and the run's record in ``<workspace>/demo.json`` (returned).
+def run_demo(workspace: Path, settings: dict, cli: Cli, verbose: bool = False) -> dict:
+    """Run every step through the commands a user would type (``cli``), so the demo exercises them; ends with the
+    report in ``<workspace>/report`` and the run's record in ``<workspace>/demo.json`` (returned).
 
     Run from the repository root: the simulated sites read ``site_configs/simulation.json``.
     """
     start = time.perf_counter()
     shape = tuple(settings["shape"])
-    prepare_data(DEFAULT_DATA, settings["cases"], settings["sites"], shape)
+    prepare_data(DEFAULT_DATA, settings["cases"], settings["sites"], shape, cli)
     prepared = time.perf_counter() - start
     run = [
         "run", "brats_fedavg", "--sites", str(settings["sites"]), "--rounds", str(settings["rounds"]),
@@ -84,7 +90,7 @@ def run_demo(workspace: Path, settings: dict, verbose: bool = False) -> dict:
         "--workspace", str(workspace), "--site-config", "site_configs/simulation.json",
         *(["--spacing", str(settings["spacing"])] if settings["spacing"] else []), *(["--verbose"] if verbose else []),
     ]  # fmt: skip
-    _run_steps([run, ["report", str(workspace), "--out", str(workspace / "report")]])
+    _run_steps([run, ["report", str(workspace), "--out", str(workspace / "report")]], cli)
     summary = json.loads((workspace / "brats_fedavg" / "summary.json").read_text())
     record = {
         "settings": settings,
@@ -127,10 +133,8 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _run_steps(steps: list[list[str]]) -> None:
-    """Each step as ``brats-fl`` would run it; the command line is imported here, as it imports this module."""
-    from brats_fl.cli.main import main as cli
-
+def _run_steps(steps: list[list[str]], cli: Cli) -> None:
+    """Each step as ``brats-fl`` would run it."""
     for step in steps:
         print(f"\n$ brats-fl {' '.join(step)}", flush=True)
         code = cli(step)
@@ -140,7 +144,7 @@ def _run_steps(steps: list[list[str]]) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     settings = {key: getattr(args, key) for key in DEMO_SETTINGS}
-    run_demo(args.workspace, settings, verbose=args.verbose)
+    run_demo(args.workspace, settings, args.cli, verbose=args.verbose)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

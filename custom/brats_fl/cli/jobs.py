@@ -1,5 +1,5 @@
 """``brats-fl run``, ``export-jobs`` and ``resume-job``: the FLARE jobs (the work: ``brats_fl.jobs``). The options
-of ``run`` come from the parameter schema (``brats_fl.jobs.params``)."""
+of ``run`` come from the parameter schema (``brats_fl.settings.params``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from brats_fl.jobs.params import PRESETS, add_run_options, from_cli
+from brats_fl.settings.params import PRESETS, add_run_options, from_cli
 
 VERBOSE_HELP = (
     "stream FLARE's log to the terminal instead of a live progress display; the log is always written to the workspace"
@@ -127,6 +127,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         choices=("portable", "native"),
         default="portable",
         help="portable: the sites' CPU kernels are pinned to AVX2, so that a seed gives the same model on every such "
-        "machine (brats_fl.jobs.numerics); native: the fastest this CPU has",
+        "machine (brats_fl.settings.numerics); native: the fastest this CPU has",
     )
     p.set_defaults(func=_cmd_run)

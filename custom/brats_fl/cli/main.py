@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for area in (ops, data, train, jobs, results, benchmark, demo):
         area.add_commands(sub)
+    # the command line itself, for the commands that run others as a user would type them (the demo's steps), which
+    # cannot import this module: it imports them
+    parser.set_defaults(cli=main)
     return parser
 
 

@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from brats_fl.jobs.params import SITE_ONLY, by_name, parse_min_volume
+from brats_fl.settings.params import SITE_ONLY, by_name, parse_min_volume
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:

@@ -35,20 +35,22 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 
 from brats_fl.drills.faults import FAULTS, FaultInjection
 from brats_fl.drills.slow import SlowSite
-from brats_fl.jobs.params import HYPERNETWORK, KINDS, PARAMS, Param, by_name, unused
+from brats_fl.jobs.registry import get_job
+from brats_fl.protocol import PASS_VALIDATION_TASK, PERSONALISE_TASK
 from brats_fl.seg.dp import check_dp_model
-from brats_fl.seg.model import DEFAULT_CHANNELS, BratsNet, build_model, model_args
+from brats_fl.seg.model import DEFAULT_CHANNELS, BratsNet, build_model, head_keys, model_args, personal_keys
 from brats_fl.seg.trainer import TrainConfig
 from brats_fl.server.fedavg import DeadlineFedAvg
 from brats_fl.server.fedopt import FedOptController
 from brats_fl.server.hyperseg import VARIANTS, HyperSegController
-from brats_fl.server.personalise import PERSONALISE_TASK, PersonalisedEvaluation, personal_keys
+from brats_fl.server.personalise import PersonalisedEvaluation
 from brats_fl.server.privacy import PrivacyLedger, check_budget, projected_epsilon
 from brats_fl.server.run_record import RunRecord
 from brats_fl.server.scaffold import ResumableScaffold
 from brats_fl.server.screening import ScreenedAggregator, expected_shapes
-from brats_fl.server.segviz import SegVizFedAvg, TaskHeadAggregator, head_keys
-from brats_fl.server.sequential import PASS_VALIDATION_TASK, SequentialTransfer
+from brats_fl.server.segviz import SegVizFedAvg, TaskHeadAggregator
+from brats_fl.server.sequential import SequentialTransfer
+from brats_fl.settings.params import HYPERNETWORK, KINDS, PARAMS, Param, by_name, unused
 from brats_fl.site.executor import SiteExecutor
 from brats_fl.transfer.filters import ON_DIFFERENCES, PRIVACY, TransferManifest
 from brats_fl.version import running
@@ -90,7 +92,7 @@ def _require(ok: bool, what: str) -> None:
 
 
 class _HyperNet:
-    """The HyperSeg jobs' hypernetwork (``brats_fl.jobs.params.HYPERNETWORK``). ``warmup_rounds`` of plain FedAvg
+    """The HyperSeg jobs' hypernetwork (``brats_fl.settings.params.HYPERNETWORK``). ``warmup_rounds`` of plain FedAvg
     on all weights come first; the hypernetwork starts from them."""
 
     def __post_init__(self) -> None:
@@ -103,7 +105,7 @@ HyperNetParams.__doc__ = _HyperNet.__doc__
 
 
 class _Job:
-    """What a user tunes per run (``brats_fl.jobs.params.PARAMS`` says each parameter, its default and its rule);
+    """What a user tunes per run (``brats_fl.settings.params.PARAMS`` says each parameter, its default and its rule);
     defaults finish the README demo on 2 CPU cores in about 15 minutes.
 
     ``personal``, ``finetune_epochs`` and ``norm`` left as None take the job's own choice (FedPer keeps ``head:2``
@@ -753,90 +755,29 @@ def ditto(params: JobParams) -> FedAvgRecipe:
     return _fedavg("brats_ditto", params, params.sites, site=site)
 
 
-JOBS: dict[str, Callable[[JobParams], Recipe]] = {
-    "brats_central": central,
-    "brats_local": local,
-    "brats_fedavg": fedavg,
-    "brats_fedper": fedper,
-    "brats_fedbn": fedbn,
-    "brats_fedavg_ft": fedavg_ft,
-    "brats_fedbn_ft": fedbn_ft,
-    "brats_cyclic": cyclic,
-    "brats_swt": swt,
-    "brats_hyperseg_conv": hyperseg_conv,
-    "brats_hyperseg_conv_bn": hyperseg_conv_bn,
-    "brats_hyperseg_conv_bn_emb": hyperseg_conv_bn_emb,
-    "brats_segviz_fedavg": segviz_fedavg,
-    "brats_segviz_fedbn": segviz_fedbn,
-    "brats_segviz_local": segviz_local,
-    "brats_segviz_central": segviz_central,
-    "brats_fedadam": fedadam,
-    "brats_fedyogi": fedyogi,
-    "brats_fedadagrad": fedadagrad,
-    "brats_fedprox": fedprox,
-    "brats_scaffold": scaffold,
-    "brats_ditto": ditto,
-}
-#: the kinds of parameter each job uses besides those every job does (``brats_fl.jobs.params.KINDS``); an option of
-#: another kind set for it is refused before anything runs (``refuse_unused``)
-_FEDAVG = frozenset({"personal", "deadline", "screened", "dpsgd"})
-USES: dict[str, frozenset[str]] = {
-    "brats_central": frozenset({"screened", "deadline", "dpsgd"}),
-    "brats_local": frozenset({"screened", "deadline", "dpsgd"}),
-    "brats_fedavg": _FEDAVG,
-    "brats_fedper": _FEDAVG,
-    "brats_fedbn": _FEDAVG,
-    "brats_fedavg_ft": _FEDAVG | {"finetune"},
-    "brats_fedbn_ft": _FEDAVG | {"finetune"},
-    "brats_cyclic": frozenset({"screened", "sequential"}),
-    "brats_swt": frozenset({"screened", "sequential"}),
-    "brats_hyperseg_conv": frozenset({"screened", "hypernetwork"}),
-    "brats_hyperseg_conv_bn": frozenset({"screened", "hypernetwork"}),
-    "brats_hyperseg_conv_bn_emb": frozenset({"screened", "hypernetwork"}),
-    # SegViz's loss normalises over a batch's annotated regions, which couples the cases: no DP-SGD
-    "brats_segviz_fedavg": (_FEDAVG - {"dpsgd"}) | {"finetune", "sampling"},
-    "brats_segviz_fedbn": (_FEDAVG - {"dpsgd"}) | {"finetune", "sampling"},
-    "brats_segviz_local": frozenset({"screened", "deadline"}),
-    "brats_segviz_central": frozenset({"screened", "deadline"}),
-    "brats_fedadam": frozenset({"screened", "deadline", "fedopt", "fedopt_beta2", "dpsgd"}),
-    "brats_fedyogi": frozenset({"screened", "deadline", "fedopt", "fedopt_beta2", "dpsgd"}),
-    "brats_fedadagrad": frozenset({"screened", "deadline", "fedopt", "dpsgd"}),
-    "brats_fedprox": (_FEDAVG - {"dpsgd"}) | {"fedprox"},
-    "brats_scaffold": frozenset(),  # FLARE's Scaffold controller aggregates unscreened
-    "brats_ditto": frozenset({"screened", "deadline", "ditto"}),
-}
-# --round-timeout bounds the rounds of every job whose server may close a round early, and HyperSeg's
-USES = {name: kinds | {"timeout"} if kinds & {"deadline", "hypernetwork"} else kinds for name, kinds in USES.items()}
-#: jobs that train at one site at a time, which may then use every core of a shared machine, and their default passes
-SEQUENTIAL = {"brats_cyclic": 2, "brats_swt": 1}
-#: jobs that train one model at one site on the pooled datalist
-POOLED = ("brats_central", "brats_segviz_central")
-
-
 def planned_rounds(name: str, params: JobParams) -> int:
     """The rounds a job runs: a sequential job's passes around the sites, any other's ``rounds``."""
-    return (params.passes or SEQUENTIAL[name]) if name in SEQUENTIAL else params.rounds
+    passes = get_job(name).passes
+    return (params.passes or passes) if passes is not None else params.rounds
 
 
-def _known(name: str) -> None:
-    if name not in JOBS:
-        raise ValueError(f"unknown job {name!r}; choose one of {sorted(JOBS)}")
+def builder(name: str) -> Callable[[JobParams], Recipe]:
+    """The function of this module that builds job ``name``'s recipe (``brats_fl.jobs.registry.Job.recipe``)."""
+    return globals()[get_job(name).recipe]
 
 
 def refuse_unused(name: str, values: dict[str, Any]) -> None:
-    """Refuse, before anything runs, an option the user set (``brats_fl.jobs.params.add_run_options``) that job
+    """Refuse, before anything runs, an option the user set (``brats_fl.settings.params.add_run_options``) that job
     ``name`` would silently ignore."""
-    _known(name)
-    extra = unused(USES[name], values)
+    extra = unused(get_job(name).uses, values)
     if extra:
         raise ValueError(f"{name} does not use {', '.join(extra)}; leave {'them' if len(extra) > 1 else 'it'} out")
 
 
 def build(name: str, params: JobParams | None = None) -> Recipe:
-    _known(name)
     params = params or JobParams()
-    if params.dp_epsilon is not None and "dpsgd" not in USES[name]:
+    if params.dp_epsilon is not None and "dpsgd" not in get_job(name).uses:
         raise ValueError(f"{name} does not train with DP-SGD ({KINDS['dpsgd']}); leave dp_epsilon out")
-    recipe = JOBS[name](params)
+    recipe = builder(name)(params)
     recipe.add_client_config(dict(STARTUP_WAITS))
     return recipe

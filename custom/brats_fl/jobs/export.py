@@ -12,7 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from brats_fl.jobs.catalogue import JOBS, PACKAGE, JobParams, build
+from brats_fl.jobs.catalogue import PACKAGE, JobParams, build
+from brats_fl.jobs.registry import JOBS
 from brats_fl.version import PACKAGE_DIR
 
 #: the repository's own job folders, which hold configuration only

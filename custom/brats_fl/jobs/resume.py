@@ -40,18 +40,16 @@ from pathlib import Path
 import torch
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 
+from brats_fl.protocol import RESUME_FILE, SEQUENTIAL_META
 from brats_fl.server.fedavg import rounds_left
-from brats_fl.server.fedopt import STATE_FILE as SERVER_OPTIMIZER_FILE
-from brats_fl.server.hyperseg import STATE_FILE as HYPERNETWORK_FILE
+from brats_fl.server.fedopt import FedOptController
 from brats_fl.server.hyperseg import HyperSegController
-from brats_fl.server.scaffold import STATE_FILE as SCAFFOLD_FILE
-from brats_fl.server.sequential import SEQUENTIAL_META
+from brats_fl.server.scaffold import ResumableScaffold
+from brats_fl.server.state import ServerState
 
-#: the server's last global model, as the resumed job carries it in its custom folder
-RESUME_FILE = "resume_global_model.pt"
-FEDOPT = "brats_fl.server.fedopt.FedOptController"
-HYPERSEG = "brats_fl.server.hyperseg.HyperSegController"
-SCAFFOLD = "brats_fl.server.scaffold.ResumableScaffold"
+#: the controllers that keep server state beside the global model (``brats_fl.server.state``)
+STATEFUL: tuple[type[ServerState], ...] = (FedOptController, HyperSegController, ResumableScaffold)
+FEDOPT, HYPERSEG, SCAFFOLD = (f"{c.__module__}.{c.__qualname__}" for c in STATEFUL)
 SEQUENTIAL = "brats_fl.server.sequential.SequentialTransfer"
 #: the controllers that resume: True for those told ``resume`` (that start after the checkpoint's round), False for
 #: those that find their state through ``resume_from`` alone
@@ -64,11 +62,7 @@ RESUMING = {
     SCAFFOLD: False,
 }
 #: the server state, saved beside the global model after every round, that a controller resumes with too
-SERVER_STATE = {
-    HYPERSEG: (HYPERNETWORK_FILE, "hypernetwork"),
-    FEDOPT: (SERVER_OPTIMIZER_FILE, "server optimiser"),
-    SCAFFOLD: (SCAFFOLD_FILE, "control variate"),
-}
+SERVER_STATE = {f"{c.__module__}.{c.__qualname__}": (c.STATE_FILE, c.STATE_NAME) for c in STATEFUL}
 PERSISTOR = "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"
 EXECUTOR = "brats_fl.site.executor.SiteExecutor"
 

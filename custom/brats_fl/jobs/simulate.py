@@ -2,7 +2,7 @@
 
 With ``progress`` the simulator's output (FLARE's own and that of the site processes it starts, which inherit the
 file descriptors) goes to ``<workspace>/<job>_simulator.log`` (beside the job's folder, which the simulator empties
-when it starts), while a thread shows each site's rounds (``brats_fl.results.live``) or, ``verbose``, copies the log
+when it starts), while a thread shows each site's rounds (``brats_fl.jobs.live``) or, ``verbose``, copies the log
 to the terminal.
 """
 
@@ -23,10 +23,11 @@ from nvflare.recipe import SimEnv
 
 from brats_fl.data.datalist import SPLITS, load_datalist
 from brats_fl.data.partition import POOLED_SITE, site_names
-from brats_fl.jobs import numerics
-from brats_fl.jobs.catalogue import POOLED, SEQUENTIAL, JobParams, build, planned_rounds
+from brats_fl.jobs.catalogue import JobParams, build, planned_rounds
+from brats_fl.jobs.live import LiveView, failure_report, read_rows
+from brats_fl.jobs.registry import get_job
 from brats_fl.ops.policy import install_policy
-from brats_fl.results.live import LiveView, failure_report, read_rows
+from brats_fl.settings import numerics
 from brats_fl.site.config import ENV_VAR, THREADS_VAR, resolve
 
 #: seconds between two looks at the sites' rows or the log
@@ -52,16 +53,17 @@ def run_simulation(
     ``progress`` shows the rounds as they finish and keeps FLARE's output in ``<workspace>/<job>_simulator.log``
     (``verbose``: shows that output instead); without it FLARE runs in this process and prints as it likes.
     ``numerics_mode`` ``portable`` pins the sites' CPU kernels so that a seed gives the same model on every machine of
-    this kind (``brats_fl.jobs.numerics``); ``native`` lets torch choose.
+    this kind (``brats_fl.settings.numerics``); ``native`` lets torch choose.
     ``cores``: the cores the run may use (default the machine's), less where several runs share it."""
     # the sites would find it missing only inside FLARE's processes, after start-up, and say so in its log alone
     if not Path(site_config).is_file():
         raise FileNotFoundError(f"{site_config}: site configuration does not exist")
-    sites = 1 if name in POOLED else params.sites
+    job = get_job(name)
+    sites = 1 if job.pooled else params.sites
     root = Path(workspace).resolve()
     check_site_data(name, site_names(sites), Path(site_config), root, params.final_split)
     # inherited by the simulator's site processes, which share this machine's cores
-    training_at_once = 1 if name in SEQUENTIAL else sites
+    training_at_once = 1 if job.sequential else sites
     threads = max(1, (cores or os.cpu_count() or 1) // training_at_once)
     settings = {ENV_VAR: str(Path(site_config).resolve()), THREADS_VAR: str(threads)}
     settings |= numerics.environment(numerics_mode)
@@ -88,7 +90,7 @@ def check_site_data(name: str, sites: list[str], site_config: Path, workspace: P
     datalist lacks a split the job uses; otherwise the site would fail only after FLARE's start-up, and say why in its
     own log alone. Each site's data is resolved by the site's own code (``brats_fl.site.config.resolve``) and its
     datalist read as the site reads it, without the per-file data checks, which the site runs at its start."""
-    pooled = POOLED_SITE if name in POOLED else None
+    pooled = POOLED_SITE if get_job(name).pooled else None
     for site in sites:
         data = resolve(site, pooled, workspace=workspace / name / site, config=site_config)
         datalist = load_datalist(data.datalist, data.data_root, check=False)

@@ -1,8 +1,8 @@
 """What ``brats-fl tune`` searches for each algorithm, over which ranges, and where each range comes from.
 
-Declared once, next to the parameter schema (``brats_fl.jobs.params``): every dimension is named by the
-``brats-fl run`` option it sets, so the schema says what the option means and checks its value, and the catalogue's
-``USES`` says which jobs take it (a dimension of a kind of parameter, FedOpt's server rate, is searched for the jobs
+Declared once, next to the parameter schema (``brats_fl.settings.params``): every dimension is named by the
+``brats-fl run`` option it sets, so the schema says what the option means and checks its value, and the registry's
+``Job.uses`` says which jobs take it (a dimension of a kind of parameter, FedOpt's server rate, is searched for the jobs
 of that kind alone). Every algorithm searches the client learning rate; the jobs whose rounds end in an exchange also
 search how many local epochs a round has; the others add what their papers tune (``RANGES``).
 
@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from brats_fl.jobs.catalogue import SEQUENTIAL, USES, JobParams
-from brats_fl.jobs.params import HYPERNETWORK, PARAMS, Param, dest, from_cli
+from brats_fl.jobs.catalogue import JobParams
+from brats_fl.jobs.registry import get_job
+from brats_fl.settings.params import HYPERNETWORK, PARAMS, Param, dest, from_cli
 
-#: the client learning rate per training recipe (``brats_fl.jobs.params.RECIPE_NAMES``): Adam's usual rates for 3D
+#: the client learning rate per training recipe (``brats_fl.settings.params.RECIPE_NAMES``): Adam's usual rates for 3D
 #: segmentation lie between MONAI's BraTS bundle's 1e-4 and our default 3e-3; SGD's grid in Reddi et al. (ICLR 2021)
 #: spans 10^-3..10^0, and the schema's rule keeps a rate below 1 (nnU-Net's own is 1e-2)
 CLIENT_LR: dict[str, tuple[float, float, str]] = {
@@ -41,9 +42,6 @@ RANGES: dict[str, tuple[float, float, str]] = {
 #: the hypernetwork's warm-up rounds as a share of the rounds: from none (the paper) to half the training
 WARMUP_SHARE = (0.0, 0.5, "rounds of plain FedAvg before the hypernetwork, as a share of the rounds: 0 (the paper) "
                 "to 0.5")  # fmt: skip
-#: jobs whose rounds exchange nothing, where local epochs per round only split one training into pieces: central
-#: training on the pooled data and every site training alone
-ALONE = ("brats_central", "brats_local")
 #: the fewest rounds (a cyclic job's passes) a trial may have: one round is no federation, one pass is SWT
 MIN_ROUNDS = 2
 
@@ -96,21 +94,20 @@ def epoch_choices(total: int) -> tuple[int, ...]:
 def space(job: str, base: JobParams) -> tuple[Dimension, ...]:
     """The dimensions searched for ``job`` whose untuned parameters are ``base`` (a profile's: its recipe sets the
     learning rate's range, its rounds x local epochs the budget the epochs choices share)."""
-    if job not in USES:
-        raise ValueError(f"unknown job {job!r}; choose one of {sorted(USES)}")
+    declared = get_job(job)
     low, high, why = CLIENT_LR[base.recipe]
     dims = [Dimension("lr", why, low, high, log=True)]
     epochs = epoch_choices(budget(base))
-    if job not in ALONE and job not in SEQUENTIAL and epochs:
+    if not declared.alone and not declared.sequential and epochs:
         why = f"local epochs per round, rounds = {budget(base)} / local epochs (the same training in every trial)"
         dims.append(Dimension("local_epochs", why, choices=epochs))
-    if SEQUENTIAL.get(job, 0) >= MIN_ROUNDS and epochs:
+    if (declared.passes or 0) >= MIN_ROUNDS and epochs:
         why = f"epochs per visit, passes = {budget(base)} / epochs per visit (the same training in every trial)"
         dims.append(Dimension("visit_epochs", why, choices=epochs))
     for name, (low, high, why) in RANGES.items():
-        if _option(name).uses in USES[job]:
+        if _option(name).uses in declared.uses:
             dims.append(Dimension(name, why, low, high, log=True))
-    if _option("warmup_rounds").uses in USES[job]:
+    if _option("warmup_rounds").uses in declared.uses:
         dims.append(Dimension("warmup_share", WARMUP_SHARE[2], WARMUP_SHARE[0], WARMUP_SHARE[1]))
     return tuple(dims)
 
@@ -138,7 +135,7 @@ def apply(base: JobParams, values: dict[str, Any]) -> JobParams:
 def untuned(job: str, dims: tuple[Dimension, ...], base: JobParams) -> dict[str, Any]:
     """The values ``base`` has without tuning, for the dimensions whose range holds them: the jobs' defaults, which
     a study tries first, so that its choice is never worse on validation than what the jobs do now."""
-    passes = base.passes or SEQUENTIAL.get(job, 1)
+    passes = base.passes or get_job(job).passes or 1
     current = {
         "lr": base.train_settings().lr,
         "local_epochs": base.local_epochs,

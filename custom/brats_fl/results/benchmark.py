@@ -1,5 +1,6 @@
 """``brats-fl benchmark``: every federated algorithm on several partitions and seeds, in FLARE's simulator, and one
-page that compares them (:mod:`brats_fl.results.benchmark_page`).
+page that compares them (:mod:`brats_fl.results.benchmark_page`; :mod:`brats_fl.results.benchmark_run` runs the
+matrix and rebuilds the page).
 
 A benchmark folder ``DIR`` holds ``partitions/<name>/`` (each partition's cohort, datalists and site
 configuration, made once by ``brats_fl.data.cohorts.build_partition``, and its untrained model's scores),
@@ -15,25 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-#: every job of ``brats_fl.jobs.catalogue.JOBS`` but the SegViz ones, which need partially annotated sites and are
-#: compared on their own terms (``brats-fl compare``); a test keeps this list equal to the catalogue's
-ALGORITHMS: tuple[str, ...] = (
-    "brats_central", "brats_local", "brats_fedavg", "brats_fedavg_ft", "brats_fedper", "brats_fedbn",
-    "brats_fedbn_ft", "brats_cyclic", "brats_swt", "brats_hyperseg_conv", "brats_hyperseg_conv_bn",
-    "brats_hyperseg_conv_bn_emb", "brats_fedprox", "brats_scaffold", "brats_fedadam", "brats_fedyogi",
-    "brats_fedadagrad", "brats_ditto",
-)  # fmt: skip
+from brats_fl.jobs.registry import JOBS
+
+#: the jobs the benchmark compares (``brats_fl.jobs.registry.Job.benchmark``)
+ALGORITHMS: tuple[str, ...] = tuple(name for name, job in JOBS.items() if job.benchmark)
 #: entries that run one of those jobs with settings of its own, so that a pair differs in the one thing it compares
 #: (issue 38, item 4): entry -> (job, settings over the profile's). The default rows stay: FedAvg on instance norm,
 #: SCAFFOLD with Adam, every job on the profile's recipe
@@ -188,15 +183,16 @@ def job_params(profile: Profile, algorithm: str, seed: int, partition: str = "ii
     (``VARIANTS``), the partition's number of sites, and the run's seed. An entry's setting its job does not use is
     refused."""
     from brats_fl.data.cohorts import PARTITIONS as COHORT_PARTITIONS
-    from brats_fl.jobs.catalogue import USES, HyperNetParams, JobParams
-    from brats_fl.jobs.params import by_name
+    from brats_fl.jobs.catalogue import HyperNetParams, JobParams
+    from brats_fl.settings.params import by_name
 
     job = entry_job(algorithm)
     own = VARIANTS[algorithm][1] if algorithm in VARIANTS else {}
-    unused = sorted(k for k in own if by_name(k).uses not in (None, *USES[job]))
+    uses = (None, *JOBS[job].uses)
+    unused = sorted(k for k in own if by_name(k).uses not in uses)
     if unused:
         raise ValueError(f"benchmark entry {algorithm}: {job} does not use {unused}")
-    kept = {k: v for k, v in profile.params.items() if by_name(k).uses in (None, *USES[job])}
+    kept = {k: v for k, v in profile.params.items() if by_name(k).uses in uses}
     sites = COHORT_PARTITIONS[partition].n_sites
     return JobParams(**kept | own, sites=sites, seed=seed, hypernetwork=HyperNetParams())
 
@@ -451,64 +447,3 @@ def pending(specs: Sequence[RunSpec], out: Path) -> list[RunSpec]:
 
 def default_parallel(profile: Profile) -> int:
     return max(1, (os.cpu_count() or 1) // profile.cores_per_run)
-
-
-def run_benchmark(
-    profile: Profile,
-    out: Path,
-    algorithms: Sequence[str] | None = None,
-    partitions: Sequence[str] | None = None,
-    seeds: int | None = None,
-    parallel: int | None = None,
-    page_only: bool = False,
-    stream: TextIO | None = None,
-) -> tuple[Path, int]:
-    """Run every unfinished run of the matrix, each in its own process (a crash or a leak ends that run
-    alone), ``parallel`` at a time, rebuilding the page after each; returns the page and the number of failed runs.
-    ``page_only`` rebuilds the page from the finished runs and runs nothing. Progress goes to ``stream``, by default
-    whatever ``sys.stdout`` is when the benchmark starts."""
-    from brats_fl.results.benchmark_page import write_page
-
-    stream = stream or sys.stdout
-
-    out = Path(out).resolve()
-    specs = matrix(profile, algorithms, partitions, seeds)
-    if page_only:
-        return write_page(out), 0
-    parallel = parallel or default_parallel(profile)
-    check_profile(profile, out)
-    configs = {}
-    for name in dict.fromkeys(s.partition for s in specs):
-        configs[name] = prepare_partition(name, out, profile)
-        untrained = out / "partitions" / name / "untrained.json"
-        if not untrained.is_file():
-            _write_json(untrained, untrained_scores(configs[name], profile, out / "cache"))
-    todo = pending(specs, out)
-    stream.write(f"benchmark {profile.name}: {len(specs) - len(todo)} of {len(specs)} runs finished already, "
-                 f"{len(todo)} to run, {parallel} at a time\n")  # fmt: skip
-    progress = Progress(len(todo), parallel, stream)
-    # each run in a process of its own, forked from a server that has imported torch, MONAI and FLARE once (and used
-    # none of them, so no thread is forked): a spawned run imported them anew, about 5 s of CPU per run
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(RUN_MODULES)
-    running: dict[RunSpec, multiprocessing.process.BaseProcess] = {}
-    cores = max(1, (os.cpu_count() or 1) // parallel)
-    while todo or running:
-        while todo and len(running) < parallel:
-            spec = todo.pop(0)
-            folder = spec.folder(out)
-            folder.mkdir(parents=True)
-            site_config = run_site_config(folder, configs[spec.partition], out)
-            params = job_params(profile, spec.algorithm, spec.seed, spec.partition)
-            process = context.Process(target=_run_one, args=(spec, params, site_config, folder, cores), daemon=False)
-            process.start()
-            running[spec] = process
-            progress.start(spec)
-        time.sleep(1.0)
-        progress.tick()
-        for spec in [s for s, p in running.items() if not p.is_alive()]:
-            running.pop(spec).join()
-            line, ok = finished_line(spec, spec.folder(out))
-            progress.finish(spec, line, ok)
-            write_page(out)
-    return write_page(out), progress.failed

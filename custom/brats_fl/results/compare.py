@@ -24,17 +24,14 @@ from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import DISPLAY_ORDER
 from brats_fl.data.layout import MODALITIES, SEG, find_cases
 from brats_fl.data.loading import eval_loader
+from brats_fl.jobs.registry import JOBS
+from brats_fl.protocol import SITE_FOLDER, SITE_MODEL_FILE, SITE_RECORD
 from brats_fl.results.report import markdown_table
 from brats_fl.seg.model import fingerprint
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
 
-#: scheme names of the SegViz jobs, as in the paper's tables
-SCHEMES = {
-    "brats_segviz_local": "Baseline (single-task)",
-    "brats_segviz_central": "Central (naive pooling)",
-    "brats_segviz_fedavg": "FedAvg",
-    "brats_segviz_fedbn": "FedBN",
-}
+#: scheme names of the SegViz jobs, as in the paper's tables (``brats_fl.jobs.registry.Job.scheme``)
+SCHEMES = {name: job.scheme for name, job in JOBS.items() if job.scheme}
 BASELINE, CENTRAL = SCHEMES["brats_segviz_local"], SCHEMES["brats_segviz_central"]
 
 
@@ -51,7 +48,7 @@ class SiteModels:
 
 def run_sites(run: Path) -> tuple[str, list[SiteModels]]:
     """The job name and the sites of a finished simulator run (a ``brats-fl run`` workspace or its job folder)."""
-    records = sorted(Path(run).glob("**/site-*/simulate_job/brats_fl/site.json"))
+    records = sorted(Path(run).glob(f"**/site-*/simulate_job/{SITE_FOLDER}/{SITE_RECORD}"))
     if not records:
         raise FileNotFoundError(f"{run}: no site records (site-*/simulate_job/brats_fl/site.json) below this folder")
     job = records[0].parents[3].name
@@ -61,7 +58,7 @@ def run_sites(run: Path) -> tuple[str, list[SiteModels]]:
         datalist = load_datalist(Path(doc["data"]["datalist"]), Path(doc["data"]["data_root"]), check=False)
         held_out = datalist.items("validation") + datalist.items("test")
         entry = SiteModels(doc["site"], doc.get("annotated") or datalist.annotated(), held_out, doc["train"])
-        final, before = record.parent / "personalised_model.pt", record.parent / "before_finetune_model.pt"
+        final, before = record.parent / SITE_MODEL_FILE, record.parent / "before_finetune_model.pt"
         if not final.is_file():
             raise FileNotFoundError(f"{final}: the site kept no final model; did the run finish?")
         # with fine-tuning, the model before it is the scheme itself and the final one "+ FT"

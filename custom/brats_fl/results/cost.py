@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from brats_fl.protocol import DONE_FILE, ROUNDS_FILE, SITE_FOLDER, SITE_RECORD
+
 #: where a simulated site keeps its records: ``<run>/<site>/<job id>/brats_fl/``
-SITE_GLOB = "*/*/brats_fl"
+SITE_GLOB = f"*/*/{SITE_FOLDER}"
 #: the phases of a run, in order, as ``run_cost`` names them
 PHASES = ("start_up", "first_round", "rounds_overhead", "final_scoring", "shut_down")
 
@@ -25,7 +27,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _rows(folder: Path) -> list[dict]:
-    path = folder / "rounds.jsonl"
+    path = folder / ROUNDS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
@@ -63,7 +65,7 @@ def run_cost(run_dir: Path, launched: float, ended: float) -> dict[str, float] |
     folders = [p for p in Path(run_dir).glob(SITE_GLOB) if p.is_dir()]
     rows = [row for folder in folders for row in _rows(folder)]
     # Ditto's personal model trains in each round too, before the global one, and fine-tuning after the last
-    records = {f: _read_json(f / "site.json") for f in folders}
+    records = {f: _read_json(f / SITE_RECORD) for f in folders}
     trained = [*rows, *(r["ditto"] for r in rows if "train_started_at" in r.get("ditto", {}))]
     trained += [r["finetune_training"] for r in records.values() if "finetune_training" in r]
     intervals = [_training(r) for r in trained if "train_time" in r]
@@ -72,7 +74,7 @@ def run_cost(run_dir: Path, launched: float, ended: float) -> dict[str, float] |
     first, last = min(s for s, _ in intervals), max(e for _, e in intervals)
     training = union_length(intervals)
     ready = [r.get("ready_at") for r in records.values()]
-    done = [_read_json(f / "done.json").get("ended_at") for f in folders]
+    done = [_read_json(f / DONE_FILE).get("ended_at") for f in folders]
     if None in ready or None in done:
         # a run of a brats-fl that recorded no phases: its training still tells the fixed cost in all
         return {"wall": ended - launched, "training": training, "fixed": ended - launched - training}

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from brats_fl.protocol import LEDGER_FILE
 from brats_fl.results.report import find_server_run
-from brats_fl.server.privacy import LEDGER_FILE, read_ledger, summarise
+from brats_fl.server.records import read_ledger, summarise
 
 
 def ledger_summary(folder: Path) -> dict:

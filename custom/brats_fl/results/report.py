@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 from brats_fl.data.labels import DISPLAY_ORDER
+from brats_fl.protocol import PERSONALISED_RESULTS, RUN_RECORD, SITE_FOLDER, SITE_RECORD, VISITS_FILE
 from brats_fl.seg.inference import SITE_MODEL
 from brats_fl.seg.model import state_bytes
-from brats_fl.server.personalise import RESULTS_FILE
-from brats_fl.server.privacy import read_ledger, summarise
-from brats_fl.server.run_record import RUN_RECORD, run_completion
-from brats_fl.server.sequential import VISITS_FILE
+from brats_fl.server.records import read_ledger, run_completion, summarise
 
 _COLUMNS = [
     (f"{m}_{r}", f"{label} {r}")
@@ -72,13 +70,13 @@ class IncompleteRunError(ValueError):
 
 def find_server_run(folder: Path) -> Path:
     """The server's run folder of a finished job inside ``folder`` (simulator workspace or downloaded result)."""
-    found = sorted(Path(folder).resolve().rglob(RESULTS_FILE.as_posix()))
+    found = sorted(Path(folder).resolve().rglob(PERSONALISED_RESULTS.as_posix()))
     if not found:
         for record in sorted(Path(folder).resolve().rglob(RUN_RECORD)):
             complete, reason = run_completion(_read_json(record))
             if not complete:
                 raise IncompleteRunError(f"{folder}: the run did not complete ({reason}); it left no test scores")
-        raise FileNotFoundError(f"{folder}: no finished FLARE job (no {RESULTS_FILE})")
+        raise FileNotFoundError(f"{folder}: no finished FLARE job (no {PERSONALISED_RESULTS})")
     if len(found) > 1:
         names = [str(f.parents[1]) for f in found]
         raise ValueError(f"{folder}: holds {len(found)} finished jobs; name one of {names}")
@@ -110,12 +108,12 @@ def summarise_run(folder: Path) -> dict:
     given only where it differs, i.e. where sites fine-tuned.
     """
     run = find_server_run(folder)
-    for needed in (RESULTS_FILE, Path("meta.json")):
+    for needed in (PERSONALISED_RESULTS, Path("meta.json")):
         if not (run / needed).exists():
             raise FileNotFoundError(f"{folder}: the run in {run} has no {needed}; did the job finish?")
-    personalised = json.loads((run / RESULTS_FILE).read_text())
+    personalised = json.loads((run / PERSONALISED_RESULTS).read_text())
     if not personalised:
-        raise ValueError(f"{folder}: {run / RESULTS_FILE} holds no site's test metrics")
+        raise ValueError(f"{folder}: {run / PERSONALISED_RESULTS} holds no site's test metrics")
     cse_file = run / "cross_site_val" / "cross_val_results.json"  # absent where the job skipped it (cross_site none)
     cse = json.loads(cse_file.read_text()) if cse_file.is_file() else {}
     global_per_site = {s: cse[s][FINAL_GLOBAL] for s in sorted(cse) if FINAL_GLOBAL in cse[s]}
@@ -208,8 +206,8 @@ def client_args(run: Path, record: dict | None) -> argparse.Namespace | None:
 def _site_record(run: Path, site: str) -> dict | None:
     """A site's own record of the run (site.json), where the folder holds the site's workspace too: the
     simulator's ``<job>/<site>/<run>``, or a POC's ``<site>/<job id>`` next to ``server/<job id>``."""
-    folder = run.parents[1] / site / run.name / "brats_fl"
-    record = _read_json(folder / "site.json")
+    folder = run.parents[1] / site / run.name / SITE_FOLDER
+    record = _read_json(folder / SITE_RECORD)
     return record | {"dir": str(folder)} if record else None
 
 

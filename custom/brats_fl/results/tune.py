@@ -8,7 +8,7 @@ value is the validation Dice pooled over the sites' cases, averaged over the see
 number of trials, counted over every worker of the study; the jobs' untuned defaults are always its first trial.
 
 While a run trains, each site's per-round validation Dice of the model it received (``rounds.jsonl``, as
-:mod:`brats_fl.results.live` reads it) goes to Optuna's median pruner, pooled over the sites once every site has
+:mod:`brats_fl.jobs.live` reads it) goes to Optuna's median pruner, pooled over the sites once every site has
 reported the round, at the step of the epochs trained so far (seed k's rounds after seed k-1's whole budget). A
 trial that trails the median of the finished trials at the same step is pruned: its simulation, every process of
 it, is killed at once and the trial's other seeds never run.
@@ -236,9 +236,10 @@ def run_seed(study: Study, trial: Any, seed: int, params: Any, partition_config:
     pooled validation Dice. Raises ``optuna.TrialPruned`` once the simulation is stopped, ``RunFailed`` if it failed."""
     import optuna
 
-    from brats_fl.jobs.catalogue import POOLED, SEQUENTIAL, planned_rounds
+    from brats_fl.jobs.catalogue import planned_rounds
+    from brats_fl.jobs.live import read_rows
+    from brats_fl.jobs.registry import get_job
     from brats_fl.results.benchmark import run_site_config
-    from brats_fl.results.live import read_rows
     from brats_fl.results.report import summarise_run
 
     folder = study.trial_folder(trial.number, seed)
@@ -246,10 +247,11 @@ def run_seed(study: Study, trial: Any, seed: int, params: Any, partition_config:
     folder.mkdir(parents=True)
     site_config = run_site_config(folder, partition_config, study.out)
     run_dir = folder / "workspace" / study.algorithm
-    sites = 1 if study.algorithm in POOLED else params.sites
+    job = get_job(study.algorithm)
+    sites = 1 if job.pooled else params.sites
     total = params.rounds * params.local_epochs
     per_round = params.local_epochs
-    if study.algorithm in SEQUENTIAL:
+    if job.sequential:
         per_round = params.visit_epochs or max(1, total // planned_rounds(study.algorithm, params))
     weights = site_weights(partition_config)
     start = time.perf_counter()

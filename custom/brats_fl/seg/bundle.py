@@ -31,6 +31,7 @@ from monai.transforms import MapTransform
 from brats_fl import __version__
 from brats_fl.data.labels import REGIONS, regions_to_labels
 from brats_fl.data.layout import MODALITIES, find_cases
+from brats_fl.protocol import SITE_FOLDER, SITE_MODEL_FILE, SITE_RECORD
 from brats_fl.seg.inference import load_for_inference
 
 #: the metadata schema MONAI's model zoo bundles name (``python -m monai.bundle verify_metadata`` fetches it)
@@ -85,12 +86,12 @@ def find_model(run: Path, site: str | None = None) -> tuple[Path, tuple[int, int
     if not (run / "server").is_dir():
         raise FileNotFoundError(f"{run}: neither a train-central output folder (config.json) nor a brats-fl run")
     if site is not None:
-        folder = run / site / "simulate_job" / "brats_fl"
-        if not (folder / "personalised_model.pt").is_file():
-            sites = sorted(p.parent.parent.parent.name for p in run.glob("*/simulate_job/brats_fl/site.json"))
+        folder = run / site / "simulate_job" / SITE_FOLDER
+        if not (folder / SITE_MODEL_FILE).is_file():
+            sites = sorted(p.parent.parent.parent.name for p in run.glob(f"*/simulate_job/{SITE_FOLDER}/{SITE_RECORD}"))
             raise FileNotFoundError(f"{run}: no final model of site {site!r}; its sites: {sites}")
-        train = json.loads((folder / "site.json").read_text())["train"]
-        return folder / "personalised_model.pt", tuple(train["patch_size"])
+        train = json.loads((folder / SITE_RECORD).read_text())["train"]
+        return folder / SITE_MODEL_FILE, tuple(train["patch_size"])
     app = run / "server" / "simulate_job" / "app_server"
     client = json.loads((app / "config" / "config_fed_client.json").read_text())
     (executor,) = client["executors"]

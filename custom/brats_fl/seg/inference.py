@@ -2,8 +2,8 @@
 of a folder or datalist of cases in one process, by one model or an ensemble, optionally with flip test-time
 augmentation; and which saved models may predict at all, and at which spacing.
 
-A model trained at a coarser ``spacing`` (``brats_fl.jobs.params``) predicts at it: a site's or a central run's model
-file records it (``Trainer.save``), a FLARE global model's job configuration beside it does. Its prediction is
+A model trained at a coarser ``spacing`` (``brats_fl.settings.params``) predicts at it: a site's or a central run's
+model file records it (``Trainer.save``), a FLARE global model's job configuration beside it does. Its prediction is
 resampled back and written on the input's own grid and affine.
 
 The server's global model (``FL_global_model.pt``, FLARE's persistor file) of a job with personal layers (FedPer,
@@ -35,13 +35,14 @@ from brats_fl.data.datalist import load_datalist
 from brats_fl.data.labels import REGIONS, regions_to_labels
 from brats_fl.data.layout import MODALITIES, Case, find_cases, read_case
 from brats_fl.data.loading import inference_transforms
+from brats_fl.protocol import SITE_FOLDER, SITE_MODEL_FILE
 from brats_fl.seg.postprocess import remove_small_components
 from brats_fl.seg.trainer import TrainConfig, Trainer, load_model
 
 #: where a site keeps the model it ends with, its personal layers included (``brats_fl.site.client``)
-SITE_MODEL = Path("<site workspace>") / "<job id>" / "brats_fl" / "personalised_model.pt"
+SITE_MODEL = Path("<site workspace>") / "<job id>" / SITE_FOLDER / SITE_MODEL_FILE
 #: the same in FLARE's simulator
-SIMULATED_SITE_MODEL = Path("<workspace>") / "<site>" / "simulate_job" / "brats_fl" / "personalised_model.pt"
+SIMULATED_SITE_MODEL = Path("<workspace>") / "<site>" / "simulate_job" / SITE_FOLDER / SITE_MODEL_FILE
 
 
 class UntrainedLayersError(ValueError):

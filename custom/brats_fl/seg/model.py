@@ -23,7 +23,7 @@ from brats_fl.data.layout import MODALITIES
 #: of the U-Net must be a multiple (``check_norm``); the one layer whose width is not one of them, the 3 logits that
 #: the single-head U-Net normalises before its last convolution, gets gcd(3, 8) = 1 group (``_set_groups``)
 NORM_GROUPS = 8
-#: MONAI's normalisation layers, by the name a job gives (``brats_fl.jobs.params.NORM_NAMES``); all with learnable
+#: MONAI's normalisation layers, by the name a job gives (``brats_fl.settings.params.NORM_NAMES``); all with learnable
 #: scale and shift, and batch norm with running statistics too (MONAI's defaults: momentum 0.1, tracked statistics).
 #: MONAI gives every layer the same arguments, so group norm is built with 1 group and given its groups per layer
 NORMS = {
@@ -47,7 +47,7 @@ class BratsNet(nn.Module):
     classifier. A head is trained, and aggregated, only where its region is annotated (``brats_fl.server.segviz``).
     """
 
-    #: the name a job gives the network (``brats_fl.jobs.params.NETWORK_NAMES``)
+    #: the name a job gives the network (``brats_fl.settings.params.NETWORK_NAMES``)
     network = ""
 
     def _build(self, make_net, features: int, channels: Sequence[int]) -> None:
@@ -301,7 +301,7 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     return out
 
 
-#: the networks by the name a job gives (``brats_fl.jobs.params.NETWORK_NAMES``)
+#: the networks by the name a job gives (``brats_fl.settings.params.NETWORK_NAMES``)
 NETWORKS: dict[str, type[BratsNet]] = {c.network: c for c in (BratsUNet, BratsSegResNet, BratsDynUNet)}
 #: each network's channels per level when a job sets none: the U-Net's brats-fl default, SegResNet's 16 initial
 #: filters doubling over 4 levels (NVFlare's BraTS18 example), nnU-Net's filters for BraTS at 128³
@@ -416,6 +416,37 @@ def parameter_groups(model: BratsNet, head_layers: int = 1) -> dict[str, list[st
         head += [k for m in model.beside_output() for k in _module_keys(m, names[id(m)])]
     groups["head"] = [k for k in dict.fromkeys(head) if k in keys]
     return groups
+
+
+def personal_keys(model: BratsNet, spec: str) -> list[str]:
+    """The personal state-dict keys of ``model`` under ``spec`` (what stays at a site: the site leaves them out of
+    what it loads and sends, ``brats_fl.server.personalise`` says why); refuses an unknown spec. Here, without FLARE,
+    because the site, the server and the job catalogue all select by it."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(model.state_dict())
+    keys: set[str] = set()
+    for part in spec.split("+"):
+        name, _, count = part.partition(":")
+        if name in ("norm", "stats") and not count:
+            keys |= set(parameter_groups(model)[name])
+        elif name == "head" and count.isdigit() and int(count) > 0:
+            keys |= set(parameter_groups(model, head_layers=int(count))["head"])
+        else:
+            raise ValueError(
+                f"unknown personal-key selection {spec!r}; use none, all, head:N, norm, stats or a sum (head:N+norm)"
+            )
+    return [k for k in model.state_dict() if k in keys]
+
+
+def head_keys(model: BratsNet) -> dict[str, list[str]]:
+    """Each region's head keys of a multi-head model (REGIONS order): what a SegViz site trains and sends for the
+    regions it annotates, and what the server averages per region (``brats_fl.server.segviz``)."""
+    if not model.multi_head:
+        raise ValueError("SegViz needs a multi-head model (multi_head=True)")
+    groups = parameter_groups(model)
+    return {r: groups[f"head_{r}"] for r in REGIONS}
 
 
 def describe_keys(model: nn.Module, keys: Sequence[str]) -> list[str]:

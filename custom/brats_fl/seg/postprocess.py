@@ -12,7 +12,7 @@ With ``auto`` each region's volume is chosen on a validation split among ``CANDI
 voxel-wise Dice and lesion-wise Dice (the case's lesion rule) of that region, the smallest on a tie; 0 keeps every
 component. A split with fewer than ``MIN_CASES`` cases annotating a region does not choose for it (the region keeps
 every component) and the choice says so (``Choice.volumes``). The job parameter ``min_volume``
-(``brats_fl.jobs.params.parse_min_volume``) says which: none, auto, or given volumes.
+(``brats_fl.settings.params.parse_min_volume``) says which: none, auto, or given volumes.
 """
 
 from __future__ import annotations

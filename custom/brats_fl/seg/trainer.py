@@ -35,11 +35,11 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from brats_fl.data.loading import ANNOTATED, AXIS_LABELS, BRATS_ORIENTATION, train_loader
-from brats_fl.jobs.params import by_name
 from brats_fl.seg.dp import DPSGD, check_dp_model
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.model import NETWORKS, BratsNet, build_model, model_args
 from brats_fl.seg.postprocess import remove_small_components
+from brats_fl.settings.params import by_name
 
 RECIPES = {
     # lr 3e-3, not the FedPer report's 1e-3: on the phantom, 1e-3 reached mean Dice 0.13 after 10 epochs
@@ -62,8 +62,8 @@ RECIPES = {
         "weight_decay": 3e-5,
         "lr_schedule": "poly",
     },
-    # NVFlare's BraTS18 example (SegResNet; brats_fl.jobs.params.PRESETS["brats18"] sets the rest of its job): Adam at
-    # 1e-4 with weight decay 1e-5, MONAI's Dice loss on squared predictions, one crop per case per step
+    # NVFlare's BraTS18 example (SegResNet; brats_fl.settings.params.PRESETS["brats18"] sets the rest of its job): Adam
+    # at 1e-4 with weight decay 1e-5, MONAI's Dice loss on squared predictions, one crop per case per step
     "brats18": {
         "optimizer": "adam",
         "loss": "dice_squared",
@@ -101,13 +101,13 @@ class TrainConfig:
 
     model: dict = field(default_factory=dict)
     patch_size: tuple[int, int, int] = (64, 64, 64)
-    #: voxel size (mm) training and inference resample the brain to; None: the files' own (``brats_fl.jobs.params``)
+    #: voxel size (mm) training and inference resample the brain to; None: the files' own (``brats_fl.settings.params``)
     spacing: float | None = None
     #: mixed precision: auto (on with a GPU), on, off (``amp_dtype``)
     amp: str = "auto"
     batch_size: int = 2
     samples_per_case: int = 2
-    #: share of training patches centred on tumour (``brats_fl.jobs.params``)
+    #: share of training patches centred on tumour (``brats_fl.settings.params``)
     fg_ratio: float = by_name("fg_ratio").default
     optimizer: str = "adam"
     loss: str = "dice"

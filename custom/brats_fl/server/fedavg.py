@@ -27,7 +27,6 @@ A late update never reaches a later round (FLARE 2.9, checked in the simulator b
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
@@ -167,11 +166,3 @@ def rounds_left(checkpoint_meta: dict | None, total: int) -> tuple[int, int]:
     if done + 1 >= total:
         raise ValueError(f"nothing to resume: the checkpoint closed round {done}, the last of the job's {total}")
     return done + 1, total - done - 1
-
-
-def resume_folder(app_dir: str, resume_from: str) -> Path:
-    """The folder of the checkpoint a controller resumes from, where its server state lies beside it: a relative
-    ``resume_from`` was bundled into the job's custom folder (``brats_fl.jobs.resume``), as FLARE's persistor reads
-    a relative checkpoint."""
-    path = Path(resume_from)
-    return (path if path.is_absolute() else Path(app_dir) / "custom" / path).parent

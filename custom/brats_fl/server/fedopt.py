@@ -33,19 +33,17 @@ deadline, the screening aggregator and FLARE's persistor and model selection.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from brats_fl.seg.model import save_whole
-from brats_fl.server.fedavg import DeadlineFedAvg, resume_folder
+from brats_fl.protocol import SERVER_OPTIMIZER_FILE
+from brats_fl.server.fedavg import DeadlineFedAvg
+from brats_fl.server.state import ServerState
 
 #: the server optimisers of Algorithm 2, by the name of the job's rule for v_t
 RULES = ("adagrad", "yogi", "adam")
-#: the server optimiser's moments after the last round, beside the global model in the server's app folder
-STATE_FILE = "server_optimizer.pt"
 
 
 class ServerOptimizer:
@@ -118,7 +116,7 @@ def server_update(
     return new
 
 
-class FedOptController(DeadlineFedAvg):
+class FedOptController(ServerState, DeadlineFedAvg):
     """FedAvg's rounds (``DeadlineFedAvg``) with Algorithm 2's server step in place of taking the average.
 
     Args:
@@ -127,8 +125,8 @@ class FedOptController(DeadlineFedAvg):
         parameter_keys: the model's parameters (``model.named_parameters()``), which take the step; every other
             key is averaged.
         resume_from: with ``resume``, the interrupted run's last global model; the optimiser's moments of the same
-            round (``STATE_FILE``, saved after every round) lie beside it. Relative: bundled into the job's custom
-            folder (``brats_fl.jobs.resume``).
+            round (``SERVER_OPTIMIZER_FILE``, saved after every round) lie beside it. Relative: bundled into the
+            job's custom folder (``brats_fl.jobs.resume``).
     """
 
     def __init__(
@@ -151,24 +149,15 @@ class FedOptController(DeadlineFedAvg):
         self.resume_from = resume_from
         self._optimizer = ServerOptimizer(server_optimizer, server_lr, beta1, beta2, tau)
 
+    STATE_FILE = SERVER_OPTIMIZER_FILE
+    STATE_NAME = "server optimiser"
+
     def load_model(self) -> FLModel:
         """The initial model; when resuming, the optimiser's moments of the round it closed come back too."""
         model = super().load_model()
         if self.resume and model is not None:
-            self._restore(self.start_round - 1)
+            self._optimizer.load_state_dict(self.load_state(self.start_round - 1)["optimizer"])
         return model
-
-    def _restore(self, done: int) -> None:
-        if not self.resume_from:
-            raise ValueError("asked to resume FedOpt without resume_from: its server optimiser's moments are needed")
-        path = resume_folder(self.get_app_dir(), self.resume_from) / STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: asked to resume, but no server optimiser state was saved there")
-        state = torch.load(path, map_location="cpu")
-        if state["round"] != done:
-            raise ValueError(f"{path}: the server optimiser is of round {state['round']}, the global model of {done}")
-        self._optimizer.load_state_dict(state["optimizer"])
-        self.info(f"resuming Fed{self.server_optimizer} with its moments of round {done} from {path}")
 
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         delta = pseudo_gradient(model.params, aggr_result.params, aggr_result.params_type == ParamsType.DIFF)
@@ -180,8 +169,7 @@ class FedOptController(DeadlineFedAvg):
         )
         # the moments first: a server that dies between the two saves leaves them a round ahead of the global model,
         # which a resumption refuses
-        state = {"round": self.current_round, "optimizer": self._optimizer.state_dict()}
-        save_whole(state, Path(self.get_app_dir()) / STATE_FILE)
+        self.save_state(self.current_round, optimizer=self._optimizer.state_dict())
         new = FLModel(params=params, params_type=ParamsType.FULL, meta=aggr_result.meta, metrics=aggr_result.metrics)
         # FedAvg's own update: the new model becomes the global one in FLARE's context, for persistor and screening
         return super().update_model(model, new)

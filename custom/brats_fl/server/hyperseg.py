@@ -44,15 +44,13 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.model_controller import ModelController
 from torch import nn
 
-from brats_fl.seg.model import save_whole
-from brats_fl.server.fedavg import resume_folder
-from brats_fl.server.personalise import PERSONALISE_TASK, RESULTS_FILE
+from brats_fl.protocol import HYPERNETWORK_FILE, PERSONALISE_TASK, PERSONALISED_RESULTS
 from brats_fl.server.schedule import check_schedule, set_round_lr
 from brats_fl.server.screening import check_settings, expected_shapes, record_round, screen_updates
+from brats_fl.server.state import ServerState
 
 DESCRIPTORS = ("onehot", "embedding")
 OPTIMISERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-STATE_FILE = "hypernetwork.pt"
 #: the personal-key selections HyperSeg's variants use: the last convolution, or it and every normalisation layer
 VARIANTS = {"conv": "head:1", "conv_bn": "head:1+norm"}
 
@@ -115,8 +113,11 @@ class HyperNetwork(nn.Module):
         }
 
 
-class HyperSegController(ModelController):
+class HyperSegController(ServerState, ModelController):
     """FedAvg for the shared weights, a server-side hypernetwork for each site's personal tensors."""
+
+    STATE_FILE = HYPERNETWORK_FILE
+    STATE_NAME = "hypernetwork"
 
     def __init__(
         self,
@@ -182,7 +183,7 @@ class HyperSegController(ModelController):
         )
         self.optimiser = OPTIMISERS[self.hn_optimizer](self.net.parameters(), lr=self.hn_lr)
         done = (model.meta or {}).get(AppConstants.CURRENT_ROUND)
-        start = self._restore(self._resume_folder() / STATE_FILE, done) if self.resume_from else 0
+        start = self._restore(done) if self.resume_from else 0
         for rnd in range(start, self.num_rounds):
             use_net = rnd >= self.warmup_rounds
             personal = {s: self._generate(i) if use_net else initial for i, s in enumerate(self.sites)}
@@ -211,7 +212,7 @@ class HyperSegController(ModelController):
             model.current_round = rnd
             # the hypernetwork first: a server that dies between the two leaves it a round ahead, which a
             # resumption refuses, rather than a global model a round ahead, which it could not notice
-            self._save(rnd)
+            self.save_state(rnd, sites=self.sites, net=self.net.state_dict(), optimiser=self.optimiser.state_dict())
             model.meta = (model.meta or {}) | {AppConstants.CURRENT_ROUND: rnd}
             self.save_model(model)
         self._personalise(model)
@@ -292,33 +293,14 @@ class HyperSegController(ModelController):
             torch.autograd.backward([generated[k] for k in keys], grad_tensors=change)
         self.optimiser.step()
 
-    def _save(self, rnd: int) -> None:
-        state = {
-            "round": rnd,
-            "sites": self.sites,
-            "net": self.net.state_dict(),
-            "optimiser": self.optimiser.state_dict(),
-        }
-        save_whole(state, Path(self.get_app_dir()) / STATE_FILE)
-
-    def _resume_folder(self) -> Path:
-        """Where the checkpoint to resume from lies: a relative ``resume_from`` was bundled into the job's custom
-        folder (``brats_fl.jobs.resume``), as FLARE's persistor reads a relative checkpoint."""
-        return resume_folder(self.get_app_dir(), self.resume_from)
-
-    def _restore(self, path: Path, done: int | None) -> int:
+    def _restore(self, done: int | None) -> int:
         """Continue after round ``done``, the global model's, with the hypernetwork and optimiser as they were."""
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: asked to resume, but no hypernetwork was saved there")
-        state = torch.load(path, map_location="cpu")
+        state = self.load_state(done)
         if state["sites"] != self.sites:
-            raise ValueError(f"{path}: saved for sites {state['sites']}, but this job has {self.sites}")
-        if state["round"] != done:
-            raise ValueError(f"{path}: the hypernetwork is of round {state['round']}, the global model of {done}")
+            raise ValueError(f"{self.state_path()}: saved for sites {state['sites']}, but this job has {self.sites}")
         self.net.load_state_dict(state["net"])
         self.optimiser.load_state_dict(state["optimiser"])
-        self.info(f"resuming after round {state['round']} from {path}")
-        return state["round"] + 1
+        return done + 1
 
     def _personalise(self, model: FLModel) -> None:
         """Each site's final model, its own personal tensors included, scored on its test split and kept there."""
@@ -328,6 +310,6 @@ class HyperSegController(ModelController):
         missing = sorted(set(self.sites) - set(scores))
         if missing:
             self.warning(f"no personalised test scores from {missing}")
-        path = Path(self.get_run_dir()) / RESULTS_FILE
+        path = Path(self.get_run_dir()) / PERSONALISED_RESULTS
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(sorted(scores.items())), indent=1))

@@ -28,31 +28,7 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from brats_fl.seg.model import BratsNet, parameter_groups
-
-#: the task a site answers with its personalised model's test scores
-PERSONALISE_TASK = "personalise"
-RESULTS_FILE = Path("personalised") / "results.json"
-
-
-def personal_keys(model: BratsNet, spec: str) -> list[str]:
-    """The personal state-dict keys of ``model`` under ``spec``; refuses an unknown spec."""
-    if spec == "none":
-        return []
-    if spec == "all":
-        return list(model.state_dict())
-    keys: set[str] = set()
-    for part in spec.split("+"):
-        name, _, count = part.partition(":")
-        if name in ("norm", "stats") and not count:
-            keys |= set(parameter_groups(model)[name])
-        elif name == "head" and count.isdigit() and int(count) > 0:
-            keys |= set(parameter_groups(model, head_layers=int(count))["head"])
-        else:
-            raise ValueError(
-                f"unknown personal-key selection {spec!r}; use none, all, head:N, norm, stats or a sum (head:N+norm)"
-            )
-    return [k for k in model.state_dict() if k in keys]
+from brats_fl.protocol import PERSONALISE_TASK, PERSONALISED_RESULTS
 
 
 class PersonalisedEvaluation(ModelController):
@@ -80,7 +56,7 @@ class PersonalisedEvaluation(ModelController):
         missing = sorted(set(self.sample_clients()) - set(scores))
         if missing:
             self.warning(f"no personalised test scores from {missing}")
-        path = Path(self.get_run_dir()) / RESULTS_FILE
+        path = Path(self.get_run_dir()) / PERSONALISED_RESULTS
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(scores, indent=1))
         self.info(f"personalised test scores of {sorted(scores)} written to {path}")

@@ -32,12 +32,9 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.filters.svt_privacy import _compute_epsilon_split, _compute_release_epsilon
 
-from brats_fl.server.personalise import PERSONALISE_TASK
+from brats_fl.protocol import LEDGER_FILE, PERSONALISE_TASK, PRIVACY_META
+from brats_fl.server.records import NO_DP
 
-LEDGER_FILE = "privacy_ledger.jsonl"
-#: the meta entry in which a site reports what its DP-SGD has spent (``brats_fl.seg.dp.DPSGD.spent``)
-PRIVACY_META = "brats_fl_privacy"
-NO_DP = "no differential-privacy guarantee"
 #: what a mechanism without a DP guarantee does, in words for the ledger
 WITHOUT_GUARANTEE = {
     "none": f"{NO_DP}: updates leave the site as trained",
@@ -151,36 +148,3 @@ class PrivacyLedger(Filter):
             self.log_error(fl_ctx, reason)
             self.system_panic(reason, fl_ctx)
         return shareable
-
-
-def read_ledger(run_dir: Path) -> list[dict]:
-    """The rows of a server run folder's ledger (none for a run of an older brats-fl)."""
-    path = Path(run_dir) / LEDGER_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
-
-
-def summarise(rows: list[dict]) -> dict:
-    """A run's privacy in a few facts: the mechanisms seen, each site's last (epsilon, delta), the job's (the largest
-    over sites; None without a DP mechanism), the budget, and a sentence for tables."""
-    per_site: dict[str, dict] = {}
-    mechanisms: list[str] = []
-    for row in rows:
-        per_site[row["site"]] = {"epsilon": row["epsilon"], "delta": row["delta"], "round": row["round"]}
-        mechanisms += [e["mechanism"] for e in row["mechanisms"] if e["mechanism"] not in mechanisms]
-    finite = [s for s in per_site.values() if s["epsilon"] is not None]
-    if not rows:
-        text, epsilon, delta = "not recorded", None, None
-    elif len(finite) < len(per_site) or not finite:
-        text, epsilon, delta = NO_DP, None, None
-    else:
-        epsilon, delta = max(s["epsilon"] for s in finite), max(s["delta"] for s in finite)
-        text = f"epsilon {epsilon:.3g}, delta {delta:g} ({'+'.join(m for m in mechanisms if m in ('dp-sgd', 'svt'))})"
-    budget = next((r["budget"] for r in rows), None)
-    return {
-        "guarantee": text,
-        "epsilon": epsilon,
-        "delta": delta,
-        "mechanisms": mechanisms,
-        "budget": budget,
-        "per_site": dict(sorted(per_site.items())),
-    }

@@ -25,10 +25,10 @@ from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 
-from brats_fl.server.privacy import read_ledger, summarise
+from brats_fl.protocol import RUN_RECORD
+from brats_fl.server.records import NOT_ENDED, read_ledger, summarise
 from brats_fl.version import mismatch, running
 
-RUN_RECORD = "brats_fl_run.json"
 #: the distributions whose versions decide a result
 PACKAGES = ("brats-fl", "torch", "monai", "nvflare", "numpy")
 
@@ -71,20 +71,6 @@ def _git(folder: Path, *args: str) -> str:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-#: why a run record written at the start of a run says the run is incomplete, until its end rewrites it
-NOT_ENDED = "the run has not ended: it is still running, or its server stopped before it could record the end"
-
-
-def run_completion(record: dict | None) -> tuple[bool, str | None]:
-    """Whether a run completed, and if not why, from its run record. A run of an older brats-fl, whose record
-    cannot tell an aborted run from a complete one (or which wrote none), counts as complete where it has results."""
-    if record is None:
-        return True, None
-    if "complete" in record:
-        return bool(record["complete"]), record.get("incomplete_reason")
-    return (True, None) if record.get("finished") else (False, NOT_ENDED)
 
 
 class RunRecord(FLComponent):

@@ -11,27 +11,26 @@ round, before the global model (a server that dies between the two saves leaves 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.scaffold import Scaffold
 
-from brats_fl.seg.model import save_whole
-from brats_fl.server.fedavg import resume_folder, rounds_left
-
-#: the global control variate c after the last round, beside the global model in the server's app folder
-STATE_FILE = "scaffold_controls.pt"
+from brats_fl.protocol import SCAFFOLD_FILE
+from brats_fl.server.fedavg import rounds_left
+from brats_fl.server.state import ServerState
 
 
-class ResumableScaffold(Scaffold):
+class ResumableScaffold(ServerState, Scaffold):
     """FLARE's ``Scaffold``, which saves c every round and resumes with it.
 
     Args:
         resume_from: the interrupted run's last global model (the persistor's initial checkpoint); c of the same
-            round (``STATE_FILE``) lies beside it. Relative: bundled into the job's custom folder
+            round (``SCAFFOLD_FILE``) lies beside it. Relative: bundled into the job's custom folder
             (``brats_fl.jobs.resume``). None: a run from the start, c = 0.
     """
+
+    STATE_FILE = SCAFFOLD_FILE
+    STATE_NAME = "control variate"
 
     def __init__(self, *args, resume_from: str | None = None, **kwargs):
         # attributes named as the arguments: FLARE's job export reads them back
@@ -47,18 +46,13 @@ class ResumableScaffold(Scaffold):
             self.info(f"resuming: rounds {self.start_round} to {self.start_round + self.num_rounds - 1} are left")
 
     def _restore(self, done: int) -> dict[str, torch.Tensor]:
-        path = resume_folder(self.get_app_dir(), self.resume_from) / STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: asked to resume SCAFFOLD, but no global control variate was saved there")
-        state = torch.load(path, map_location="cpu")
-        if state["round"] != done:
-            raise ValueError(f"{path}: the control variate is of round {state['round']}, the global model of {done}")
-        if set(state["controls"]) != set(self._global_ctrl_weights):
-            raise ValueError(f"{path}: its control variate has other keys than the job's model")
-        return dict(state["controls"])
+        controls = self.load_state(done)["controls"]
+        if set(controls) != set(self._global_ctrl_weights):
+            raise ValueError(f"{self.state_path()}: its control variate has other keys than the job's model")
+        return dict(controls)
 
     def save_model(self, model: FLModel) -> None:
         """c first, then FLARE's persistor saves the global model (FLARE's ``Scaffold`` updates c before saving)."""
         controls = {k: torch.as_tensor(v).clone() for k, v in self._global_ctrl_weights.items()}
-        save_whole({"round": self.current_round, "controls": controls}, Path(self.get_app_dir()) / STATE_FILE)
+        self.save_state(self.current_round, controls=controls)
         super().save_model(model)

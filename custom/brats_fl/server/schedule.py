@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from nvflare.app_common.abstract.fl_model import FLModel
 
+from brats_fl.protocol import ROUND_LR
 from brats_fl.seg.trainer import poly_lr
 
-#: the training task's meta entry holding the rate every local epoch of the round trains at
-ROUND_LR = "round_lr"
 SCHEDULES = ("constant", "poly")
 
 

@@ -54,7 +54,7 @@ from nvflare.app_common.app_event_type import AppEventType
 # so that a screened round weighs the sites exactly as an unscreened one would
 from nvflare.app_common.workflows.base_fedavg import _get_client_name, _get_num_steps_weight
 
-RECORD_FILE = "screening.jsonl"
+from brats_fl.protocol import SCREENING_FILE
 
 
 def expected_shapes(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -137,7 +137,7 @@ def check_settings(norm_ratio: float, min_good: int) -> None:
 def record_round(run_dir: str | Path, rnd: int | None, norms: dict[str, float], refused: dict[str, str]) -> None:
     """Append a round's screening to ``screening.jsonl`` in the server's run folder."""
     row = {"round": rnd, "averaged": norms, "refused": refused}
-    with (Path(run_dir) / RECORD_FILE).open("a") as fh:
+    with (Path(run_dir) / SCREENING_FILE).open("a") as fh:
         fh.write(json.dumps(row) + "\n")
 
 

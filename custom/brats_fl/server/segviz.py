@@ -23,23 +23,9 @@ from pathlib import Path
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.base_fedavg import _get_client_name
 
-from brats_fl.data.labels import REGIONS
-from brats_fl.seg.model import BratsNet, parameter_groups
+from brats_fl.protocol import ANNOTATED_META, HEADS_FILE
 from brats_fl.server.fedavg import DeadlineFedAvg
 from brats_fl.server.screening import ScreenedAggregator
-
-#: the result meta entry in which a site declares the regions it annotates
-ANNOTATED_META = "annotated"
-#: per round, which sites each head came from (and which heads were refused), in the server's run folder
-HEADS_FILE = Path("segviz") / "heads.jsonl"
-
-
-def head_keys(model: BratsNet) -> dict[str, list[str]]:
-    """Each region's head keys of a multi-head model (REGIONS order)."""
-    if not model.multi_head:
-        raise ValueError("SegViz needs a multi-head model (multi_head=True)")
-    groups = parameter_groups(model)
-    return {r: groups[f"head_{r}"] for r in REGIONS}
 
 
 class TaskHeadAggregator(ScreenedAggregator):

@@ -47,16 +47,12 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.app_common.workflows.cyclic import Cyclic
 
+from brats_fl.protocol import PASS_VALIDATION_TASK, SEQUENTIAL_META, VISITS_FILE
 from brats_fl.seg.model import fingerprint, state_bytes
 from brats_fl.server.schedule import check_schedule, set_round_lr
 from brats_fl.server.screening import check_settings, expected_shapes, screen_updates
 
-#: the task a site answers with the received model's scores on its validation split
-PASS_VALIDATION_TASK = "validate_pass"
-VISITS_FILE = Path("sequential") / "visits.json"
 ORDERS = ("fixed", "shuffle")
-#: the key of the global model's meta that says where a sequential job stands (see the module's docstring)
-SEQUENTIAL_META = "sequential"
 
 
 class SequentialTransfer(Cyclic):

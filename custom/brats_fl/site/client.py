@@ -52,16 +52,30 @@ from torch.utils.data import DataLoader
 from brats_fl.data.checks import CHECKED
 from brats_fl.data.datalist import SPLITS, load_datalist
 from brats_fl.data.loading import eval_loader, load_sampling_state, sampling_state
-from brats_fl.jobs import numerics
-from brats_fl.jobs.params import parse_min_volume, site_defaults
-from brats_fl.seg.model import describe_keys, fingerprint, parameter_groups, save_whole, state_bytes
+from brats_fl.protocol import (
+    ANNOTATED_META,
+    DONE_FILE,
+    PASS_VALIDATION_TASK,
+    PERSONALISE_TASK,
+    PRIVACY_META,
+    ROUND_LR,
+    ROUNDS_FILE,
+    SITE_FOLDER,
+    SITE_RECORD,
+)
+from brats_fl.seg.model import (
+    describe_keys,
+    fingerprint,
+    head_keys,
+    parameter_groups,
+    personal_keys,
+    save_whole,
+    state_bytes,
+)
 from brats_fl.seg.postprocess import choose_min_volumes
 from brats_fl.seg.trainer import FINETUNE_SHARE, Trainer, config_from_args, make_train_loader
-from brats_fl.server.personalise import PERSONALISE_TASK, personal_keys
-from brats_fl.server.privacy import PRIVACY_META
-from brats_fl.server.schedule import ROUND_LR
-from brats_fl.server.segviz import ANNOTATED_META, head_keys
-from brats_fl.server.sequential import PASS_VALIDATION_TASK
+from brats_fl.settings import numerics
+from brats_fl.settings.params import parse_min_volume, site_defaults
 from brats_fl.site.algorithms import Ditto, FedProx, Scaffold
 from brats_fl.site.config import resolve
 from brats_fl.site.executor import CONFIG_KEY
@@ -73,7 +87,7 @@ KEEP_ROUNDS = 2
 
 def site_args(config: dict) -> argparse.Namespace:
     """The job's site configuration (``SiteExecutor``'s ``config``) over the defaults the parameter schema gives
-    (``brats_fl.jobs.params.site_defaults``); an unknown key is refused, naming it."""
+    (``brats_fl.settings.params.site_defaults``); an unknown key is refused, naming it."""
     defaults = site_defaults()
     unknown = sorted(set(config) - set(defaults))
     if unknown:
@@ -153,10 +167,10 @@ class Site:
 
     @staticmethod
     def _run_dir(workspace: Path, job_id: str) -> Path:
-        return workspace / job_id / "brats_fl"
+        return workspace / job_id / SITE_FOLDER
 
     def _write_record(self) -> None:
-        (self.run_dir / "site.json").write_text(json.dumps(self.record, indent=1))
+        (self.run_dir / SITE_RECORD).write_text(json.dumps(self.record, indent=1))
 
     def _state_file(self, rnd: int) -> Path:
         return self.state_dir / f"round_{rnd}.pt"
@@ -307,7 +321,7 @@ class Site:
         # when the round's task began and its training steps did: what a run costs beyond training
         # (``brats_fl.results.cost``)
         row |= {"started_at": started_at, "train_started_at": train_started_at}
-        with (self.run_dir / "rounds.jsonl").open("a") as fh:
+        with (self.run_dir / ROUNDS_FILE).open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.trainer.save(self.run_dir / "local_model.pt", round=rnd, site=self.name)
         self._keep_state(rnd)
@@ -456,10 +470,6 @@ class Site:
         for key, value in _as_validation(metrics).items():
             self.writer.add_scalar(f"pass_{key}", value, model.current_round)
         return flare.FLModel(metrics=metrics)
-
-
-#: what a site leaves when its part of the run ends: complete or not, why not, and how long it took
-DONE_FILE = "done.json"
 
 
 def _ended(run_dir: Path, start: float, reason: str | None) -> None:

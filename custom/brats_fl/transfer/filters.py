@@ -32,6 +32,8 @@ from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 from nvflare.app_opt.pt.quantization.constant import QUANTIZATION_TYPE
 
+from brats_fl.protocol import SITE_FOLDER
+
 
 class FreshNoiseSVTPrivacy(SVTPrivacy):
     """FLARE's ``SVTPrivacy``, its noise drawn from fresh entropy. FLARE's filter draws from NumPy's global
@@ -107,7 +109,7 @@ class TransferManifest(Filter):
             data, meta = describe(dxo.data), describe(dxo.meta)
             row |= {"kind": dxo.data_kind, "data": data, "meta": meta}
             row["payload_bytes"] = payload_bytes(data) + payload_bytes(meta)
-        run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / "brats_fl"
+        run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / SITE_FOLDER
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / f"{self.direction}.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -10,9 +10,10 @@ from dataclasses import fields
 
 import pytest
 from brats_fl.cli.main import build_parser, main
-from brats_fl.jobs.catalogue import JOBS, USES, HyperNetParams, JobParams
-from brats_fl.jobs.params import HYPERNETWORK, KINDS, PARAMS, by_name, dest, site_defaults
+from brats_fl.jobs.catalogue import HyperNetParams, JobParams
+from brats_fl.jobs.registry import JOBS
 from brats_fl.seg.trainer import TrainConfig
+from brats_fl.settings.params import HYPERNETWORK, KINDS, PARAMS, by_name, dest, site_defaults
 from brats_fl.site.client import site_args
 
 
@@ -51,8 +52,7 @@ def test_defaults_are_never_refused(capsys):
 
 
 def test_every_job_declares_what_it_uses():
-    assert set(USES) == set(JOBS)
-    assert all(kinds <= set(KINDS) for kinds in USES.values())
+    assert all(job.uses <= set(KINDS) for job in JOBS.values())
     assert {p.uses for p in (*PARAMS, *HYPERNETWORK) if p.uses} == set(KINDS)
 
 
@@ -94,7 +94,7 @@ def test_fg_ratio_has_one_rule_on_both_sides(value: float):
 
 
 def test_cli_options_build_jobparams():
-    from brats_fl.jobs.params import from_cli
+    from brats_fl.settings.params import from_cli
 
     argv = ["brats_hyperseg_conv", "--patch", "32", "32", "32", "--hn-lr", "0.01", "--privacy-arg", "a=1", "b=x"]
     values = vars(_run_parser().parse_args(argv))
@@ -145,7 +145,7 @@ def test_help_and_data_commands_import_neither_torch_nor_flare(code: str):
 
 
 def test_presets_are_jobs_of_the_schema_parameters():
-    from brats_fl.jobs.params import PRESETS
+    from brats_fl.settings.params import PRESETS
 
     for values in PRESETS.values():
         assert set(values) <= {p.name for p in PARAMS}

@@ -1,4 +1,4 @@
-"""The CPU numerics a simulated run pins (brats_fl.jobs.numerics)."""
+"""The CPU numerics a simulated run pins (brats_fl.settings.numerics)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from brats_fl.jobs import numerics
+from brats_fl.settings import numerics
 
 _AVX2 = "avx2" in (numerics._cpuinfo("flags") or "").split()
 
@@ -26,7 +26,7 @@ def test_portable_pins_all_three_libraries():
 
 def _describe(settings: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE} | settings | {"OMP_NUM_THREADS": "1"}
-    code = "import json; from brats_fl.jobs import numerics; print(json.dumps(numerics.describe(reference=True)))"
+    code = "import json; from brats_fl.settings import numerics; print(json.dumps(numerics.describe(reference=True)))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.splitlines()[-1])
 

@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from brats_fl.protocol import ROUNDS_FILE, SITE_FOLDER
+
 #: where a simulated site keeps its rows: ``<run>/<site>/<job id>/brats_fl/rounds.jsonl``
-ROUNDS_GLOB = "*/*/brats_fl/rounds.jsonl"
+ROUNDS_GLOB = f"*/*/{SITE_FOLDER}/{ROUNDS_FILE}"
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[,.]\d+)?\s*(?:-\s*)?")
 _ERROR = re.compile(r"\bERROR\b")
 

@@ -3,7 +3,7 @@
 From this one declaration come ``JobParams`` and ``HyperNetParams`` (``brats_fl.jobs.catalogue``), their range
 checks, the ``brats-fl run`` options and their help, the structured configuration a job gives its sites
 (``JobParams.client_config``) and the site's known keys and defaults (``brats_fl.site.client.site_args``). Which
-jobs take which kind of parameter is declared next to the jobs (``brats_fl.jobs.catalogue.USES``). Imports
+jobs take which kind of parameter is declared next to the jobs (``brats_fl.jobs.registry.Job.uses``). Imports
 neither torch nor FLARE, so that the command line answers at once; names that come from FLARE or torch classes
 are plain strings here, and a test keeps them equal.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 #: kinds of parameter only some jobs use (``Param.uses``), in words for the help; every other parameter is for every
-#: job. Which jobs are of which kind: ``brats_fl.jobs.catalogue.USES``
+#: job. Which jobs are of which kind: ``brats_fl.jobs.registry.Job.uses``
 KINDS = {
     "personal": "jobs that let you choose what stays at a site",
     "finetune": "jobs that fine-tune after federated training",

@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from brats_fl.results.live import (
+from brats_fl.jobs.live import (
     LiveView,
     clock,
     error_lines,
