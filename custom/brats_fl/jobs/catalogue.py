@@ -343,6 +343,7 @@ class DeadlineFedAvgRecipe(FedAvgRecipe):
             round_wait=self.round_wait,
             round_timeout=self.round_timeout,
             resume=self.resume,
+            task_check_period=TASK_CHECK_PERIOD,
             **args,
             **self._get_controller_kwargs(),
         )
@@ -444,7 +445,7 @@ def _with_evaluation(recipe: Recipe, params: JobParams, client: dict, personalis
     # 2 s at every round and every evaluation task, 40 s of a 20-round demo; asking every half second costs nothing
     recipe._job._deploy_map["server"].add_params({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
     if personalise:
-        recipe._job.to_server(PersonalisedEvaluation(timeout=_eval_timeout(params)), id="personalised_evaluation")
+        recipe._job.to_server(PersonalisedEvaluation(timeout=_eval_timeout(params), task_check_period=TASK_CHECK_PERIOD), id="personalised_evaluation")
     mode = cross_site_mode(params.cross_site, client)
     if mode == "all":
         timeouts = {"submit_model_timeout": _eval_timeout(params), "validation_timeout": _eval_timeout(params)}
@@ -468,6 +469,9 @@ def _with_evaluation(recipe: Recipe, params: JobParams, client: dict, personalis
 #: seconds a site waits after a task before it asks the server for the next (FLARE's ``task_request_interval``,
 #: whose default is 2 s); the client's own wait when the server has nothing for it is FLARE's 0.5 s already
 TASK_REQUEST_INTERVAL = 0.5
+#: seconds between a controller's looks at whether its sites have answered (FLARE's ``task_check_period``, 0.5 s):
+#: the server's side of the same wait, at every round and every evaluation task; a look costs microseconds
+TASK_CHECK_PERIOD = 0.1
 
 
 def cross_site_mode(setting: str, client: dict) -> str:
@@ -529,6 +533,7 @@ def _sequential(name: str, params: JobParams, passes: int) -> Recipe:
         visit_timeout=params.visit_timeout,
         norm_ratio=params.norm_ratio,
         resume=bool(params.resume_from),
+        task_check_period=TASK_CHECK_PERIOD,
         **params.round_lr(),
     )
     client = params.client_config() | {"rounds": passes, "local_epochs": epochs}
@@ -578,6 +583,7 @@ def _hyperseg(name: str, params: JobParams, variant: str, descriptor: str) -> Re
         resume_from=params.resume_from,
         norm_ratio=params.norm_ratio,
         min_good=min(params.min_good, params.sites),
+        task_check_period=TASK_CHECK_PERIOD,
         **params.round_lr(),
     )
     # the hypernetwork makes the sites' personal layers; a resumed site goes on from its optimiser, its sampling
@@ -618,6 +624,7 @@ def _segviz(name: str, params: JobParams, personal: str) -> Recipe:
         round_wait=params.round_wait,
         round_timeout=params.round_timeout or 0,
         resume=bool(params.resume_from),
+        task_check_period=TASK_CHECK_PERIOD,
         **params.round_lr(),
     )
     client = params.client_config() | {"multi_head": True, "personal": personal, "finetune_scope": "heads"}
@@ -742,7 +749,11 @@ def scaffold(params: JobParams) -> Recipe:
     jobs' screening of updates and deadlines do not apply. A resumed job's server goes on from the control variate
     saved beside its last global model (``brats_fl.server.scaffold``), each site from its own."""
     controller = ResumableScaffold(
-        num_clients=params.sites, num_rounds=params.rounds, persistor_id="persistor", resume_from=params.resume_from
+        num_clients=params.sites,
+        num_rounds=params.rounds,
+        persistor_id="persistor",
+        resume_from=params.resume_from,
+        task_check_period=TASK_CHECK_PERIOD,
     )
     client = params.client_config()
     return _with_evaluation(ControllerRecipe("brats_scaffold", params, controller, client), params, client)

@@ -139,9 +139,11 @@ class HyperSegController(ServerState, ModelController):
         min_good: int = 1,
         lr: float | None = None,
         lr_schedule: str = "constant",
+        task_check_period: float = 0.5,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        # task_check_period named here, not left in kwargs: FLARE's job export writes only the arguments it sees
+        super().__init__(task_check_period=task_check_period, **kwargs)
         check_settings(norm_ratio, min_good)
         check_schedule(lr, lr_schedule)
         if hn_optimizer not in OPTIMISERS:

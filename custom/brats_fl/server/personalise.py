@@ -39,9 +39,15 @@ class PersonalisedEvaluation(ModelController):
     """
 
     def __init__(
-        self, model_file: str = "FL_global_model.pt", timeout: int = 0, ignore_result_error: bool = True, **kwargs
+        self,
+        model_file: str = "FL_global_model.pt",
+        timeout: int = 0,
+        ignore_result_error: bool = True,
+        task_check_period: float = 0.5,
+        **kwargs,
     ):
-        super().__init__(ignore_result_error=ignore_result_error, **kwargs)
+        # task_check_period named here, not left in kwargs: FLARE's job export writes only the arguments it sees
+        super().__init__(ignore_result_error=ignore_result_error, task_check_period=task_check_period, **kwargs)
         self.model_file = model_file
         self.timeout = timeout
 
