@@ -445,7 +445,8 @@ def _with_evaluation(recipe: Recipe, params: JobParams, client: dict, personalis
     # 2 s at every round and every evaluation task, 40 s of a 20-round demo; asking every half second costs nothing
     recipe._job._deploy_map["server"].add_params({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
     if personalise:
-        recipe._job.to_server(PersonalisedEvaluation(timeout=_eval_timeout(params), task_check_period=TASK_CHECK_PERIOD), id="personalised_evaluation")
+        evaluation = PersonalisedEvaluation(timeout=_eval_timeout(params), task_check_period=TASK_CHECK_PERIOD)
+        recipe._job.to_server(evaluation, id="personalised_evaluation")
     mode = cross_site_mode(params.cross_site, client)
     if mode == "all":
         timeouts = {"submit_model_timeout": _eval_timeout(params), "validation_timeout": _eval_timeout(params)}
