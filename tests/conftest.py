@@ -94,7 +94,9 @@ def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sim_data(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three sites of the tiny phantom, one scanner each, and a site configuration pointing at them."""
+    """Three sites of the tiny phantom, one scanner each, and a site configuration pointing at them, with a disk
+    cache that the session's runs share, as simulated sites do (``site_configs/simulation.json``): a run after the
+    first neither checks nor decodes a case again."""
     from brats_fl.data.layout import find_cases
     from brats_fl.data.partition import assign_sites, write_datalists
 
@@ -104,7 +106,7 @@ def sim_data(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     config = root / "site_configs" / "simulation.json"
     config.parent.mkdir()
     doc = {"data_root": str(tiny_phantom), "datalist_dir": str(root / "lists"), "threads": 1}
-    config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state")}))
+    config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state"), "cache_dir": str(root / "cache")}))
     return config
 
 
@@ -139,7 +141,7 @@ def partial_sites(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) 
     write_datalists(tiny_phantom, parts, root / "lists", annotated=ANNOTATIONS)
     config = root / "simulation.json"
     doc = {"data_root": str(tiny_phantom), "datalist_dir": str(root / "lists"), "threads": 1}
-    config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state")}))
+    config.write_text(json.dumps(doc | {"state_dir": str(root / "site_state"), "cache_dir": str(root / "cache")}))
     return config
 
 
