@@ -10,7 +10,7 @@ from brats_fl.data.labels import REGIONS
 from brats_fl.jobs.params import LESION_RULE_NAMES, REGION_NAMES, parse_min_volume
 from brats_fl.seg.lesions import AUTO, RULES
 from brats_fl.seg.metrics import RegionMetrics
-from brats_fl.seg.postprocess import MIN_CASES, Choice, remove_small_components
+from brats_fl.seg.postprocess import MIN_CASES, Choice, pool, remove_small_components, settle
 
 TC, WT, ET = (REGIONS.index(r) for r in ("TC", "WT", "ET"))
 SHAPE = (30, 12, 12)
@@ -99,3 +99,80 @@ def test_the_setting_and_its_refusals():
             parse_min_volume(bad)
     # the schema's names are the library's
     assert REGION_NAMES == REGIONS and (AUTO, *RULES) == LESION_RULE_NAMES
+
+
+def _choice(specks: list[bool], annotated: list[bool] | None = None) -> Choice:
+    choice = Choice(rule="2023")
+    for speck in specks:
+        choice.add(*_case(speck=speck, true_speck=False), (1.0, 1.0, 1.0), annotated=annotated)
+    return choice
+
+
+def test_pooled_sums_are_the_sums_over_every_case_and_survive_the_wire():
+    sites = [_choice([True]), _choice([False, True]), _choice([], annotated=[True, False, True])]
+    pooled = pool(Choice.from_dict(c.to_dict()) for c in sites)
+    every = _choice([True, False, True])
+    for region in REGIONS:
+        assert pooled.cases[region] == every.cases[region] == 3
+        np.testing.assert_allclose(pooled.totals[region], every.totals[region])
+    assert pooled.volumes() == every.volumes() == (dict.fromkeys(REGIONS, 10.0), {})
+    with pytest.raises(ValueError, match="different lesion rules"):
+        pool([Choice(rule="2023"), Choice(rule="2025")])
+    with pytest.raises(ValueError, match="candidates"):
+        Choice.from_dict(sites[0].to_dict() | {"candidates": [0.0, 5.0]})
+
+
+def test_a_region_takes_the_sites_own_volume_where_its_split_suffices_else_the_pooled_one():
+    # the site's own three cases have no speck in TC and ET but annotate WT in one case only
+    own = Choice(rule="2023")
+    for annotated in ([True, True, True], [True, False, True], [True, False, True]):
+        own.add(*_case(speck=False, true_speck=False), (1.0, 1.0, 1.0), annotated=annotated)
+    pooled = pool([own, _choice([True] * MIN_CASES)])
+    record = settle(own, pooled, "site-1", "site-1, site-2's validation splits")
+    # TC and ET: its own (nothing to remove: 0); WT: the pooled cases' specks choose 10 mm³
+    assert record["volumes"] == {"TC": 0.0, "WT": 10.0, "ET": 0.0} and record["pooled"] == ["WT"]
+    assert record["chosen"]["WT"] == "pooled over site-1, site-2's validation splits (4 cases)"
+    assert record["chosen"]["TC"] == "on site-1's validation split (3 cases)" and "notes" not in record
+    # without a pool, or with one too small as well, the region keeps every component and the record says why
+    alone = settle(own, None, "site-1")
+    assert (
+        alone["volumes"]["WT"] == 0.0 and alone["pooled"] == [] and "site-1's validation split" in alone["notes"]["WT"]
+    )
+    small = settle(own, pool([own]), "site-1", "site-1's validation splits")
+    assert (
+        small["volumes"]["WT"] == 0.0
+        and "1 validation case(s) of site-1's validation splits together" in small["notes"]["WT"]
+    )
+
+
+def test_a_test_split_is_scored_with_and_without_post_processing_from_the_same_predictions(tmp_path, monkeypatch):
+    """``Trainer.evaluate``: the scores without post-processing are those of the unprocessed predictions (HD95 left
+    out), and a choice fed by the same pass sees every case."""
+    from brats_fl.data.layout import MODALITIES, SEG, find_cases
+    from brats_fl.data.loading import eval_loader, eval_transforms
+    from brats_fl.seg.trainer import UNPROCESSED, TrainConfig, Trainer
+    from conftest import write_case
+
+    write_case(tmp_path, "BraTS20_Training_001", shape=(32, 32, 24))
+    (case,) = find_cases(tmp_path)
+    item = {"image": [case.files[m] for m in MODALITIES], "label": case.files[SEG], "case_id": case.case_id}
+    label = eval_transforms()({"image": [str(p) for p in item["image"]], "label": str(item["label"])})["label"]
+    speckled = label.as_tensor().clone()
+    speckled[:, 1:3, 1:3, 1:3] = 1  # a false speck of 8 voxels in every region, in a corner far from the tumour
+    config = {"channels": [4, 8], "strides": [2], "num_res_units": 1, "init_seed": 0}
+    trainer = Trainer(TrainConfig.from_dict({"model": config, "patch_size": [16, 16, 16], "threads": 1}))
+    monkeypatch.setattr(trainer, "_sliding", lambda image: (speckled[None].float() * 2 - 1) * 20)
+
+    plain = trainer.evaluate(eval_loader([item]), per_case=True)
+    choice = Choice()
+    cleaned = trainer.evaluate(
+        eval_loader([item]), per_case=True, min_volume=dict.fromkeys(REGIONS, 10.0), choice=choice
+    )
+    assert plain["lesions_fp_WT"] == 1 and cleaned["lesions_fp_WT"] == 0 and cleaned["lesion_dice_WT"] == 1.0
+    for region in REGIONS:
+        for metric in ("dice", "lesion_dice", "lesions_fp"):
+            key = f"{metric}_{region}"
+            assert cleaned[f"{UNPROCESSED}{key}"] == plain[key]
+            assert cleaned["per_case"][0][f"{UNPROCESSED}{key}"] == plain["per_case"][0][key]
+    assert not any(k.startswith(f"{UNPROCESSED}hd95") for k in cleaned) and "hd95_WT" in cleaned
+    assert choice.cases == dict.fromkeys(REGIONS, 1) and not any(k.startswith(UNPROCESSED) for k in plain)

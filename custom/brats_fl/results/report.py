@@ -153,6 +153,8 @@ def summarise_run(folder: Path) -> dict:
         "record": record,
         "client_args": vars(args) if args else None,
         "site_records": site_records,
+        # each site's post-processing of its final scores: volumes, and which regions took the pooled choice
+        "post_processing": {s: r["min_volume"]["personalised"] for s, r in site_records.items() if "min_volume" in r},
     }
 
 

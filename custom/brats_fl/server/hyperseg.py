@@ -47,6 +47,7 @@ from torch import nn
 from brats_fl.seg.model import save_whole
 from brats_fl.server.fedavg import resume_folder
 from brats_fl.server.personalise import PERSONALISE_TASK, RESULTS_FILE
+from brats_fl.server.postprocess import pooled_meta
 from brats_fl.server.schedule import check_schedule, set_round_lr
 from brats_fl.server.screening import check_settings, expected_shapes, record_round, screen_updates
 
@@ -322,7 +323,11 @@ class HyperSegController(ModelController):
 
     def _personalise(self, model: FLModel) -> None:
         """Each site's final model, its own personal tensors included, scored on its test split and kept there."""
-        payloads = {site: FLModel(params=self._payload(model, self._generate(i))) for i, site in enumerate(self.sites)}
+        pooled = pooled_meta(self.get_run_dir())  # the sites' post-processing choices (brats_fl.server.postprocess)
+        payloads = {
+            site: FLModel(params=self._payload(model, self._generate(i)), meta=dict(pooled))
+            for i, site in enumerate(self.sites)
+        }
         answers = self._send_each(PERSONALISE_TASK, payloads, self.eval_timeout)
         scores = {site: answer.metrics for site, answer in answers.items()}
         missing = sorted(set(self.sites) - set(scores))
