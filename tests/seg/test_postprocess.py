@@ -64,14 +64,16 @@ def _case(speck: bool, true_speck: bool) -> tuple[np.ndarray, np.ndarray]:
     return pred, truth
 
 
-def test_the_volume_is_the_best_on_the_validation_cases_and_the_smallest_on_a_tie():
+def test_the_volume_is_the_best_on_the_validation_cases_and_the_middle_of_a_tie():
     choice = Choice(rule="2023")
     for speck in (True, True, False):
         choice.add(*_case(speck=speck, true_speck=False), (1.0, 1.0, 1.0))
     volumes, notes = choice.volumes()
-    assert volumes == dict.fromkeys(REGIONS, 10.0) and not notes  # 10 mm³ removes every speck, nothing true
-    # a small true lesion of 27 mm³ in a fourth case: 10 and 25 mm³ keep it and remove the speck; the tie goes to
-    # the smaller
+    # 10 to 200 mm³ remove every speck (8 mm³) and keep the tumour (WT 216, TC 64, ET 27 mm³): each region's middle
+    # of its best, geometric: WT sqrt(10 * 200) = 45 -> 50; TC sqrt(10 * 50) = 22 -> 25; ET sqrt(10 * 25) = 16 -> 10
+    # (as far from 25 as from 10: the smaller)
+    assert volumes == {"WT": 50.0, "TC": 25.0, "ET": 10.0} and not notes
+    # a small true lesion of 27 mm³ in a fourth case: only 10 and 25 mm³ keep it and remove the speck
     choice.add(*_case(speck=True, true_speck=True), (1.0, 1.0, 1.0))
     assert choice.volumes()[0]["WT"] == 10.0
     # with no speck anywhere nothing is gained: every component stays
@@ -87,7 +89,7 @@ def test_a_split_too_small_for_a_region_does_not_choose_for_it_and_says_so():
         choice.add(*_case(speck=True, true_speck=False), (1.0, 1.0, 1.0), annotated=[False, True, True])
     volumes, notes = choice.volumes()
     assert volumes["TC"] == 0.0 and "0 validation case(s) annotate TC" in notes["TC"]
-    assert volumes["WT"] == volumes["ET"] == 10.0 and set(notes) == {"TC"}
+    assert (volumes["WT"], volumes["ET"]) == (50.0, 10.0) and set(notes) == {"TC"}
 
 
 def test_the_setting_and_its_refusals():
@@ -115,7 +117,7 @@ def test_pooled_sums_are_the_sums_over_every_case_and_survive_the_wire():
     for region in REGIONS:
         assert pooled.cases[region] == every.cases[region] == 3
         np.testing.assert_allclose(pooled.totals[region], every.totals[region])
-    assert pooled.volumes() == every.volumes() == (dict.fromkeys(REGIONS, 10.0), {})
+    assert pooled.volumes() == every.volumes() == ({"TC": 25.0, "WT": 50.0, "ET": 10.0}, {})
     with pytest.raises(ValueError, match="different lesion rules"):
         pool([Choice(rule="2023"), Choice(rule="2025")])
     with pytest.raises(ValueError, match="candidates"):
@@ -129,8 +131,8 @@ def test_a_region_takes_the_sites_own_volume_where_its_split_suffices_else_the_p
         own.add(*_case(speck=False, true_speck=False), (1.0, 1.0, 1.0), annotated=annotated)
     pooled = pool([own, _choice([True] * MIN_CASES)])
     record = settle(own, pooled, "site-1", "site-1, site-2's validation splits")
-    # TC and ET: its own (nothing to remove: 0); WT: the pooled cases' specks choose 10 mm³
-    assert record["volumes"] == {"TC": 0.0, "WT": 10.0, "ET": 0.0} and record["pooled"] == ["WT"]
+    # TC and ET: its own (nothing to remove: 0); WT: the pooled cases' specks choose 50 mm³
+    assert record["volumes"] == {"TC": 0.0, "WT": 50.0, "ET": 0.0} and record["pooled"] == ["WT"]
     assert record["chosen"]["WT"] == "pooled over site-1, site-2's validation splits (4 cases)"
     assert record["chosen"]["TC"] == "on site-1's validation split (3 cases)" and "notes" not in record
     # without a pool, or with one too small as well, the region keeps every component and the record says why

@@ -158,6 +158,24 @@ def summarise_run(folder: Path) -> dict:
     }
 
 
+def post_processing_lines(summary: dict) -> list[str]:
+    """One line per site: the volumes below which its final predictions' components were removed, each marked where
+    it was the sites' pooled choice, and the pooled Dice and lesion-wise Dice without and with it."""
+    lines = []
+    for site, record in summary.get("post_processing", {}).items():
+        pooled = set(record.get("pooled", []))
+        volumes = ", ".join(f"{r} {record['volumes'][r]:g}{' (pooled)' if r in pooled else ''}" for r in DISPLAY_ORDER)
+        lines.append(f"post-processing at {site}: components removed below {volumes} mm³")
+    test = summary["test"]
+    if "unprocessed_dice_mean" in test and "lesion_dice_mean" in test:
+        lines.append(
+            f"pooled, without -> with post-processing: Dice mean {test['unprocessed_dice_mean']:.3f} -> "
+            f"{test['dice_mean']:.3f}, lesion-wise Dice mean {test['unprocessed_lesion_dice_mean']:.3f} -> "
+            f"{test['lesion_dice_mean']:.3f}"
+        )
+    return lines
+
+
 def refuse_incomplete(folder: Path, summary: dict, include_incomplete: bool) -> None:
     """Raise IncompleteRunError for a run that did not complete, unless the caller asked to include it (it is then
     marked incomplete wherever it is shown)."""

@@ -9,8 +9,8 @@ the regions stay nested: a removed WT component leaves no tumour, a removed TC c
 ET component stays necrotic core (TC and WT), as label 1 would.
 
 With ``auto`` each region's volume is chosen on a validation split among ``CANDIDATES``: the one with the best mean of
-voxel-wise Dice and lesion-wise Dice (the case's lesion rule) of that region, the smallest on a tie; 0 keeps every
-component. A split with fewer than ``MIN_CASES`` cases annotating a region does not choose for it (``Choice.volumes``).
+voxel-wise Dice and lesion-wise Dice (the case's lesion rule) of that region; where several score best, 0 if it is
+among them, else the one in their geometric middle (``_middle_of_best`` says why); 0 keeps every component. A split with fewer than ``MIN_CASES`` cases annotating a region does not choose for it (``Choice.volumes``).
 The job parameter ``min_volume`` (``brats_fl.jobs.params.parse_min_volume``) says which: none, auto (the default),
 or given volumes.
 
@@ -41,8 +41,9 @@ from scipy import ndimage
 from brats_fl.data.labels import REGIONS
 from brats_fl.seg.lesions import core_of, lesion_scores, rule_for
 
-#: volumes tried on the validation split (mm³); 0 keeps every component
-CANDIDATES: tuple[float, ...] = (0.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+#: volumes tried on the validation split (mm³); 0 keeps every component. Up to 10 cm³: a trained model's false
+#: whole-tumour components on the hard phantom reach 4 cm³ (docs/explanation/metrics.md), a glioma's rarely goes below
+CANDIDATES: tuple[float, ...] = (0.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0)
 #: fewer validation cases annotating a region than this, and the region's volume is not chosen
 MIN_CASES = 3
 #: the regions' nesting: clearing a component of a region clears the regions inside it there
@@ -131,7 +132,7 @@ class Choice:
                 )
                 continue
             scores = np.round(self.totals[region] / self.cases[region], 12)
-            chosen[region] = CANDIDATES[int(np.argmax(scores))]  # the first maximum: the smallest volume
+            chosen[region] = _middle_of_best(np.flatnonzero(scores == scores.max()))
         return chosen, notes
 
     def to_dict(self) -> dict:
@@ -151,6 +152,19 @@ class Choice:
             raise ValueError(f"a choice over candidates {doc['candidates']}, not this brats-fl's {list(CANDIDATES)}")
         totals = {r: np.asarray(doc["totals"][r], dtype=float) for r in REGIONS}
         return cls(rule=doc["rule"], totals=totals, cases={r: int(doc["cases"][r]) for r in REGIONS})
+
+
+def _middle_of_best(best: np.ndarray) -> float:
+    """The volume among the best-scoring candidates (indices, ascending): 0 where keeping every component is among
+    them (nothing measured says removing helps); else the one nearest the geometric middle of the smallest and largest
+    best, the smaller on a tie. Every best volume removes the same false components of the validation cases and keeps
+    the same true lesions; the middle is the farthest, as a ratio, from both the largest false component and the
+    smallest true lesion seen, and an unseen one of either costs the lesion-wise score alike (one lesion of Dice 0)."""
+    low, high = CANDIDATES[best[0]], CANDIDATES[best[-1]]
+    if low == 0.0:
+        return 0.0
+    middle = np.sqrt(low * high)
+    return min((CANDIDATES[i] for i in best), key=lambda v: (abs(np.log(v / middle)), v))
 
 
 def pool(choices: Iterable[Choice]) -> Choice:
