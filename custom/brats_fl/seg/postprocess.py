@@ -10,9 +10,10 @@ ET component stays necrotic core (TC and WT), as label 1 would.
 
 With ``auto`` each region's volume is chosen on a validation split among ``CANDIDATES``: the one with the best mean of
 voxel-wise Dice and lesion-wise Dice (the case's lesion rule) of that region; where several score best, 0 if it is
-among them, else the one in their geometric middle (``_middle_of_best`` says why); 0 keeps every component. A split with fewer than ``MIN_CASES`` cases annotating a region does not choose for it (``Choice.volumes``).
-The job parameter ``min_volume`` (``brats_fl.jobs.params.parse_min_volume``) says which: none, auto (the default),
-or given volumes.
+among them, else the one in their geometric middle (``_middle_of_best`` says why); 0 keeps every component. A split
+with fewer than ``MIN_CASES`` cases annotating a region does not choose for it (``Choice.volumes``). The job
+parameter ``min_volume`` (``brats_fl.jobs.params.parse_min_volume``) says which: none, auto (the default), or given
+volumes.
 
 Pooling over sites (``pool``, ``settle``). A federation's sites hold few validation cases each (the demo 2, the full
 benchmark 4), too few to choose on, and they may not share a case; but a ``Choice`` is only each candidate's summed
@@ -20,7 +21,8 @@ score and the number of cases per region, aggregate figures like the validation 
 last training round each site adds its validation cases to a ``Choice`` from the predictions the round's validation
 makes anyway (no extra inference) and sends it with its training result; the server sums them
 (``brats_fl.server.postprocess``) and sends the sum with the task that asks for the final test scores. The pooled
-choice is therefore made for the global model one round before the final one: exact would need the final model's
+choice is therefore made for the models the sites received in the last round, one aggregation (and any fine-tuning)
+before the final ones: exact would need the final model's
 validation predictions at every site before any site scores its test split, one more task round trip for every job,
 and the candidates are far enough apart (factors of 2 to 2.5) that one last round hardly moves the choice of a
 converged model. Each region then takes (``settle``): the site's own choice, on its own split with the model it

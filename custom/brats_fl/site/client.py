@@ -340,8 +340,12 @@ class Site:
         """With ``min_volume auto``, in the job's last round, an empty post-processing choice for this round's
         validation to fill and the server to pool (``brats_fl.seg.postprocess`` says why then); else None."""
         last = rnd >= self.args.rounds - 1
-        auto = parse_min_volume(self.args.min_volume) == "auto"
-        return Choice(rule=self.args.lesion_rule) if last and auto else None
+        return Choice(rule=self.args.lesion_rule) if last and self._chooses() else None
+
+    def _chooses(self) -> bool:
+        """``min_volume auto`` where it can choose: not while tuning (``final_split`` validation), whose scored split
+        is the one it would choose on; a tuning trial's scores are then without post-processing."""
+        return parse_min_volume(self.args.min_volume) == "auto" and self.args.final_split == "test"
 
     def _dp_steps(self) -> int:
         return self.trainer.dp.steps() if self.trainer.dp else 0
@@ -445,7 +449,7 @@ class Site:
         pooled over the sites where the split is too small (``settle``: ``pooled`` names those regions, ``notes``
         the regions nothing could choose for)."""
         setting = parse_min_volume(self.args.min_volume)
-        if setting == "none":
+        if setting == "none" or (setting == "auto" and not self._chooses()):
             return None
         if setting != "auto":
             return {"volumes": setting, "chosen": "given"}
