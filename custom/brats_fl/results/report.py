@@ -387,7 +387,8 @@ def overlay_rows(
     case_id: str, runs: Sequence[tuple[str, dict, dict]], threads: int | None = None
 ) -> tuple[dict, dict, list]:
     """The case's T1ce and FLAIR, its true regions and each run's prediction, through the evaluation's own
-    pipeline (brain crop, z-score, sliding window), so each row's Dice is the one the run recorded. A run
+    pipeline (brain crop, z-score, sliding window, the site's post-processing), so each row's Dice is the one the run
+    recorded. A run
     whose only model at hand is a global model with untrained personal layers is left out, saying why."""
     import torch
 
@@ -397,6 +398,7 @@ def overlay_rows(
     from brats_fl.results.figures import OverlayRow
     from brats_fl.seg.inference import UntrainedLayersError, load_for_inference
     from brats_fl.seg.metrics import RegionMetrics
+    from brats_fl.seg.postprocess import remove_small_components
 
     item = next(cases[case_id][0] for _, _, cases in runs if case_id in cases)
     item = {
@@ -418,6 +420,11 @@ def overlay_rows(
             print(f"overlay of {case_id}: {label} left out. {err}")
             continue
         pred = (torch.sigmoid(trainer.infer_case(image)) > 0.5).cpu()
+        # post-processed as the site's own test scores were (brats_fl.seg.postprocess), where the run records it
+        site = cases[case_id][1] if case_id in cases else None
+        volumes = (summary.get("post_processing") or {}).get(site, {}).get("volumes")
+        if volumes:
+            pred = remove_small_components(pred.unsqueeze(0), spacing, volumes)[0]
         metrics = RegionMetrics(distances=False)  # the overlay shows Dice alone
         metrics.update(pred.unsqueeze(0), truth.unsqueeze(0), spacing=spacing)
         scores = metrics.per_case()[0]
