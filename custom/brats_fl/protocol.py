@@ -26,6 +26,10 @@ PRIVACY_META = "brats_fl_privacy"
 ANNOTATED_META = "annotated"
 #: a sequential job's saved global model's: where the next visit stands (``brats_fl.server.sequential``)
 SEQUENTIAL_META = "sequential"
+#: a site's last training result: its validation cases' post-processing choice (``brats_fl.seg.postprocess.Choice``)
+CHOICE_META = "brats_fl_postprocess_choice"
+#: the final-scoring task: the sites' choices pooled (``brats_fl.server.postprocess.pooled_meta``)
+POOLED_META = "brats_fl_postprocess_pooled"
 
 # the server's run folder
 #: what the run was and whether it completed (``brats_fl.server.run_record``)
@@ -40,6 +44,8 @@ LEDGER_FILE = "privacy_ledger.jsonl"
 SCREENING_FILE = "screening.jsonl"
 #: per round, which sites each SegViz head came from (``brats_fl.server.segviz``)
 HEADS_FILE = Path("segviz") / "heads.jsonl"
+#: each site's latest post-processing choice, as the server kept it (``brats_fl.server.postprocess``)
+CHOICES_FILE = "postprocess_choices.json"
 
 # the server's app folder: the state a controller saves beside the global model every round and resumes with
 SERVER_OPTIMIZER_FILE = "server_optimizer.pt"

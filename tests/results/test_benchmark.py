@@ -264,6 +264,30 @@ def test_paired_tests_use_the_seeds_every_algorithm_has(benchmark_dir: Path):
     assert scores["fedavg"] == "3" and scores["fedprox"] == "1"  # the scores keep every seed
 
 
+def test_runs_that_post_processed_get_a_table_without_and_with_it(benchmark_dir: Path):
+    """FedAvg's runs scored their predictions also as they were: 0.05 lower voxel-wise, 0.3 lower lesion-wise."""
+    assert "### Post-processing" not in write_page(benchmark_dir).read_text()  # no run post-processed: no table
+    for seed in range(3):
+        path = RunSpec("iid", "brats_fedavg", seed).folder(benchmark_dir) / "summary.json"
+        summary = json.loads(path.read_text())
+        for row in summary["per_case"]:
+            for r in ("WT", "TC", "ET"):
+                row[f"lesion_dice_{r}"] = row[f"dice_{r}"]
+                row[f"unprocessed_dice_{r}"] = row[f"dice_{r}"] - 0.05
+                row[f"unprocessed_lesion_dice_{r}"] = row[f"dice_{r}"] - 0.3
+        volumes = {"site-1": {"volumes": {"WT": 200.0, "TC": 50.0, "ET": 0.0}, "pooled": ["WT"]}}
+        path.write_text(json.dumps(summary | {"post_processing": volumes}))
+    section = write_page(benchmark_dir).read_text().split("## Partition: iid", 1)[1].split("## Partition:", 1)[0]
+    (header, *rows) = _table(section, "Post-processing")
+    assert [row[0] for row in rows] == ["fedavg"]  # only the runs that post-processed
+    row = dict(zip(header, rows[0], strict=True))
+    before, after = (float(v) for v in row["Dice WT: without → with"].split(" → "))
+    assert after - before == pytest.approx(0.05, abs=1e-3) and after == pytest.approx(0.7, abs=0.02)
+    before, after = (float(v) for v in row["lesion-wise Dice ET: without → with"].split(" → "))
+    assert after - before == pytest.approx(0.3, abs=1e-3)
+    assert row["seeds"] == "3" and row["volumes chosen (mm³, WT/TC/ET)"] == "200/50/0"
+
+
 def test_page_is_rebuilt_from_what_is_there(benchmark_dir: Path):
     """Runs still missing (a benchmark under way) leave their rows out; nothing else breaks."""
     import shutil

@@ -63,3 +63,20 @@ def test_a_case_without_tumour_scores_as_an_empty_case():
     box = tumour_box(empty, empty)
     boxed = _scores(empty[None][box][0], empty[None][box][0], (1.0, 1.0, 1.0))
     assert boxed == _scores(empty, empty, (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("rule", ["2023", "2024", "2025"])
+def test_lesion_wise_scores_without_distances_are_the_same_dice_and_counts(rule: str):
+    """What the post-processing's choice and the scores without post-processing use: no HD95, the rest alike."""
+    pred, truth = _case(3)
+    full, cheap = (
+        RegionMetrics(lesion_wise=True, lesion_rule=rule),
+        RegionMetrics(lesion_wise=True, distances=False, lesion_rule=rule),
+    )
+    for metrics in (full, cheap):
+        metrics.update(pred[None], truth[None], spacing=[(1.0, 1.0, 1.0)])
+    with_distances, without = full.per_case()[0], cheap.per_case()[0]
+    assert not any("hd95" in key for key in without)
+    assert {k: v for k, v in with_distances.items() if "hd95" not in k} == without
+    # the specks are counted, except by the 2024 rule, which drops predicted lesions of at most 20 voxels itself
+    assert without["lesions_fp_WT"] > 0 or rule == "2024"

@@ -83,7 +83,7 @@ def test_filters_act_in_order_on_every_task(tmp_path: Path):
     server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
     for kind, names in (
         ("task_data_filters", ["Quantizer"]),
-        ("task_result_filters", ["Dequantizer", "PrivacyLedger"]),
+        ("task_result_filters", ["Dequantizer", "PrivacyLedger", "ChoiceCollector"]),
     ):
         assert [f["path"].rsplit(".", 1)[1] for c in server[kind] for f in c["filters"]] == names
 

@@ -23,7 +23,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from brats_fl.jobs.catalogue import HyperNetParams, JobParams, refuse_unused
     from brats_fl.jobs.simulate import run_simulation
     from brats_fl.results.cost import PHASES, run_cost
-    from brats_fl.results.report import format_table, summarise_run
+    from brats_fl.results.report import format_table, post_processing_lines, summarise_run
 
     options = vars(args)
     refuse_unused(args.job, options)
@@ -48,6 +48,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if summary["global_test"]:
         rows.append(("pooled, before fine-tuning", summary["global_test"]))
     print(format_table(rows, extra=("lesion_dice_mean", "lesion_hd95_mean", "val_loss")))
+    for line in post_processing_lines(summary):
+        print(line)
 
 
 def _cmd_export_jobs(args: argparse.Namespace) -> int:

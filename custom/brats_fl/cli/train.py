@@ -50,31 +50,44 @@ def _cmd_train_central(args: argparse.Namespace) -> None:
     fit(trainer, train, val, args.epochs, args.out, val_every=args.val_every)
     test_items = datalist.items("test")
     if test_items:
-        metrics = trainer.evaluate(eval_loader(test_items))
+        metrics = _scored(args, trainer, datalist, test_items)
         (args.out / "test_metrics.json").write_text(json.dumps(metrics, indent=1))
         print(f"\ntest split of {datalist.path.name}, last model, {time.perf_counter() - start:.0f} s:")
         print(format_table([("central", metrics)]))
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from brats_fl.data.datalist import load_datalist
+def _scored(args: argparse.Namespace, trainer, datalist, items: list[dict]) -> dict:
+    """``items`` scored per case by ``--lesion-rule``, after the post-processing ``--min-volume`` asks for (auto:
+    chosen on the datalist's validation split, as a job's site chooses), recorded as ``min_volume``."""
+    from brats_fl.data.labels import REGIONS
     from brats_fl.data.loading import eval_loader
-    from brats_fl.results.report import format_table
-    from brats_fl.seg.inference import load_for_inference
     from brats_fl.seg.postprocess import choose_min_volumes
 
-    trainer = load_for_inference(args.model, tuple(args.patch), args.threads)
-    datalist = load_datalist(args.datalist, args.data_root, grid_required=trainer.config.spacing is None)
     volumes, notes = parse_min_volume(args.min_volume), {}
-    if volumes == "auto":  # chosen on the datalist's validation split, as a job's site chooses
-        volumes, notes = choose_min_volumes(trainer, eval_loader(datalist.items("validation")), args.lesion_rule)
-    split = eval_loader(datalist.items(args.split))
+    validation = datalist.items("validation")
+    if volumes == "auto" and validation:
+        volumes, notes = choose_min_volumes(trainer, eval_loader(validation), args.lesion_rule)
+    elif volumes == "auto":  # nothing to choose on: as a split too small to choose
+        volumes = dict.fromkeys(REGIONS, 0.0)
+        notes = dict.fromkeys(REGIONS, f"{datalist.path.name} has no validation case: every component kept")
     metrics = trainer.evaluate(
-        split, per_case=True, min_volume=None if volumes == "none" else volumes, lesion_rule=args.lesion_rule
-    )
+        eval_loader(items), per_case=True, min_volume=None if volumes == "none" else volumes,
+        lesion_rule=args.lesion_rule,
+    )  # fmt: skip
     if volumes != "none":
         metrics["min_volume"] = {"volumes": volumes} | ({"notes": notes} if notes else {})
         print(f"post-processing: components below {volumes} mm³ removed" + (f" ({notes})" if notes else ""))
+    return metrics
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from brats_fl.data.datalist import load_datalist
+    from brats_fl.results.report import format_table
+    from brats_fl.seg.inference import load_for_inference
+
+    trainer = load_for_inference(args.model, tuple(args.patch), args.threads)
+    datalist = load_datalist(args.datalist, args.data_root, grid_required=trainer.config.spacing is None)
+    metrics = _scored(args, trainer, datalist, datalist.items(args.split))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(metrics, indent=1))
@@ -122,6 +135,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--val-every", type=int, default=5)
+    by_name("min_volume").add_to(p, default=by_name("min_volume").default)
+    by_name("lesion_rule").add_to(p, default="auto")
     add_training_options(p)
     p.set_defaults(func=_cmd_train_central)
 
@@ -132,7 +147,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["training", "validation", "test"], default="test")
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="sliding-window size")
     p.add_argument("--json", type=Path, default=None)
-    by_name("min_volume").add_to(p, default="none")
+    by_name("min_volume").add_to(p, default=by_name("min_volume").default)
     by_name("lesion_rule").add_to(p, default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_evaluate)

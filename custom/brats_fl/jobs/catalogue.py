@@ -44,6 +44,7 @@ from brats_fl.server.fedavg import DeadlineFedAvg
 from brats_fl.server.fedopt import FedOptController
 from brats_fl.server.hyperseg import VARIANTS, HyperSegController
 from brats_fl.server.personalise import PersonalisedEvaluation
+from brats_fl.server.postprocess import ChoiceCollector
 from brats_fl.server.privacy import PrivacyLedger, check_budget, projected_epsilon
 from brats_fl.server.run_record import RunRecord
 from brats_fl.server.scaffold import ResumableScaffold
@@ -400,6 +401,8 @@ def _with_transfer_filters(recipe: Recipe, params: JobParams, model: BratsNet) -
     ledger = (params.privacy, params.privacy_budget)
     for tasks in [[TRAIN_TASK, *OTHER_TASKS]] if quantize else [[TRAIN_TASK], [PERSONALISE_TASK]]:
         recipe.add_server_input_filter(PrivacyLedger(*ledger), tasks=tasks)
+    # the sites' post-processing choices, from their last training results, pooled for the final task
+    recipe.add_server_input_filter(ChoiceCollector(), tasks=[TRAIN_TASK, *OTHER_TASKS] if quantize else [TRAIN_TASK])
 
 
 def _mechanisms(params: JobParams) -> str:

@@ -299,6 +299,7 @@ def run_summary(run_dir: Path, folder: Path, spec: RunSpec, params: Any, wall_ti
         "test": summary["test"],
         "test_per_site": summary["test_per_site"],
         "per_case": per_case_scores(summary),
+        "post_processing": summary["post_processing"],
         "val_dice": {site: tags.get(tag, []) for site, tags in summary["curves"].items()},
         # the sites' training loss per round (client side) and its mean over sites in the last round
         "train_loss": {site: tags.get("train_loss", []) for site, tags in summary["curves"].items()},

@@ -31,6 +31,7 @@ from brats_fl.results.stats import (
     compare,
     score_matrix,
 )
+from brats_fl.seg.trainer import UNPROCESSED
 
 REGIONS = ("WT", "TC", "ET", "mean")
 UNTRAINED = "untrained model"
@@ -109,6 +110,36 @@ def _scores_table(
     return header, rows
 
 
+def _post_processing_table(
+    algorithms: dict[str, list[dict]], cases: list[str]
+) -> tuple[list[str], list[list[str]]] | None:
+    """A row per algorithm whose runs post-processed their predictions (``min_volume``): voxel-wise and lesion-wise
+    Dice per region without and with it, from the same predictions (``brats_fl.seg.trainer.Trainer.evaluate``), with
+    the volumes its sites chose (mm³, WT/TC/ET; several where sites or seeds differ). None where no run did."""
+    regions = REGIONS[:3]
+    header = ["algorithm", "seeds", *(f"Dice {r}: without → with" for r in regions),
+              *(f"lesion-wise Dice {r}: without → with" for r in regions),
+              "volumes chosen (mm³, WT/TC/ET)"]  # fmt: skip
+    rows = []
+    for name, seeds in algorithms.items():
+        processed = [s for s in seeds if any(f"{UNPROCESSED}dice_WT" in r for r in s["per_case"])]
+        if not processed:
+            continue
+        per_case = [s["per_case"] for s in processed]
+        cells = [name.removeprefix("brats_"), str(len(processed))]
+        for metric in ("dice", "lesion_dice"):
+            for region in regions:
+                before, after = (
+                    np.nanmean(score_matrix(_per_seed(per_case, f"{prefix}{metric}_{region}"), cases))
+                    for prefix in (UNPROCESSED, "")
+                )
+                cells.append(f"{before:.3f} → {after:.3f}")
+        volumes = sorted({"/".join(f"{v['volumes'][r]:g}" for r in regions)
+                          for s in processed for v in (s.get("post_processing") or {}).values()})  # fmt: skip
+        rows.append(cells + ["; ".join(volumes)])
+    return (header, rows) if rows else None
+
+
 def _tests_table(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
     header = ["algorithm", "against", "cases", "mean Dice difference", "SD of differences", "p (Wilcoxon)",
               "p (Holm)", "verdict"]  # fmt: skip
@@ -167,11 +198,14 @@ def partition_blocks(name: str, runs: list[dict], untrained: list[list[dict]], f
     }
     figure = plot_band_curves(curves, f"{name}: validation Dice, mean over seeds, band min-max",
                               figures / f"curves_{name}.png")  # fmt: skip
+    post = _post_processing_table(algorithms, cases)
+    post_blocks: list[Block] = [("h3", "Post-processing"), ("p", POST_PROCESSING), ("table", *post)] if post else []
     return [
         ("h2", f"Partition: {name}"),
         ("p", f"{len(cases)} pooled test cases; {len(algorithms)} algorithm(s)."),
         ("h3", "Scores"),
         ("table", *_scores_table(algorithms, untrained, cases)),
+        *post_blocks,
         ("h3", "Paired tests"),
         ("p", seeds_text),
         ("table", *_tests_table(comparisons)),
@@ -204,6 +238,14 @@ METHODS = (
     f"HD95 follows the BraTS convention (373.13 mm where exactly one of prediction and truth is empty). The untrained "
     f"model is the profile's U-Net at seed 0's initialisation, scored by Dice and IoU on the same cases (its HD95 "
     f"says nothing: it predicts about half the head): every algorithm has to beat it."
+)
+
+
+POST_PROCESSING = (
+    "The scores above are after post-processing (min_volume: predicted components smaller than a volume per region "
+    "removed, the volumes chosen on validation, pooled over sites where a site's split is too small; "
+    "docs/explanation/metrics.md). Here each test case's predictions are also scored as they were, mean Dice over "
+    "cases and seeds without → with; lesion-wise by the cases' rule."
 )
 
 

@@ -151,7 +151,27 @@ def summarise_run(folder: Path) -> dict:
         "record": record,
         "client_args": vars(args) if args else None,
         "site_records": site_records,
+        # each site's post-processing of its final scores: volumes, and which regions took the pooled choice
+        "post_processing": {s: r["min_volume"]["personalised"] for s, r in site_records.items() if "min_volume" in r},
     }
+
+
+def post_processing_lines(summary: dict) -> list[str]:
+    """One line per site: the volumes below which its final predictions' components were removed, each marked where
+    it was the sites' pooled choice, and the pooled Dice and lesion-wise Dice without and with it."""
+    lines = []
+    for site, record in summary.get("post_processing", {}).items():
+        pooled = set(record.get("pooled", []))
+        volumes = ", ".join(f"{r} {record['volumes'][r]:g}{' (pooled)' if r in pooled else ''}" for r in DISPLAY_ORDER)
+        lines.append(f"post-processing at {site}: components removed below {volumes} mm³")
+    test = summary["test"]
+    if "unprocessed_dice_mean" in test and "lesion_dice_mean" in test:
+        lines.append(
+            f"pooled, without -> with post-processing: Dice mean {test['unprocessed_dice_mean']:.3f} -> "
+            f"{test['dice_mean']:.3f}, lesion-wise Dice mean {test['unprocessed_lesion_dice_mean']:.3f} -> "
+            f"{test['lesion_dice_mean']:.3f}"
+        )
+    return lines
 
 
 def refuse_incomplete(folder: Path, summary: dict, include_incomplete: bool) -> None:
@@ -365,7 +385,8 @@ def overlay_rows(
     case_id: str, runs: Sequence[tuple[str, dict, dict]], threads: int | None = None
 ) -> tuple[dict, dict, list]:
     """The case's T1ce and FLAIR, its true regions and each run's prediction, through the evaluation's own
-    pipeline (brain crop, z-score, sliding window), so each row's Dice is the one the run recorded. A run
+    pipeline (brain crop, z-score, sliding window, the site's post-processing), so each row's Dice is the one the run
+    recorded. A run
     whose only model at hand is a global model with untrained personal layers is left out, saying why."""
     import torch
 
@@ -375,6 +396,7 @@ def overlay_rows(
     from brats_fl.results.figures import OverlayRow
     from brats_fl.seg.inference import UntrainedLayersError, load_for_inference
     from brats_fl.seg.metrics import RegionMetrics
+    from brats_fl.seg.postprocess import remove_small_components
 
     item = next(cases[case_id][0] for _, _, cases in runs if case_id in cases)
     item = {
@@ -396,6 +418,11 @@ def overlay_rows(
             print(f"overlay of {case_id}: {label} left out. {err}")
             continue
         pred = (torch.sigmoid(trainer.infer_case(image)) > 0.5).cpu()
+        # post-processed as the site's own test scores were (brats_fl.seg.postprocess), where the run records it
+        site = cases[case_id][1] if case_id in cases else None
+        volumes = (summary.get("post_processing") or {}).get(site, {}).get("volumes")
+        if volumes:
+            pred = remove_small_components(pred.unsqueeze(0), spacing, volumes)[0]
         metrics = RegionMetrics(distances=False)  # the overlay shows Dice alone
         metrics.update(pred.unsqueeze(0), truth.unsqueeze(0), spacing=spacing)
         scores = metrics.per_case()[0]

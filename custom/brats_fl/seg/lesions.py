@@ -201,7 +201,12 @@ def _merge_through(labels: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, in
 
 
 def _overlap_scores(
-    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], settings: LesionRule, min_volume: float
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: tuple[float, float, float],
+    settings: LesionRule,
+    min_volume: float,
+    distances: bool = True,
 ) -> LesionScores:
     """2023 and 2024: each true lesion against the union of the predicted lesions within its dilated reach."""
     voxel = float(np.prod(spacing))
@@ -216,7 +221,7 @@ def _overlap_scores(
             continue
         match = np.isin(pred, list(touching))
         dice.append(_dice(lesion, match))
-        hd95.append(_hd95(lesion, match, spacing, settings.hd95_penalty))
+        hd95.append(_hd95(lesion, match, spacing, settings.hd95_penalty) if distances else np.nan)
         matched += bool(touching)
     false_positives = len(set(np.unique(pred).tolist()) - {0} - matched_pred)
     counted = len(dice) + false_positives
@@ -232,7 +237,7 @@ def _overlap_scores(
 
 
 def _bipartite_scores(
-    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], settings: LesionRule
+    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], settings: LesionRule, distances: bool
 ) -> LesionScores:
     """2025: true and predicted lesions matched one to one, maximising the sum of the pairs' Dice."""
     n_truth, n_pred = int(truth.max()), int(pred.max())
@@ -250,10 +255,10 @@ def _bipartite_scores(
     if not pairs:
         return LesionScores(0.0, settings.hd95_penalty, n_truth, 0, n_pred)
     scores = [dice[r, c] for r, c in pairs]
-    distances = [_hd95(truth == r, pred == c, spacing, settings.hd95_penalty) for r, c in pairs]
+    hd95 = [_hd95(truth == r, pred == c, spacing, settings.hd95_penalty) for r, c in pairs] if distances else [np.nan]
     return LesionScores(
         dice=float(np.mean(scores)),
-        hd95=float(np.mean(distances)),
+        hd95=float(np.mean(hd95)),
         lesions=n_truth,
         matched=len(pairs),
         false_positives=n_pred - len(pairs),
@@ -267,10 +272,13 @@ def lesion_scores(
     rule: str = "2023",
     region: str = "WT",
     core: tuple[np.ndarray, np.ndarray] | None = None,
+    distances: bool = True,
 ) -> LesionScores:
     """Lesion-wise scores of one region by ``rule`` (``RULES``): ``pred`` and ``truth`` are boolean masks (X, Y, Z)
     on one grid of voxel size ``spacing`` (mm). ``core``: the predicted and true non-enhancing core (TC without ET),
-    through which the 2024 rule merges ET lesions (``region`` "ET" only)."""
+    through which the 2024 rule merges ET lesions (``region`` "ET" only). Without ``distances`` HD95 is NaN wherever a
+    distance would be measured: the Dice and counts alone cost a fraction (the post-processing's choice scores every
+    candidate volume so, and a test case's scores without post-processing)."""
     if rule not in RULES:
         raise ValueError(f"unknown lesion rule {rule!r}; known: {', '.join(RULES)}")
     if region not in REGIONS:
@@ -286,7 +294,7 @@ def lesion_scores(
         return LesionScores(1.0, 0.0, 0, 0, 0)
     pred, truth = pred[box], truth[box]
     if not settings.dilation:
-        return _bipartite_scores(lesions(pred, 0)[0], lesions(truth, 0)[0], spacing, settings)
+        return _bipartite_scores(lesions(pred, 0)[0], lesions(truth, 0)[0], spacing, settings, distances)
     limit = settings.min_volume.get(region, 0.0)
     truth_lesions, _ = lesions(truth, settings.dilation)
     pred_lesions, _ = lesions(pred, settings.dilation if settings.merge_predicted else 0)
@@ -298,16 +306,22 @@ def lesion_scores(
         pred_core = _drop_small(lesions(pred_core, settings.core_dilation)[0], core_limit)[0]
         truth_lesions, _ = _merge_through(truth_lesions, lesions(truth_core, settings.core_dilation)[0])
         pred_lesions, _ = _merge_through(pred_lesions, pred_core)
-    return _overlap_scores(pred_lesions, truth_lesions, spacing, settings, limit)
+    return _overlap_scores(pred_lesions, truth_lesions, spacing, settings, limit, distances)
+
+
+def core_of(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted and true non-enhancing core (TC without ET) of one case's channels (3, X, Y, Z), which the 2024
+    rule's ET lesions merge through (``lesion_scores``' ``core``)."""
+    tc, et = REGIONS.index("TC"), REGIONS.index("ET")
+    return pred[tc] & ~pred[et], truth[tc] & ~truth[et]
 
 
 def case_lesion_scores(
-    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], rule: str
+    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], rule: str, distances: bool = True
 ) -> list[LesionScores]:
     """Every region of one case (boolean channels (3, X, Y, Z) in ``REGIONS`` order), in that order."""
-    tc, et = REGIONS.index("TC"), REGIONS.index("ET")
-    core = (pred[tc] & ~pred[et], truth[tc] & ~truth[et])
+    core = core_of(pred, truth)
     return [
-        lesion_scores(pred[i], truth[i], spacing, rule, region, core if region == "ET" else None)
+        lesion_scores(pred[i], truth[i], spacing, rule, region, core if region == "ET" else None, distances)
         for i, region in enumerate(REGIONS)
     ]

@@ -10,8 +10,9 @@ MONAI computes the metrics; this module fixes the conventions once:
   false positives, false negatives) and, per case, the rule (``lesion_rule``: 2023, 2024 or 2025; by default the
   case's release's): a test split's scoring asks for them, a round's validation does not (they take a
   connected-component analysis per region and lesion).
-- Without ``distances``, Dice and IoU alone: the benchmark's untrained model predicts half the head, whose HD95 says
-  nothing and takes seconds per case (``brats_fl.results.benchmark.untrained_scores``).
+- Without ``distances``, no HD95 (voxel- or lesion-wise): the benchmark's untrained model predicts half the head,
+  whose HD95 says nothing and takes seconds per case (``brats_fl.results.benchmark.untrained_scores``), and a test
+  case's scores without post-processing (``brats_fl.seg.postprocess``) need only the Dice and the counts.
 """
 
 from __future__ import annotations
@@ -47,13 +48,12 @@ class RegionMetrics:
         distances: bool = True,
         lesion_rule: str = "auto",
     ):
-        if lesion_wise and not distances:
-            raise ValueError("lesion-wise scores include HD95: lesion_wise needs distances")
         rule_for(lesion_rule, None)  # refuses an unknown rule before any case is scored
         self.spacing = spacing
         self.lesion_rule = lesion_rule
-        lesion = (*LESION_METRICS, *LESION_COUNTS)
-        self.metrics = (*METRICS, *lesion) if lesion_wise else METRICS if distances else OVERLAP_METRICS
+        self.distances = distances
+        lesion = (*(LESION_METRICS if distances else LESION_METRICS[:1]), *LESION_COUNTS) if lesion_wise else ()
+        self.metrics = (*(METRICS if distances else OVERLAP_METRICS), *lesion)
         self._dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
         self._iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
         self._hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
@@ -118,7 +118,8 @@ class RegionMetrics:
         out = {m: np.zeros(shape) for m in (*LESION_METRICS, *LESION_COUNTS)}
         p, t = pred.bool().cpu().numpy(), truth.bool().cpu().numpy()
         for b in range(shape[0]):
-            for c, scores in enumerate(case_lesion_scores(p[b], t[b], spacing[b] if spacing else default, rules[b])):
+            scored = case_lesion_scores(p[b], t[b], spacing[b] if spacing else default, rules[b], self.distances)
+            for c, scores in enumerate(scored):
                 figures = (scores.dice, scores.hd95, scores.lesions, scores.matched, scores.false_positives,
                            scores.false_negatives)  # fmt: skip
                 for m, value in zip((*LESION_METRICS, *LESION_COUNTS), figures, strict=True):

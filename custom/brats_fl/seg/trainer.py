@@ -38,7 +38,7 @@ from brats_fl.data.loading import ANNOTATED, AXIS_LABELS, BRATS_ORIENTATION, tra
 from brats_fl.seg.dp import DPSGD, check_dp_model
 from brats_fl.seg.metrics import RegionMetrics
 from brats_fl.seg.model import NETWORKS, BratsNet, build_model, model_args
-from brats_fl.seg.postprocess import remove_small_components
+from brats_fl.seg.postprocess import Choice, remove_small_components
 from brats_fl.settings.params import by_name
 
 RECIPES = {
@@ -554,14 +554,19 @@ class Trainer:
         min_volume: dict[str, float] | None = None,
         distances: bool = True,
         lesion_rule: str = "auto",
+        choice: Choice | None = None,
     ) -> dict:
         """Dice, IoU, HD95 per region and their means, and the mean loss, over whole cases at the labels' own
         resolution; HD95 in mm by each label's voxel size (its affine, where the loader keeps it). ``per_case``
         (a test split) adds each case's scores and the lesion-wise Dice and HD95 by ``lesion_rule`` (``auto``: each
         case's release's; ``brats_fl.seg.metrics``). ``min_volume`` (mm³ per region) removes smaller predicted
-        components before scoring (``brats_fl.seg.postprocess``). Without ``distances``, Dice and IoU alone (no HD95,
-        lesion-wise or not)."""
+        components before scoring (``brats_fl.seg.postprocess``); the same predictions are then also scored as they
+        were, without HD95 (``unprocessed_dice_WT``, ``unprocessed_lesion_dice_WT``, ...: the page's row without
+        post-processing at a fraction of a second scoring). Without ``distances``, Dice and IoU alone (no HD95,
+        lesion-wise or not). ``choice`` adds every case's predictions to a post-processing choice (a site's last
+        validation, ``brats_fl.seg.postprocess``) at no further inference."""
         metrics = RegionMetrics(lesion_wise=per_case and distances, distances=distances, lesion_rule=lesion_rule)
+        unprocessed = RegionMetrics(lesion_wise=per_case, distances=False, lesion_rule=lesion_rule)
         losses, case_ids = [], []
         for batch in loader:
             label = batch["label"]
@@ -571,9 +576,19 @@ class Trainer:
             # a region the case's site did not annotate is never scored, whatever the training mode
             losses.append(float(self.loss_fn(logits, label, batch[ANNOTATED])))
             pred = (torch.sigmoid(logits) > 0.5).float()
-            if min_volume:
-                pred = remove_small_components(pred, spacing, min_volume)
             releases = batch.get("release")
+            if choice is not None:
+                for b in range(pred.shape[0]):
+                    choice.add(pred[b].bool().cpu().numpy(), label[b].bool().cpu().numpy(),
+                               spacing[b] if spacing else (1.0, 1.0, 1.0), batch[ANNOTATED][b].bool().tolist(),
+                               releases[b] if releases else None)  # fmt: skip
+            if min_volume:
+                for b in range(pred.shape[0]):
+                    box = tumour_box(pred[b], label[b])
+                    unprocessed.update(pred[b : b + 1][box], label[b : b + 1][box], batch[ANNOTATED][b : b + 1],
+                                       spacing=[spacing[b]] if spacing else None,
+                                       releases=[releases[b]] if releases else None)  # fmt: skip
+                pred = remove_small_components(pred, spacing, min_volume)
             for b in range(pred.shape[0]):
                 box = tumour_box(pred[b], label[b])
                 metrics.update(
@@ -585,8 +600,13 @@ class Trainer:
                 )
             case_ids.extend(batch["case_id"])
         out: dict = {**metrics.aggregate(), "val_loss": sum(losses) / len(losses)}
+        if min_volume:
+            out |= {f"{UNPROCESSED}{k}": v for k, v in unprocessed.aggregate().items() if k != "cases"}
         if per_case:
-            out["per_case"] = [{"case_id": c, **m} for c, m in zip(case_ids, metrics.per_case(), strict=True)]
+            rows = metrics.per_case()
+            if min_volume:
+                rows = [row | _unprocessed(raw) for row, raw in zip(rows, unprocessed.per_case(), strict=True)]
+            out["per_case"] = [{"case_id": c, **m} for c, m in zip(case_ids, rows, strict=True)]
         return out
 
     def state_dict(self) -> dict:
@@ -613,6 +633,15 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {"model_config": self.model.config(), "state_dict": self.model.state_dict(), "meta": meta}
         torch.save(blob | {"spacing": self.config.spacing}, path)
+
+
+#: the prefix of a score of the predictions before post-processing (``Trainer.evaluate``)
+UNPROCESSED = "unprocessed_"
+
+
+def _unprocessed(row: dict) -> dict:
+    """A case's scores before post-processing, prefixed; its ET volumes and rule are the post-processed row's."""
+    return {f"{UNPROCESSED}{k}": v for k, v in row.items() if isinstance(v, float) and not k.startswith("volume_")}
 
 
 #: voxels kept around the predicted and true tumour when scoring (``tumour_box``): more than the widest dilation a

@@ -45,6 +45,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from torch import nn
 
 from brats_fl.protocol import HYPERNETWORK_FILE, PERSONALISE_TASK, PERSONALISED_RESULTS
+from brats_fl.server.postprocess import pooled_meta
 from brats_fl.server.schedule import check_schedule, set_round_lr
 from brats_fl.server.screening import check_settings, expected_shapes, record_round, screen_updates
 from brats_fl.server.state import ServerState
@@ -306,7 +307,11 @@ class HyperSegController(ServerState, ModelController):
 
     def _personalise(self, model: FLModel) -> None:
         """Each site's final model, its own personal tensors included, scored on its test split and kept there."""
-        payloads = {site: FLModel(params=self._payload(model, self._generate(i))) for i, site in enumerate(self.sites)}
+        pooled = pooled_meta(self.get_run_dir())  # the sites' post-processing choices (brats_fl.server.postprocess)
+        payloads = {
+            site: FLModel(params=self._payload(model, self._generate(i)), meta=dict(pooled))
+            for i, site in enumerate(self.sites)
+        }
         answers = self._send_each(PERSONALISE_TASK, payloads, self.eval_timeout)
         scores = {site: answer.metrics for site, answer in answers.items()}
         missing = sorted(set(self.sites) - set(scores))

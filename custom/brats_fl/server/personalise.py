@@ -13,10 +13,10 @@ every normalisation key, the learnable scale and shift and, with batch norm, ``r
 ``num_batches_tracked``), ``stats`` (batch norm's running statistics alone, as SiloBN keeps them; what the HyperSeg Conv
 + BN sites keep, since the hypernetwork generates only learnable tensors), or a sum of these, ``head:N+norm``.
 
-``PersonalisedEvaluation`` runs after federated training: it sends the final global model to every site,
-which combines it with its personal layers, optionally fine-tunes, and scores the result on its own
-test split. FLARE's cross-site evaluation cannot do this: it scores one model on every site, whereas a
-personalised model exists only at its own site.
+``PersonalisedEvaluation`` runs after federated training: it sends the final global model to every site (with the
+sites' post-processing choices pooled, ``brats_fl.server.postprocess``), which combines it with its personal layers,
+optionally fine-tunes, and scores the result on its own test split. FLARE's cross-site evaluation cannot do this: it
+scores one model on every site, whereas a personalised model exists only at its own site.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from brats_fl.protocol import PERSONALISE_TASK, PERSONALISED_RESULTS
+from brats_fl.server.postprocess import pooled_meta
 
 
 class PersonalisedEvaluation(ModelController):
@@ -55,9 +56,9 @@ class PersonalisedEvaluation(ModelController):
         # the persistor's file holds the last aggregated model; the persistor's own load_model would rebuild
         # the initial one
         blob = torch.load(Path(self.get_app_dir()) / self.model_file, map_location="cpu", weights_only=False)
-        results = self.send_model_and_wait(
-            task_name=PERSONALISE_TASK, data=FLModel(params=blob["model"]), timeout=self.timeout
-        )
+        # with the sites' post-processing choices pooled, where they sent any (brats_fl.server.postprocess)
+        task = FLModel(params=blob["model"], meta=pooled_meta(self.get_run_dir()))
+        results = self.send_model_and_wait(task_name=PERSONALISE_TASK, data=task, timeout=self.timeout)
         scores = {r.meta.get("client_name", f"site-{i}"): r.metrics for i, r in enumerate(results, start=1)}
         missing = sorted(set(self.sample_clients()) - set(scores))
         if missing:

@@ -242,10 +242,12 @@ PARAMS: tuple[Param, ...] = (
           "predictions are resampled back and scored on each case's own grid", rule="0 < spacing <= 10 (mm)",
           check=lambda v: _number(v) and 0 < v <= 10, flag="--spacing", site="spacing",
           unset="none: the files' own grid"),
-    # issue 39, item 5: generalises the ET-only threshold of issue 20 to every region's components
-    Param("min_volume", str, "none", "post-processing of each site's final test scores: predicted components "
+    # issue 39, item 5: generalises the ET-only threshold of issue 20 to every region's components; auto by default
+    # since measured to help on a trained model (docs/explanation/metrics.md)
+    Param("min_volume", str, "auto", "post-processing of each site's final test scores: predicted components "
           "smaller than a volume per region are removed (brats_fl.seg.postprocess): auto chooses each region's on the "
-          "site's validation split; a volume (mm³) for every region, or REGION=MM3 pairs (WT=100,ET=25)",
+          "site's validation split, pooled over the sites where a split has too few cases; none keeps every "
+          "component; a volume (mm³) for every region, or REGION=MM3 pairs (WT=100,ET=25)",
           rule="min_volume none, auto, a volume >= 0 (mm³) or REGION=MM3 pairs", check=_min_volume_setting,
           flag="--min-volume", site="min_volume"),
     Param("lesion_rule", str, "auto", "the BraTS lesion-wise rule test cases are scored by: 2023, 2024 or 2025 "

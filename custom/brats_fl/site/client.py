@@ -54,6 +54,7 @@ from brats_fl.data.datalist import SPLITS, load_datalist
 from brats_fl.data.loading import eval_loader, load_sampling_state, sampling_state
 from brats_fl.protocol import (
     ANNOTATED_META,
+    CHOICE_META,
     DONE_FILE,
     PASS_VALIDATION_TASK,
     PERSONALISE_TASK,
@@ -72,7 +73,7 @@ from brats_fl.seg.model import (
     save_whole,
     state_bytes,
 )
-from brats_fl.seg.postprocess import choose_min_volumes
+from brats_fl.seg.postprocess import Choice, received_pool, settle
 from brats_fl.seg.trainer import FINETUNE_SHARE, Trainer, config_from_args, make_train_loader
 from brats_fl.settings import numerics
 from brats_fl.settings.params import parse_min_volume, site_defaults
@@ -130,6 +131,8 @@ class Site:
             folder = self._run_dir(workspace, job_id) / "ditto"
             self.ditto = Ditto(Trainer(self.config), folder, args.ditto_lambda, args.personal_epochs)
         self.scaffold: Scaffold | None = None
+        #: the sites' post-processing choices pooled, as the final task brings them (``received_pool``)
+        self.pooled: tuple[Choice | None, str] = (None, "")
         self.personal = set(personal_keys(self.trainer.model, args.personal))
         self.eval_personal = set() if args.personal == "all" else self.personal
         self.annotated = self.datalist.annotated()
@@ -282,8 +285,11 @@ class Site:
         if self.args.optimizer_state == "reset":
             self.trainer.reset_optimizer()
         # Dice and IoU only: HD95 on whole volumes cost as much as a round's training on the demo (surface distances of
-        # an early model's scattered predictions), and no curve or model selection reads it; the test split has it
-        metrics = self.trainer.evaluate(self.val, distances=False)
+        # an early model's scattered predictions), and no curve or model selection reads it; the test split has it.
+        # In the last round, the same predictions also feed the post-processing choice the server pools
+        choice = self._choice_to_pool(rnd)
+        metrics = self.trainer.evaluate(self.val, distances=False, choice=choice)
+        pooled = {CHOICE_META: choice.to_dict() | {"round": rnd}} if choice else {}
         # the round's rate from the server, for every local epoch; None: the trainer's own per-epoch schedule
         lr = (model.meta or {}).get(ROUND_LR)
         # Ditto's personal model trains first, towards the model just received
@@ -340,8 +346,20 @@ class Site:
                 "site": self.name,
                 ANNOTATED_META: self.annotated,
                 **extra_meta,
+                **pooled,
             },
         )
+
+    def _choice_to_pool(self, rnd: int) -> Choice | None:
+        """With ``min_volume auto``, in the job's last round, an empty post-processing choice for this round's
+        validation to fill and the server to pool (``brats_fl.seg.postprocess`` says why then); else None."""
+        last = rnd >= self.args.rounds - 1
+        return Choice(rule=self.args.lesion_rule) if last and self._chooses() else None
+
+    def _chooses(self) -> bool:
+        """``min_volume auto`` where it can choose: not while tuning (``final_split`` validation), whose scored split
+        is the one it would choose on; a tuning trial's scores are then without post-processing."""
+        return parse_min_volume(self.args.min_volume) == "auto" and self.args.final_split == "test"
 
     def _dp_steps(self) -> int:
         return self.trainer.dp.steps() if self.trainer.dp else 0
@@ -384,6 +402,7 @@ class Site:
         """
         self.record["personalise_started_at"] = time.time()
         self._resume_once(None)
+        self.pooled = received_pool(model.meta)
         if self.ditto:
             return flare.FLModel(metrics=_scalars(self._score_and_keep("personalised", 0, self.ditto.trainer)))
         self.load_global(model.params, self.personal)
@@ -440,16 +459,18 @@ class Site:
 
     def _min_volumes(self, trainer: Trainer) -> dict | None:
         """The job's post-processing (``brats_fl.seg.postprocess``): None, or ``{"volumes": {region: mm³}, "chosen":
-        how}`` with volumes given or chosen on this site's validation split for ``trainer``'s model, and ``notes`` for
-        the regions the split was too small to choose for."""
+        how}`` with volumes given, or chosen per region on this site's validation split for ``trainer``'s model, or
+        pooled over the sites where the split is too small (``settle``: ``pooled`` names those regions, ``notes``
+        the regions nothing could choose for)."""
         setting = parse_min_volume(self.args.min_volume)
-        if setting == "none":
+        if setting == "none" or (setting == "auto" and not self._chooses()):
             return None
         if setting != "auto":
             return {"volumes": setting, "chosen": "given"}
-        volumes, notes = choose_min_volumes(trainer, self.val, rule=self.args.lesion_rule)
-        chosen = {"volumes": volumes, "chosen": f"on {self.name}'s validation split"}
-        return chosen | ({"notes": notes} if notes else {})
+        own = Choice(rule=self.args.lesion_rule)
+        trainer.evaluate(self.val, distances=False, choice=own)
+        pooled, pooled_over = self.pooled
+        return settle(own, pooled, self.name, pooled_over)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
