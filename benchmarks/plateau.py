@@ -1,0 +1,202 @@
+"""Where centralized training's validation Dice stops rising: the benchmark's training budget (issue 38, item 1).
+
+    python benchmarks/plateau.py --out runs/plateau                  # 2 seeds of 160 epochs, validated every 5
+    python benchmarks/plateau.py --out runs/plateau --figure-only    # the figure and JSON from the finished seeds
+
+Trains the benchmark profile's central job outside FLARE (``brats-fl train-central`` on the ``iid`` partition's pooled
+datalist, with the profile's network, patch, grid and recipe, both cores) once per seed, one seed after another, and
+scores its validation split every ``--val-every`` epochs. A seed whose run finished (its ``test_metrics.json``
+written) is kept; a half-finished one starts again, so the script resumes seed by seed.
+
+The plateau rule: the budget B is the first validated epoch from which on, to the end of the measured curve, the
+curve gains less than ``--tolerance`` (0.005 Dice) over the last quarter of the budget, from 0.75 B to B. The curve
+is the mean over seeds, smoothed by a centred moving average of three validations (a validation split of 12 cases
+moves by a few hundredths from one validation to the next; unsmoothed, one dip would decide the budget), and read
+between validations by linear interpolation. Each seed's own gain at B is reported beside it. "To the end" guards
+against a pause that training later leaves.
+
+Writes ``DIR/plateau.json`` (each seed's curve, B, every gain, the command, the date and the machine) and, with
+``--figure``, the figure of the curves with B marked. The test split is scored once, after the last epoch, by
+``train-central`` itself: centralized training's test Dice at the end of the measured curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from brats_fl.data.cohorts import build_partition
+from brats_fl.results.benchmark import CENTRAL, PARTITION_SEED, PROFILES, Profile, job_params
+
+
+def train_central_args(profile: Profile, seed: int) -> list[str]:
+    """``brats-fl train-central``'s options for the profile's central run of ``seed``: the job's own parameters
+    (``brats_fl.results.benchmark.job_params``), so that the curve is the one the benchmark's central run follows."""
+    params = job_params(profile, CENTRAL, seed)
+    args = [
+        "--recipe", params.recipe, "--network", params.network, "--patch", *map(str, params.patch_size),
+        "--batch", str(params.batch_size), "--fg-ratio", str(params.fg_ratio), "--seed", str(seed),
+        "--amp", params.amp, "--min-volume", str(params.min_volume),
+    ]  # fmt: skip
+    if params.spacing is not None:
+        args += ["--spacing", str(params.spacing)]
+    for name, flag in (("lr", "--lr"), ("momentum", "--momentum"), ("norm", "--norm")):
+        if getattr(params, name) is not None:
+            args += [flag, str(getattr(params, name))]
+    if params.channels is not None:
+        args += ["--channels", *map(str, params.channels)]
+    return args
+
+
+def smoothed(curve: np.ndarray) -> np.ndarray:
+    """A centred moving average over three points (two at either end)."""
+    padded = np.pad(curve.astype(float), 1, constant_values=np.nan)
+    return np.nanmean(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
+
+
+def gains(epochs: np.ndarray, curve: np.ndarray) -> dict[int, float]:
+    """For every validated epoch B with 0.75 B inside the curve: curve(B) - curve(0.75 B), interpolated."""
+    return {
+        int(b): float(value - np.interp(0.75 * b, epochs, curve))
+        for b, value in zip(epochs, curve, strict=True)
+        if 0.75 * b >= epochs[0]
+    }
+
+
+def plateau(epochs: np.ndarray, curve: np.ndarray, tolerance: float) -> int | None:
+    """The first epoch from which on every gain over the last quarter is below ``tolerance``; None if none."""
+    found = None
+    for b, gain in gains(epochs, curve).items():
+        if gain >= tolerance:
+            found = None
+        elif found is None:
+            found = b
+    return found
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / "test_metrics.json").is_file()
+
+
+def _curve(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    history = json.loads((folder / "history.json").read_text())
+    return np.array([row["epoch"] for row in history]), np.array([row["dice_mean"] for row in history])
+
+
+def analyse(out: Path, seeds: list[int], tolerance: float) -> dict:
+    """The plateau of the finished seeds' mean curve, each seed's gain at it, and their test scores."""
+    curves = {s: _curve(out / f"seed{s}") for s in seeds}
+    epochs = curves[seeds[0]][0]
+    if any(not np.array_equal(e, epochs) for e, _ in curves.values()):
+        raise ValueError(f"{out}: the seeds were validated at different epochs; run them with the same settings")
+    mean = smoothed(np.mean([c for _, c in curves.values()], axis=0))
+    budget = plateau(epochs, mean, tolerance)
+    per_seed = {s: gains(epochs, smoothed(c)) for s, (_, c) in curves.items()}
+    test = {s: json.loads((out / f"seed{s}" / "test_metrics.json").read_text()) for s in seeds}
+    return {
+        "epochs": epochs.tolist(),
+        "curves": {f"seed{s}": c.tolist() for s, (_, c) in curves.items()},
+        "mean_smoothed": mean.tolist(),
+        "gains": gains(epochs, mean),
+        "tolerance": tolerance,
+        "budget_epochs": budget,
+        "seed_gains_at_budget": {f"seed{s}": g.get(budget) for s, g in per_seed.items()} if budget else None,
+        "test_last_model": {
+            f"seed{s}": {k: v for k, v in m.items() if k.startswith(("dice_", "hd95_", "lesion_dice_"))}
+            for s, m in test.items()
+        },
+    }
+
+
+def figure(result: dict, path: Path, title: str) -> Path:
+    """Each seed's validation curve, their smoothed mean, and the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = result["epochs"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.0), layout="constrained")
+    for name, curve in result["curves"].items():
+        ax.plot(epochs, curve, linewidth=0.8, alpha=0.6, label=f"{name} (validation)")
+    ax.plot(epochs, result["mean_smoothed"], color="black", linewidth=1.6, label="mean over seeds, smoothed")
+    if result["budget_epochs"]:
+        b = result["budget_epochs"]
+        ax.axvline(b, color="tab:red", linestyle="--", linewidth=1, label=f"plateau: {b} epochs")
+        ax.axvspan(0.75 * b, b, color="tab:red", alpha=0.08, linewidth=0)
+    ax.set_xlabel("Epoch (each training case seen once per epoch)")
+    ax.set_ylabel("Validation Dice (mean of WT, TC, ET)")
+    ax.set_title(title, loc="left", fontsize=8)
+    ax.grid(alpha=0.3, linewidth=0.5)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the runs' folder (resumable)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=160)
+    parser.add_argument("--val-every", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--figure", type=Path, help="where to draw the curves (PNG)")
+    parser.add_argument("--figure-only", action="store_true", help="analyse the finished seeds; train nothing")
+    args = parser.parse_args()
+    profile = PROFILES[args.profile]
+    seeds = list(range(args.seeds))
+    if not args.figure_only:
+        shape, split = profile.shape, profile.split
+        site_config = build_partition(
+            "iid", args.out / "partitions", profile.cases, PARTITION_SEED, shape, split, hard=profile.hard
+        )
+        doc = json.loads(site_config.read_text())
+        data_root = (site_config.parent / doc["data_root"]).resolve()
+        datalist = (site_config.parent / doc["datalist_dir"]).resolve() / "site-All.json"
+        for seed in seeds:
+            folder = args.out / f"seed{seed}"
+            if _finished(folder):
+                continue
+            command = [
+                sys.executable, "-m", "brats_fl.cli.main", "train-central", "--data-root", str(data_root),
+                "--datalist", str(datalist), "--out", str(folder), "--epochs", str(args.epochs),
+                "--val-every", str(args.val_every), "--threads", str(args.threads), *train_central_args(profile, seed),
+            ]  # fmt: skip
+            started = time.perf_counter()
+            subprocess.run(command, check=True)
+            (folder / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+    finished = [s for s in seeds if _finished(args.out / f"seed{s}")]
+    if not finished:
+        raise SystemExit(f"{args.out}: no finished seed yet")
+    result = analyse(args.out, finished, args.tolerance)
+    walls = [args.out / f"seed{s}" / "wall.json" for s in finished]
+    result |= {
+        "profile": args.profile,
+        "seconds_per_seed": [json.loads(w.read_text())["seconds"] for w in walls if w.is_file()],
+        "command": " ".join(["python benchmarks/plateau.py", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
+        "machine": f"{platform.machine()}, {platform.python_version()}, {args.threads} threads",
+    }
+    (args.out / "plateau.json").write_text(json.dumps(result, indent=1))
+    if args.figure:
+        title = (f"Centralized training, profile {args.profile}, the iid partition's pooled training cases, "
+                 f"{len(finished)} seed(s)")  # fmt: skip
+        figure(result, args.figure, title)
+    budget = result["budget_epochs"]
+    print(f"plateau: {budget} epochs" if budget else f"no plateau within {result['epochs'][-1]} epochs")
+    print(json.dumps({k: result[k] for k in ("budget_epochs", "seed_gains_at_budget", "test_last_model")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
