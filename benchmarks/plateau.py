@@ -8,12 +8,11 @@ datalist, with the profile's network, patch, grid and recipe, both cores) once p
 scores its validation split every ``--val-every`` epochs. A seed whose run finished (its ``test_metrics.json``
 written) is kept; a half-finished one starts again, so the script resumes seed by seed.
 
-The plateau rule: the budget B is the first validated epoch from which on, to the end of the measured curve, the
-curve gains less than ``--tolerance`` (0.005 Dice) over the last quarter of the budget, from 0.75 B to B. The curve
-is the mean over seeds, smoothed by a centred moving average of three validations (a validation split of 12 cases
-moves by a few hundredths from one validation to the next; unsmoothed, one dip would decide the budget), and read
-between validations by linear interpolation. Each seed's own gain at B is reported beside it. "To the end" guards
-against a pause that training later leaves.
+The plateau rule (``brats_fl.results.stats.plateau``, which the benchmark page also applies to every algorithm's
+curve): the budget B is the first validated epoch from which on, to the end of the measured curve, the curve gains
+less than ``--tolerance`` (0.005 Dice) over the last quarter of the budget, from 0.75 B to B. The curve is the mean
+over seeds, smoothed by a centred moving average of three validations (``stats.smoothed``), and read between
+validations by linear interpolation. Each seed's own gain at B is reported beside it.
 
 Writes ``DIR/plateau.json`` (each seed's curve, B, every gain, the command, the date and the machine) and, with
 ``--figure``, the figure of the curves with B marked. The test split is scored once, after the last epoch, by
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from brats_fl.data.cohorts import build_partition
 from brats_fl.results.benchmark import CENTRAL, PARTITION_SEED, PROFILES, Profile, job_params
+from brats_fl.results.stats import PLATEAU_TOLERANCE, plateau, quarter_gains, smoothed
 
 
 def train_central_args(profile: Profile, seed: int) -> list[str]:
@@ -55,32 +55,6 @@ def train_central_args(profile: Profile, seed: int) -> list[str]:
     return args
 
 
-def smoothed(curve: np.ndarray) -> np.ndarray:
-    """A centred moving average over three points (two at either end)."""
-    padded = np.pad(curve.astype(float), 1, constant_values=np.nan)
-    return np.nanmean(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
-
-
-def gains(epochs: np.ndarray, curve: np.ndarray) -> dict[int, float]:
-    """For every validated epoch B with 0.75 B inside the curve: curve(B) - curve(0.75 B), interpolated."""
-    return {
-        int(b): float(value - np.interp(0.75 * b, epochs, curve))
-        for b, value in zip(epochs, curve, strict=True)
-        if 0.75 * b >= epochs[0]
-    }
-
-
-def plateau(epochs: np.ndarray, curve: np.ndarray, tolerance: float) -> int | None:
-    """The first epoch from which on every gain over the last quarter is below ``tolerance``; None if none."""
-    found = None
-    for b, gain in gains(epochs, curve).items():
-        if gain >= tolerance:
-            found = None
-        elif found is None:
-            found = b
-    return found
-
-
 def _finished(folder: Path) -> bool:
     return (folder / "test_metrics.json").is_file()
 
@@ -98,13 +72,13 @@ def analyse(out: Path, seeds: list[int], tolerance: float) -> dict:
         raise ValueError(f"{out}: the seeds were validated at different epochs; run them with the same settings")
     mean = smoothed(np.mean([c for _, c in curves.values()], axis=0))
     budget = plateau(epochs, mean, tolerance)
-    per_seed = {s: gains(epochs, smoothed(c)) for s, (_, c) in curves.items()}
+    per_seed = {s: quarter_gains(epochs, smoothed(c)) for s, (_, c) in curves.items()}
     test = {s: json.loads((out / f"seed{s}" / "test_metrics.json").read_text()) for s in seeds}
     return {
         "epochs": epochs.tolist(),
         "curves": {f"seed{s}": c.tolist() for s, (_, c) in curves.items()},
         "mean_smoothed": mean.tolist(),
-        "gains": gains(epochs, mean),
+        "gains": quarter_gains(epochs, mean),
         "tolerance": tolerance,
         "budget_epochs": budget,
         "seed_gains_at_budget": {f"seed{s}": g.get(budget) for s, g in per_seed.items()} if budget else None,
@@ -150,7 +124,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=160)
     parser.add_argument("--val-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--tolerance", type=float, default=PLATEAU_TOLERANCE)
     parser.add_argument("--figure", type=Path, help="where to draw the curves (PNG)")
     parser.add_argument("--figure-only", action="store_true", help="analyse the finished seeds; train nothing")
     args = parser.parse_args()

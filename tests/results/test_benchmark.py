@@ -21,7 +21,7 @@ from brats_fl.results.benchmark import (
     matrix,
     pending,
 )
-from brats_fl.results.benchmark_page import UNTRAINED, write_page
+from brats_fl.results.benchmark_page import UNTRAINED, bytes_per_round, rising_table, write_page
 
 CASES = [f"case{i:02d}" for i in range(20)]
 
@@ -172,7 +172,7 @@ def _write_run(out: Path, partition: str, algorithm: str, seed: int, mean: float
         "test": {"dice_mean": mean, "worst_site": "site-2", "worst_dice_mean": mean - 0.1},
         "per_case": _rows(mean, seed),
         "val_dice": {"site-1": [0.1, mean / 2, mean], "site-2": [0.2, mean / 2, mean]},
-        "bytes_sent_per_site": 3 * 2**20,
+        "bytes_sent_per_site": 0 if algorithm == "brats_local" else 3 * 2**20,
         "global_model": {"weights_sha256": f"{algorithm}{seed}".ljust(64, "0"), "file_sha256": "0" * 64},
         "wall_time": 42.0,
         "machine": {"cpu": "test cpu", "cores": 2},
@@ -241,11 +241,33 @@ def test_page_has_every_row_intervals_tests_and_curves(benchmark_dir: Path):
         assert verdicts[("local", "central")] == "worse"
         assert verdicts[("fedprox", "fedavg")] == "not separated"
         assert "test cases (" in section and "This partition has 20 test cases" in section
-        assert f"curves_{partition}.png" in section
-        assert (benchmark_dir / "figures" / f"curves_{partition}.png").is_file()
+        for figure in (f"curves_{partition}.png", f"curves_bytes_{partition}.png"):
+            assert figure in section and (benchmark_dir / "figures" / figure).is_file()
+        # local-only training sends nothing: not on the bytes axis, and said so
+        assert "(local: nothing sent, not drawn)" in section
+        assert _table(section, "Learning curves")[1] == ["central", "3", "", "too few rounds to tell"]
     html = (benchmark_dir / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 4
     assert "brats_fedprox0".ljust(64, "0") in md
+
+
+def test_curves_still_rising_at_the_end_are_named_and_bytes_are_shared_over_the_rounds():
+    rounds = np.arange(1, 21)
+    curves = {
+        "flat": [list(0.8 * (1 - np.exp(-rounds / 2))), list(0.8 * (1 - np.exp(-rounds / 3)))],
+        "rising": [list(0.04 * rounds)],
+        "short": [[0.1, 0.2, 0.3]],
+    }
+    header, rows = rising_table(curves)
+    verdicts = {row[0]: row[-1] for row in rows}
+    assert verdicts == {"flat": "flat", "rising": "still rising", "short": "too few rounds to tell"}
+    # 0.04 per round, smoothed (the last point averages two), over the last 5 of 20 rounds
+    assert float(rows[1][2]) == pytest.approx(0.04 * (19.5 - 15), abs=1e-3)
+    runs = {
+        "brats_fedavg": [{"val_dice": {"site-1": [0.1] * 10}, "bytes_sent_per_site": 20 * 2**20}],
+        "brats_local": [{"val_dice": {"site-1": [0.1] * 10}, "bytes_sent_per_site": 0}],
+    }
+    assert bytes_per_round(runs) == {"fedavg": 2.0}
 
 
 def test_paired_tests_use_the_seeds_every_algorithm_has(benchmark_dir: Path):

@@ -1,5 +1,5 @@
-"""The rule of ``benchmarks/plateau.py`` that sets the benchmark's budget: the first epoch from which on the curve
-gains less than the tolerance over the last quarter of the budget, to the end of the curve."""
+"""The rule that sets the benchmark's budget (``brats_fl.results.stats.plateau``, run by ``benchmarks/plateau.py``): the
+first epoch from which on the curve gains less than the tolerance over the last quarter of the budget, to the end."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from brats_fl.results import stats
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plateau.py"
 
@@ -20,26 +21,26 @@ def plateau():
     return module
 
 
-def test_a_saturating_curve_plateaus_where_its_last_quarter_gains_less_than_the_tolerance(plateau):
+def test_a_saturating_curve_plateaus_where_its_last_quarter_gains_less_than_the_tolerance():
     epochs = np.arange(10, 210, 10)
     curve = 0.85 * (1 - np.exp(-epochs / 25))
-    budget = plateau.plateau(epochs, curve, 0.005)
-    gains = plateau.gains(epochs, curve)
+    budget = stats.plateau(epochs, curve, 0.005)
+    gains = stats.quarter_gains(epochs, curve)
     assert gains[budget] < 0.005 <= gains[budget - 10]
     # the gain is read between validations: 0.75 * 130 = 97.5 lies between 90 and 100
     assert gains[130] == pytest.approx(curve[12] - np.interp(97.5, epochs, curve))
 
 
-def test_a_pause_that_training_leaves_is_no_plateau(plateau):
+def test_a_pause_that_training_leaves_is_no_plateau():
     epochs = np.arange(10, 170, 10)
     curve = np.array([0.3, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.65, 0.7, 0.75, 0.8, 0.8, 0.8, 0.8, 0.8])
-    assert plateau.gains(epochs, curve)[80] < 0.005  # flat from 30 to 80 ...
-    assert plateau.plateau(epochs, curve, 0.005) == 160  # ... but only the end is a plateau
-    assert plateau.plateau(epochs, curve + np.linspace(0, 0.1, 16), 0.005) is None  # still rising
+    assert stats.quarter_gains(epochs, curve)[80] < 0.005  # flat from 30 to 80 ...
+    assert stats.plateau(epochs, curve, 0.005) == 160  # ... but only the end is a plateau
+    assert stats.plateau(epochs, curve + np.linspace(0, 0.1, 16), 0.005) is None  # still rising
 
 
-def test_smoothing_averages_three_validations_and_two_at_either_end(plateau):
-    assert plateau.smoothed(np.array([0.0, 0.3, 0.6, 0.3])).tolist() == pytest.approx([0.15, 0.3, 0.4, 0.45])
+def test_smoothing_averages_three_validations_and_two_at_either_end():
+    assert stats.smoothed(np.array([0.0, 0.3, 0.6, 0.3])).tolist() == pytest.approx([0.15, 0.3, 0.4, 0.45])
 
 
 def test_the_central_run_takes_the_profile_jobs_settings(plateau):

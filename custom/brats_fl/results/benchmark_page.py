@@ -23,13 +23,16 @@ from brats_fl.results.report import markdown_table
 from brats_fl.results.stats import (
     ALPHA,
     LEVEL,
+    PLATEAU_TOLERANCE,
     Comparison,
     Interval,
     bootstrap_ci,
     case_means,
     cases_needed,
     compare,
+    quarter_gains,
     score_matrix,
+    smoothed,
 )
 from brats_fl.seg.trainer import UNPROCESSED
 
@@ -198,6 +201,12 @@ def partition_blocks(name: str, runs: list[dict], untrained: list[list[dict]], f
     }
     figure = plot_band_curves(curves, f"{name}: validation Dice, mean over seeds, band min-max",
                               figures / f"curves_{name}.png")  # fmt: skip
+    per_round = bytes_per_round(algorithms)
+    by_bytes = plot_band_curves(
+        curves, f"{name}: validation Dice against MiB sent per site", figures / f"curves_bytes_{name}.png",
+        x_per_round=per_round, xlabel="MiB sent per site (each round's share of the run's traffic)",
+    )  # fmt: skip
+    silent = sorted(set(curves) - set(per_round))
     post = _post_processing_table(algorithms, cases)
     post_blocks: list[Block] = [("h3", "Post-processing"), ("p", POST_PROCESSING), ("table", *post)] if post else []
     return [
@@ -212,7 +221,55 @@ def partition_blocks(name: str, runs: list[dict], untrained: list[list[dict]], f
         ("p", sample_size_text(comparisons, len(cases))),
         ("h3", "Learning curves"),
         ("figure", f"{name}: validation Dice per round (mean over sites), mean over seeds with min-max band", figure),
+        ("p", RISING),
+        ("table", *rising_table(curves)),
+        ("figure", f"{name}: the same curves against the bytes each site sent{_left_out(silent)}", by_bytes),
     ]
+
+
+RISING = (
+    "Still rising? The gain of each algorithm's validation curve (mean over seeds, smoothed over three rounds) over "
+    f"the last quarter of its rounds: at {PLATEAU_TOLERANCE} or more it is still rising when the budget ends, the "
+    "rule that sets the budget on centralized training's curve (benchmarks/plateau.py, brats_fl.results.stats.plateau)."
+    " An algorithm still rising is compared before its plateau: its row tells about the budget, not the algorithm."
+)
+
+
+def rising_table(curves: dict[str, list[list[float]]]) -> tuple[list[str], list[list[str]]]:
+    """Per algorithm: its rounds, the gain of its mean curve over their last quarter, and whether it still rises."""
+    rows = []
+    for alg, seeds in curves.items():
+        longest = max((len(c) for c in seeds), default=0)
+        table = np.full((max(len(seeds), 1), max(longest, 1)), np.nan)
+        for k, curve in enumerate(seeds):
+            table[k, : len(curve)] = curve
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a round no seed has
+            mean = smoothed(np.nanmean(table, axis=0))
+        gains = quarter_gains(np.arange(1, longest + 1), mean) if longest >= 4 else {}
+        if not gains:
+            rows.append([alg, str(longest), "", "too few rounds to tell"])
+            continue
+        gain = gains[longest]
+        rows.append([alg, str(longest), f"{gain:+.3f}", "still rising" if gain >= PLATEAU_TOLERANCE else "flat"])
+    return ["algorithm", "rounds", "gain over the last quarter", "at the end"], rows
+
+
+def _left_out(silent: list[str]) -> str:
+    return f" ({', '.join(silent)}: nothing sent, not drawn)" if silent else ""
+
+
+def bytes_per_round(algorithms: dict[str, list[dict]]) -> dict[str, float]:
+    """Per algorithm that sent anything: MiB a site sent per round (pass, for the sequential jobs), the run's traffic
+    per site over its curve's rounds, mean over seeds. Every round of a job sends the same payload, so the share is
+    each round's; an algorithm whose sites sent nothing (local-only) is left out."""
+    shares = {}
+    for alg, seeds in algorithms.items():
+        rounds = [max(1, len(site_mean_curve(s["val_dice"]))) for s in seeds]
+        sent = [s["bytes_sent_per_site"] / 2**20 / n for s, n in zip(seeds, rounds, strict=True)]
+        if np.mean(sent) > 0:
+            shares[alg.removeprefix("brats_")] = float(np.mean(sent))
+    return shares
 
 
 def site_mean_curve(per_site: dict[str, list[float]]) -> list[float]:

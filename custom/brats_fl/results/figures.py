@@ -234,12 +234,15 @@ def plot_band_curves(
     path: Path,
     ylabel: str = "Validation Dice\n(mean over sites)",
     top: float = 1.0,
+    x_per_round: dict[str, float] | None = None,
+    xlabel: str = "Round (pass, for cyclic and SWT)",
 ) -> Path:
     """A score per round (by default validation Dice), one line per algorithm in the order given: the mean over
     seeds, and a band from the lowest to the highest seed (with a handful of seeds a range says more than a CI computed
     from them). Each seed's curve is already the mean over sites; seeds that ran fewer rounds end the band early. A
     page wide: up to 18 algorithms, each its own combination of colour, line style and marker, the legend beside the
-    axes. The y axis runs from 0 to ``top``."""
+    axes. The y axis runs from 0 to ``top``. ``x_per_round``: the x axis is round times each algorithm's own value
+    (bytes per round, say) instead of the round; an algorithm it leaves out is not drawn."""
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.2), layout="constrained")
         for i, (label, curves) in enumerate(series.items()):
@@ -251,16 +254,19 @@ def plot_band_curves(
             table = np.full((len(curves), longest), np.nan)
             for k, curve in enumerate(curves):
                 table[k, : len(curve)] = curve
-            rounds = np.arange(longest)
+            if x_per_round is not None and label not in x_per_round:
+                continue
+            rounds = np.arange(longest) * (1.0 if x_per_round is None else x_per_round[label])
             ax.plot(rounds, np.nanmean(table, axis=0), label=label, markevery=max(1, longest // 8), **style)
             if len(curves) > 1:
                 ax.fill_between(rounds, np.nanmin(table, axis=0), np.nanmax(table, axis=0), color=style["color"],
                                 alpha=0.15, linewidth=0)  # fmt: skip
         ax.set_ylim(0, top)
-        ax.set_xlabel("Round (pass, for cyclic and SWT)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title, loc="left")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if x_per_round is None:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3, linewidth=0.5)
         fig.legend(loc="outside right upper", frameon=False)
         return _save(fig, path)

@@ -154,3 +154,40 @@ def cases_needed(sd_difference: float, delta: float = 0.02, alpha: float = ALPHA
     effect = min(delta / sd_difference, MAX_EFFECT)
     n = TTestPower().solve_power(effect_size=effect, alpha=alpha, power=power, alternative="two-sided")
     return math.ceil(float(n))
+
+
+#: a curve that gains less than this (Dice) over the last quarter of its budget has reached its plateau (issue 38)
+PLATEAU_TOLERANCE = 0.005
+
+
+def smoothed(curve: Sequence[float]) -> np.ndarray:
+    """A centred moving average over three points (two at either end): a validation split of a dozen cases moves by a
+    few hundredths from one validation to the next, and one dip must not decide where a curve ends."""
+    padded = np.pad(np.asarray(curve, dtype=float), 1, constant_values=np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a point missing in every seed stays NaN
+        return np.nanmean(np.stack([padded[:-2], padded[1:-1], padded[2:]]), axis=0)
+
+
+def quarter_gains(steps: Sequence[float], curve: Sequence[float]) -> dict[int, float]:
+    """For every step B of the curve with 0.75 B inside it: curve(B) - curve(0.75 B), read between points by linear
+    interpolation."""
+    steps, curve = np.asarray(steps, dtype=float), np.asarray(curve, dtype=float)
+    return {
+        int(b): float(value - np.interp(0.75 * b, steps, curve))
+        for b, value in zip(steps, curve, strict=True)
+        if 0.75 * b >= steps[0]
+    }
+
+
+def plateau(steps: Sequence[float], curve: Sequence[float], tolerance: float = PLATEAU_TOLERANCE) -> int | None:
+    """The budget of a learning curve: the first step from which on, to the end of the curve, every gain over the last
+    quarter (:func:`quarter_gains`) is below ``tolerance``; None if the curve is still rising at its end. "To the
+    end" keeps a pause that training later leaves from ending the curve early."""
+    found = None
+    for b, gain in quarter_gains(steps, curve).items():
+        if gain >= tolerance:
+            found = None
+        elif found is None:
+            found = b
+    return found
