@@ -35,6 +35,9 @@ from brats_fl.data.cohorts import build_partition
 from brats_fl.results.benchmark import CENTRAL, PARTITION_SEED, PROFILES, Profile, job_params
 from brats_fl.results.stats import PLATEAU_TOLERANCE, plateau, quarter_gains, smoothed
 
+#: the test scores kept: voxel- and lesion-wise, with and without post-processing (issue 39, item 5)
+KEPT = ("dice_", "hd95_", "lesion_dice_", "unprocessed_dice_", "unprocessed_lesion_dice_")
+
 
 def train_central_args(profile: Profile, seed: int) -> list[str]:
     """``brats-fl train-central``'s options for the profile's central run of ``seed``: the job's own parameters
@@ -83,7 +86,7 @@ def analyse(out: Path, seeds: list[int], tolerance: float) -> dict:
         "budget_epochs": budget,
         "seed_gains_at_budget": {f"seed{s}": g.get(budget) for s, g in per_seed.items()} if budget else None,
         "test_last_model": {
-            f"seed{s}": {k: v for k, v in m.items() if k.startswith(("dice_", "hd95_", "lesion_dice_"))}
+            f"seed{s}": {k: v for k, v in m.items() if k.startswith(KEPT) or k == "min_volume"}
             for s, m in test.items()
         },
     }
