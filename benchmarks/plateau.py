@@ -108,7 +108,7 @@ def figure(result: dict, path: Path, title: str) -> Path:
         b = result["budget_epochs"]
         ax.axvline(b, color="tab:red", linestyle="--", linewidth=1, label=f"plateau: {b} epochs")
         ax.axvspan(0.75 * b, b, color="tab:red", alpha=0.08, linewidth=0)
-    ax.set_xlabel("Epoch (each training case seen once per epoch)")
+    ax.set_xlabel("Epoch (two patches of every training case)")
     ax.set_ylabel("Validation Dice (mean of WT, TC, ET)")
     ax.set_title(title, loc="left", fontsize=8)
     ax.grid(alpha=0.3, linewidth=0.5)
@@ -158,14 +158,18 @@ def main() -> None:
         raise SystemExit(f"{args.out}: no finished seed yet")
     result = analyse(args.out, finished, args.tolerance)
     walls = [args.out / f"seed{s}" / "wall.json" for s in finished]
+    record = args.out / "plateau.json"
+    command = " ".join(["python benchmarks/plateau.py", *sys.argv[1:]])
+    if args.figure_only and record.is_file():  # the command that trained the seeds, not this one
+        command = json.loads(record.read_text())["command"]
     result |= {
         "profile": args.profile,
         "seconds_per_seed": [json.loads(w.read_text())["seconds"] for w in walls if w.is_file()],
-        "command": " ".join(["python benchmarks/plateau.py", *sys.argv[1:]]),
+        "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "machine": f"{platform.machine()}, {platform.python_version()}, {args.threads} threads",
     }
-    (args.out / "plateau.json").write_text(json.dumps(result, indent=1))
+    record.write_text(json.dumps(result, indent=1))
     if args.figure:
         title = (f"Centralized training, profile {args.profile}, the iid partition's pooled training cases, "
                  f"{len(finished)} seed(s)")  # fmt: skip

@@ -3,11 +3,14 @@ become job parameters within one training budget (no FLARE run)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from brats_fl.jobs.space import apply, budget, epoch_choices, flags, options, space, untuned
 from brats_fl.results.benchmark import ALGORITHMS, PROFILES, job_params
 
-FULL = PROFILES["full"]
+#: the full profile at a budget of 10 epochs per case, so that the numbers below stay small whatever its own budget
+FULL = replace(PROFILES["full"], params={**PROFILES["full"].params, "rounds": 10, "local_epochs": 1})
 CI = PROFILES["ci"]
 
 

@@ -4,6 +4,7 @@ first epoch from which on the curve gains less than the tolerance over the last 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +52,13 @@ def test_the_central_run_takes_the_profile_jobs_settings(plateau):
     assert options["--spacing"] == "2.0" and options["--seed"] == "1"
     assert args[args.index("--patch") + 1 : args.index("--patch") + 4] == ["48", "48", "48"]
     assert args[args.index("--channels") + 1 :][:3] == ["16", "32", "64"]
+
+
+def test_the_full_profile_trains_every_algorithm_to_the_measured_plateau():
+    from brats_fl.results.benchmark import PROFILES
+
+    record = json.loads((SCRIPT.parents[1] / "benchmarks" / "results" / "plateau" / "plateau.json").read_text())
+    mean = stats.smoothed(np.mean(list(record["curves"].values()), axis=0))
+    assert stats.plateau(record["epochs"], mean) == record["budget_epochs"]  # the rule, on the recorded curves
+    full = PROFILES["full"].params
+    assert full["rounds"] * full["local_epochs"] == record["budget_epochs"]

@@ -106,7 +106,10 @@ PROFILES: dict[str, Profile] = {
     # (every skew at once) is 108 runs; on the single-skew partitions the baselines and FedAvg (27 runs) say how much
     # each skew costs, which is what the other algorithms claim to win back, and FedPer joins them on quantity skew,
     # the unequal partition of the BraTS FedPer report (reference 000); on four noisy scanners local training, FedAvg
-    # and HyperSeg make reference 001's comparison (15 runs). Half the cases are test cases: 60 pooled
+    # and HyperSeg make reference 001's comparison (15 runs). Half the cases are test cases: 60 pooled. The budget,
+    # 160 epochs per training case (rounds x local epochs), is where centralized training's validation Dice reaches
+    # its plateau on the profile's iid cohort (benchmarks/plateau.py, 2 seeds; docs/howto/benchmark.md): every
+    # algorithm gets it, however it splits it into rounds
     "full": Profile(
         name="full",
         algorithms=ENTRIES,
@@ -118,7 +121,7 @@ PROFILES: dict[str, Profile] = {
         params={
             **_CHEAP,
             "spacing": 2.0,
-            "rounds": 10,
+            "rounds": 160,
             "local_epochs": 1,
             "patch_size": (48, 48, 48),
             "channels": (16, 32, 64),
