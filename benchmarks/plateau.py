@@ -86,8 +86,7 @@ def analyse(out: Path, seeds: list[int], tolerance: float) -> dict:
         "budget_epochs": budget,
         "seed_gains_at_budget": {f"seed{s}": g.get(budget) for s, g in per_seed.items()} if budget else None,
         "test_last_model": {
-            f"seed{s}": {k: v for k, v in m.items() if k.startswith(KEPT) or k == "min_volume"}
-            for s, m in test.items()
+            f"seed{s}": {k: v for k, v in m.items() if k.startswith(KEPT) or k == "min_volume"} for s, m in test.items()
         },
     }
 
