@@ -48,7 +48,8 @@ def test_ci_benchmark_runs_every_algorithm_and_resumes(tmp_path: Path, capsys):
             summary = json.loads((out / "runs" / partition / algorithm / "seed0" / "summary.json").read_text())
             assert summary["test"]["dice_mean"] > floor, (partition, algorithm, summary["test"]["dice_mean"], floor)
             assert len(summary["global_model"]["weights_sha256"]) == 64
-    assert (out / "index.html").read_text().count("data:image/png;base64,") == len(profile.partitions)
+    # two figures per partition: validation Dice against rounds and against the bytes each site sent
+    assert (out / "index.html").read_text().count("data:image/png;base64,") == 2 * len(profile.partitions)
 
     # resuming: every run is finished, nothing runs again, the page is rebuilt
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/seed*/summary.json")}
