@@ -34,27 +34,27 @@ import numpy as np
 from brats_fl.data.cohorts import build_partition
 from brats_fl.results.benchmark import CENTRAL, PARTITION_SEED, PROFILES, Profile, job_params
 from brats_fl.results.stats import PLATEAU_TOLERANCE, plateau, quarter_gains, smoothed
+from brats_fl.settings.params import by_name
 
 #: the test scores kept: voxel- and lesion-wise, with and without post-processing (issue 39, item 5)
 KEPT = ("dice_", "hd95_", "lesion_dice_", "unprocessed_dice_", "unprocessed_lesion_dice_")
+#: the job parameters ``train-central`` takes (``brats_fl.cli.train.add_training_options``, and ``--min-volume``)
+CENTRAL_OPTIONS = (
+    "recipe", "network", "patch_size", "spacing", "amp", "batch_size", "fg_ratio", "lr", "momentum", "channels", "norm",
+    "min_volume",
+)  # fmt: skip
 
 
 def train_central_args(profile: Profile, seed: int) -> list[str]:
     """``brats-fl train-central``'s options for the profile's central run of ``seed``: the job's own parameters
-    (``brats_fl.results.benchmark.job_params``), so that the curve is the one the benchmark's central run follows."""
+    (``brats_fl.results.benchmark.job_params``) under the schema's flags, so that the curve is the one the benchmark's
+    central run follows."""
     params = job_params(profile, CENTRAL, seed)
-    args = [
-        "--recipe", params.recipe, "--network", params.network, "--patch", *map(str, params.patch_size),
-        "--batch", str(params.batch_size), "--fg-ratio", str(params.fg_ratio), "--seed", str(seed),
-        "--amp", params.amp, "--min-volume", str(params.min_volume),
-    ]  # fmt: skip
-    if params.spacing is not None:
-        args += ["--spacing", str(params.spacing)]
-    for name, flag in (("lr", "--lr"), ("momentum", "--momentum"), ("norm", "--norm")):
-        if getattr(params, name) is not None:
-            args += [flag, str(getattr(params, name))]
-    if params.channels is not None:
-        args += ["--channels", *map(str, params.channels)]
+    args = ["--seed", str(seed)]
+    for name in CENTRAL_OPTIONS:
+        value = getattr(params, name)
+        if value is not None:
+            args += [by_name(name).flag, *map(str, value if isinstance(value, (tuple, list)) else [value])]
     return args
 
 

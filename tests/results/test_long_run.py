@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "long_run.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def long_run():
-    """The benchmark script as a module (``benchmarks/`` is no installed package)."""
-    spec = importlib.util.spec_from_file_location("long_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("long_run")
 
 
 def _stamped(run: str) -> str:

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import benchmark_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_tables.py"
 CASES = [f"case-{i:02d}" for i in range(24)]
 
 
 @pytest.fixture(scope="module")
 def tables():
-    """The script as a module (``benchmarks/`` is no installed package)."""
-    spec = importlib.util.spec_from_file_location("paper_tables", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while they are built
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("paper_tables")
 
 
 def _write(folder: Path, seed: int, mean: float, loss: float | None) -> None:

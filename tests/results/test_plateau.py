@@ -3,23 +3,18 @@ first epoch from which on the curve gains less than the tolerance over the last 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from brats_fl.results import stats
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plateau.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def plateau():
-    spec = importlib.util.spec_from_file_location("plateau", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("plateau")
 
 
 def test_a_saturating_curve_plateaus_where_its_last_quarter_gains_less_than_the_tolerance():
@@ -57,7 +52,9 @@ def test_the_central_run_takes_the_profile_jobs_settings(plateau):
 def test_the_full_profile_trains_every_algorithm_to_the_measured_plateau():
     from brats_fl.results.benchmark import PROFILES
 
-    record = json.loads((SCRIPT.parents[1] / "benchmarks" / "results" / "plateau" / "plateau.json").read_text())
+    record = json.loads(
+        (Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "plateau" / "plateau.json").read_text()
+    )
     mean = stats.smoothed(np.mean(list(record["curves"].values()), axis=0))
     assert stats.plateau(record["epochs"], mean) == record["budget_epochs"]  # the rule, on the recorded curves
     full = PROFILES["full"].params

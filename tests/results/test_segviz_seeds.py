@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import benchmark_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "segviz_seeds.py"
 CASES = [f"case-{i:02d}" for i in range(12)]
 #: scheme -> the mean Dice its synthetic cases scatter around
 MEANS = {"Baseline (single-task)": 0.3, "Central (naive pooling)": 0.3, "FedAvg": 0.6, "FedAvg + FT": 0.3}
@@ -18,11 +16,7 @@ MEANS = {"Baseline (single-task)": 0.3, "Central (naive pooling)": 0.3, "FedAvg"
 
 @pytest.fixture(scope="module")
 def segviz():
-    spec = importlib.util.spec_from_file_location("segviz_seeds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("segviz_seeds")
 
 
 def _comparison(seed: int, cases: dict[str, list[str]] | None = None) -> dict:

@@ -239,13 +239,8 @@ def rising_table(curves: dict[str, list[list[float]]]) -> tuple[list[str], list[
     """Per algorithm: its rounds, the gain of its mean curve over their last quarter, and whether it still rises."""
     rows = []
     for alg, seeds in curves.items():
-        longest = max((len(c) for c in seeds), default=0)
-        table = np.full((max(len(seeds), 1), max(longest, 1)), np.nan)
-        for k, curve in enumerate(seeds):
-            table[k, : len(curve)] = curve
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a round no seed has
-            mean = smoothed(np.nanmean(table, axis=0))
+        mean = smoothed(site_mean_curve(dict(enumerate(seeds))))  # the mean over seeds, each counting where it ran
+        longest = len(mean) if seeds else 0
         gains = quarter_gains(np.arange(1, longest + 1), mean) if longest >= 4 else {}
         if not gains:
             rows.append([alg, str(longest), "", "too few rounds to tell"])

@@ -246,6 +246,8 @@ def plot_band_curves(
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.2), layout="constrained")
         for i, (label, curves) in enumerate(series.items()):
+            if x_per_round is not None and label not in x_per_round:
+                continue
             style = {"color": _COLOURS[i % len(_COLOURS)], "linestyle": _LINES[(i // len(_COLOURS)) % len(_LINES)],
                      "marker": _MARKERS[(i + i // len(_COLOURS)) % len(_MARKERS)]}  # fmt: skip
             longest = max((len(c) for c in curves), default=0)
@@ -254,8 +256,6 @@ def plot_band_curves(
             table = np.full((len(curves), longest), np.nan)
             for k, curve in enumerate(curves):
                 table[k, : len(curve)] = curve
-            if x_per_round is not None and label not in x_per_round:
-                continue
             rounds = np.arange(longest) * (1.0 if x_per_round is None else x_per_round[label])
             ax.plot(rounds, np.nanmean(table, axis=0), label=label, markevery=max(1, longest // 8), **style)
             if len(curves) > 1:
