@@ -1,6 +1,6 @@
 """Where centralized training's validation Dice stops rising: the benchmark's training budget (issue 38, item 1).
 
-    python benchmarks/plateau.py --out runs/plateau                  # 2 seeds of 160 epochs, validated every 5
+    python benchmarks/plateau.py --out runs/plateau                  # 2 seeds of 200 epochs, validated every 5
     python benchmarks/plateau.py --out runs/plateau --figure-only    # the figure and JSON from the finished seeds
 
 Trains the benchmark profile's central job outside FLARE (``brats-fl train-central`` on the ``iid`` partition's pooled
@@ -123,13 +123,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the runs' folder (resumable)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=160)
-    parser.add_argument("--val-every", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="epochs per seed; default 200")
+    parser.add_argument("--val-every", type=int, help="epochs between validations; default 5")
+    parser.add_argument("--threads", type=int, help="torch threads of each run; default 2")
     parser.add_argument("--tolerance", type=float, default=PLATEAU_TOLERANCE)
     parser.add_argument("--figure", type=Path, help="where to draw the curves (PNG)")
     parser.add_argument("--figure-only", action="store_true", help="analyse the finished seeds; train nothing")
     args = parser.parse_args()
+    training = {"--epochs": args.epochs, "--val-every": args.val_every, "--threads": args.threads}
+    unused = [flag for flag, value in training.items() if value is not None]
+    if args.figure_only and unused:
+        parser.error(f"--figure-only trains nothing: {', '.join(unused)} unused")
+    args.epochs, args.val_every, args.threads = args.epochs or 200, args.val_every or 5, args.threads or 2
     profile = PROFILES[args.profile]
     seeds = list(range(args.seeds))
     if not args.figure_only:
@@ -158,15 +163,17 @@ def main() -> None:
     result = analyse(args.out, finished, args.tolerance)
     walls = [args.out / f"seed{s}" / "wall.json" for s in finished]
     record = args.out / "plateau.json"
-    command = " ".join(["python benchmarks/plateau.py", *sys.argv[1:]])
-    if args.figure_only and record.is_file():  # the command that trained the seeds, not this one
-        command = json.loads(record.read_text())["command"]
+    ran = {
+        "command": " ".join(["python benchmarks/plateau.py", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
+        "machine": f"{platform.machine()}, {platform.python_version()}, {args.threads} threads",
+    }
+    if args.figure_only and record.is_file():  # the command, date and machine that trained the seeds, not this one's
+        ran = {k: json.loads(record.read_text())[k] for k in ran}
     result |= {
         "profile": args.profile,
         "seconds_per_seed": [json.loads(w.read_text())["seconds"] for w in walls if w.is_file()],
-        "command": command,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
-        "machine": f"{platform.machine()}, {platform.python_version()}, {args.threads} threads",
+        **ran,
     }
     record.write_text(json.dumps(result, indent=1))
     if args.figure:
